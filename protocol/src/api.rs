@@ -1,0 +1,227 @@
+//! HTTP API bodies under `/api/v1`. See docs/PROTOCOL.md for every route with examples.
+
+use crate::frames::AgentState;
+use crate::hash::Sha256Hex;
+use crate::manifest::ManifestEntry;
+use serde::{Deserialize, Serialize};
+
+/// The current version of a space: what `GET /spaces/{space}/head` returns and what
+/// `welcome` and `sync_required` carry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Head {
+    pub space: String,
+    pub version: u64,
+    /// sha256 of the version's canonical manifest.
+    pub data_hash: Sha256Hex,
+    /// True for an admin's force-sync and for a bump made outside the hub: agents re-verify
+    /// every local file, not only the changed ones.
+    pub forced: bool,
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Who made this version (token name, or what an outside writer put in
+    /// `sync_metadata.last_modified_by`).
+    #[serde(default)]
+    pub by: Option<String>,
+    /// When the version was made, RFC 3339.
+    pub at: String,
+}
+
+/// `POST /spaces/{space}/commits`: the next version, from `base_version` plus changes.
+/// Blobs named by `puts` must have been uploaded first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitRequest {
+    pub base_version: u64,
+    #[serde(default)]
+    pub puts: Vec<ManifestEntry>,
+    #[serde(default)]
+    pub deletes: Vec<String>,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// Successful commit: the new head.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitResponse {
+    pub head: Head,
+}
+
+/// `POST /spaces/{space}/force-sync`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForceSyncRequest {
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// `POST /blobs/pack`: blobs to stream back in one response (see [`crate::pack`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackRequest {
+    pub sha256: Vec<Sha256Hex>,
+}
+
+/// Kinds of sync in `sync_log.sync_type`, as system 1 wrote them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncType {
+    Download,
+    Upload,
+    ForceSync,
+}
+
+impl SyncType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncType::Download => "download",
+            SyncType::Upload => "upload",
+            SyncType::ForceSync => "force_sync",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncStatus {
+    Success,
+    Failed,
+}
+
+impl SyncStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncStatus::Success => "success",
+            SyncStatus::Failed => "failed",
+        }
+    }
+}
+
+/// One sync an agent made, sent as `POST /sync-log` or a `report` frame. `report_id` makes
+/// the report idempotent: sending it twice stores it once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncReport {
+    pub report_id: String,
+    pub client_id: String,
+    pub space: String,
+    pub sync_type: SyncType,
+    pub status: SyncStatus,
+    #[serde(default)]
+    pub version: Option<u64>,
+    #[serde(default)]
+    pub items_synced: u64,
+    #[serde(default)]
+    pub bytes: u64,
+    #[serde(default)]
+    pub duration_ms: u64,
+    #[serde(default)]
+    pub error_message: Option<String>,
+    /// The person at the PC, where the app knows one (`sync_log.discord_id` in system 1).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// When the sync happened (RFC 3339); the hub's clock when absent.
+    #[serde(default)]
+    pub synced_at: Option<String>,
+}
+
+/// A `sync_log` row as `GET /sync-log` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncLogEntry {
+    pub id: i64,
+    pub report_id: Option<String>,
+    pub client_id: Option<String>,
+    pub space: Option<String>,
+    pub sync_type: String,
+    pub status: String,
+    pub version: Option<i64>,
+    pub items_synced: Option<i64>,
+    pub bytes: Option<i64>,
+    pub duration_ms: Option<i64>,
+    pub error_message: Option<String>,
+    pub user: Option<String>,
+    pub synced_at: String,
+}
+
+/// A version of a space as `GET /spaces/{space}/versions` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    #[serde(flatten)]
+    pub head: Head,
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+/// A connected (or recently seen) agent as `GET /clients` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientInfo {
+    pub client_id: String,
+    pub token_name: String,
+    pub hostname: Option<String>,
+    pub agent_version: Option<String>,
+    pub connected_at: String,
+    /// Last reported state per space.
+    pub spaces: Vec<ClientSpace>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientSpace {
+    pub space: String,
+    #[serde(flatten)]
+    pub state: AgentState,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Agent,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "agent" => Ok(Role::Agent),
+            "admin" => Ok(Role::Admin),
+            other => Err(format!("unknown role {other:?}: use agent or admin")),
+        }
+    }
+}
+
+/// Every error body: a stable machine-readable `code` and a sentence for people.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub code: String,
+    pub message: String,
+    /// For `conflict`: the paths the newer head touched.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conflicts: Vec<String>,
+    /// For `conflict`: the head the commit lost against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<Head>,
+}
+
+/// The stable error codes.
+pub mod codes {
+    pub const BAD_REQUEST: &str = "bad_request";
+    pub const INVALID_PATH: &str = "invalid_path";
+    pub const INVALID_MANIFEST: &str = "invalid_manifest";
+    pub const INVALID_HASH: &str = "invalid_hash";
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    pub const FORBIDDEN: &str = "forbidden";
+    pub const NOT_FOUND: &str = "not_found";
+    pub const CONFLICT: &str = "conflict";
+    pub const TOO_LARGE: &str = "too_large";
+    pub const HASH_MISMATCH: &str = "hash_mismatch";
+    pub const MISSING_BLOBS: &str = "missing_blobs";
+    pub const RANGE_NOT_SATISFIABLE: &str = "range_not_satisfiable";
+    pub const FRAME_TOO_LARGE: &str = "frame_too_large";
+    pub const MALFORMED_FRAME: &str = "malformed_frame";
+    pub const UNAVAILABLE: &str = "unavailable";
+    pub const INTERNAL: &str = "internal";
+}

@@ -1,0 +1,192 @@
+//! WebSocket frames between agent and hub at `GET /api/v1/ws`: JSON text messages, each with a
+//! `type` tag. The hub opens with `welcome` (every current head), so a (re)connecting agent
+//! never misses a bump; afterwards it sends `sync_required` whenever a head moves.
+
+use crate::api::{Head, SyncReport};
+use crate::hash::Sha256Hex;
+use serde::{Deserialize, Serialize};
+
+/// What an agent holds of one space when it says `hello`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldSpace {
+    pub space: String,
+    /// 0 when the agent holds nothing yet.
+    #[serde(default)]
+    pub version: u64,
+    #[serde(default)]
+    pub data_hash: Option<Sha256Hex>,
+}
+
+/// An agent's state, as shown to admins and to local programs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum AgentState {
+    /// Started, has not compared its data with the hub yet.
+    Starting {
+        version: u64,
+    },
+    /// Holds `version` and it is current: local use is allowed.
+    Ready {
+        version: u64,
+    },
+    /// A newer version exists; local use is blocked until it is applied.
+    SyncRequired {
+        version: u64,
+        target: u64,
+        forced: bool,
+    },
+    Downloading {
+        version: u64,
+        target: u64,
+        files_done: u64,
+        files_total: u64,
+        bytes_done: u64,
+        bytes_total: u64,
+    },
+    Verifying {
+        version: u64,
+        target: u64,
+    },
+    Applying {
+        version: u64,
+        target: u64,
+    },
+    /// The last attempt failed; another starts at `retry_at` (RFC 3339).
+    Failed {
+        version: u64,
+        target: u64,
+        error: String,
+        retry_at: Option<String>,
+        /// True when local use is allowed on the old data (`on_failure = "unblock_stale"`).
+        #[serde(default)]
+        stale_allowed: bool,
+    },
+}
+
+impl AgentState {
+    /// Whether programs on the PC may read the data now.
+    pub fn allows_use(&self) -> bool {
+        match self {
+            AgentState::Ready { .. } => true,
+            AgentState::Failed { stale_allowed, .. } => *stale_allowed,
+            _ => false,
+        }
+    }
+
+    /// The version the agent's local tree holds.
+    pub fn version(&self) -> u64 {
+        match self {
+            AgentState::Starting { version }
+            | AgentState::Ready { version }
+            | AgentState::SyncRequired { version, .. }
+            | AgentState::Downloading { version, .. }
+            | AgentState::Verifying { version, .. }
+            | AgentState::Applying { version, .. }
+            | AgentState::Failed { version, .. } => *version,
+        }
+    }
+
+    /// Short name: `ready`, `downloading`, ...
+    pub fn name(&self) -> &'static str {
+        match self {
+            AgentState::Starting { .. } => "starting",
+            AgentState::Ready { .. } => "ready",
+            AgentState::SyncRequired { .. } => "sync_required",
+            AgentState::Downloading { .. } => "downloading",
+            AgentState::Verifying { .. } => "verifying",
+            AgentState::Applying { .. } => "applying",
+            AgentState::Failed { .. } => "failed",
+        }
+    }
+}
+
+/// Frames an agent sends.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentFrame {
+    Hello {
+        protocol: u32,
+        client_id: String,
+        spaces: Vec<HeldSpace>,
+        #[serde(default)]
+        agent_version: Option<String>,
+        #[serde(default)]
+        hostname: Option<String>,
+    },
+    Status {
+        space: String,
+        #[serde(flatten)]
+        state: AgentState,
+    },
+    Report(SyncReport),
+    /// Answer to the hub's `ping`.
+    Pong,
+}
+
+/// Frames the hub sends.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum HubFrame {
+    Welcome {
+        protocol: u32,
+        hub_id: String,
+        /// Current head of every space the agent asked for (and its token may read).
+        heads: Vec<Head>,
+        /// The hub pings this often; an agent that hears nothing for three intervals should
+        /// treat the socket as dead.
+        ping_interval_ms: u64,
+    },
+    SyncRequired(Head),
+    Ping,
+    /// The report with this id is stored (or was already).
+    ReportAck {
+        report_id: String,
+    },
+    Error {
+        code: String,
+        message: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_have_type_tags() {
+        let json = serde_json::to_value(AgentFrame::Status {
+            space: "s".into(),
+            state: AgentState::Ready { version: 3 },
+        })
+        .unwrap();
+        assert_eq!(json["type"], "status");
+        assert_eq!(json["state"], "ready");
+        assert_eq!(json["version"], 3);
+        let back: AgentFrame = serde_json::from_value(json).unwrap();
+        assert!(matches!(back, AgentFrame::Status { .. }));
+
+        let head = Head {
+            space: "s".into(),
+            version: 7,
+            data_hash: Sha256Hex::empty(),
+            forced: true,
+            reason: Some("fix".into()),
+            by: Some("admin".into()),
+            at: "2026-11-25T00:00:00Z".into(),
+        };
+        let json = serde_json::to_value(HubFrame::SyncRequired(head.clone())).unwrap();
+        assert_eq!(json["type"], "sync_required");
+        assert_eq!(json["version"], 7);
+        assert_eq!(json["forced"], true);
+        assert_eq!(
+            serde_json::from_value::<HubFrame>(json).unwrap(),
+            HubFrame::SyncRequired(head)
+        );
+    }
+
+    #[test]
+    fn unknown_frame_type_is_an_error() {
+        assert!(serde_json::from_str::<AgentFrame>(r#"{"type":"nope"}"#).is_err());
+        assert!(serde_json::from_str::<AgentFrame>(r#"{"type":"hello"}"#).is_err());
+    }
+}
