@@ -52,9 +52,10 @@ pub struct ForceSyncRequest {
     pub reason: Option<String>,
 }
 
-/// `POST /blobs/pack`: blobs to stream back in one response (see [`crate::pack`]).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PackRequest {
+/// A list of blobs: the body of `POST /blobs/pack` (stream these back in one response, see
+/// [`crate::pack`]) and of `POST /blobs/missing` and its answer (which of these the hub lacks).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobList {
     pub sha256: Vec<Sha256Hex>,
 }
 

@@ -1,7 +1,7 @@
 //! The pack stream: many blobs in one HTTP response, so that a snapshot of 500 small files costs
 //! one round trip instead of 500.
 //!
-//! The agent asks `POST /api/v1/blobs/pack` with a [`crate::PackRequest`]; the hub answers with,
+//! The agent asks `POST /api/v1/blobs/pack` with a [`crate::BlobList`]; the hub answers with,
 //! for every requested blob in order, a header line `<sha256> <size>\n` followed by exactly
 //! `size` bytes. The reader checks each blob's hash itself; a stream that ends early is truncated.
 

@@ -1,0 +1,1 @@
+//! Filesystem backend of [`super::BlobStore`]: the embedded default.

@@ -1,0 +1,110 @@
+//! Content-addressed blob storage behind one trait: the local filesystem (default) and
+//! S3-compatible object storage (Backblaze B2, Supabase Storage, MinIO, AWS).
+//!
+//! A blob's address is the sha256 of its bytes. `put` hashes the bytes while they stream and
+//! makes them visible under the address only once the hash matched, so a reader never sees a
+//! half-written or wrong blob. Manifests are blobs too, addressed by their data hash.
+
+pub mod fs;
+pub mod s3;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use std::ops::Range;
+use std::time::Duration;
+use synchub_protocol::Sha256Hex;
+
+pub type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    #[error("blob {0} not found")]
+    NotFound(Sha256Hex),
+    #[error("uploaded bytes hash to {actual}, not {expected}")]
+    HashMismatch {
+        expected: Sha256Hex,
+        actual: Sha256Hex,
+    },
+    #[error("blob is larger than the limit of {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("range {start}..{end} is outside the blob of {size} bytes")]
+    BadRange { start: u64, end: u64, size: u64 },
+    /// The upload stream failed (client went away, body truncated): nothing was stored.
+    #[error("upload interrupted: {0}")]
+    Interrupted(std::io::Error),
+    #[error("blob storage error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("object storage error: {0}")]
+    ObjectStore(#[from] object_store::Error),
+}
+
+/// A blob being read: its full size and a stream of the requested range.
+pub struct BlobRead {
+    pub size: u64,
+    pub range: Range<u64>,
+    pub stream: ByteStream,
+}
+
+#[async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    /// Short name for logs: "fs" or "s3".
+    fn backend(&self) -> &'static str;
+
+    /// Stores `body` under `expected` if its bytes hash to it and are at most `max_size` long.
+    /// When the blob exists already the body is still read and checked, then dropped. Returns
+    /// the size.
+    async fn put(
+        &self,
+        expected: &Sha256Hex,
+        body: ByteStream,
+        max_size: u64,
+    ) -> Result<u64, BlobError>;
+
+    /// Size of the blob, or `None` when the store lacks it.
+    async fn size(&self, hash: &Sha256Hex) -> Result<Option<u64>, BlobError>;
+
+    /// Reads the blob, or the byte `range` of it (end exclusive, clamped to the size).
+    async fn get(&self, hash: &Sha256Hex, range: Option<Range<u64>>)
+    -> Result<BlobRead, BlobError>;
+
+    /// A short-lived URL a client can GET the blob from directly, where the backend offers
+    /// one (S3); `None` for the filesystem.
+    async fn presigned_get(
+        &self,
+        hash: &Sha256Hex,
+        ttl: Duration,
+    ) -> Result<Option<String>, BlobError>;
+
+    /// Every stored blob's address (for backups); order unspecified.
+    async fn list(&self) -> Result<Vec<Sha256Hex>, BlobError>;
+}
+
+/// Stores bytes already in memory (manifests): a convenience over [`BlobStore::put`].
+pub async fn put_bytes(store: &dyn BlobStore, bytes: Bytes) -> Result<Sha256Hex, BlobError> {
+    let hash = Sha256Hex::of(&bytes);
+    let len = bytes.len() as u64;
+    store
+        .put(
+            &hash,
+            Box::pin(futures::stream::once(async { Ok(bytes) })),
+            len,
+        )
+        .await?;
+    Ok(hash)
+}
+
+/// Reads a whole blob into memory (manifests), refusing one over `limit` bytes.
+pub async fn get_bytes(
+    store: &dyn BlobStore,
+    hash: &Sha256Hex,
+    limit: u64,
+) -> Result<Bytes, BlobError> {
+    use futures::TryStreamExt;
+    let read = store.get(hash, None).await?;
+    if read.size > limit {
+        return Err(BlobError::TooLarge { limit });
+    }
+    let chunks: Vec<Bytes> = read.stream.try_collect().await?;
+    Ok(Bytes::from(chunks.concat()))
+}

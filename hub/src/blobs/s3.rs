@@ -1,0 +1,1 @@
+//! S3-compatible backend of [`super::BlobStore`], through object_store.

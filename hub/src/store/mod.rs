@@ -1,0 +1,159 @@
+//! The hub's database behind one trait, with a SQLite backend (embedded default) and a
+//! PostgreSQL backend (production, several replicas).
+//!
+//! Tables keep system 1's names and columns (`sync_metadata`, `sync_log`) so the hub can run
+//! against that app's database; the hub's own tables are prefixed `synchub_`. A space's head is
+//! its `sync_metadata` row (`sync_key` = space); every version the hub knows has a row in
+//! `synchub_versions` naming the data hash of its manifest (the manifest bytes live in the blob
+//! store under that hash).
+
+pub mod postgres;
+pub mod sqlite;
+
+use async_trait::async_trait;
+use std::sync::Arc;
+use std::time::Duration;
+use synchub_protocol::{Head, Role, Sha256Hex, SyncLogEntry, SyncReport, VersionInfo};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Compare-and-swap lost: the head is no longer `expected`.
+    #[error("head of {space} moved: expected version {expected}, found {current}")]
+    HeadMoved {
+        space: String,
+        expected: u64,
+        current: u64,
+    },
+    #[error("no space named {0:?}")]
+    NoSuchSpace(String),
+    #[error("a token named {0:?} already exists")]
+    DuplicateToken(String),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database holds an unexpected value: {0}")]
+    Corrupt(String),
+}
+
+/// What a new version records besides its number (which the store assigns: head + 1).
+#[derive(Clone, Debug)]
+pub struct NewVersion {
+    pub data_hash: Sha256Hex,
+    pub forced: bool,
+    pub reason: Option<String>,
+    pub by: Option<String>,
+    /// Number of manifest entries and their total size, for listings.
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+/// A bearer token as stored: only the sha256 of the secret is kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub id: i64,
+    pub name: String,
+    pub role: Role,
+    /// `None`: every space.
+    pub spaces: Option<Vec<String>>,
+    pub token_hash: String,
+    pub created_at: String,
+    pub revoked: bool,
+}
+
+/// Filter for `GET /sync-log`; `None` fields do not filter.
+#[derive(Clone, Debug, Default)]
+pub struct SyncLogFilter {
+    pub space: Option<String>,
+    pub client_id: Option<String>,
+    pub status: Option<String>,
+    pub limit: u32,
+}
+
+/// What a watcher tells the hub: the named space's row changed (or, `All`, every head must be
+/// re-read, e.g. after the listener reconnected), or the token table changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    Space(String),
+    All,
+    Tokens,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Short name for logs: "sqlite" or "postgres".
+    fn backend(&self) -> &'static str;
+
+    /// Makes sure `space` has a `sync_metadata` row and a version record, creating version 1
+    /// with the empty manifest for a new space. For a row written by system 1 (no version
+    /// record yet) it records the row's version with the empty manifest. Returns the head.
+    async fn ensure_space(&self, space: &str) -> Result<Head, StoreError>;
+
+    /// The current head of `space`, or `None` when it has no `sync_metadata` row. When the row's
+    /// version is above the newest version record (a bump by another program), records that
+    /// version first, forced, with the previous manifest and `by` = `last_modified_by`.
+    async fn head(&self, space: &str) -> Result<Option<Head>, StoreError>;
+
+    /// Heads of every space with a `sync_metadata` row, as [`Store::head`] reads them.
+    async fn heads(&self) -> Result<Vec<Head>, StoreError>;
+
+    /// Records version `expected + 1` and moves `sync_metadata` to it (version, data_hash,
+    /// last_modified_by, last_modified_at, updated_at) in one transaction, only if the head is
+    /// still `expected`; otherwise `HeadMoved`.
+    async fn create_version(
+        &self,
+        space: &str,
+        expected: u64,
+        new: NewVersion,
+    ) -> Result<Head, StoreError>;
+
+    /// One recorded version of `space`.
+    async fn version(&self, space: &str, version: u64) -> Result<Option<Head>, StoreError>;
+
+    /// Recorded versions, newest first.
+    async fn versions(&self, space: &str, limit: u32) -> Result<Vec<VersionInfo>, StoreError>;
+
+    /// Stores a report in `sync_log` unless one with its `report_id` exists; true when stored.
+    async fn insert_report(&self, report: &SyncReport) -> Result<bool, StoreError>;
+
+    /// `sync_log` rows, newest first.
+    async fn sync_log(&self, filter: &SyncLogFilter) -> Result<Vec<SyncLogEntry>, StoreError>;
+
+    /// Stores a token; `DuplicateToken` if the name is taken (by a live or revoked token).
+    async fn create_token(
+        &self,
+        name: &str,
+        role: Role,
+        spaces: Option<&[String]>,
+        token_hash: &str,
+    ) -> Result<TokenRecord, StoreError>;
+
+    /// Every token, revoked ones included, oldest first.
+    async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+
+    /// Marks the token named `name` revoked; false when there is no live token of that name.
+    async fn revoke_token(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// Runs until `shutdown`, sending a [`Change`] whenever a `sync_metadata` row or the token
+    /// table changes, whoever changed it. SQLite polls every `poll_interval` (one query per
+    /// interval); PostgreSQL LISTENs, reconnects by itself and sends `Change::All` after every
+    /// reconnect so that no bump made meanwhile is lost.
+    async fn watch(
+        self: Arc<Self>,
+        poll_interval: Duration,
+        changes: mpsc::UnboundedSender<Change>,
+        shutdown: CancellationToken,
+    );
+}
+
+/// Opens the store a database URL names: `sqlite://PATH` (created when missing) or
+/// `postgres://...`, and runs its migrations.
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(postgres::PostgresStore::open(url).await?))
+    } else {
+        Ok(Arc::new(sqlite::SqliteStore::open(url).await?))
+    }
+}
