@@ -1,1 +1,290 @@
 //! Filesystem backend of [`super::BlobStore`]: the embedded default.
+//!
+//! Blobs live at `root/ab/cd/<sha256>` (the first two bytes of the digest as folders, so no
+//! folder grows past 65,536 entries). An upload streams to `root/tmp/<random>` while it is
+//! hashed and counted, is fsync'd, and is renamed into place only when the digest matches, so
+//! a reader never sees a partial or wrong blob. Every failure path (and a dropped `put`
+//! future) removes the temporary file. A root belongs to one hub process: `new` deletes what
+//! an earlier process left in `tmp/`.
+
+use super::{BlobError, BlobRead, BlobStore, ByteStream};
+use async_trait::async_trait;
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use std::io::{ErrorKind, SeekFrom};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use synchub_protocol::Sha256Hex;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio_util::io::ReaderStream;
+
+/// Size of the chunks `get` streams.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Content-addressed blobs in a local folder.
+#[derive(Debug, Clone)]
+pub struct FsBlobStore {
+    root: PathBuf,
+    tmp: PathBuf,
+}
+
+impl FsBlobStore {
+    /// Opens (creating it if needed) the store at `root` and removes stale uploads from
+    /// `root/tmp`.
+    pub fn new(root: PathBuf) -> Result<Self, BlobError> {
+        let tmp = root.join("tmp");
+        std::fs::create_dir_all(&tmp)?;
+        for entry in std::fs::read_dir(&tmp)? {
+            let entry = entry?;
+            let path = entry.path();
+            let removed = if entry.file_type()?.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            match removed {
+                Ok(()) => tracing::debug!(path = %path.display(), "removed stale upload"),
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(FsBlobStore { root, tmp })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The folder uploads stream to before they are verified (empty when no upload runs).
+    pub fn tmp_dir(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Where the blob `hash` lives: `root/ab/cd/abcd...`.
+    pub fn blob_path(&self, hash: &Sha256Hex) -> PathBuf {
+        let h = hash.as_str();
+        self.root.join(&h[0..2]).join(&h[2..4]).join(h)
+    }
+
+    /// Writes the body to a fresh temporary file; returns it (still guarded) with the digest
+    /// and size once the stream ended within `max_size`.
+    async fn receive(
+        &self,
+        mut body: ByteStream,
+        max_size: u64,
+    ) -> Result<(TempFile, Sha256Hex, u64), BlobError> {
+        let temp = TempFile::new(self.tmp.join(format!("{:016x}", rand::random::<u64>())));
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp.path)
+            .await?;
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(BlobError::Interrupted)?;
+            size += chunk.len() as u64;
+            if size > max_size {
+                return Err(BlobError::TooLarge { limit: max_size });
+            }
+            hasher.update(&chunk);
+            file.write_all(&chunk).await?;
+        }
+        file.flush().await?;
+        file.sync_all().await?;
+        drop(file);
+        Ok((temp, Sha256Hex::from_digest(hasher.finalize().into()), size))
+    }
+}
+
+/// Reads a body only to check it: the blob is stored already.
+async fn hash_only(mut body: ByteStream, max_size: u64) -> Result<(Sha256Hex, u64), BlobError> {
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(BlobError::Interrupted)?;
+        size += chunk.len() as u64;
+        if size > max_size {
+            return Err(BlobError::TooLarge { limit: max_size });
+        }
+        hasher.update(&chunk);
+    }
+    Ok((Sha256Hex::from_digest(hasher.finalize().into()), size))
+}
+
+/// A temporary upload file, removed when dropped unless it was renamed into place: this
+/// covers every error path and a `put` future dropped mid-stream.
+struct TempFile {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl TempFile {
+    fn new(path: PathBuf) -> Self {
+        TempFile { path, armed: true }
+    }
+
+    async fn persist(mut self, dest: &Path) -> std::io::Result<()> {
+        tokio::fs::rename(&self.path, dest).await?;
+        self.armed = false;
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if self.armed {
+            match std::fs::remove_file(&self.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(path = %self.path.display(), error = %e,
+                    "could not remove temporary upload"),
+            }
+        }
+    }
+}
+
+/// Makes a rename in `dir` durable.
+async fn sync_dir(dir: PathBuf) -> std::io::Result<()> {
+    tokio::task::spawn_blocking(move || std::fs::File::open(&dir)?.sync_all())
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+fn not_found(hash: &Sha256Hex, e: std::io::Error) -> BlobError {
+    if e.kind() == ErrorKind::NotFound {
+        BlobError::NotFound(hash.clone())
+    } else {
+        BlobError::Io(e)
+    }
+}
+
+#[async_trait]
+impl BlobStore for FsBlobStore {
+    fn backend(&self) -> &'static str {
+        "fs"
+    }
+
+    async fn put(
+        &self,
+        expected: &Sha256Hex,
+        body: ByteStream,
+        max_size: u64,
+    ) -> Result<u64, BlobError> {
+        let dest = self.blob_path(expected);
+        if tokio::fs::try_exists(&dest).await? {
+            let (actual, size) = hash_only(body, max_size).await?;
+            if &actual != expected {
+                return Err(BlobError::HashMismatch {
+                    expected: expected.clone(),
+                    actual,
+                });
+            }
+            return Ok(size);
+        }
+        let (temp, actual, size) = self.receive(body, max_size).await?;
+        if &actual != expected {
+            return Err(BlobError::HashMismatch {
+                expected: expected.clone(),
+                actual,
+            });
+        }
+        let dir = dest.parent().expect("blob path has folders").to_path_buf();
+        tokio::fs::create_dir_all(&dir).await?;
+        // A concurrent put of the same blob may have renamed first: renaming over it swaps
+        // identical bytes atomically, so readers never notice.
+        temp.persist(&dest).await?;
+        sync_dir(dir).await?;
+        Ok(size)
+    }
+
+    async fn size(&self, hash: &Sha256Hex) -> Result<Option<u64>, BlobError> {
+        match tokio::fs::metadata(self.blob_path(hash)).await {
+            Ok(meta) => Ok(Some(meta.len())),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn get(
+        &self,
+        hash: &Sha256Hex,
+        range: Option<Range<u64>>,
+    ) -> Result<BlobRead, BlobError> {
+        let mut file = tokio::fs::File::open(self.blob_path(hash))
+            .await
+            .map_err(|e| not_found(hash, e))?;
+        let size = file.metadata().await?.len();
+        let range = match range {
+            None => 0..size,
+            Some(r) if r.start >= size || r.start >= r.end => {
+                return Err(BlobError::BadRange {
+                    start: r.start,
+                    end: r.end,
+                    size,
+                });
+            }
+            Some(r) => r.start..r.end.min(size),
+        };
+        if range.start > 0 {
+            file.seek(SeekFrom::Start(range.start)).await?;
+        }
+        let reader = file.take(range.end - range.start);
+        Ok(BlobRead {
+            size,
+            range,
+            stream: Box::pin(ReaderStream::with_capacity(reader, READ_CHUNK)),
+        })
+    }
+
+    async fn presigned_get(
+        &self,
+        _hash: &Sha256Hex,
+        _ttl: Duration,
+    ) -> Result<Option<String>, BlobError> {
+        Ok(None)
+    }
+
+    async fn list(&self) -> Result<Vec<Sha256Hex>, BlobError> {
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || list_blocking(&root))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+}
+
+/// Walks `root/ab/cd/`; anything else (tmp/, stray files) is not a blob and is skipped.
+fn list_blocking(root: &Path) -> Result<Vec<Sha256Hex>, BlobError> {
+    fn is_byte_dir(entry: &std::fs::DirEntry) -> bool {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        name.len() == 2
+            && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            && entry.file_type().is_ok_and(|t| t.is_dir())
+    }
+    let mut out = Vec::new();
+    for first in std::fs::read_dir(root)? {
+        let first = first?;
+        if !is_byte_dir(&first) {
+            continue;
+        }
+        for second in std::fs::read_dir(first.path())? {
+            let second = second?;
+            if !is_byte_dir(&second) {
+                continue;
+            }
+            for blob in std::fs::read_dir(second.path())? {
+                let blob = blob?;
+                if let Some(hash) = blob
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<Sha256Hex>().ok())
+                {
+                    out.push(hash);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
