@@ -2,9 +2,20 @@
 //! agent over WebSockets; serves heads, manifests and blobs over HTTP; takes commits, force-syncs
 //! and sync reports.
 //!
-//! `main.rs` parses the command line and calls into [`server`] (serve) or [`cli`] (token,
-//! force-sync, ...). The database is behind [`store::Store`], blob bytes behind
-//! [`blobs::BlobStore`]; [`broadcast`] holds the latest head of every space in memory.
+//! `main.rs` parses the command line and calls [`cli::run`]; [`server::start`] runs a hub (tests
+//! start one in-process). The database is behind [`store::Store`], blob bytes behind
+//! [`blobs::BlobStore`]; [`broadcast`] holds the latest head of every space in memory and
+//! [`ws`] is the task of one agent's socket.
 
+pub mod api;
+pub mod auth;
 pub mod blobs;
+pub mod broadcast;
+pub mod cli;
+pub mod clients;
+pub mod config;
+pub mod error;
+pub mod server;
+pub mod state;
 pub mod store;
+pub mod ws;

@@ -1,1 +1,22 @@
-fn main() {}
+//! The `synchub` binary: parse the command line, set up logging, call into the library.
+
+use clap::Parser;
+use synchub_hub::cli::{Cli, run};
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("synchub: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! Blob routes: download one (Range for resume, immutable caching, a presigned redirect when
+//! the store is S3), upload one (hash checked while streaming), many in one pack, and ask
+//! which of a list the hub lacks.
+
+use super::Json;
+use crate::auth::Principal;
+use crate::error::{ApiResult, HubError};
+use crate::state::AppState;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use std::ops::Range;
+use std::time::Duration;
+use synchub_protocol::{BlobList, Sha256Hex, codes, pack};
+
+fn parse_hash(s: &str) -> ApiResult<Sha256Hex> {
+    s.parse().map_err(|e: synchub_protocol::HashError| {
+        HubError::bad_request(codes::INVALID_HASH, e.to_string())
+    })
+}
+
+/// A single `bytes=` range against a blob of `size` bytes. `Ok(None)`: serve the whole blob
+/// (no header, or a form we do not serve such as several ranges).
+fn parse_range(value: Option<&HeaderValue>, size: u64) -> ApiResult<Option<Range<u64>>> {
+    let Some(spec) = value
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bytes="))
+    else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let Some((start, end)) = spec.trim().split_once('-') else {
+        return Ok(None);
+    };
+    let range = match (start.parse::<u64>().ok(), end.parse::<u64>().ok()) {
+        (Some(s), Some(e)) if s <= e => s..(e + 1).min(size),
+        (Some(s), None) if end.is_empty() => s..size,
+        (None, Some(n)) if start.is_empty() => size.saturating_sub(n)..size,
+        _ => return Ok(None),
+    };
+    if range.start >= size || range.is_empty() {
+        return Err(HubError::RangeNotSatisfiable { size });
+    }
+    Ok(Some(range))
+}
+
+/// `GET /blobs/{sha256}`.
+pub async fn get_blob(
+    State(state): State<AppState>,
+    _principal: Principal,
+    Path(hash): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let hash = parse_hash(&hash)?;
+    let size = state
+        .blobs
+        .size(&hash)
+        .await?
+        .ok_or_else(|| HubError::NotFound(format!("blob {hash}")))?;
+    if state.config.presign_downloads {
+        if let Some(url) = state
+            .blobs
+            .presigned_get(&hash, Duration::from_secs(300))
+            .await?
+        {
+            metrics::counter!("synchub_blob_redirects_total").increment(1);
+            let location = HeaderValue::from_str(&url)
+                .map_err(|_| HubError::Unavailable("presigned URL is not a valid header".into()))?;
+            return Ok((
+                StatusCode::TEMPORARY_REDIRECT,
+                [(header::LOCATION, location)],
+            )
+                .into_response());
+        }
+    }
+    let range = parse_range(headers.get(header::RANGE), size)?;
+    let read = state.blobs.get(&hash, range.clone()).await?;
+    let len = read.range.end - read.range.start;
+    metrics::counter!("synchub_blob_bytes_sent_total").increment(len);
+    let mut response = Response::new(Body::from_stream(read.stream));
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=31536000, immutable"),
+    );
+    h.insert(
+        header::ETAG,
+        HeaderValue::from_str(&format!("\"{hash}\"")).expect("hex is valid"),
+    );
+    if range.is_some() {
+        *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+        let content_range = format!("bytes {}-{}/{}", read.range.start, read.range.end - 1, size);
+        response.headers_mut().insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_str(&content_range).expect("digits are valid"),
+        );
+    }
+    Ok(response)
+}
+
+/// `PUT /blobs/{sha256}`: 201 when stored, 200 when the hub had it already.
+pub async fn put_blob(
+    State(state): State<AppState>,
+    _principal: Principal,
+    Path(hash): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let hash = parse_hash(&hash)?;
+    let limit = state.config.limits.max_blob_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(HubError::TooLarge(format!(
+            "blob of {} bytes is over the limit of {limit}",
+            declared.unwrap_or_default()
+        )));
+    }
+    let existed = state.blobs.size(&hash).await?.is_some();
+    let stream = body
+        .into_data_stream()
+        .map_err(std::io::Error::other)
+        .boxed();
+    let size = state.blobs.put(&hash, stream, limit).await?;
+    metrics::counter!("synchub_blob_bytes_received_total").increment(size);
+    let status = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((
+        status,
+        axum::Json(serde_json::json!({ "sha256": hash, "size": size })),
+    )
+        .into_response())
+}
+
+/// Sizes of `hashes` in the blob store, `None` for the missing ones; a few lookups at a time.
+pub async fn sizes(state: &AppState, hashes: &[Sha256Hex]) -> ApiResult<Vec<Option<u64>>> {
+    futures::stream::iter(hashes.iter().cloned())
+        .map(|h| {
+            let blobs = state.blobs.clone();
+            async move { blobs.size(&h).await }
+        })
+        .buffered(16)
+        .try_collect()
+        .await
+        .map_err(HubError::from)
+}
+
+/// `POST /blobs/missing`: which of these the hub lacks.
+pub async fn missing(
+    State(state): State<AppState>,
+    _principal: Principal,
+    Json(list): Json<BlobList>,
+) -> ApiResult<axum::Json<BlobList>> {
+    if list.sha256.len() > state.config.limits.max_manifest_entries {
+        return Err(HubError::TooLarge(format!(
+            "{} blobs asked about; the limit is {}",
+            list.sha256.len(),
+            state.config.limits.max_manifest_entries
+        )));
+    }
+    let found = sizes(&state, &list.sha256).await?;
+    let sha256 = list
+        .sha256
+        .into_iter()
+        .zip(found)
+        .filter(|(_, size)| size.is_none())
+        .map(|(h, _)| h)
+        .collect();
+    Ok(axum::Json(BlobList { sha256 }))
+}
+
+/// `POST /blobs/pack`: many blobs in one response (format in `synchub_protocol::pack`).
+pub async fn pack(
+    State(state): State<AppState>,
+    _principal: Principal,
+    Json(list): Json<BlobList>,
+) -> ApiResult<Response> {
+    let limits = &state.config.limits;
+    if list.sha256.len() > limits.max_pack_blobs {
+        return Err(HubError::TooLarge(format!(
+            "pack of {} blobs; the limit is {}",
+            list.sha256.len(),
+            limits.max_pack_blobs
+        )));
+    }
+    let found = sizes(&state, &list.sha256).await?;
+    let missing: Vec<String> = list
+        .sha256
+        .iter()
+        .zip(&found)
+        .filter(|(_, s)| s.is_none())
+        .map(|(h, _)| h.to_string())
+        .collect();
+    if !missing.is_empty() {
+        return Err(HubError::NotFound(format!(
+            "{} blob(s), first {}",
+            missing.len(),
+            missing[0]
+        )));
+    }
+    let items: Vec<(Sha256Hex, u64)> = list
+        .sha256
+        .into_iter()
+        .zip(found.into_iter().flatten())
+        .collect();
+    let total: u64 = items.iter().map(|(_, s)| s).sum();
+    if total > limits.max_pack_bytes {
+        return Err(HubError::TooLarge(format!(
+            "pack of {total} bytes; the limit is {}",
+            limits.max_pack_bytes
+        )));
+    }
+    metrics::counter!("synchub_blob_bytes_sent_total").increment(total);
+    let blobs = state.blobs.clone();
+    let body = futures::stream::iter(items)
+        .then(move |(hash, size)| {
+            let blobs = blobs.clone();
+            async move {
+                let header = Bytes::from(pack::encode_header(&hash, size));
+                match blobs.get(&hash, None).await {
+                    Ok(read) => futures::stream::once(async { Ok(header) })
+                        .chain(read.stream)
+                        .boxed(),
+                    Err(e) => {
+                        futures::stream::once(async move { Err(std::io::Error::other(e)) }).boxed()
+                    }
+                }
+            }
+        })
+        .flatten();
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(pack::PACK_CONTENT_TYPE),
+        )],
+        Body::from_stream(body),
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(v: &str, size: u64) -> ApiResult<Option<Range<u64>>> {
+        parse_range(Some(&HeaderValue::from_str(v).unwrap()), size)
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(range("bytes=0-0", 10).unwrap(), Some(0..1));
+        assert_eq!(range("bytes=5-", 10).unwrap(), Some(5..10));
+        assert_eq!(range("bytes=-3", 10).unwrap(), Some(7..10));
+        assert_eq!(range("bytes=2-100", 10).unwrap(), Some(2..10));
+        assert_eq!(range("bytes=0-1,4-5", 10).unwrap(), None);
+        assert_eq!(range("items=0-1", 10).unwrap(), None);
+        assert!(range("bytes=10-", 10).is_err());
+        assert!(range("bytes=20-30", 10).is_err());
+    }
+}

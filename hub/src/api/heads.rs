@@ -1,0 +1,108 @@
+//! Reading where a space is: its head (served from memory with an ETag, the 1-second fallback
+//! check), the manifest of a version, and the version history.
+
+use super::space_name;
+use crate::auth::Principal;
+use crate::error::{ApiResult, HubError};
+use crate::state::AppState;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use synchub_protocol::{VersionInfo, codes};
+
+/// `GET /spaces/{space}/head`: no database query; `304` when `If-None-Match` matches.
+pub async fn head(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(space): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    space_name(&space)?;
+    principal.require_space(&space)?;
+    let published = state
+        .heads
+        .get(&space)
+        .ok_or_else(|| HubError::NotFound(format!("space {space:?}")))?;
+    metrics::counter!("synchub_head_requests_total").increment(1);
+    let not_modified = headers
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|v| v.as_bytes() == published.etag.as_bytes());
+    if not_modified {
+        return Ok((
+            StatusCode::NOT_MODIFIED,
+            [(header::ETAG, published.etag.clone())],
+        )
+            .into_response());
+    }
+    Ok((
+        [
+            (header::ETAG, published.etag.clone()),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        ],
+        Body::from(published.json.clone()),
+    )
+        .into_response())
+}
+
+/// `GET /spaces/{space}/versions/{version}/manifest`: the canonical bytes, whose sha256 is the
+/// version's data hash.
+pub async fn manifest(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((space, version)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    space_name(&space)?;
+    principal.require_space(&space)?;
+    let version: u64 = version.parse().map_err(|_| {
+        HubError::bad_request(
+            codes::BAD_REQUEST,
+            format!("version {version:?} is not a number"),
+        )
+    })?;
+    let head = state
+        .store
+        .version(&space, version)
+        .await?
+        .ok_or_else(|| HubError::NotFound(format!("version {version} of space {space:?}")))?;
+    let manifest = state.manifest(&head.data_hash).await?;
+    let etag = HeaderValue::from_str(&format!("\"{}\"", head.data_hash)).expect("hex is valid");
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            ),
+            (header::ETAG, etag),
+            (
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("public, max-age=31536000, immutable"),
+            ),
+        ],
+        manifest.canonical_bytes(),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    limit: Option<u32>,
+}
+
+/// `GET /spaces/{space}/versions` (admin): newest first.
+pub async fn versions(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(space): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<axum::Json<Vec<VersionInfo>>> {
+    space_name(&space)?;
+    principal.require_admin()?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    Ok(axum::Json(state.store.versions(&space, limit).await?))
+}

@@ -1,0 +1,192 @@
+//! Bearer tokens: random secrets handed out once and stored only as their sha256, with a role
+//! (`agent` or `admin`) and optionally a list of spaces.
+//!
+//! Every request is checked against an in-memory copy of the live tokens ([`Tokens`]), reloaded
+//! when the store reports that the token table changed, so that authenticating the 1-second
+//! fallback checks of thousands of agents costs no database query.
+
+use crate::error::HubError;
+use crate::store::{Store, StoreError, TokenRecord};
+use axum::extract::FromRequestParts;
+use axum::http::header;
+use axum::http::request::Parts;
+use rand::RngCore;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use synchub_protocol::{Role, Sha256Hex};
+
+/// Who is calling: a live token's identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal {
+    pub token_id: i64,
+    pub name: String,
+    pub role: Role,
+    pub spaces: Option<Vec<String>>,
+}
+
+impl Principal {
+    pub fn may_use_space(&self, space: &str) -> bool {
+        self.role == Role::Admin
+            || self
+                .spaces
+                .as_ref()
+                .is_none_or(|list| list.iter().any(|s| s == space))
+    }
+
+    pub fn require_space(&self, space: &str) -> Result<(), HubError> {
+        if self.may_use_space(space) {
+            Ok(())
+        } else {
+            Err(HubError::Forbidden(format!(
+                "token {:?} may not use space {space:?}",
+                self.name
+            )))
+        }
+    }
+
+    pub fn require_admin(&self) -> Result<(), HubError> {
+        if self.role == Role::Admin {
+            Ok(())
+        } else {
+            Err(HubError::Forbidden(format!(
+                "token {:?} has role agent; this needs an admin token",
+                self.name
+            )))
+        }
+    }
+}
+
+/// A new random token secret: `shb_` and 64 hex characters.
+pub fn generate_secret() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    format!("shb_{}", hex::encode(bytes))
+}
+
+/// What is stored for a secret.
+pub fn hash_secret(secret: &str) -> String {
+    Sha256Hex::of(secret.as_bytes()).to_string()
+}
+
+/// Creates a token and returns its secret, which is shown once and never stored.
+pub async fn create_token(
+    store: &dyn Store,
+    name: &str,
+    role: Role,
+    spaces: Option<&[String]>,
+) -> Result<String, StoreError> {
+    let secret = generate_secret();
+    store
+        .create_token(name, role, spaces, &hash_secret(&secret))
+        .await?;
+    Ok(secret)
+}
+
+/// The live tokens, by hash of their secret.
+#[derive(Default)]
+pub struct Tokens {
+    by_hash: RwLock<Arc<HashMap<String, Principal>>>,
+}
+
+impl Tokens {
+    /// Reloads from the store; returns the ids of tokens that were live and are not any more.
+    pub async fn reload(&self, store: &dyn Store) -> Result<Vec<i64>, StoreError> {
+        let records = store.tokens().await?;
+        let live: HashMap<String, Principal> = records
+            .into_iter()
+            .filter(|t| !t.revoked)
+            .map(|t: TokenRecord| {
+                (
+                    t.token_hash,
+                    Principal {
+                        token_id: t.id,
+                        name: t.name,
+                        role: t.role,
+                        spaces: t.spaces,
+                    },
+                )
+            })
+            .collect();
+        let live = Arc::new(live);
+        let old = std::mem::replace(
+            &mut *self.by_hash.write().expect("token lock poisoned"),
+            live.clone(),
+        );
+        let still: std::collections::HashSet<i64> = live.values().map(|p| p.token_id).collect();
+        Ok(old
+            .values()
+            .map(|p| p.token_id)
+            .filter(|id| !still.contains(id))
+            .collect())
+    }
+
+    pub fn authenticate(&self, secret: &str) -> Option<Principal> {
+        let map = self.by_hash.read().expect("token lock poisoned").clone();
+        map.get(&hash_secret(secret)).cloned()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_hash.read().expect("token lock poisoned").is_empty()
+    }
+}
+
+/// Anything that can authenticate a request (the app state).
+pub trait HasTokens {
+    fn tokens(&self) -> &Tokens;
+}
+
+impl<S> FromRequestParts<S> for Principal
+where
+    S: HasTokens + Send + Sync,
+{
+    type Rejection = HubError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, HubError> {
+        let value = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .ok_or(HubError::Unauthorized)?;
+        let secret = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or(HubError::Unauthorized)?;
+        state
+            .tokens()
+            .authenticate(secret)
+            .ok_or(HubError::Unauthorized)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_random_and_hashed() {
+        let a = generate_secret();
+        assert_ne!(a, generate_secret());
+        assert!(a.starts_with("shb_") && a.len() == 68);
+        assert_ne!(hash_secret(&a), a);
+        assert_eq!(hash_secret(&a).len(), 64);
+    }
+
+    #[test]
+    fn space_limits() {
+        let p = Principal {
+            token_id: 1,
+            name: "pc1".into(),
+            role: Role::Agent,
+            spaces: Some(vec!["a".into()]),
+        };
+        assert!(p.may_use_space("a"));
+        assert!(!p.may_use_space("b"));
+        assert!(p.require_admin().is_err());
+        let admin = Principal {
+            role: Role::Admin,
+            ..p
+        };
+        assert!(admin.may_use_space("b"));
+    }
+}

@@ -1,0 +1,92 @@
+//! The agents connected to this hub replica: who they are and the state each last reported,
+//! for `GET /api/v1/clients` and the dashboard, and to close the sockets of a revoked token.
+
+use dashmap::DashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use synchub_protocol::{AgentState, ClientInfo, ClientSpace};
+use tokio_util::sync::CancellationToken;
+
+pub struct Connection {
+    pub client_id: String,
+    pub token_id: i64,
+    pub token_name: String,
+    pub hostname: Option<String>,
+    pub agent_version: Option<String>,
+    pub connected_at: String,
+    pub states: Mutex<Vec<ClientSpace>>,
+    /// Cancelled to close this socket (its token was revoked).
+    pub revoked: CancellationToken,
+}
+
+impl Connection {
+    pub fn set_state(&self, space: &str, state: AgentState) {
+        let mut states = self.states.lock().expect("client state lock poisoned");
+        match states.iter_mut().find(|s| s.space == space) {
+            Some(s) => s.state = state,
+            None => states.push(ClientSpace {
+                space: space.to_owned(),
+                state,
+            }),
+        }
+    }
+
+    fn info(&self) -> ClientInfo {
+        ClientInfo {
+            client_id: self.client_id.clone(),
+            token_name: self.token_name.clone(),
+            hostname: self.hostname.clone(),
+            agent_version: self.agent_version.clone(),
+            connected_at: self.connected_at.clone(),
+            spaces: self
+                .states
+                .lock()
+                .expect("client state lock poisoned")
+                .clone(),
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Clients {
+    next_id: AtomicU64,
+    live: DashMap<u64, std::sync::Arc<Connection>>,
+}
+
+impl Clients {
+    /// Registers a connection; the returned id removes it again.
+    pub fn add(&self, conn: std::sync::Arc<Connection>) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.live.insert(id, conn);
+        metrics::gauge!("synchub_connections").set(self.live.len() as f64);
+        id
+    }
+
+    pub fn remove(&self, id: u64) {
+        self.live.remove(&id);
+        metrics::gauge!("synchub_connections").set(self.live.len() as f64);
+    }
+
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+
+    /// Closes every socket opened with one of these tokens.
+    pub fn revoke(&self, token_ids: &[i64]) {
+        for entry in self.live.iter() {
+            if token_ids.contains(&entry.token_id) {
+                entry.revoked.cancel();
+            }
+        }
+    }
+
+    pub fn list(&self) -> Vec<ClientInfo> {
+        let mut out: Vec<ClientInfo> = self.live.iter().map(|e| e.info()).collect();
+        out.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        out
+    }
+}

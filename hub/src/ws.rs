@@ -1,0 +1,330 @@
+//! The socket task: one per connected agent, at `GET /api/v1/ws`.
+//!
+//! After the agent's `hello` the hub answers `welcome` with the current heads, then waits on
+//! three things: a new heads snapshot (send `sync_required` for each followed space that moved),
+//! a frame from the agent (`status`, `report`, `pong`), and the ping timer. The frames sent on a
+//! bump were serialized once, in [`crate::broadcast`]. Buffers are set small and explicitly so
+//! that an idle socket costs a few KiB.
+
+use crate::auth::Principal;
+use crate::clients::Connection;
+use crate::state::AppState;
+use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
+use axum::response::Response;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use synchub_protocol::{AgentFrame, HeldSpace, HubFrame, PROTOCOL_VERSION, codes, validate_space};
+
+/// How long an agent has to say `hello` after the upgrade.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn upgrade(
+    State(state): State<AppState>,
+    principal: Principal,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let limits = &state.config.limits;
+    ws.read_buffer_size(limits.ws_buffer_bytes)
+        .write_buffer_size(limits.ws_buffer_bytes)
+        .max_write_buffer_size(limits.max_frame_bytes.max(1 << 20))
+        .max_message_size(limits.max_frame_bytes)
+        .max_frame_size(limits.max_frame_bytes)
+        .on_upgrade(move |socket| run(state, principal, socket))
+}
+
+fn frame(f: &HubFrame) -> Message {
+    Message::Text(serde_json::to_string(f).expect("frames serialize").into())
+}
+
+fn error_frame(code: &str, message: impl Into<String>) -> Message {
+    frame(&HubFrame::Error {
+        code: code.into(),
+        message: message.into(),
+    })
+}
+
+/// Sends an `error` frame, then a close with `close_code`; the agent is done for.
+async fn refuse(socket: &mut WebSocket, code: &str, message: String, close: u16) {
+    tracing::debug!(code, message, "closing socket");
+    let _ = socket.send(error_frame(code, message.clone())).await;
+    let reason: String = message.chars().take(100).collect();
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code: close,
+            reason: reason.into(),
+        })))
+        .await;
+}
+
+async fn run(state: AppState, principal: Principal, mut socket: WebSocket) {
+    let Some((client_id, spaces, hostname, agent_version)) =
+        receive_hello(&state, &principal, &mut socket).await
+    else {
+        return;
+    };
+    let conn = Arc::new(Connection {
+        client_id,
+        token_id: principal.token_id,
+        token_name: principal.name.clone(),
+        hostname,
+        agent_version,
+        connected_at: chrono::Utc::now().to_rfc3339(),
+        states: Default::default(),
+        revoked: Default::default(),
+    });
+    let id = state.clients.add(conn.clone());
+    serve(&state, &principal, &conn, spaces, &mut socket).await;
+    state.clients.remove(id);
+}
+
+async fn receive_hello(
+    state: &AppState,
+    principal: &Principal,
+    socket: &mut WebSocket,
+) -> Option<(String, Vec<HeldSpace>, Option<String>, Option<String>)> {
+    let first = tokio::time::timeout(HELLO_TIMEOUT, socket.recv()).await;
+    let text = match first {
+        Ok(Some(Ok(Message::Text(text)))) => text,
+        Ok(Some(Ok(_))) => {
+            let msg = "the first frame must be a JSON text `hello`".to_owned();
+            refuse(socket, codes::MALFORMED_FRAME, msg, close_code::POLICY).await;
+            return None;
+        }
+        Ok(Some(Err(e))) => {
+            refuse_read_error(socket, e).await;
+            return None;
+        }
+        Ok(None) => return None,
+        Err(_) => {
+            let msg = "no hello within 10 s".to_owned();
+            refuse(socket, codes::MALFORMED_FRAME, msg, close_code::POLICY).await;
+            return None;
+        }
+    };
+    let (protocol, client_id, mut spaces, hostname, agent_version) =
+        match serde_json::from_str::<AgentFrame>(&text) {
+            Ok(AgentFrame::Hello {
+                protocol,
+                client_id,
+                spaces,
+                hostname,
+                agent_version,
+            }) => (protocol, client_id, spaces, hostname, agent_version),
+            Ok(_) => {
+                let msg = "the first frame must be `hello`".to_owned();
+                refuse(socket, codes::MALFORMED_FRAME, msg, close_code::POLICY).await;
+                return None;
+            }
+            Err(e) => {
+                let msg = format!("malformed hello: {e}");
+                refuse(socket, codes::MALFORMED_FRAME, msg, close_code::POLICY).await;
+                return None;
+            }
+        };
+    if protocol != PROTOCOL_VERSION {
+        let msg =
+            format!("protocol {protocol} is not supported; this hub speaks {PROTOCOL_VERSION}");
+        refuse(socket, codes::BAD_REQUEST, msg, close_code::PROTOCOL).await;
+        return None;
+    }
+    if client_id.is_empty() || client_id.len() > 128 {
+        let msg = "client_id must be 1 to 128 bytes".to_owned();
+        refuse(socket, codes::BAD_REQUEST, msg, close_code::POLICY).await;
+        return None;
+    }
+    if spaces.is_empty() {
+        // Follow every space the token may read.
+        spaces = state
+            .heads
+            .snapshot()
+            .keys()
+            .filter(|s| principal.may_use_space(s))
+            .map(|s| HeldSpace {
+                space: s.clone(),
+                version: 0,
+                data_hash: None,
+            })
+            .collect();
+    }
+    for held in &spaces {
+        if let Err(e) = validate_space(&held.space) {
+            refuse(
+                socket,
+                codes::BAD_REQUEST,
+                e.to_string(),
+                close_code::POLICY,
+            )
+            .await;
+            return None;
+        }
+        if !principal.may_use_space(&held.space) {
+            let msg = format!("token may not use space {:?}", held.space);
+            refuse(socket, codes::FORBIDDEN, msg, close_code::POLICY).await;
+            return None;
+        }
+        if state.heads.get(&held.space).is_none() {
+            let msg = format!("no space named {:?}", held.space);
+            refuse(socket, codes::NOT_FOUND, msg, close_code::POLICY).await;
+            return None;
+        }
+    }
+    Some((client_id, spaces, hostname, agent_version))
+}
+
+async fn refuse_read_error(socket: &mut WebSocket, e: axum::Error) {
+    let text = e.to_string();
+    if text.contains("Space limit exceeded")
+        || text.contains("too long")
+        || text.contains("Capacity")
+    {
+        let msg = "frame larger than the hub's limit".to_owned();
+        refuse(socket, codes::FRAME_TOO_LARGE, msg, close_code::SIZE).await;
+    } else {
+        tracing::debug!(error = %e, "socket read failed");
+    }
+}
+
+async fn serve(
+    state: &AppState,
+    principal: &Principal,
+    conn: &Connection,
+    held: Vec<HeldSpace>,
+    socket: &mut WebSocket,
+) {
+    let mut heads_rx = state.heads.subscribe();
+    let snapshot = heads_rx.borrow_and_update().clone();
+    let mut sent: HashMap<String, u64> = HashMap::with_capacity(held.len());
+    let heads = held
+        .iter()
+        .filter_map(|h| snapshot.get(&h.space))
+        .map(|p| {
+            sent.insert(p.head.space.clone(), p.head.version);
+            p.head.clone()
+        })
+        .collect();
+    let ping_every = Duration::from_millis(state.config.ping_interval_ms);
+    let welcome = HubFrame::Welcome {
+        protocol: PROTOCOL_VERSION,
+        hub_id: state.hub_id.clone(),
+        heads,
+        ping_interval_ms: state.config.ping_interval_ms,
+    };
+    if socket.send(frame(&welcome)).await.is_err() {
+        return;
+    }
+    let ping: Utf8Bytes = serde_json::to_string(&HubFrame::Ping)
+        .expect("frames serialize")
+        .into();
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+    let mut last_heard = Instant::now();
+    loop {
+        tokio::select! {
+            changed = heads_rx.changed() => {
+                if changed.is_err() { break; }
+                let snapshot = heads_rx.borrow_and_update().clone();
+                for (space, version) in sent.iter_mut() {
+                    let Some(p) = snapshot.get(space) else { continue };
+                    if p.head.version > *version {
+                        *version = p.head.version;
+                        if socket.send(Message::Text(p.frame.clone())).await.is_err() {
+                            return;
+                        }
+                        metrics::histogram!("synchub_fanout_seconds")
+                            .record(p.since.elapsed().as_secs_f64());
+                    }
+                }
+            }
+            msg = socket.recv() => {
+                match msg {
+                    Some(Ok(Message::Text(text))) => {
+                        last_heard = Instant::now();
+                        if !handle_frame(state, principal, conn, &sent, &text, socket).await {
+                            return;
+                        }
+                    }
+                    Some(Ok(Message::Binary(_))) => {
+                        let msg = "binary frames are not part of the protocol".to_owned();
+                        refuse(socket, codes::MALFORMED_FRAME, msg, close_code::POLICY).await;
+                        return;
+                    }
+                    Some(Ok(Message::Close(_))) | None => return,
+                    Some(Ok(_)) => last_heard = Instant::now(),
+                    Some(Err(e)) => {
+                        refuse_read_error(socket, e).await;
+                        return;
+                    }
+                }
+            }
+            _ = ticker.tick() => {
+                if last_heard.elapsed() > ping_every * 3 {
+                    tracing::info!(client = %conn.client_id, "no frame for three ping intervals; closing");
+                    return;
+                }
+                if socket.send(Message::Text(ping.clone())).await.is_err() {
+                    return;
+                }
+            }
+            _ = conn.revoked.cancelled() => {
+                let msg = "token revoked".to_owned();
+                refuse(socket, codes::UNAUTHORIZED, msg, close_code::POLICY).await;
+                return;
+            }
+            _ = state.shutdown.cancelled() => {
+                let _ = socket.send(Message::Close(Some(CloseFrame {
+                    code: close_code::AWAY,
+                    reason: "hub shutting down".into(),
+                }))).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Handles one frame from the agent; false when the socket must close.
+async fn handle_frame(
+    state: &AppState,
+    principal: &Principal,
+    conn: &Connection,
+    followed: &HashMap<String, u64>,
+    text: &str,
+    socket: &mut WebSocket,
+) -> bool {
+    let frame_in = match serde_json::from_str::<AgentFrame>(text) {
+        Ok(f) => f,
+        Err(e) => {
+            let msg = format!("malformed frame: {e}");
+            refuse(socket, codes::MALFORMED_FRAME, msg, close_code::POLICY).await;
+            return false;
+        }
+    };
+    match frame_in {
+        AgentFrame::Pong => true,
+        AgentFrame::Status { space, state: s } => {
+            if !followed.contains_key(&space) {
+                let msg = format!("status for space {space:?}, which this socket does not follow");
+                let _ = socket.send(error_frame(codes::BAD_REQUEST, msg)).await;
+                return true;
+            }
+            conn.set_state(&space, s);
+            true
+        }
+        AgentFrame::Report(report) => {
+            let reply = match crate::api::reports::store_report(state, principal, report).await {
+                Ok((id, _)) => frame(&HubFrame::ReportAck { report_id: id }),
+                Err(e) => error_frame(codes::BAD_REQUEST, e.to_string()),
+            };
+            socket.send(reply).await.is_ok()
+        }
+        AgentFrame::Hello { .. } => {
+            let _ = socket
+                .send(error_frame(
+                    codes::BAD_REQUEST,
+                    "hello was already received",
+                ))
+                .await;
+            true
+        }
+    }
+}
