@@ -8,6 +8,7 @@
 //! store under that hash).
 
 pub mod postgres;
+mod rows;
 pub mod sqlite;
 
 use async_trait::async_trait;

@@ -1,70 +1,547 @@
-//! PostgreSQL backend of [`super::Store`]: production, shared by several hub replicas.
+//! PostgreSQL backend of [`super::Store`]: production, shared by several hub replicas and by
+//! system 1 (the desktop app that bumps `sync_metadata.version` itself).
+//!
+//! Opening runs a migration that adopts an existing system 1 database (it only adds columns,
+//! indexes, triggers and `synchub_` tables). Columns of system 1 are read with casts
+//! (`version::BIGINT`, `last_modified_at::timestamptz`, ...) so their exact types do not matter.
+//! Changes arrive by LISTEN/NOTIFY from triggers: at idle the hub sends no query at all.
 
+use super::rows::{
+    HeadPlan, HeadRow, PendingVersion, decode_spaces, encode_spaces, from_db, list_limit,
+    parse_hash, parse_role, parse_timestamp, plan_head, rfc3339, to_db,
+};
 use super::*;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, QueryBuilder, Row};
+use std::str::FromStr;
 
-pub struct PostgresStore {}
+/// NOTIFY channel of the `sync_metadata` trigger; the payload is the `sync_key`.
+const HEADS_CHANNEL: &str = "synchub_heads";
+/// NOTIFY channel of the `synchub_tokens` trigger.
+const TOKENS_CHANNEL: &str = "synchub_tokens";
+
+/// Columns of a version record, in the order [`version_from_row`] reads them.
+const VERSION_COLUMNS: &str =
+    "space, version, data_hash, forced, reason, created_by, created_at, entries, bytes";
+
+/// A `sync_metadata` row with the newest version record of its space (NULLs when none).
+const HEAD_QUERY: &str = "
+SELECT m.sync_key::TEXT AS sync_key, m.version::BIGINT AS row_version,
+       m.last_modified_by::TEXT AS row_by,
+       COALESCE(m.last_modified_at::timestamptz, m.updated_at::timestamptz) AS row_at,
+       v.space, v.version, v.data_hash, v.forced, v.reason, v.created_by, v.created_at,
+       v.entries, v.bytes
+FROM sync_metadata m
+LEFT JOIN synchub_versions v
+       ON v.space = m.sync_key
+      AND v.version = (SELECT MAX(w.version) FROM synchub_versions w WHERE w.space = m.sync_key)";
+
+pub struct PostgresStore {
+    pool: PgPool,
+    options: PgConnectOptions,
+    /// How `sync_log` rows are numbered for the API: `id::BIGINT`, or the hub's own
+    /// `synchub_seq` column when an adopted table's `id` is not an integer.
+    log_id: &'static str,
+}
 
 impl PostgresStore {
-    pub async fn open(_url: &str) -> Result<Self, StoreError> {
-        todo!("postgres store")
+    /// Connects to `url` (`postgres://...`) and runs the migrations.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url)?.application_name("synchub");
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        let has_seq: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns
+                             WHERE table_schema = current_schema() AND table_name = 'sync_log'
+                               AND column_name = 'synchub_seq')",
+        )
+        .fetch_one(&pool)
+        .await?;
+        Ok(PostgresStore {
+            pool,
+            options,
+            log_id: if has_seq { "synchub_seq" } else { "id::BIGINT" },
+        })
     }
+
+    async fn head_rows(&self, space: Option<&str>) -> Result<Vec<HeadRow>, StoreError> {
+        let rows = match space {
+            Some(space) => {
+                sqlx::query(&format!("{HEAD_QUERY} WHERE m.sync_key = $1"))
+                    .bind(space)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query(&format!("{HEAD_QUERY} ORDER BY m.sync_key"))
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        rows.iter().map(head_row).collect()
+    }
+
+    /// Resolves one head row, recording a version first when [`plan_head`] asks for it.
+    /// Several replicas may record the same outside bump at once: the insert does nothing for
+    /// all but one, and the re-read serves whichever record won.
+    async fn resolve(&self, mut row: HeadRow) -> Result<Head, StoreError> {
+        for _ in 0..3 {
+            match plan_head(row)? {
+                HeadPlan::Serve(head) => return Ok(head),
+                HeadPlan::Record(pending) => {
+                    let space = pending.space.clone();
+                    self.record(&pending).await?;
+                    row = self.head_rows(Some(&space)).await?.pop().ok_or_else(|| {
+                        StoreError::Corrupt(format!("sync_metadata row of {space:?} vanished"))
+                    })?;
+                }
+            }
+        }
+        Err(StoreError::Corrupt(
+            "head kept moving while it was being recorded".into(),
+        ))
+    }
+
+    async fn record(&self, p: &PendingVersion) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO synchub_versions
+                 (space, version, data_hash, forced, reason, created_by, created_at, entries, bytes)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 0)
+             ON CONFLICT (space, version) DO NOTHING",
+        )
+        .bind(&p.space)
+        .bind(to_db(p.version))
+        .bind(p.data_hash.as_str())
+        .bind(p.forced)
+        .bind(&p.reason)
+        .bind(&p.by)
+        .bind(p.at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A listener on both channels, on a connection of its own (not one of the pool's).
+    async fn listen(&self) -> Result<PgListener, sqlx::Error> {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(self.options.clone())
+            .await?;
+        let mut listener = PgListener::connect_with(&pool).await?;
+        listener.ignore_pool_close_event(true);
+        // A lost connection is re-established by `watch`, which then sends `Change::All`.
+        listener.eager_reconnect(false);
+        listener.listen_all([HEADS_CHANNEL, TOKENS_CHANNEL]).await?;
+        Ok(listener)
+    }
+}
+
+fn head_row(row: &PgRow) -> Result<HeadRow, StoreError> {
+    let newest = match row.try_get::<Option<i64>, _>(5)? {
+        Some(_) => Some(version_from_row(row, 4)?),
+        None => None,
+    };
+    Ok(HeadRow {
+        space: row.try_get("sync_key")?,
+        row_version: row.try_get("row_version")?,
+        row_by: row.try_get("row_by")?,
+        row_at: row.try_get("row_at")?,
+        newest,
+    })
+}
+
+/// Reads [`VERSION_COLUMNS`] starting at column `first`.
+fn version_from_row(row: &PgRow, first: usize) -> Result<VersionInfo, StoreError> {
+    let at = |i: usize| first + i;
+    let created_at: DateTime<Utc> = row.try_get(at(6))?;
+    Ok(VersionInfo {
+        head: Head {
+            space: row.try_get(at(0))?,
+            version: from_db(row.try_get(at(1))?, "version")?,
+            data_hash: parse_hash(row.try_get(at(2))?)?,
+            forced: row.try_get(at(3))?,
+            reason: row.try_get(at(4))?,
+            by: row.try_get(at(5))?,
+            at: rfc3339(created_at),
+        },
+        entries: from_db(row.try_get(at(7))?, "entries")?,
+        bytes: from_db(row.try_get(at(8))?, "bytes")?,
+    })
+}
+
+fn token_from_row(row: &PgRow) -> Result<TokenRecord, StoreError> {
+    let created_at: DateTime<Utc> = row.try_get("created_at")?;
+    let revoked_at: Option<DateTime<Utc>> = row.try_get("revoked_at")?;
+    Ok(TokenRecord {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        role: parse_role(row.try_get("role")?)?,
+        spaces: decode_spaces(row.try_get("spaces")?)?,
+        token_hash: row.try_get("token_hash")?,
+        created_at: rfc3339(created_at),
+        revoked: revoked_at.is_some(),
+    })
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+/// Pause before the `attempt`th reconnect: 100 ms doubling to 5 s, with ±25 % jitter so that
+/// replicas do not reconnect in step.
+fn backoff(attempt: u32) -> Duration {
+    let base = 100u64.saturating_mul(1 << attempt.min(6)).min(5_000);
+    let jitter = rand::random_range(0.75..1.25);
+    Duration::from_millis((base as f64 * jitter) as u64)
 }
 
 #[async_trait]
 impl Store for PostgresStore {
     fn backend(&self) -> &'static str {
-        todo!()
+        "postgres"
     }
-    async fn ensure_space(&self, _space: &str) -> Result<Head, StoreError> {
-        todo!()
+
+    async fn ensure_space(&self, space: &str) -> Result<Head, StoreError> {
+        sqlx::query(
+            "INSERT INTO sync_metadata (sync_key, version, data_hash, last_modified_at, updated_at)
+             VALUES ($1, 1, $2, now(), now())
+             ON CONFLICT (sync_key) DO NOTHING",
+        )
+        .bind(space)
+        .bind(Sha256Hex::empty().as_str())
+        .execute(&self.pool)
+        .await?;
+        self.head(space)
+            .await?
+            .ok_or_else(|| StoreError::NoSuchSpace(space.to_owned()))
     }
-    async fn head(&self, _space: &str) -> Result<Option<Head>, StoreError> {
-        todo!()
+
+    async fn head(&self, space: &str) -> Result<Option<Head>, StoreError> {
+        match self.head_rows(Some(space)).await?.pop() {
+            Some(row) => Ok(Some(self.resolve(row).await?)),
+            None => Ok(None),
+        }
     }
+
     async fn heads(&self) -> Result<Vec<Head>, StoreError> {
-        todo!()
+        let mut heads = Vec::new();
+        for row in self.head_rows(None).await? {
+            heads.push(self.resolve(row).await?);
+        }
+        Ok(heads)
     }
+
     async fn create_version(
         &self,
-        _space: &str,
-        _expected: u64,
-        _new: NewVersion,
+        space: &str,
+        expected: u64,
+        new: NewVersion,
     ) -> Result<Head, StoreError> {
-        todo!()
+        let version = expected + 1;
+        let now = Utc::now();
+        let mut tx = self.pool.begin().await?;
+        // The UPDATE locks the row; a concurrent creator waits, then re-checks the condition
+        // against the committed row and matches nothing. The second alternative lets the hub
+        // move on after someone lowered the row below the newest record.
+        let moved = sqlx::query(
+            "UPDATE sync_metadata
+                SET version = $1, data_hash = $2, last_modified_by = $3,
+                    last_modified_at = $4, updated_at = $4
+              WHERE sync_key = $5
+                AND (version = $6
+                     OR (version < $6 AND $6 = (SELECT MAX(version) FROM synchub_versions
+                                                 WHERE space = $5)))
+                AND NOT EXISTS (SELECT 1 FROM synchub_versions
+                                 WHERE space = $5 AND version > $6)",
+        )
+        .bind(to_db(version))
+        .bind(new.data_hash.as_str())
+        .bind(&new.by)
+        .bind(now)
+        .bind(space)
+        .bind(to_db(expected))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if moved == 1 {
+            let inserted = sqlx::query(
+                "INSERT INTO synchub_versions
+                     (space, version, data_hash, forced, reason, created_by, created_at,
+                      entries, bytes)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            )
+            .bind(space)
+            .bind(to_db(version))
+            .bind(new.data_hash.as_str())
+            .bind(new.forced)
+            .bind(&new.reason)
+            .bind(&new.by)
+            .bind(now)
+            .bind(to_db(new.entries))
+            .bind(to_db(new.bytes))
+            .execute(&mut *tx)
+            .await;
+            match inserted {
+                Ok(_) => {
+                    tx.commit().await?;
+                    return Ok(Head {
+                        space: space.to_owned(),
+                        version,
+                        data_hash: new.data_hash,
+                        forced: new.forced,
+                        reason: new.reason,
+                        by: new.by,
+                        at: rfc3339(now),
+                    });
+                }
+                // A record of that number exists already: the head moved after all.
+                Err(e) if is_unique_violation(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        tx.rollback().await?;
+        match self.head(space).await? {
+            Some(head) => Err(StoreError::HeadMoved {
+                space: space.to_owned(),
+                expected,
+                current: head.version,
+            }),
+            None => Err(StoreError::NoSuchSpace(space.to_owned())),
+        }
     }
-    async fn version(&self, _space: &str, _version: u64) -> Result<Option<Head>, StoreError> {
-        todo!()
+
+    async fn version(&self, space: &str, version: u64) -> Result<Option<Head>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {VERSION_COLUMNS} FROM synchub_versions WHERE space = $1 AND version = $2"
+        ))
+        .bind(space)
+        .bind(to_db(version))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| version_from_row(&r, 0).map(|v| v.head))
+            .transpose()
     }
-    async fn versions(&self, _space: &str, _limit: u32) -> Result<Vec<VersionInfo>, StoreError> {
-        todo!()
+
+    async fn versions(&self, space: &str, limit: u32) -> Result<Vec<VersionInfo>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {VERSION_COLUMNS} FROM synchub_versions WHERE space = $1
+             ORDER BY version DESC LIMIT $2"
+        ))
+        .bind(space)
+        .bind(list_limit(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| version_from_row(r, 0)).collect()
     }
-    async fn insert_report(&self, _report: &SyncReport) -> Result<bool, StoreError> {
-        todo!()
+
+    async fn insert_report(&self, report: &SyncReport) -> Result<bool, StoreError> {
+        let now = Utc::now();
+        let synced_at = report
+            .synced_at
+            .as_deref()
+            .and_then(parse_timestamp)
+            .unwrap_or(now);
+        let inserted = sqlx::query(
+            "INSERT INTO sync_log
+                 (report_id, client_id, space, sync_type, status, version, items_synced, bytes,
+                  duration_ms, error_message, discord_id, synced_at, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+             ON CONFLICT (report_id) DO NOTHING",
+        )
+        .bind(&report.report_id)
+        .bind(&report.client_id)
+        .bind(&report.space)
+        .bind(report.sync_type.as_str())
+        .bind(report.status.as_str())
+        .bind(report.version.map(to_db))
+        .bind(to_db(report.items_synced))
+        .bind(to_db(report.bytes))
+        .bind(to_db(report.duration_ms))
+        .bind(&report.error_message)
+        .bind(&report.user)
+        .bind(synced_at)
+        .bind(now)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(inserted == 1)
     }
-    async fn sync_log(&self, _filter: &SyncLogFilter) -> Result<Vec<SyncLogEntry>, StoreError> {
-        todo!()
+
+    async fn sync_log(&self, filter: &SyncLogFilter) -> Result<Vec<SyncLogEntry>, StoreError> {
+        let mut q = QueryBuilder::<Postgres>::new(format!(
+            "SELECT {} AS id, report_id::TEXT AS report_id, client_id::TEXT AS client_id,
+                    space::TEXT AS space, COALESCE(sync_type::TEXT, '') AS sync_type,
+                    COALESCE(status::TEXT, '') AS status, version::BIGINT AS version,
+                    items_synced::BIGINT AS items_synced, bytes::BIGINT AS bytes,
+                    duration_ms::BIGINT AS duration_ms, error_message::TEXT AS error_message,
+                    discord_id::TEXT AS discord_id,
+                    COALESCE(synced_at::timestamptz, created_at::timestamptz, now()) AS synced_at
+             FROM sync_log WHERE true",
+            self.log_id
+        ));
+        for (column, value) in [
+            ("space", &filter.space),
+            ("client_id", &filter.client_id),
+            ("status", &filter.status),
+        ] {
+            if let Some(value) = value {
+                q.push(format!(" AND {column} = ")).push_bind(value.clone());
+            }
+        }
+        q.push(" ORDER BY 13 DESC, 1 DESC LIMIT ")
+            .push_bind(list_limit(filter.limit));
+        let rows = q.build().fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|row| {
+                let synced_at: DateTime<Utc> = row.try_get("synced_at")?;
+                Ok(SyncLogEntry {
+                    id: row.try_get("id")?,
+                    report_id: row.try_get("report_id")?,
+                    client_id: row.try_get("client_id")?,
+                    space: row.try_get("space")?,
+                    sync_type: row.try_get("sync_type")?,
+                    status: row.try_get("status")?,
+                    version: row.try_get("version")?,
+                    items_synced: row.try_get("items_synced")?,
+                    bytes: row.try_get("bytes")?,
+                    duration_ms: row.try_get("duration_ms")?,
+                    error_message: row.try_get("error_message")?,
+                    user: row.try_get("discord_id")?,
+                    synced_at: rfc3339(synced_at),
+                })
+            })
+            .collect()
     }
+
     async fn create_token(
         &self,
-        _name: &str,
-        _role: Role,
-        _spaces: Option<&[String]>,
-        _token_hash: &str,
+        name: &str,
+        role: Role,
+        spaces: Option<&[String]>,
+        token_hash: &str,
     ) -> Result<TokenRecord, StoreError> {
-        todo!()
+        let result = sqlx::query(
+            "INSERT INTO synchub_tokens (name, role, spaces, token_hash)
+             VALUES ($1, $2, $3, $4)
+             RETURNING id, name, role, spaces, token_hash, created_at, revoked_at",
+        )
+        .bind(name)
+        .bind(role.as_str())
+        .bind(encode_spaces(spaces))
+        .bind(token_hash)
+        .fetch_one(&self.pool)
+        .await;
+        match result {
+            Ok(row) => token_from_row(&row),
+            Err(e) if is_unique_violation(&e) => {
+                let taken: Option<i64> =
+                    sqlx::query_scalar("SELECT id FROM synchub_tokens WHERE name = $1")
+                        .bind(name)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                match taken {
+                    Some(_) => Err(StoreError::DuplicateToken(name.to_owned())),
+                    None => Err(e.into()),
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
     }
+
     async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
-        todo!()
+        let rows = sqlx::query(
+            "SELECT id, name, role, spaces, token_hash, created_at, revoked_at
+             FROM synchub_tokens ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(token_from_row).collect()
     }
-    async fn revoke_token(&self, _name: &str) -> Result<bool, StoreError> {
-        todo!()
+
+    async fn revoke_token(&self, name: &str) -> Result<bool, StoreError> {
+        let revoked = sqlx::query(
+            "UPDATE synchub_tokens SET revoked_at = now() WHERE name = $1 AND revoked_at IS NULL",
+        )
+        .bind(name)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(revoked > 0)
     }
+
+    /// LISTENs on a connection of its own; `poll_interval` is unused. Sends `Change::All` once
+    /// the listener is (re)connected and listening: the hub re-reads every head then, so a bump
+    /// made before or while the connection was down is not lost, and every later one arrives
+    /// as a notification. A lost connection is re-established with jittered backoff.
     async fn watch(
         self: Arc<Self>,
         _poll_interval: Duration,
-        _changes: mpsc::UnboundedSender<Change>,
-        _shutdown: CancellationToken,
+        changes: mpsc::UnboundedSender<Change>,
+        shutdown: CancellationToken,
     ) {
-        todo!()
+        let mut attempt = 0u32;
+        loop {
+            let connected = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = self.listen() => r,
+            };
+            let mut listener = match connected {
+                Ok(listener) => listener,
+                Err(e) => {
+                    let pause = backoff(attempt);
+                    attempt = attempt.saturating_add(1);
+                    tracing::warn!(error = %e, retry_in = ?pause, "postgres listener cannot connect");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(pause) => continue,
+                    }
+                }
+            };
+            if attempt > 0 {
+                tracing::info!("postgres listener reconnected");
+            }
+            if changes.send(Change::All).is_err() {
+                return;
+            }
+            loop {
+                let received = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = changes.closed() => return,
+                    r = listener.try_recv() => r,
+                };
+                let change = match received {
+                    Ok(Some(n)) if n.channel() == HEADS_CHANNEL => {
+                        Change::Space(n.payload().to_owned())
+                    }
+                    Ok(Some(_)) => Change::Tokens,
+                    Ok(None) => {
+                        tracing::warn!("postgres listener lost its connection; reconnecting");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "postgres listener failed; reconnecting");
+                        break;
+                    }
+                };
+                if changes.send(change).is_err() {
+                    return;
+                }
+            }
+            // Give a restarting server a moment before the first reconnect; later attempts back
+            // off from there.
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff(0)) => {}
+            }
+            attempt = 1;
+        }
     }
 }

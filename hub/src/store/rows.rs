@@ -1,0 +1,239 @@
+//! What both store backends share: turning database values into API types and deciding what a
+//! head read means (serve the newest version record, or first record a version that another
+//! program made by bumping `sync_metadata.version`). Pure functions, no I/O, so the rules live
+//! in one place and are unit-tested here.
+
+use super::StoreError;
+use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
+use synchub_protocol::{Head, Role, Sha256Hex, VersionInfo};
+
+/// `reason` of a version the hub records because another program bumped the row.
+pub(crate) const OUTSIDE_BUMP_REASON: &str = "version bumped outside the hub";
+
+/// Most rows one listing returns (`versions`, `sync_log`); a limit of 0 means this many.
+pub(crate) const MAX_LIST: u32 = 1000;
+
+pub(crate) fn list_limit(limit: u32) -> i64 {
+    i64::from(if limit == 0 {
+        MAX_LIST
+    } else {
+        limit.min(MAX_LIST)
+    })
+}
+
+/// A timestamp as the API carries it: RFC 3339, UTC, milliseconds (`2026-11-24T10:00:00.123Z`).
+/// Fixed width, so that in SQLite (TEXT) they also sort in time order.
+pub(crate) fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Reads a timestamp written by the hub, a client, or another program: RFC 3339, or SQLite's
+/// `datetime('now')` form `YYYY-MM-DD HH:MM:SS[.fff]` (taken as UTC).
+pub(crate) fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
+    let s = s.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Some(t.with_timezone(&Utc));
+    }
+    for format in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(s, format) {
+            return Some(t.and_utc());
+        }
+    }
+    None
+}
+
+/// A count from the API into a BIGINT column (saturating: nobody syncs 2^63 bytes).
+pub(crate) fn to_db(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A BIGINT column that must not be negative (versions, sizes).
+pub(crate) fn from_db(n: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("negative {what}: {n}")))
+}
+
+pub(crate) fn parse_hash(s: String) -> Result<Sha256Hex, StoreError> {
+    s.parse()
+        .map_err(|e| StoreError::Corrupt(format!("version data_hash: {e}")))
+}
+
+pub(crate) fn parse_role(s: &str) -> Result<Role, StoreError> {
+    s.parse()
+        .map_err(|e: String| StoreError::Corrupt(format!("token role: {e}")))
+}
+
+/// `synchub_tokens.spaces`: a JSON array, NULL for every space.
+pub(crate) fn encode_spaces(spaces: Option<&[String]>) -> Option<String> {
+    spaces.map(|s| serde_json::Value::from(s.to_vec()).to_string())
+}
+
+/// Reads `synchub_tokens.spaces`: a JSON array, or a comma list typed by hand.
+pub(crate) fn decode_spaces(raw: Option<String>) -> Result<Option<Vec<String>>, StoreError> {
+    let Some(raw) = raw else { return Ok(None) };
+    let raw = raw.trim();
+    if raw.starts_with('[') {
+        serde_json::from_str(raw)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt(format!("token spaces {raw:?}: {e}")))
+    } else {
+        Ok(Some(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        ))
+    }
+}
+
+/// A `sync_metadata` row joined with the newest version record of its space.
+pub(crate) struct HeadRow {
+    pub space: String,
+    pub row_version: i64,
+    pub row_by: Option<String>,
+    /// `last_modified_at`, else `updated_at`.
+    pub row_at: Option<DateTime<Utc>>,
+    pub newest: Option<VersionInfo>,
+}
+
+/// A version record the store must insert (ON CONFLICT DO NOTHING) before it can serve a head.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct PendingVersion {
+    pub space: String,
+    pub version: u64,
+    pub data_hash: Sha256Hex,
+    pub forced: bool,
+    pub reason: Option<String>,
+    pub by: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum HeadPlan {
+    Serve(Head),
+    Record(PendingVersion),
+}
+
+/// What a head read means. The row is the truth about the version number (system 1 and plain
+/// SQL bump it); version records are the truth about content. A row above the newest record
+/// is a bump made outside the hub: recorded as forced with the previous content. A row with no
+/// record (system 1's row, or a space just inserted) is recorded with the empty manifest. A row
+/// below the newest record (someone lowered it) is logged and the newest record kept.
+pub(crate) fn plan_head(row: HeadRow) -> Result<HeadPlan, StoreError> {
+    let row_version = from_db(row.row_version, "sync_metadata.version")?;
+    let at = row.row_at.unwrap_or_else(Utc::now);
+    match row.newest {
+        None => Ok(HeadPlan::Record(PendingVersion {
+            space: row.space,
+            version: row_version,
+            data_hash: Sha256Hex::empty(),
+            forced: false,
+            reason: None,
+            by: row.row_by,
+            at,
+        })),
+        Some(newest) if newest.head.version < row_version => Ok(HeadPlan::Record(PendingVersion {
+            space: row.space,
+            version: row_version,
+            data_hash: newest.head.data_hash,
+            forced: true,
+            reason: Some(OUTSIDE_BUMP_REASON.to_owned()),
+            by: row.row_by,
+            at,
+        })),
+        Some(newest) => {
+            if newest.head.version > row_version {
+                tracing::warn!(
+                    space = %row.space,
+                    row_version,
+                    newest = newest.head.version,
+                    "sync_metadata.version was lowered below the newest recorded version; \
+                     serving the newest recorded version"
+                );
+            }
+            Ok(HeadPlan::Serve(newest.head))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(version: u64, hash: &Sha256Hex) -> VersionInfo {
+        VersionInfo {
+            head: Head {
+                space: "s".into(),
+                version,
+                data_hash: hash.clone(),
+                forced: false,
+                reason: None,
+                by: Some("hub".into()),
+                at: "2026-01-01T00:00:00.000Z".into(),
+            },
+            entries: 1,
+            bytes: 2,
+        }
+    }
+
+    fn row(version: i64, newest: Option<VersionInfo>) -> HeadRow {
+        HeadRow {
+            space: "s".into(),
+            row_version: version,
+            row_by: Some("desktop".into()),
+            row_at: parse_timestamp("2026-02-02T00:00:00Z"),
+            newest,
+        }
+    }
+
+    #[test]
+    fn a_row_without_record_is_recorded_with_the_empty_manifest() {
+        let HeadPlan::Record(p) = plan_head(row(7, None)).unwrap() else {
+            panic!("expected a record")
+        };
+        assert_eq!((p.version, p.forced), (7, false));
+        assert_eq!(p.data_hash, Sha256Hex::empty());
+        assert_eq!(p.by.as_deref(), Some("desktop"));
+    }
+
+    #[test]
+    fn an_outside_bump_is_forced_with_the_previous_content() {
+        let hash = Sha256Hex::of(b"m");
+        let HeadPlan::Record(p) = plan_head(row(5, Some(record(4, &hash)))).unwrap() else {
+            panic!("expected a record")
+        };
+        assert_eq!((p.version, p.forced), (5, true));
+        assert_eq!(p.data_hash, hash);
+        assert_eq!(p.reason.as_deref(), Some(OUTSIDE_BUMP_REASON));
+        assert_eq!(rfc3339(p.at), "2026-02-02T00:00:00.000Z");
+    }
+
+    #[test]
+    fn equal_or_lowered_rows_serve_the_newest_record() {
+        let hash = Sha256Hex::of(b"m");
+        for v in [4, 2] {
+            assert_eq!(
+                plan_head(row(v, Some(record(4, &hash)))).unwrap(),
+                HeadPlan::Serve(record(4, &hash).head)
+            );
+        }
+        assert!(plan_head(row(-1, None)).is_err());
+    }
+
+    #[test]
+    fn timestamps_and_spaces_round_trip() {
+        let t = parse_timestamp("2026-11-24 10:00:00").unwrap();
+        assert_eq!(rfc3339(t), "2026-11-24T10:00:00.000Z");
+        let t = parse_timestamp("2026-11-24T12:00:00.5+02:00").unwrap();
+        assert_eq!(rfc3339(t), "2026-11-24T10:00:00.500Z");
+        assert!(parse_timestamp("yesterday").is_none());
+        let spaces = vec!["a".to_owned(), "b".to_owned()];
+        let enc = encode_spaces(Some(&spaces));
+        assert_eq!(decode_spaces(enc).unwrap(), Some(spaces.clone()));
+        assert_eq!(decode_spaces(Some("a, b".into())).unwrap(), Some(spaces));
+        assert_eq!(decode_spaces(None).unwrap(), None);
+        assert_eq!(list_limit(0), 1000);
+        assert_eq!(list_limit(5000), 1000);
+        assert_eq!(list_limit(3), 3);
+    }
+}
