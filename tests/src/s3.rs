@@ -1,0 +1,136 @@
+//! The S3-compatible test server: one moto server per test process, a fresh bucket per test.
+//!
+//! `test_bucket()` starts `moto_server` on a free loopback port the first time it is called,
+//! shares it through a static, and creates a new bucket on every call so tests never see each
+//! other's objects. A watchdog shell stops the server once the test process is gone, so
+//! nothing outlives the run even when a test panics or the process is killed.
+
+use anyhow::{Context, bail};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+use synchub_hub::blobs::s3::S3Config;
+
+const INSTALL_HINT: &str =
+    "moto_server not found: install it with `pip install 'moto[server]'` (scripts/test does this)";
+
+/// A running moto server (it lives as long as the test process).
+#[derive(Debug, Clone)]
+pub struct MotoServer {
+    pub port: u16,
+    pub pid: u32,
+    /// moto's output, for diagnosing a failed start.
+    pub log: std::path::PathBuf,
+}
+
+impl MotoServer {
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+static SERVER: OnceLock<Result<MotoServer, String>> = OnceLock::new();
+
+/// The process's moto server, started on first use. Errors (moto missing, start failed) are
+/// remembered so every test fails with the same message.
+pub fn moto_server() -> anyhow::Result<MotoServer> {
+    SERVER
+        .get_or_init(|| start_moto().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow::anyhow!(e))
+}
+
+fn start_moto() -> anyhow::Result<MotoServer> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let log = std::env::temp_dir().join(format!("synchub-moto-{}-{port}.log", std::process::id()));
+    let log_file = std::fs::File::create(&log)?;
+    let mut child = match Command::new("moto_server")
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(INSTALL_HINT),
+        Err(e) => return Err(e).context("starting moto_server"),
+    };
+    let pid = child.id();
+    // The watchdog: polls this process and stops moto when it is gone.
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "while kill -0 {parent} 2>/dev/null; do sleep 1; done; kill {pid} 2>/dev/null",
+            parent = std::process::id()
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting the moto watchdog")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let output = std::fs::read_to_string(&log).unwrap_or_default();
+            if output.contains("No module named") || status.code() == Some(127) {
+                bail!("{INSTALL_HINT}\n{output}");
+            }
+            bail!("moto_server exited at start ({status}):\n{output}");
+        }
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!(
+                "moto_server did not listen on port {port} within 30 s (log: {})",
+                log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Reap moto in the background so it never lingers as a zombie.
+    std::thread::spawn(move || child.wait());
+    Ok(MotoServer { port, pid, log })
+}
+
+/// A fresh, empty bucket on the process's moto server, as the hub's S3 config (dummy keys,
+/// plain http, path style).
+pub async fn test_bucket() -> anyhow::Result<S3Config> {
+    let server = tokio::task::spawn_blocking(moto_server).await??;
+    let bucket = format!("synchub-{}", uuid::Uuid::new_v4().simple());
+    synchub_hub::blobs::s3::install_crypto_provider();
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .context("building the HTTP client")?;
+    let url = format!("{}/{bucket}", server.endpoint());
+    // moto answers as soon as it listens, but give a just-started server a few tries.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match client.put(&url).send().await {
+            Ok(response) if response.status().is_success() => break,
+            Ok(response) => bail!(
+                "creating bucket {bucket} on moto: {} {}",
+                response.status(),
+                response.text().await.unwrap_or_default()
+            ),
+            Err(_) if attempt < 50 => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => return Err(e).context(format!("creating bucket {bucket} on moto")),
+        }
+    }
+    Ok(S3Config {
+        endpoint: Some(server.endpoint()),
+        region: "us-east-1".to_owned(),
+        bucket,
+        prefix: "blobs/".to_owned(),
+        access_key_id: "testing".to_owned(),
+        secret_access_key: "testing".to_owned(),
+        path_style: true,
+        allow_http: true,
+        presign_ttl_secs: 300,
+    })
+}
