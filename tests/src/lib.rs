@@ -1,3 +1,4 @@
 
 pub mod s3;
 pub mod hub;
+pub mod postgres;
