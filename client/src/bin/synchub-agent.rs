@@ -1,1 +1,369 @@
-fn main() {}
+//! `synchub-agent`: runs the sync agent (`run`), publishes files (`publish`), asks a running
+//! agent for its state (`status`) and checks a data folder against its manifest (`verify`).
+//! Configuration layers: defaults < `--config agent.toml` < `SYNCHUB_*` env < flags.
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Instant;
+use synchub_client::{AgentConfig, ClientError, ExtraFiles, HubApi, OnFailure, SyncClient};
+
+#[derive(Parser)]
+#[command(
+    name = "synchub-agent",
+    version,
+    about = "Keeps a local copy of synchub spaces in sync"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent until Ctrl-C / SIGTERM.
+    Run(RunArgs),
+    /// Publish files or folders as one new version.
+    Publish(PublishArgs),
+    /// Show the state of the agent running on this PC.
+    Status {
+        #[arg(long, env = "SYNCHUB_STATUS_LISTEN", default_value = "127.0.0.1:7071")]
+        status_listen: SocketAddr,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a data folder against the manifest of the version it holds.
+    Verify {
+        #[arg(long, env = "SYNCHUB_DIR")]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct HubArgs {
+    /// Hub base URL; repeat for several replicas.
+    #[arg(long = "hub", env = "SYNCHUB_HUB", value_delimiter = ',')]
+    hubs: Vec<String>,
+    #[arg(long, env = "SYNCHUB_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    hub: HubArgs,
+    #[arg(long = "space", env = "SYNCHUB_SPACE", value_delimiter = ',')]
+    spaces: Vec<String>,
+    #[arg(long, env = "SYNCHUB_DIR")]
+    dir: Option<PathBuf>,
+    /// Local API address (loopback); "off" turns it off.
+    #[arg(long, env = "SYNCHUB_STATUS_LISTEN")]
+    status_listen: Option<String>,
+    #[arg(long, env = "SYNCHUB_CONFIG")]
+    config: Option<PathBuf>,
+    /// remove | keep
+    #[arg(long, env = "SYNCHUB_EXTRA_FILES")]
+    extra_files: Option<String>,
+    /// stay_blocked | unblock_stale
+    #[arg(long, env = "SYNCHUB_ON_FAILURE")]
+    on_failure: Option<String>,
+    /// Use only the HTTP head check (no WebSocket).
+    #[arg(long, env = "SYNCHUB_DISABLE_WEBSOCKET")]
+    disable_websocket: bool,
+    #[arg(long, env = "SYNCHUB_WS_PATH")]
+    ws_path: Option<String>,
+    #[arg(long, env = "SYNCHUB_FALLBACK_INTERVAL_MS")]
+    fallback_interval_ms: Option<u64>,
+    #[arg(long, env = "SYNCHUB_USER")]
+    user: Option<String>,
+    #[arg(long, env = "SYNCHUB_CLIENT_ID")]
+    client_id: Option<String>,
+}
+
+#[derive(Args)]
+struct PublishArgs {
+    #[command(flatten)]
+    hub: HubArgs,
+    #[arg(long, env = "SYNCHUB_SPACE", default_value = synchub_protocol::DEFAULT_SPACE)]
+    space: String,
+    /// Folder in the space to publish under.
+    #[arg(long)]
+    prefix: Option<String>,
+    #[arg(long, short)]
+    message: Option<String>,
+    /// Agent data folder: the report goes through its outbox (sent later if the hub is down).
+    #[arg(long, env = "SYNCHUB_DIR")]
+    dir: Option<PathBuf>,
+    #[arg(long, env = "SYNCHUB_USER")]
+    user: Option<String>,
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+}
+
+fn parse_enum<T: serde::de::DeserializeOwned>(what: &str, v: &str) -> anyhow::Result<T> {
+    serde_json::from_value(serde_json::Value::String(v.to_owned()))
+        .with_context(|| format!("invalid {what} {v:?}"))
+}
+
+fn build_config(args: RunArgs) -> anyhow::Result<AgentConfig> {
+    let mut cfg = match &args.config {
+        Some(path) => AgentConfig::from_toml_file(path)?,
+        None => AgentConfig::default(),
+    };
+    if !args.hub.hubs.is_empty() {
+        cfg.hubs = args.hub.hubs;
+    }
+    if let Some(t) = args.hub.token {
+        cfg.token = t;
+    }
+    if !args.spaces.is_empty() {
+        cfg.spaces = args.spaces;
+    }
+    if let Some(d) = args.dir {
+        cfg.dir = d;
+    }
+    if let Some(l) = args.status_listen {
+        cfg.status_listen = if l == "off" {
+            None
+        } else {
+            Some(
+                l.parse()
+                    .with_context(|| format!("invalid --status-listen {l:?}"))?,
+            )
+        };
+    }
+    if let Some(v) = args.extra_files {
+        cfg.extra_files = parse_enum::<ExtraFiles>("extra_files", &v)?;
+    }
+    if let Some(v) = args.on_failure {
+        cfg.on_failure = parse_enum::<OnFailure>("on_failure", &v)?;
+    }
+    if args.disable_websocket {
+        cfg.disable_websocket = true;
+    }
+    if let Some(p) = args.ws_path {
+        cfg.ws_path = p;
+    }
+    if let Some(ms) = args.fallback_interval_ms {
+        cfg.fallback_interval_ms = ms;
+    }
+    if args.user.is_some() {
+        cfg.user = args.user;
+    }
+    if args.client_id.is_some() {
+        cfg.client_id = args.client_id;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Run(args) => run(args).await,
+        Command::Publish(args) => publish(args).await,
+        Command::Status {
+            status_listen,
+            json,
+        } => status(status_listen, json).await,
+        Command::Verify { dir, json } => verify(dir, json),
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let cfg = build_config(args)?;
+    tracing::info!("configuration:\n{cfg}");
+    let client = SyncClient::start(cfg).await?;
+    shutdown_signal().await;
+    tracing::info!("stopping");
+    client.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn publish(args: PublishArgs) -> anyhow::Result<()> {
+    let Some(token) = args.hub.token else {
+        bail!("no token: pass --token or set SYNCHUB_TOKEN");
+    };
+    if args.hub.hubs.is_empty() {
+        bail!("no hub: pass --hub URL");
+    }
+    let api = HubApi::new(args.hub.hubs, &token)?;
+    let started = Instant::now();
+    let result = synchub_client::publish::publish(
+        &api,
+        &args.space,
+        args.prefix.as_deref(),
+        &args.paths,
+        args.message,
+    )
+    .await;
+    let client_id = format!(
+        "publish@{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "cli".into())
+    );
+    let report =
+        synchub_client::upload_report(&client_id, &args.space, args.user, &result, started);
+    match &args.dir {
+        Some(dir) => {
+            let outbox = synchub_client::outbox::Outbox::open(dir.join(".synchub").join("outbox"))?;
+            outbox.put(&report)?;
+            if let Err(e) = outbox.flush(&api).await {
+                eprintln!("report kept in {} for later: {e}", outbox.dir().display());
+            }
+        }
+        None => {
+            if let Err(e) = api.report(&report).await {
+                eprintln!("warning: could not report the upload to sync_log: {e}");
+            }
+        }
+    }
+    match result {
+        Ok(o) if o.files == 0 => {
+            println!(
+                "nothing to publish: {} file(s) already at version {}",
+                o.unchanged, o.head.version
+            );
+            Ok(())
+        }
+        Ok(o) => {
+            println!(
+                "published {} file(s) ({} blob(s), {} bytes uploaded) as version {}",
+                o.files, o.uploaded, o.bytes_uploaded, o.head.version
+            );
+            Ok(())
+        }
+        Err(ClientError::Conflict { conflicts, head }) => {
+            eprintln!(
+                "conflict: version {} changed {} of these path(s) since your base: {}",
+                head.map_or(0, |h| h.version),
+                conflicts.len(),
+                conflicts.join(", ")
+            );
+            eprintln!(
+                "your files were kept as *.conflict-<timestamp> copies beside them; nothing was published"
+            );
+            std::process::exit(2);
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn status(addr: SocketAddr, json: bool) -> anyhow::Result<()> {
+    synchub_client::hub_api::install_crypto_provider();
+    let url = format!("http://{addr}/status");
+    let resp = reqwest::get(&url)
+        .await
+        .with_context(|| format!("no agent answers at {addr} (is `synchub-agent run` running?)"))?;
+    let body: serde_json::Value = resp.json().await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(());
+    }
+    println!(
+        "client {}  hub {} ({})",
+        body["client_id"].as_str().unwrap_or("?"),
+        body["hub"]["url"].as_str().unwrap_or("?"),
+        body["hub"]["mode"].as_str().unwrap_or("?")
+    );
+    for s in body["spaces"].as_array().into_iter().flatten() {
+        println!(
+            "{:<20} {:<14} version {:<6} hub {:<6} {}{}",
+            s["space"].as_str().unwrap_or("?"),
+            s["state"].as_str().unwrap_or("?"),
+            s["version"],
+            s["hub_version"],
+            if s["allows_use"].as_bool() == Some(true) {
+                "usable"
+            } else {
+                "BLOCKED"
+            },
+            s["last_error"]
+                .as_str()
+                .map(|e| format!("  error: {e}"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn verify(dir: PathBuf, json: bool) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let bar = indicatif::ProgressBar::new(0);
+    if !std::io::stderr().is_terminal() || json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} files {elapsed}")
+            .expect("template"),
+    );
+    let report = synchub_client::verify::verify(&dir, |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("version {} ({})", report.version, &report.data_hash[..12]);
+        println!(
+            "{:<32} {:>7} {:>9} {:>8} {:>6} {:>10}",
+            "folder", "files", "MB", "missing", "extra", "corrupted"
+        );
+        for (name, f) in &report.folders {
+            println!(
+                "{:<32} {:>7} {:>9.3} {:>8} {:>6} {:>10}",
+                name,
+                f.files,
+                f.bytes as f64 / 1_000_000.0,
+                f.missing,
+                f.extra,
+                f.corrupted
+            );
+        }
+        for p in &report.missing {
+            println!("missing   {p}");
+        }
+        for p in &report.extra {
+            println!("extra     {p}");
+        }
+        for p in &report.corrupted {
+            println!("corrupted {p}");
+        }
+        println!(
+            "{}",
+            if report.is_clean() {
+                "OK"
+            } else {
+                "DIFFERENCES FOUND"
+            }
+        );
+    }
+    if !report.is_clean() {
+        std::process::exit(1);
+    }
+    Ok(())
+}

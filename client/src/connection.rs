@@ -1,0 +1,210 @@
+//! The push channel: one WebSocket to a hub. Says `hello` with what each space holds, takes
+//! the `welcome` heads and every `sync_required`, answers `ping`, and sends a `status` frame
+//! on every state change. A socket that hears nothing for three ping intervals is dropped;
+//! reconnects back off exponentially with jitter and rotate through the configured hubs.
+//! While no socket is up, `connected` is false and the fallback check runs.
+
+use crate::backoff::Backoff;
+use crate::error::{ClientError, Result};
+use crate::hub_api::HubApi;
+use crate::space::{HeadSource, SpaceShared};
+use futures::{SinkExt, StreamExt};
+use std::sync::Arc;
+use std::time::Duration;
+use synchub_protocol::{AgentFrame, HeldSpace, HubFrame, PROTOCOL_VERSION};
+use tokio::sync::watch;
+use tokio_stream::wrappers::WatchStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+/// Everything the connection task needs.
+pub struct ConnectionContext {
+    pub api: HubApi,
+    pub ws_path: String,
+    pub client_id: String,
+    pub hostname: Option<String>,
+    pub spaces: Vec<Arc<SpaceShared>>,
+    pub max_backoff: Duration,
+    /// True while a welcomed socket is up.
+    pub connected: watch::Sender<bool>,
+}
+
+/// Keeps a socket up until `stop` fires.
+pub async fn run(ctx: Arc<ConnectionContext>, mut stop: watch::Receiver<bool>) {
+    let mut backoff = Backoff::new(Duration::from_millis(250), ctx.max_backoff);
+    loop {
+        let url = ctx.api.ws_url(&ctx.ws_path);
+        let outcome = tokio::select! {
+            r = session(&ctx, &url) => r,
+            _ = stop.changed() => { ctx.connected.send_replace(false); return; }
+        };
+        ctx.connected.send_replace(false);
+        match outcome {
+            Ok(true) => {
+                tracing::info!(hub = %url, "socket closed; reconnecting");
+                backoff.reset();
+            }
+            Ok(false) => tracing::debug!(hub = %url, "socket closed before welcome"),
+            Err(e) => tracing::debug!(hub = %url, error = %e, "socket failed"),
+        }
+        ctx.api.rotate();
+        let delay = backoff.next_delay();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// One socket's life. `Ok(true)` when it was welcomed (then the backoff restarts).
+async fn session(ctx: &ConnectionContext, url: &str) -> Result<bool> {
+    let mut request = url
+        .into_client_request()
+        .map_err(|e| ClientError::Config(format!("websocket URL {url:?}: {e}")))?;
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", ctx.api.token()).parse().map_err(|_| {
+            ClientError::Config("token has characters a header cannot carry".into())
+        })?,
+    );
+    let (mut ws, _) = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_tungstenite::connect_async(request),
+    )
+    .await
+    .map_err(|_| ClientError::Unreachable(format!("{url}: connect timed out")))?
+    .map_err(|e| ClientError::Unreachable(format!("{url}: {e}")))?;
+
+    let hello = AgentFrame::Hello {
+        protocol: PROTOCOL_VERSION,
+        client_id: ctx.client_id.clone(),
+        spaces: ctx
+            .spaces
+            .iter()
+            .map(|s| {
+                let held = s.held();
+                HeldSpace {
+                    space: s.name.clone(),
+                    version: held.as_ref().map_or(0, |h| h.0),
+                    data_hash: held.map(|h| h.1),
+                }
+            })
+            .collect(),
+        agent_version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+        hostname: ctx.hostname.clone(),
+    };
+    send(&mut ws, &hello).await?;
+
+    let welcome = tokio::time::timeout(Duration::from_secs(10), next_frame(&mut ws))
+        .await
+        .map_err(|_| ClientError::Unreachable("no welcome within 10 s".into()))??;
+    let ping_interval = match welcome {
+        Some(HubFrame::Welcome {
+            protocol,
+            heads,
+            ping_interval_ms,
+            hub_id,
+        }) => {
+            if protocol != PROTOCOL_VERSION {
+                tracing::warn!(protocol, "hub speaks another protocol version");
+            }
+            tracing::info!(hub = %url, hub_id, "connected");
+            for head in heads {
+                if let Some(space) = ctx.spaces.iter().find(|s| s.name == head.space) {
+                    space.offer_head(head, HeadSource::Welcome);
+                }
+            }
+            Duration::from_millis(ping_interval_ms.max(100))
+        }
+        Some(HubFrame::Error { code, message }) => {
+            return Err(ClientError::Protocol(format!(
+                "hub refused hello: {code}: {message}"
+            )));
+        }
+        Some(other) => {
+            return Err(ClientError::Protocol(format!(
+                "expected welcome, got {other:?}"
+            )));
+        }
+        None => return Ok(false),
+    };
+    ctx.connected.send_replace(true);
+
+    // Every state change of every space becomes a status frame (the first item of each
+    // stream is the current state).
+    let mut states = futures::stream::select_all(ctx.spaces.iter().map(|s| {
+        let name = s.name.clone();
+        WatchStream::new(s.state.subscribe()).map(move |state| AgentFrame::Status {
+            space: name.clone(),
+            state,
+        })
+    }));
+    let dead_after = ping_interval * 3;
+    loop {
+        tokio::select! {
+            frame = tokio::time::timeout(dead_after, next_frame(&mut ws)) => {
+                let frame = match frame {
+                    Err(_) => {
+                        tracing::warn!(hub = %url, "socket silent for 3 ping intervals; dropping it");
+                        return Ok(true);
+                    }
+                    Ok(Err(e)) => { tracing::info!(hub = %url, error = %e, "socket error"); return Ok(true); }
+                    Ok(Ok(None)) => return Ok(true),
+                    Ok(Ok(Some(f))) => f,
+                };
+                match frame {
+                    HubFrame::SyncRequired(head) => {
+                        if let Some(space) = ctx.spaces.iter().find(|s| s.name == head.space) {
+                            tracing::info!(space = %head.space, version = head.version, forced = head.forced, "sync required");
+                            space.offer_head(head, HeadSource::Push);
+                        }
+                    }
+                    HubFrame::Ping => send(&mut ws, &AgentFrame::Pong).await?,
+                    HubFrame::ReportAck { .. } => {}
+                    HubFrame::Welcome { heads, .. } => {
+                        for head in heads {
+                            if let Some(space) = ctx.spaces.iter().find(|s| s.name == head.space) {
+                                space.offer_head(head, HeadSource::Welcome);
+                            }
+                        }
+                    }
+                    HubFrame::Error { code, message } => {
+                        tracing::warn!(%code, %message, "hub error frame");
+                    }
+                }
+            }
+            Some(status) = states.next() => send(&mut ws, &status).await?,
+        }
+    }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn send(ws: &mut Ws, frame: &AgentFrame) -> Result<()> {
+    let text = serde_json::to_string(frame).expect("frame serializes");
+    ws.send(Message::Text(text.into()))
+        .await
+        .map_err(|e| ClientError::Unreachable(format!("sending: {e}")))
+}
+
+/// The next hub frame; `None` when the socket closed. Control frames are handled here.
+async fn next_frame(ws: &mut Ws) -> Result<Option<HubFrame>> {
+    loop {
+        let Some(msg) = ws.next().await else {
+            return Ok(None);
+        };
+        let msg = msg.map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        let text = match msg {
+            Message::Text(t) => t.to_string(),
+            Message::Binary(b) => String::from_utf8_lossy(&b).into_owned(),
+            Message::Close(_) => return Ok(None),
+            // tungstenite answers pings itself; any frame proves the socket alive.
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+        };
+        match serde_json::from_str::<HubFrame>(&text) {
+            Ok(f) => return Ok(Some(f)),
+            Err(e) => tracing::warn!(error = %e, "ignoring a frame this agent does not know"),
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! The hub's HTTP API as the agent uses it (`/api/v1/...`): head checks with ETags, manifests,
+//! blobs (single with Range, and packs), uploads, commits and sync reports. Holds the list of
+//! hub URLs and which one is in use; the connection code rotates it after a failure.
+
+use crate::error::{ClientError, Result};
+use reqwest::StatusCode;
+use reqwest::header::{ETAG, IF_NONE_MATCH, RANGE};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use synchub_protocol::{
+    ApiError, BlobList, CommitRequest, CommitResponse, Head, Sha256Hex, SyncReport,
+};
+
+/// Installs the ring crypto provider for rustls once per process (reqwest is built without one).
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+#[derive(Clone)]
+pub struct HubApi {
+    http: reqwest::Client,
+    hubs: Arc<Vec<String>>,
+    current: Arc<AtomicUsize>,
+    token: Arc<str>,
+}
+
+/// Result of a conditional head check.
+#[derive(Debug)]
+pub enum HeadCheck {
+    NotModified,
+    Head { head: Head, etag: Option<String> },
+}
+
+impl HubApi {
+    pub fn new(hubs: Vec<String>, token: &str) -> Result<Self> {
+        install_crypto_provider();
+        if hubs.is_empty() {
+            return Err(ClientError::Config("no hub URL".into()));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(ClientError::from)?;
+        let hubs = hubs
+            .into_iter()
+            .map(|h| h.trim_end_matches('/').to_owned())
+            .collect();
+        Ok(HubApi {
+            http,
+            hubs: Arc::new(hubs),
+            current: Arc::new(AtomicUsize::new(0)),
+            token: token.into(),
+        })
+    }
+
+    /// The hub URL in use.
+    pub fn hub(&self) -> &str {
+        &self.hubs[self.current.load(Ordering::Relaxed) % self.hubs.len()]
+    }
+
+    /// Moves to the next configured hub (after a failed connection).
+    pub fn rotate(&self) {
+        if self.hubs.len() > 1 {
+            self.current.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/api/v1{path}", self.hub())
+    }
+
+    /// The WebSocket URL of the hub in use, for the route `ws_path`.
+    pub fn ws_url(&self, ws_path: &str) -> String {
+        let hub = self.hub();
+        let rest = hub
+            .strip_prefix("https://")
+            .map(|r| format!("wss://{r}"))
+            .or_else(|| hub.strip_prefix("http://").map(|r| format!("ws://{r}")))
+            .unwrap_or_else(|| hub.to_owned());
+        format!("{rest}{ws_path}")
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http.get(self.url(path)).bearer_auth(&*self.token)
+    }
+
+    fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http.post(self.url(path)).bearer_auth(&*self.token)
+    }
+
+    /// `GET /spaces/{space}/head`, conditional on `etag`.
+    pub async fn head(&self, space: &str, etag: Option<&str>) -> Result<HeadCheck> {
+        let mut req = self
+            .get(&format!("/spaces/{space}/head"))
+            .timeout(Duration::from_secs(5));
+        if let Some(etag) = etag {
+            req = req.header(IF_NONE_MATCH, etag);
+        }
+        let resp = req.send().await?;
+        if resp.status() == StatusCode::NOT_MODIFIED {
+            return Ok(HeadCheck::NotModified);
+        }
+        let resp = check(resp).await?;
+        let etag = resp
+            .headers()
+            .get(ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let head = resp.json::<Head>().await?;
+        Ok(HeadCheck::Head { head, etag })
+    }
+
+    /// The canonical manifest bytes of a version (not yet checked).
+    pub async fn manifest_bytes(&self, space: &str, version: u64) -> Result<bytes::Bytes> {
+        let resp = self
+            .get(&format!("/spaces/{space}/versions/{version}/manifest"))
+            .send()
+            .await?;
+        Ok(check(resp).await?.bytes().await?)
+    }
+
+    /// `GET /blobs/{sha256}` from byte `from` on (a 206 when `from > 0` and the hub honours it).
+    pub async fn blob(&self, sha256: &Sha256Hex, from: u64) -> Result<reqwest::Response> {
+        let mut req = self.get(&format!("/blobs/{sha256}"));
+        if from > 0 {
+            req = req.header(RANGE, format!("bytes={from}-"));
+        }
+        check(req.send().await?).await
+    }
+
+    /// `POST /blobs/pack`: the response streams the blobs in request order.
+    pub async fn pack(&self, list: &BlobList) -> Result<reqwest::Response> {
+        check(self.post("/blobs/pack").json(list).send().await?).await
+    }
+
+    /// `POST /blobs/missing`: which of these the hub lacks.
+    pub async fn missing(&self, list: &BlobList) -> Result<BlobList> {
+        let resp = self.post("/blobs/missing").json(list).send().await?;
+        Ok(check(resp).await?.json().await?)
+    }
+
+    /// `PUT /blobs/{sha256}`.
+    pub async fn put_blob(&self, sha256: &Sha256Hex, body: reqwest::Body) -> Result<()> {
+        let resp = self
+            .http
+            .put(self.url(&format!("/blobs/{sha256}")))
+            .bearer_auth(&*self.token)
+            .body(body)
+            .send()
+            .await?;
+        check(resp).await.map(drop)
+    }
+
+    /// `POST /spaces/{space}/commits`; a 409 becomes [`ClientError::Conflict`].
+    pub async fn commit(&self, space: &str, req: &CommitRequest) -> Result<CommitResponse> {
+        let resp = self
+            .post(&format!("/spaces/{space}/commits"))
+            .json(req)
+            .send()
+            .await?;
+        match check(resp).await {
+            Ok(resp) => Ok(resp.json().await?),
+            Err(ClientError::Api { status: 409, error }) => Err(ClientError::Conflict {
+                conflicts: error.conflicts,
+                head: error.head.map(Box::new),
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `POST /sync-log`: Ok once the hub stored the report (or already had it).
+    pub async fn report(&self, report: &SyncReport) -> Result<()> {
+        let resp = self
+            .post("/sync-log")
+            .json(report)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await?;
+        check(resp).await.map(drop)
+    }
+}
+
+/// Turns an error status into [`ClientError::Api`] with the hub's JSON body.
+async fn check(resp: reqwest::Response) -> Result<reqwest::Response> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let text = resp.text().await.unwrap_or_default();
+    let error = serde_json::from_str::<ApiError>(&text).unwrap_or_else(|_| ApiError {
+        code: status.as_str().to_owned(),
+        message: text.chars().take(300).collect(),
+        conflicts: Vec::new(),
+        head: None,
+    });
+    Err(ClientError::Api {
+        status: status.as_u16(),
+        error: Box::new(error),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_and_rotation() {
+        let api = HubApi::new(
+            vec!["http://127.0.0.1:1/".into(), "https://b.example".into()],
+            "t",
+        )
+        .unwrap();
+        assert_eq!(api.url("/x"), "http://127.0.0.1:1/api/v1/x");
+        assert_eq!(api.ws_url("/api/v1/ws"), "ws://127.0.0.1:1/api/v1/ws");
+        api.rotate();
+        assert_eq!(api.ws_url("/api/v1/ws"), "wss://b.example/api/v1/ws");
+        api.rotate();
+        assert_eq!(api.hub(), "http://127.0.0.1:1");
+    }
+}

@@ -1,0 +1,243 @@
+//! Publishing local files as one new version: hash them, skip those the head already has
+//! unchanged, ask the hub which blobs it lacks, upload only those, and commit on the current
+//! head. When a newer head touched the same paths the hub answers 409: the local file is kept
+//! as a conflict copy (`name.conflict-<timestamp>.ext` beside it) and the error says which
+//! paths lost, so nothing the user made is lost.
+
+use crate::apply::walk_files;
+use crate::cache::hash_file;
+use crate::download::fetch_manifest;
+use crate::error::{ClientError, IoContext, Result};
+use crate::hub_api::{HeadCheck, HubApi};
+use std::path::{Path, PathBuf};
+use synchub_protocol::{BlobList, CommitRequest, Head, ManifestEntry, Sha256Hex, validate_path};
+use tokio_util::io::ReaderStream;
+
+/// A local file and the path it gets in the space.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublishFile {
+    pub local: PathBuf,
+    pub remote: String,
+    pub size: u64,
+    pub sha256: Sha256Hex,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublishOutcome {
+    /// The new head, or the unchanged one when nothing differed.
+    pub head: Head,
+    /// Files that differed from the head and were committed.
+    pub files: u64,
+    /// Blobs the hub lacked and got.
+    pub uploaded: u64,
+    pub bytes_uploaded: u64,
+    pub unchanged: u64,
+}
+
+/// Lists the files to publish: a file goes to `prefix/<file name>`; a folder's files keep
+/// their path below the folder, under `prefix/`. Every remote path is validated.
+pub fn collect(paths: &[PathBuf], prefix: Option<&str>) -> Result<Vec<(PathBuf, String)>> {
+    let prefix = prefix
+        .map(|p| p.trim_matches('/'))
+        .filter(|p| !p.is_empty());
+    let join = |rel: &str| match prefix {
+        Some(p) => format!("{p}/{rel}"),
+        None => rel.to_owned(),
+    };
+    let mut out = Vec::new();
+    for path in paths {
+        let meta = std::fs::metadata(path).ctx(|| format!("reading {}", path.display()))?;
+        if meta.is_dir() {
+            for rel in walk_files(path) {
+                out.push((path.join(&rel), join(&rel)));
+            }
+        } else {
+            let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+                ClientError::Config(format!("{} has no usable name", path.display()))
+            })?;
+            out.push((path.clone(), join(name)));
+        }
+    }
+    for (_, remote) in &out {
+        validate_path(remote)?;
+    }
+    out.sort_by(|a, b| a.1.cmp(&b.1));
+    if let Some(w) = out.windows(2).find(|w| w[0].1 == w[1].1) {
+        return Err(ClientError::Config(format!(
+            "two files would publish as {:?}",
+            w[0].1
+        )));
+    }
+    Ok(out)
+}
+
+/// Publishes `paths` to `space` as one commit.
+pub async fn publish(
+    api: &HubApi,
+    space: &str,
+    prefix: Option<&str>,
+    paths: &[PathBuf],
+    message: Option<String>,
+) -> Result<PublishOutcome> {
+    let listed = collect(paths, prefix)?;
+    let files = tokio::task::spawn_blocking(move || -> Result<Vec<PublishFile>> {
+        listed
+            .into_iter()
+            .map(|(local, remote)| {
+                let (sha256, size) =
+                    hash_file(&local).ctx(|| format!("reading {}", local.display()))?;
+                Ok(PublishFile {
+                    local,
+                    remote,
+                    size,
+                    sha256,
+                })
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| ClientError::Protocol(e.to_string()))??;
+
+    let head = match api.head(space, None).await? {
+        HeadCheck::Head { head, .. } => head,
+        HeadCheck::NotModified => {
+            return Err(ClientError::Protocol("304 without If-None-Match".into()));
+        }
+    };
+    let current = if head.version > 0 {
+        Some(fetch_manifest(api, &head).await?.0)
+    } else {
+        None
+    };
+    let (changed, unchanged): (Vec<_>, Vec<_>) = files.into_iter().partition(|f| {
+        current
+            .as_ref()
+            .and_then(|m| m.get(&f.remote))
+            .is_none_or(|e| e.sha256 != f.sha256 || e.size != f.size)
+    });
+    if changed.is_empty() {
+        return Ok(PublishOutcome {
+            head,
+            files: 0,
+            uploaded: 0,
+            bytes_uploaded: 0,
+            unchanged: unchanged.len() as u64,
+        });
+    }
+
+    let mut wanted: Vec<Sha256Hex> = changed.iter().map(|f| f.sha256.clone()).collect();
+    wanted.sort();
+    wanted.dedup();
+    let missing = api.missing(&BlobList { sha256: wanted }).await?.sha256;
+    let mut uploaded = 0;
+    let mut bytes_uploaded = 0;
+    for sha in &missing {
+        let Some(f) = changed.iter().find(|f| &f.sha256 == sha) else {
+            continue;
+        };
+        let file = tokio::fs::File::open(&f.local)
+            .await
+            .ctx(|| format!("opening {}", f.local.display()))?;
+        let body = reqwest::Body::wrap_stream(ReaderStream::with_capacity(file, 256 * 1024));
+        api.put_blob(sha, body).await?;
+        uploaded += 1;
+        bytes_uploaded += f.size;
+    }
+
+    let request = CommitRequest {
+        base_version: head.version,
+        puts: changed
+            .iter()
+            .map(|f| ManifestEntry {
+                path: f.remote.clone(),
+                size: f.size,
+                sha256: f.sha256.clone(),
+            })
+            .collect(),
+        deletes: Vec::new(),
+        message,
+    };
+    match api.commit(space, &request).await {
+        Ok(resp) => Ok(PublishOutcome {
+            head: resp.head,
+            files: changed.len() as u64,
+            uploaded,
+            bytes_uploaded,
+            unchanged: unchanged.len() as u64,
+        }),
+        Err(ClientError::Conflict { conflicts, head }) => {
+            let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S").to_string();
+            for f in changed
+                .iter()
+                .filter(|f| conflicts.is_empty() || conflicts.contains(&f.remote))
+            {
+                match keep_conflict_copy(&f.local, &stamp) {
+                    Ok(copy) => {
+                        tracing::warn!(file = %f.local.display(), copy = %copy.display(), "conflict: kept a copy")
+                    }
+                    Err(e) => {
+                        tracing::error!(file = %f.local.display(), error = %e, "conflict copy failed")
+                    }
+                }
+            }
+            Err(ClientError::Conflict { conflicts, head })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// `dir/name.ext` -> `dir/name.conflict-<stamp>.ext`.
+pub fn conflict_copy_path(local: &Path, stamp: &str) -> PathBuf {
+    let stem = local
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name = match local.extension() {
+        Some(ext) => format!("{stem}.conflict-{stamp}.{}", ext.to_string_lossy()),
+        None => format!("{stem}.conflict-{stamp}"),
+    };
+    local.with_file_name(name)
+}
+
+fn keep_conflict_copy(local: &Path, stamp: &str) -> Result<PathBuf> {
+    let dest = conflict_copy_path(local, stamp);
+    std::fs::copy(local, &dest)
+        .ctx(|| format!("copying {} to {}", local.display(), dest.display()))?;
+    Ok(dest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conflict_copy_names() {
+        assert_eq!(
+            conflict_copy_path(Path::new("/a/Liceul_2026.json"), "20261125-143000"),
+            PathBuf::from("/a/Liceul_2026.conflict-20261125-143000.json")
+        );
+        assert_eq!(
+            conflict_copy_path(Path::new("/a/README"), "x"),
+            PathBuf::from("/a/README.conflict-x")
+        );
+    }
+
+    #[test]
+    fn collect_files_and_folders_with_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("qr/04313-11100-F")).unwrap();
+        std::fs::write(dir.path().join("qr/04313-11100-F/a.png"), b"a").unwrap();
+        std::fs::write(dir.path().join("one.json"), b"{}").unwrap();
+        let got = collect(
+            &[dir.path().join("qr"), dir.path().join("one.json")],
+            Some("/arhiva/"),
+        )
+        .unwrap();
+        let remotes: Vec<&str> = got.iter().map(|(_, r)| r.as_str()).collect();
+        assert_eq!(
+            remotes,
+            vec!["arhiva/04313-11100-F/a.png", "arhiva/one.json"]
+        );
+        assert!(collect(&[dir.path().join("one.json")], Some("../x")).is_err());
+    }
+}

@@ -1,0 +1,192 @@
+//! `synchub-agent verify`: checks the tree `DIR/current` against the manifest of the version
+//! it holds (the copy kept beside the tree), per top folder: files and MB, and the paths that
+//! are missing, extra or corrupted. System 2 ran this check every 30 minutes.
+
+use crate::apply::{Layout, walk_files};
+use crate::cache::hash_file;
+use crate::error::{ClientError, Result};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct FolderStats {
+    pub files: u64,
+    pub bytes: u64,
+    /// Files the manifest lists for this folder.
+    pub expected_files: u64,
+    pub expected_bytes: u64,
+    pub missing: u64,
+    pub extra: u64,
+    pub corrupted: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    pub version: u64,
+    pub data_hash: String,
+    /// Keyed by top folder; files at the top level are under `.`.
+    pub folders: BTreeMap<String, FolderStats>,
+    pub missing: Vec<String>,
+    pub extra: Vec<String>,
+    pub corrupted: Vec<String>,
+}
+
+impl VerifyReport {
+    pub fn is_clean(&self) -> bool {
+        self.missing.is_empty() && self.extra.is_empty() && self.corrupted.is_empty()
+    }
+}
+
+fn top_folder(path: &str) -> String {
+    match path.split_once('/') {
+        Some((top, _)) => top.to_owned(),
+        None => ".".to_owned(),
+    }
+}
+
+/// Verifies the space folder `dir`. `on_file` is called once per manifest entry checked
+/// (for a progress bar) with the total first.
+pub fn verify(dir: &Path, mut on_file: impl FnMut(u64, u64)) -> Result<VerifyReport> {
+    let layout = Layout::new(dir);
+    if !layout.meta().is_dir() {
+        return Err(ClientError::Config(format!(
+            "{} is not an agent folder (no .synchub/ inside)",
+            dir.display()
+        )));
+    }
+    // Read-only look: do not clean up trees another running agent may be building.
+    let held = read_only_held(&layout)?;
+    let Some(held) = held else {
+        return Err(ClientError::Config(format!(
+            "{} holds no version yet",
+            dir.display()
+        )));
+    };
+    let root = layout.current();
+    let mut report = VerifyReport {
+        version: held.version,
+        data_hash: held.data_hash.to_string(),
+        ..Default::default()
+    };
+    let total = held.manifest.len() as u64;
+    for (i, e) in held.manifest.entries().iter().enumerate() {
+        let stats = report.folders.entry(top_folder(&e.path)).or_default();
+        stats.expected_files += 1;
+        stats.expected_bytes += e.size;
+        match hash_file(&root.join(&e.path)) {
+            Ok((h, n)) => {
+                stats.files += 1;
+                stats.bytes += n;
+                if h != e.sha256 || n != e.size {
+                    stats.corrupted += 1;
+                    report.corrupted.push(e.path.clone());
+                }
+            }
+            Err(_) => {
+                stats.missing += 1;
+                report.missing.push(e.path.clone());
+            }
+        }
+        on_file(i as u64 + 1, total);
+    }
+    let listed: HashSet<&str> = held
+        .manifest
+        .entries()
+        .iter()
+        .map(|e| e.path.as_str())
+        .collect();
+    for rel in walk_files(&root) {
+        if !listed.contains(rel.as_str()) {
+            let stats = report.folders.entry(top_folder(&rel)).or_default();
+            stats.extra += 1;
+            stats.files += 1;
+            stats.bytes += std::fs::metadata(root.join(&rel))
+                .map(|m| m.len())
+                .unwrap_or(0);
+            report.extra.push(rel);
+        }
+    }
+    Ok(report)
+}
+
+fn read_only_held(layout: &Layout) -> Result<Option<crate::apply::Held>> {
+    // `apply::recover` also deletes stray trees, which is only safe in the agent itself:
+    // verify reads the link and the manifest without touching anything.
+    let link = layout.current();
+    if std::fs::symlink_metadata(&link).is_err() {
+        return Ok(None);
+    }
+    let target =
+        std::fs::read_link(&link).map_err(|e| ClientError::io(link.display().to_string(), e))?;
+    let tree = target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_owned();
+    let manifest_path = layout.trees().join(format!("{tree}.manifest"));
+    let bytes = std::fs::read(&manifest_path)
+        .map_err(|e| ClientError::io(manifest_path.display().to_string(), e))?;
+    let manifest =
+        synchub_protocol::Manifest::from_canonical(&bytes, crate::download::MAX_MANIFEST_ENTRIES)?;
+    let version = tree
+        .split('-')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Ok(Some(crate::apply::Held {
+        version,
+        data_hash: synchub_protocol::Sha256Hex::of(&bytes),
+        tree,
+        manifest,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::{prepare, switch};
+    use crate::cache::Cache;
+    use synchub_protocol::{Manifest, ManifestEntry, Sha256Hex};
+
+    #[test]
+    fn finds_missing_extra_and_corrupted() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        std::fs::create_dir_all(layout.trees()).unwrap();
+        let cache = Cache::open(layout.cache_dir()).unwrap();
+        let mut entries = Vec::new();
+        for (p, body) in [
+            ("A/1.png", &b"one"[..]),
+            ("A/2.png", b"two"),
+            ("B/3.png", b"three"),
+        ] {
+            let sha = Sha256Hex::of(body);
+            let t = cache.temp_path();
+            std::fs::write(&t, body).unwrap();
+            cache.insert(&t, &sha).unwrap();
+            entries.push(ManifestEntry {
+                path: p.into(),
+                size: body.len() as u64,
+                sha256: sha,
+            });
+        }
+        let m = Manifest::new(entries).unwrap();
+        let p = prepare(&layout, &cache, &m, 4, None).unwrap();
+        switch(&layout, &p).unwrap();
+        let clean = verify(dir.path(), |_, _| {}).unwrap();
+        assert!(clean.is_clean());
+        assert_eq!(clean.folders["A"].files, 2);
+        let tree = p.held.tree_path(&layout);
+        crate::cache::remove_file_forced(&tree.join("A/1.png")).unwrap();
+        crate::cache::remove_file_forced(&tree.join("B/3.png")).unwrap();
+        std::fs::write(tree.join("B/3.png"), b"THREE").unwrap();
+        std::fs::write(tree.join("B/extra.png"), b"x").unwrap();
+        let r = verify(dir.path(), |_, _| {}).unwrap();
+        assert_eq!(r.missing, vec!["A/1.png"]);
+        assert_eq!(r.corrupted, vec!["B/3.png"]);
+        assert_eq!(r.extra, vec!["B/extra.png"]);
+        assert_eq!(r.folders["B"].extra, 1);
+        assert_eq!(r.version, 4);
+    }
+}
