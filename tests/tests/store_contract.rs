@@ -78,7 +78,8 @@ impl Fixture {
         Ok(())
     }
 
-    /// Starts `watch` (50 ms polls on SQLite) and waits for its first `Change::All`.
+    /// Starts `watch` (50 ms polls on SQLite) and waits for the `Change::All` and
+    /// `Change::Tokens` it starts with.
     async fn watch(&self) -> Result<Watcher> {
         let (tx, rx) = mpsc::unbounded_channel();
         let shutdown = CancellationToken::new();
@@ -96,6 +97,10 @@ impl Fixture {
             .expect(Duration::from_secs(5), |c| *c == Change::All)
             .await
             .context("watch did not start with Change::All")?;
+        watcher
+            .expect(Duration::from_secs(1), |c| *c == Change::Tokens)
+            .await
+            .context("watch did not start with Change::Tokens")?;
         Ok(watcher)
     }
 }
@@ -762,6 +767,10 @@ async fn postgres_listener_survives_a_server_restart() -> Result<()> {
         .expect(Duration::from_secs(10), |c| *c == Change::All)
         .await
         .context("no Change::All after the restart")?;
+    watcher
+        .expect(Duration::from_secs(1), |c| *c == Change::Tokens)
+        .await
+        .context("no Change::Tokens after the restart")?;
     let head = f.store.head("s").await?.context("head")?;
     assert_eq!(
         head.version, 3,

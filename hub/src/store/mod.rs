@@ -139,8 +139,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Runs until `shutdown`, sending a [`Change`] whenever a `sync_metadata` row or the token
     /// table changes, whoever changed it. SQLite polls every `poll_interval` (one query per
-    /// interval); PostgreSQL LISTENs, reconnects by itself and sends `Change::All` after every
-    /// reconnect so that no bump made meanwhile is lost.
+    /// interval); PostgreSQL LISTENs, reconnects by itself and sends `Change::All` and
+    /// `Change::Tokens` after every reconnect so that no change made meanwhile is lost. Both
+    /// also send those two once when they start (the first poll, the first LISTEN), closing the
+    /// gap between the hub's start-up read and the watch.
     async fn watch(
         self: Arc<Self>,
         poll_interval: Duration,

@@ -477,10 +477,10 @@ impl Store for PostgresStore {
         Ok(revoked > 0)
     }
 
-    /// LISTENs on a connection of its own; `poll_interval` is unused. Sends `Change::All` once
-    /// the listener is (re)connected and listening: the hub re-reads every head then, so a bump
-    /// made before or while the connection was down is not lost, and every later one arrives
-    /// as a notification. A lost connection is re-established with jittered backoff.
+    /// LISTENs on a connection of its own; `poll_interval` is unused. Sends `Change::All` and
+    /// `Change::Tokens` once the listener is (re)connected and listening: the hub re-reads
+    /// every head and token then, so a change made before or while the connection was down is
+    /// not lost, and every later one arrives as a notification. A lost connection is re-established with jittered backoff.
     async fn watch(
         self: Arc<Self>,
         _poll_interval: Duration,
@@ -508,7 +508,8 @@ impl Store for PostgresStore {
             if attempt > 0 {
                 tracing::info!("postgres listener reconnected");
             }
-            if changes.send(Change::All).is_err() {
+            // Anything may have changed while no one listened: heads and tokens alike.
+            if changes.send(Change::All).is_err() || changes.send(Change::Tokens).is_err() {
                 return;
             }
             loop {

@@ -488,8 +488,8 @@ impl Store for SqliteStore {
     }
 
     /// Polls every `poll_interval` (and at once after the hub's own writes). The first poll
-    /// sends `Change::All`, so a bump between the hub's start-up read and the poller's first
-    /// look is not lost.
+    /// sends `Change::All` and `Change::Tokens`, so a change between the hub's start-up read
+    /// and the poller's first look is not lost.
     async fn watch(
         self: Arc<Self>,
         poll_interval: Duration,
@@ -507,7 +507,7 @@ impl Store for SqliteStore {
                     }
                     let mut sent = Vec::new();
                     match &known {
-                        None => sent.push(Change::All),
+                        None => sent.extend([Change::All, Change::Tokens]),
                         Some((old_versions, old_tokens)) => {
                             for (space, version) in &versions {
                                 if old_versions.get(space) != Some(version) {
