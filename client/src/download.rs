@@ -60,6 +60,10 @@ pub struct DownloadStats {
 
 /// Fetches and checks the manifest of `head`. Returns it with its canonical bytes.
 pub async fn fetch_manifest(api: &HubApi, head: &Head) -> Result<(Manifest, bytes::Bytes)> {
+    if head.data_hash == Sha256Hex::empty() {
+        // An empty space (version 0 has no stored manifest): nothing to ask for.
+        return Ok((Manifest::default(), bytes::Bytes::new()));
+    }
     let bytes = api.manifest_bytes(&head.space, head.version).await?;
     let actual = Sha256Hex::of(&bytes);
     if actual != head.data_hash {
