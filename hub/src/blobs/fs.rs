@@ -288,3 +288,30 @@ fn list_blocking(root: &Path) -> Result<Vec<Sha256Hex>, BlobError> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_removes_stale_uploads_and_keeps_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::new(dir.path().to_path_buf()).unwrap();
+        let hash = Sha256Hex::of(b"abc");
+        let blob = store.blob_path(&hash);
+        assert_eq!(
+            blob,
+            dir.path().join("ba").join("78").join(hash.as_str()),
+            "root/ab/cd/<sha256>"
+        );
+        std::fs::create_dir_all(blob.parent().unwrap()).unwrap();
+        std::fs::write(&blob, b"abc").unwrap();
+        std::fs::write(store.tmp_dir().join("0123"), b"half an upload").unwrap();
+        std::fs::create_dir(store.tmp_dir().join("stray")).unwrap();
+
+        let store = FsBlobStore::new(dir.path().to_path_buf()).unwrap();
+        assert_eq!(std::fs::read_dir(store.tmp_dir()).unwrap().count(), 0);
+        assert_eq!(std::fs::read(&blob).unwrap(), b"abc");
+        assert_eq!(list_blocking(dir.path()).unwrap(), vec![hash]);
+    }
+}

@@ -398,3 +398,46 @@ impl BlobStore for S3BlobStore {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_and_masked_secret() {
+        let config: S3Config = toml::from_str(
+            r#"
+            bucket = "b"
+            access_key_id = "AKIDEXAMPLE"
+            secret_access_key = "wJalrXUtnFEMI-very-secret"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.endpoint, None);
+        assert_eq!(config.region, "us-east-1");
+        assert_eq!(config.prefix, "blobs/");
+        assert!(config.path_style);
+        assert!(!config.allow_http);
+        assert_eq!(config.presign_ttl(), Duration::from_secs(300));
+        for shown in [format!("{config:?}"), format!("{config}")] {
+            assert!(!shown.contains("very-secret"), "{shown}");
+            assert!(shown.contains("AKIDEXAMPLE"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn keys_live_under_the_prefix() {
+        let mut config: S3Config =
+            toml::from_str("bucket = \"b\"\naccess_key_id = \"a\"\nsecret_access_key = \"s\"")
+                .unwrap();
+        let hash = Sha256Hex::of(b"abc");
+        for prefix in ["blobs/", "/blobs", "blobs"] {
+            config.prefix = prefix.to_owned();
+            let store = S3BlobStore::new(&config).unwrap();
+            assert_eq!(store.key(&hash).to_string(), format!("blobs/{hash}"));
+        }
+        config.prefix = String::new();
+        let store = S3BlobStore::new(&config).unwrap();
+        assert_eq!(store.key(&hash).to_string(), hash.to_string());
+    }
+}
