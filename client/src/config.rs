@@ -186,6 +186,14 @@ mod tests {
     }
 
     #[test]
+    fn example_config_parses() {
+        let cfg: AgentConfig =
+            toml::from_str(include_str!("../../deploy/agent.example.toml")).unwrap();
+        assert_eq!(cfg.hubs.len(), 2);
+        cfg.validate().unwrap();
+    }
+
+    #[test]
     fn rejects_non_loopback_listen_and_unknown_keys() {
         let mut cfg = AgentConfig {
             hubs: vec!["http://h".into()],
