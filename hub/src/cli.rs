@@ -13,6 +13,8 @@ use synchub_protocol::Role;
 #[derive(Parser, Debug)]
 #[command(name = "synchub", version, about = "Realtime push-based sync hub")]
 pub struct Cli {
+    #[command(flatten)]
+    pub common: Common,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -35,23 +37,17 @@ pub struct Common {
 pub enum Command {
     /// Run the hub.
     Serve {
-        #[command(flatten)]
-        common: Common,
         /// Address to listen on [default: 127.0.0.1:7070].
         #[arg(long, short = 'l')]
         listen: Option<SocketAddr>,
     },
     /// Manage bearer tokens.
     Token {
-        #[command(flatten)]
-        common: Common,
         #[command(subcommand)]
         action: TokenAction,
     },
     /// Announce a new version with the same data to every agent, as forced.
     ForceSync {
-        #[command(flatten)]
-        common: Common,
         /// Space to force [default: global_version].
         #[arg(long, default_value = synchub_protocol::DEFAULT_SPACE)]
         space: String,
@@ -101,8 +97,9 @@ pub fn load_config(common: &Common) -> anyhow::Result<Config> {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let common = cli.common;
     match cli.command {
-        Command::Serve { common, listen } => {
+        Command::Serve { listen } => {
             let mut config = load_config(&common)?;
             if let Some(l) = listen {
                 config.listen = l;
@@ -124,7 +121,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             hub.wait().await;
             Ok(())
         }
-        Command::Token { common, action } => {
+        Command::Token { action } => {
             let config = load_config(&common)?;
             let (store, _) = server::open_parts(&config).await?;
             match action {
@@ -183,11 +180,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::ForceSync {
-            common,
-            space,
-            reason,
-        } => {
+        Command::ForceSync { space, reason } => {
             let config = load_config(&common)?;
             let state = server::offline_state(config).await?;
             let head = crate::api::commits::force(&state, &space, reason, "cli")

@@ -195,6 +195,14 @@ impl Config {
         Ok(())
     }
 
+    /// How long a presigned blob URL stays valid.
+    pub fn presign_ttl(&self) -> std::time::Duration {
+        match &self.blob_store {
+            BlobStoreConfig::S3(s3) => s3.presign_ttl(),
+            BlobStoreConfig::Fs { .. } => std::time::Duration::from_secs(300),
+        }
+    }
+
     pub fn database_url(&self) -> String {
         self.database_url
             .clone()
@@ -239,8 +247,10 @@ mod tests {
             "postgres://hub:***@db:5432/x"
         );
         assert_eq!(mask_url_password("sqlite://a/b"), "sqlite://a/b");
-        let mut c = Config::default();
-        c.database_url = Some("postgres://u:pw@h/d".into());
+        let c = Config {
+            database_url: Some("postgres://u:pw@h/d".into()),
+            ..Config::default()
+        };
         assert!(!c.masked().contains("pw@"));
     }
 

@@ -1,4 +1,3 @@
-
-pub mod s3;
 pub mod hub;
 pub mod postgres;
+pub mod s3;

@@ -13,7 +13,6 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use std::ops::Range;
-use std::time::Duration;
 use synchub_protocol::{BlobList, Sha256Hex, codes, pack};
 
 fn parse_hash(s: &str) -> ApiResult<Sha256Hex> {
@@ -62,21 +61,20 @@ pub async fn get_blob(
         .size(&hash)
         .await?
         .ok_or_else(|| HubError::NotFound(format!("blob {hash}")))?;
-    if state.config.presign_downloads {
-        if let Some(url) = state
+    if state.config.presign_downloads
+        && let Some(url) = state
             .blobs
-            .presigned_get(&hash, Duration::from_secs(300))
+            .presigned_get(&hash, state.config.presign_ttl())
             .await?
-        {
-            metrics::counter!("synchub_blob_redirects_total").increment(1);
-            let location = HeaderValue::from_str(&url)
-                .map_err(|_| HubError::Unavailable("presigned URL is not a valid header".into()))?;
-            return Ok((
-                StatusCode::TEMPORARY_REDIRECT,
-                [(header::LOCATION, location)],
-            )
-                .into_response());
-        }
+    {
+        metrics::counter!("synchub_blob_redirects_total").increment(1);
+        let location = HeaderValue::from_str(&url)
+            .map_err(|_| HubError::Unavailable("presigned URL is not a valid header".into()))?;
+        return Ok((
+            StatusCode::TEMPORARY_REDIRECT,
+            [(header::LOCATION, location)],
+        )
+            .into_response());
     }
     let range = parse_range(headers.get(header::RANGE), size)?;
     let read = state.blobs.get(&hash, range.clone()).await?;

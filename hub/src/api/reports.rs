@@ -32,14 +32,14 @@ pub async fn store_report(
         chrono::DateTime::parse_from_rfc3339(at)
             .map_err(|e| bad(format!("synced_at {at:?} is not RFC 3339: {e}")))?;
     }
-    if let Some(msg) = &mut report.error_message {
-        if msg.len() > MAX_ERROR_MESSAGE {
-            let mut cut = MAX_ERROR_MESSAGE;
-            while !msg.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            msg.truncate(cut);
+    if let Some(msg) = &mut report.error_message
+        && msg.len() > MAX_ERROR_MESSAGE
+    {
+        let mut cut = MAX_ERROR_MESSAGE;
+        while !msg.is_char_boundary(cut) {
+            cut -= 1;
         }
+        msg.truncate(cut);
     }
     if report.user.as_ref().is_some_and(|u| u.len() > 256) {
         return Err(bad("user must be at most 256 bytes".into()));
@@ -85,13 +85,14 @@ pub async fn list(
     Query(q): Query<LogQuery>,
 ) -> ApiResult<axum::Json<Vec<SyncLogEntry>>> {
     principal.require_admin()?;
-    if let Some(s) = &q.status {
-        if s != "success" && s != "failed" {
-            return Err(HubError::bad_request(
-                codes::BAD_REQUEST,
-                format!("status {s:?}: use success or failed"),
-            ));
-        }
+    if let Some(s) = &q.status
+        && s != "success"
+        && s != "failed"
+    {
+        return Err(HubError::bad_request(
+            codes::BAD_REQUEST,
+            format!("status {s:?}: use success or failed"),
+        ));
     }
     let filter = SyncLogFilter {
         space: q.space,
