@@ -255,6 +255,13 @@ mod tests {
     }
 
     #[test]
+    fn example_config_parses() {
+        let c: Config = toml::from_str(include_str!("../../deploy/hub.example.toml")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.limits.ws_buffer_bytes, Limits::default().ws_buffer_bytes);
+    }
+
+    #[test]
     fn parses_toml_and_rejects_unknown_keys() {
         let c: Config = toml::from_str(
             "listen = \"127.0.0.1:9000\"\nspaces = [\"a\", \"b\"]\n[limits]\nmax_frame_bytes = 1000\n",

@@ -46,7 +46,28 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(count_requests))
         .with_state(state)
+}
+
+/// Counts requests by route and status for `/metrics`.
+async fn count_requests(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let response = next.run(request).await;
+    metrics::counter!(
+        "synchub_http_requests_total",
+        "route" => route,
+        "status" => response.status().as_u16().to_string()
+    )
+    .increment(1);
+    response
 }
 
 async fn not_found() -> HubError {
