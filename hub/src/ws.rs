@@ -17,6 +17,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use synchub_protocol::{AgentFrame, HeldSpace, HubFrame, PROTOCOL_VERSION, codes, validate_space};
 
+/// See [`upgrade`]: how far past `limits.max_frame_bytes` a message is still read to answer it.
+const HARD_LIMIT_FACTOR: usize = 16;
+
 /// How long an agent has to say `hello` after the upgrade.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -26,11 +29,14 @@ pub async fn upgrade(
     ws: WebSocketUpgrade,
 ) -> Response {
     let limits = &state.config.limits;
+    // Messages up to HARD_LIMIT_FACTOR times the limit are read whole and then refused with an
+    // error frame and a clean close; beyond that tungstenite drops the connection mid-message.
+    let hard_limit = limits.max_frame_bytes.saturating_mul(HARD_LIMIT_FACTOR);
     ws.read_buffer_size(limits.ws_buffer_bytes)
         .write_buffer_size(limits.ws_buffer_bytes)
         .max_write_buffer_size(limits.max_frame_bytes.max(1 << 20))
-        .max_message_size(limits.max_frame_bytes)
-        .max_frame_size(limits.max_frame_bytes)
+        .max_message_size(hard_limit)
+        .max_frame_size(hard_limit)
         .on_upgrade(move |socket| run(state, principal, socket))
 }
 
@@ -56,6 +62,21 @@ async fn refuse(socket: &mut WebSocket, code: &str, message: String, close: u16)
             reason: reason.into(),
         })))
         .await;
+    drain(socket).await;
+}
+
+/// Reads what the agent still sends for a moment before the socket is dropped: closing a TCP
+/// socket with unread bytes sends a reset, which would discard our error and close frames
+/// before the agent reads them.
+async fn drain(socket: &mut WebSocket) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while let Ok(Some(next)) = tokio::time::timeout_at(deadline, socket.recv()).await {
+        match next {
+            Ok(Message::Close(_)) => break,
+            Ok(_) => {}
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
 }
 
 async fn run(state: AppState, principal: Principal, mut socket: WebSocket) {
@@ -86,6 +107,11 @@ async fn receive_hello(
 ) -> Option<(String, Vec<HeldSpace>, Option<String>, Option<String>)> {
     let first = tokio::time::timeout(HELLO_TIMEOUT, socket.recv()).await;
     let text = match first {
+        Ok(Some(Ok(Message::Text(text)))) if text.len() > state.config.limits.max_frame_bytes => {
+            let msg = format!("hello of {} bytes is over the frame limit", text.len());
+            refuse(socket, codes::FRAME_TOO_LARGE, msg, close_code::SIZE).await;
+            return None;
+        }
         Ok(Some(Ok(Message::Text(text)))) => text,
         Ok(Some(Ok(_))) => {
             let msg = "the first frame must be a JSON text `hello`".to_owned();
@@ -238,6 +264,15 @@ async fn serve(
             }
             msg = socket.recv() => {
                 match msg {
+                    Some(Ok(Message::Text(text))) if text.len() > state.config.limits.max_frame_bytes => {
+                        let msg = format!(
+                            "frame of {} bytes is over the limit of {}",
+                            text.len(),
+                            state.config.limits.max_frame_bytes
+                        );
+                        refuse(socket, codes::FRAME_TOO_LARGE, msg, close_code::SIZE).await;
+                        return;
+                    }
                     Some(Ok(Message::Text(text))) => {
                         last_heard = Instant::now();
                         if !handle_frame(state, principal, conn, &sent, &text, socket).await {

@@ -795,10 +795,14 @@ async fn malformed_and_oversized_frames_close_only_that_socket(
     let huge = json!({"type": "status", "space": DEFAULT_SPACE, "state": "failed", "version": 1,
                       "target": 2, "error": "x".repeat(200_000), "retry_at": null});
     let _ = big.send_text(huge.to_string()).await;
-    let (close, _) = big.until_closed(WAIT).await?;
-    if let Some(c) = close {
-        assert!(matches!(u16::from(c.code), 1008 | 1009), "{c:?}");
-    }
+    let (close, frames) = big.until_closed(WAIT).await?;
+    assert_eq!(close.map(|c| u16::from(c.code)), Some(1009));
+    assert!(
+        frames
+            .iter()
+            .any(|f| matches!(f, HubFrame::Error { code, .. } if code == "frame_too_large")),
+        "{frames:?}"
+    );
 
     // A first frame that is not hello, and a hello for an unknown space.
     let mut raw = ws_connect(&hub.ws_url(), Some(&agent)).await?;
