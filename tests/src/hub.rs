@@ -282,13 +282,25 @@ pub enum Backend {
 impl TestHub {
     /// A hub on `backend` (PostgreSQL: a fresh database on the test cluster).
     pub async fn start_backend(backend: Backend) -> anyhow::Result<TestHub> {
-        match backend {
-            Backend::Sqlite => Self::start().await,
-            Backend::Postgres => {
-                let url = crate::postgres::test_database().await?;
-                Self::start_with(|c| c.database_url = Some(url)).await
+        Self::start_with_backend_and(backend, |_| {}).await
+    }
+
+    /// Like [`TestHub::start_backend`], with the configuration adjusted by `configure`.
+    pub async fn start_with_backend_and(
+        backend: Backend,
+        configure: impl FnOnce(&mut Config),
+    ) -> anyhow::Result<TestHub> {
+        let url = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(crate::postgres::test_database().await?),
+        };
+        Self::start_with(|c| {
+            if url.is_some() {
+                c.database_url = url;
             }
-        }
+            configure(c);
+        })
+        .await
     }
 }
 

@@ -875,7 +875,45 @@ async fn shutdown_closes_sockets_going_away(backend: Backend) -> anyhow::Result<
     Ok(())
 }
 
+async fn spaces_listing_and_dashboard(backend: Backend) -> anyhow::Result<()> {
+    let hub = TestHub::start_with_backend_and(backend, |c| c.spaces.push("qr".into())).await?;
+    let agent = hub.token("pc", Role::Agent, None).await?;
+    let limited = hub
+        .token("qr-only", Role::Agent, Some(vec!["qr".into()]))
+        .await?;
+    let list = |token: String| {
+        let url = hub.api("/spaces");
+        async move {
+            anyhow::Ok(
+                http()
+                    .get(url)
+                    .bearer_auth(token)
+                    .send()
+                    .await?
+                    .json::<Vec<Head>>()
+                    .await?,
+            )
+        }
+    };
+    let all: Vec<String> = list(agent).await?.into_iter().map(|h| h.space).collect();
+    assert_eq!(all, vec!["global_version", "qr"]);
+    let qr: Vec<String> = list(limited).await?.into_iter().map(|h| h.space).collect();
+    assert_eq!(qr, vec!["qr"]);
+    let page = http().get(format!("{}/", hub.url)).send().await?;
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(
+        page.headers()["content-type"]
+            .to_str()?
+            .starts_with("text/html")
+    );
+    let html = page.text().await?;
+    assert!(html.contains("Force sync") && html.contains("/sync-log"));
+    hub.stop().await;
+    Ok(())
+}
+
 each_backend!(
+    spaces_listing_and_dashboard,
     commit_broadcast_and_read_back,
     head_etag_and_304,
     force_sync_reaches_every_socket,

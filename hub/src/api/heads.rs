@@ -50,6 +50,21 @@ pub async fn head(
         .into_response())
 }
 
+/// `GET /spaces`: the heads of every space the token may use, from memory.
+pub async fn spaces(
+    State(state): State<AppState>,
+    principal: Principal,
+) -> axum::Json<Vec<synchub_protocol::Head>> {
+    let snapshot = state.heads.snapshot();
+    let mut heads: Vec<_> = snapshot
+        .values()
+        .filter(|p| principal.may_use_space(&p.head.space))
+        .map(|p| p.head.clone())
+        .collect();
+    heads.sort_by(|a, b| a.space.cmp(&b.space));
+    axum::Json(heads)
+}
+
 /// `GET /spaces/{space}/versions/{version}/manifest`: the canonical bytes, whose sha256 is the
 /// version's data hash.
 pub async fn manifest(

@@ -20,6 +20,7 @@ pub fn router(state: AppState) -> Router {
     let json_limit = state.config.limits.max_request_bytes;
     let api = Router::new()
         .route("/ws", get(crate::ws::upgrade))
+        .route("/spaces", get(heads::spaces))
         .route("/spaces/{space}/head", get(heads::head))
         .route("/spaces/{space}/versions", get(heads::versions))
         .route(
@@ -42,6 +43,7 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(json_limit));
     Router::new()
         .nest("/api/v1", api)
+        .route("/", get(dashboard))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
@@ -68,6 +70,20 @@ async fn count_requests(
     )
     .increment(1);
     response
+}
+
+/// The admin dashboard: a static page that reads the admin API with a token the admin enters.
+async fn dashboard() -> impl IntoResponse {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                axum::http::header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
+            ),
+        ],
+        include_str!("../../assets/dashboard.html"),
+    )
 }
 
 async fn not_found() -> HubError {
