@@ -187,6 +187,15 @@ impl Config {
                 "poll_interval_ms and ping_interval_ms must be above 0".into(),
             ));
         }
+        if let BlobStoreConfig::S3(s3) = &self.blob_store
+            && (s3.access_key_id.is_empty() || s3.secret_access_key.is_empty())
+        {
+            return Err(ConfigError::Invalid(
+                "the S3 blob store needs access_key_id and secret_access_key (in the file, or \
+                 SYNCHUB_S3_ACCESS_KEY_ID / SYNCHUB_S3_SECRET_ACCESS_KEY in the environment)"
+                    .into(),
+            ));
+        }
         if self.limits.ws_buffer_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "limits.ws_buffer_bytes must be at least 1024".into(),
@@ -276,5 +285,20 @@ mod tests {
             ..Config::default()
         };
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn s3_keys_may_come_from_the_environment_but_must_be_set() {
+        let mut c: Config = toml::from_str(
+            "[blob_store]\nkind = \"s3\"\nbucket = \"b\"\nendpoint = \"https://s3.example\"\n",
+        )
+        .unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("SYNCHUB_S3_ACCESS_KEY_ID"), "{err}");
+        if let BlobStoreConfig::S3(s3) = &mut c.blob_store {
+            s3.access_key_id = "a".into();
+            s3.secret_access_key = "s".into();
+        }
+        c.validate().unwrap();
     }
 }

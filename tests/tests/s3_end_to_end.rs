@@ -471,6 +471,32 @@ async fn an_upload_cut_off_leaves_nothing_in_the_bucket() -> anyhow::Result<()> 
     Ok(())
 }
 
+#[test]
+fn the_s3_example_config_parses() -> anyhow::Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/hub-s3.example.toml");
+    let mut config = synchub_hub::config::Config::load(Some(&path))?;
+    assert!(config.presign_downloads);
+    assert_eq!(config.limits.max_blob_bytes, 5 << 30);
+    let BlobStoreConfig::S3(s3) = &mut config.blob_store else {
+        panic!("not an S3 blob store: {:?}", config.blob_store);
+    };
+    assert_eq!(
+        s3.endpoint.as_deref(),
+        Some("https://s3.us-west-004.backblazeb2.com")
+    );
+    assert_eq!(s3.region, "us-west-004");
+    assert!(s3.path_style && !s3.allow_http);
+    // The keys are left to the environment: refused until they are there.
+    assert!(config.validate().is_err());
+    if let BlobStoreConfig::S3(s3) = &mut config.blob_store {
+        s3.access_key_id = "id".into();
+        s3.secret_access_key = "secret".into();
+    }
+    config.validate()?;
+    assert!(!config.masked().contains("secret\""));
+    Ok(())
+}
+
 /// A size field of `/proc/self/status` (`VmHWM`: peak resident set), in bytes.
 fn proc_status_kib(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();

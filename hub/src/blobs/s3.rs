@@ -45,7 +45,11 @@ pub struct S3Config {
     /// Folder of the bucket that holds the blobs (slashes around it do not matter).
     #[serde(default = "default_prefix")]
     pub prefix: String,
+    /// May be left out of the file and given by the environment instead (see
+    /// `Config::apply_env`); `Config::validate` refuses it empty.
+    #[serde(default)]
     pub access_key_id: String,
+    #[serde(default)]
     pub secret_access_key: String,
     /// `https://endpoint/bucket/key` rather than `https://bucket.endpoint/key`; most
     /// S3-compatible services want path style.
