@@ -165,9 +165,16 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
 
     state.tokens.reload(store.as_ref()).await?;
     let initial_admin_token = if state.tokens.is_empty() {
-        let secret = crate::auth::create_token(store.as_ref(), "admin", Role::Admin, None).await?;
+        let created =
+            match crate::auth::create_token(store.as_ref(), "admin", Role::Admin, None).await {
+                Ok(secret) => Some(secret),
+                // Replicas started together on an empty database: another one made it (and
+                // printed its secret).
+                Err(StoreError::DuplicateToken(_)) => None,
+                Err(e) => return Err(e.into()),
+            };
         state.tokens.reload(store.as_ref()).await?;
-        Some(secret)
+        created
     } else {
         None
     };
