@@ -58,6 +58,10 @@ impl HubError {
             HubError::Store(StoreError::NoSuchSpace(_)) => {
                 (StatusCode::NOT_FOUND, codes::NOT_FOUND)
             }
+            // The database is down or restarting: a retry later will do.
+            HubError::Store(StoreError::Database(
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed,
+            )) => (StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE),
             HubError::Store(_) | HubError::Blob(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, codes::INTERNAL)
             }
