@@ -75,11 +75,14 @@ impl FsBlobStore {
         max_size: u64,
     ) -> Result<(TempFile, Sha256Hex, u64), BlobError> {
         let temp = TempFile::new(self.tmp.join(format!("{:016x}", rand::random::<u64>())));
-        let mut file = tokio::fs::OpenOptions::new()
+        let file = tokio::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&temp.path)
             .await?;
+        // Network chunks are small; each tokio::fs write is a trip to the blocking pool, so
+        // gather them into large writes.
+        let mut file = tokio::io::BufWriter::with_capacity(1 << 20, file);
         let mut hasher = Sha256::new();
         let mut size = 0u64;
         while let Some(chunk) = body.next().await {
@@ -92,6 +95,7 @@ impl FsBlobStore {
             file.write_all(&chunk).await?;
         }
         file.flush().await?;
+        let file = file.into_inner();
         file.sync_all().await?;
         drop(file);
         Ok((temp, Sha256Hex::from_digest(hasher.finalize().into()), size))
