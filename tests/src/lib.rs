@@ -1,3 +1,4 @@
 pub mod hub;
+pub mod load;
 pub mod postgres;
 pub mod s3;

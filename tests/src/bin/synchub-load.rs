@@ -1,0 +1,529 @@
+//! `synchub-load`: the benchmark load generator (see BENCHMARKS.md and `scripts/bench/`).
+//! Each subcommand is one scenario of [`synchub_tests::load`], run `--runs` times on a fresh
+//! hub each time; it prints one line per run and the median (min, max) of every figure, or
+//! with `--json` one JSON document on stdout (the lines then go to stderr). Every run has a
+//! time limit and the hubs it starts are killed when it ends.
+//!
+//! `synchub-load hub ARGS...` runs the hub's own command line (`synchub ARGS...`) in this
+//! process; the smoke tests use it because cargo builds this binary for them.
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+use std::future::Future;
+use std::time::Duration;
+use synchub_tests::load::{self, BumpKind, DataSet, Figures, Hub, HubCommand, SpawnOptions};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "synchub-load",
+    about = "Load generator and benchmarks for synchub"
+)]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Args, Debug, Clone)]
+struct Common {
+    /// Print one JSON document on stdout (human lines go to stderr).
+    #[arg(long, global = true)]
+    json: bool,
+    /// Repeat the scenario this many times, each on a fresh hub; figures are median (min, max).
+    #[arg(long, global = true, default_value_t = 3)]
+    runs: usize,
+    /// The hub binary [default: $SYNCHUB_BIN, or `synchub` beside this binary].
+    #[arg(long, global = true)]
+    synchub: Option<std::path::PathBuf>,
+    /// Run the hub on a throwaway PostgreSQL cluster instead of SQLite.
+    #[arg(long, global = true)]
+    postgres: bool,
+    /// SQLite: the hub's version-row poll interval (ms) [hub default: 250].
+    #[arg(long, global = true)]
+    poll_ms: Option<u64>,
+    /// More TOML for the hub's configuration file, e.g. '[limits]\nws_buffer_bytes = 1024'.
+    #[arg(long, global = true)]
+    hub_config: Option<String>,
+    /// Give up on one run after this many seconds.
+    #[arg(long, global = true, default_value_t = 300)]
+    run_timeout: u64,
+}
+
+#[derive(Subcommand, Debug)]
+enum Scenario {
+    /// N agent sockets, R rounds of head bumps; delivery latency and hub memory per socket.
+    Fanout(FanoutArgs),
+    /// Head checks per second (the agents' 1-second fallback), 304 and 200 answers.
+    Fallback(FallbackArgs),
+    /// One agent downloads a data set: cold cache, then warm (one file changed).
+    Download(DownloadArgs),
+    /// Publish the QR-like set (54 folders, 508 files of ~5 KB) as one commit.
+    Publish,
+    /// PostgreSQL transactions per second with agents connected and idle.
+    IdlePg(IdleArgs),
+    /// Run the hub's command line in this process (`synchub-load hub serve ...`).
+    #[command(disable_help_flag = true)]
+    Hub {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct FanoutArgs {
+    /// Sockets to open (repeat or comma-separate for several sizes).
+    #[arg(long, short = 'n', value_delimiter = ',', default_value = "1000")]
+    connections: Vec<usize>,
+    /// Bumps of each kind.
+    #[arg(long, short = 'r', default_value_t = 3)]
+    rounds: usize,
+    /// Kinds of bump: force, commit, sql.
+    #[arg(long, value_delimiter = ',', default_value = "force,commit,sql")]
+    kinds: Vec<BumpKind>,
+    /// Handshakes in flight at once.
+    #[arg(long, default_value_t = 200)]
+    concurrency: usize,
+    /// Attach to this running hub (`http://HOST:PORT`) instead of starting one.
+    #[arg(long, requires = "admin_token")]
+    hub: Option<String>,
+    /// Admin token of the attached hub (also used by the agent sockets).
+    #[arg(long)]
+    admin_token: Option<String>,
+    /// Pid of the attached hub, to read its memory.
+    #[arg(long)]
+    hub_pid: Option<u32>,
+    /// Database URL of the attached hub, for the outside-UPDATE bump.
+    #[arg(long)]
+    database_url: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct FallbackArgs {
+    /// Concurrent keep-alive connections.
+    #[arg(long, short = 'c', default_value_t = 64)]
+    connections: usize,
+    /// Seconds per measurement.
+    #[arg(long, short = 'd', default_value_t = 5)]
+    duration: u64,
+    /// `wrk` (Debian's package) or `builtin` (this process, reqwest).
+    #[arg(long, default_value = "wrk")]
+    tool: String,
+    /// wrk threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+#[derive(Args, Debug)]
+struct DownloadArgs {
+    /// qr, small, large (repeat or comma-separate).
+    #[arg(long, value_delimiter = ',', default_value = "qr,small,large")]
+    sets: Vec<String>,
+    /// Files of the `small` set.
+    #[arg(long, default_value_t = 10_000)]
+    small_files: usize,
+    /// Size of the `large` set's file, MiB.
+    #[arg(long, default_value_t = 1024)]
+    large_mib: u64,
+}
+
+#[derive(Args, Debug)]
+struct IdleArgs {
+    #[arg(long, short = 'n', default_value_t = 1000)]
+    agents: usize,
+    /// Seconds to wait before the first window (statistics reach pg_stat_database late).
+    #[arg(long, default_value_t = 11)]
+    settle: u64,
+    /// Seconds per window; one window per run.
+    #[arg(long, default_value_t = 10)]
+    window: u64,
+}
+
+/// What `--json` prints.
+#[derive(Serialize)]
+struct Output<T: Serialize> {
+    scenario: String,
+    machine: Machine,
+    runs: Vec<T>,
+    summary: std::collections::BTreeMap<String, load::Spread>,
+}
+
+#[derive(Serialize)]
+struct Machine {
+    nproc: usize,
+    cpu: String,
+    date: String,
+}
+
+fn machine() -> Machine {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    Machine {
+        nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu,
+        date: chrono_date(),
+    }
+}
+
+fn chrono_date() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%F"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+struct Printer {
+    json: bool,
+}
+
+impl Printer {
+    fn line(&self, s: impl std::fmt::Display) {
+        if self.json {
+            eprintln!("{s}");
+        } else {
+            println!("{s}");
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if let Scenario::Hub { args } = &cli.scenario {
+        return run_hub(args.clone());
+    }
+    synchub_hub::server::raise_open_file_limit();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("synchub-load: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The hub's own `main`, for `synchub-load hub ...`.
+fn run_hub(args: Vec<String>) -> std::process::ExitCode {
+    use clap::Parser as _;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = synchub_hub::cli::Cli::parse_from(std::iter::once("synchub".to_owned()).chain(args));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(synchub_hub::cli::run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("synchub: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn spawn_options(common: &Common) -> Result<SpawnOptions> {
+    let command = match &common.synchub {
+        Some(p) => HubCommand {
+            program: p.clone(),
+            leading_args: Vec::new(),
+        },
+        None => HubCommand::find().or_else(|e| {
+            // No synchub beside us: run the hub from this binary.
+            let me = std::env::current_exe()?;
+            eprintln!("note: {e}; running the hub as `{} hub`", me.display());
+            Ok::<_, anyhow::Error>(HubCommand {
+                program: me,
+                leading_args: vec!["hub".into()],
+            })
+        })?,
+    };
+    Ok(SpawnOptions {
+        command,
+        postgres: common.postgres,
+        poll_interval_ms: common.poll_ms,
+        extra_config: common.hub_config.clone().map(|s| s.replace("\\n", "\n")),
+    })
+}
+
+/// Runs `one` `runs` times with a time limit each; prints each run and the summary.
+async fn repeat<T, F, Fut>(
+    common: &Common,
+    scenario: String,
+    mut one: F,
+    figures: impl Fn(&T) -> Figures,
+) -> Result<()>
+where
+    T: Serialize + std::fmt::Display,
+    F: FnMut(usize) -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let p = Printer { json: common.json };
+    let m = machine();
+    p.line(format_args!(
+        "# {scenario}: {} run(s); {} cores ({}), {}; hub and generator share the machine",
+        common.runs, m.nproc, m.cpu, m.date
+    ));
+    let mut runs = Vec::new();
+    let mut figs = Vec::new();
+    for i in 0..common.runs.max(1) {
+        let limit = Duration::from_secs(common.run_timeout);
+        let report = tokio::time::timeout(limit, one(i))
+            .await
+            .with_context(|| format!("run {} took longer than {limit:?}", i + 1))??;
+        p.line(format_args!("run {}: {report}", i + 1));
+        figs.push(figures(&report));
+        runs.push(report);
+    }
+    let summary = load::summarize(&figs);
+    p.line(format_args!(
+        "# {scenario}: median (min, max) over {} run(s)",
+        runs.len()
+    ));
+    for (k, s) in &summary {
+        p.line(format_args!(
+            "  {k:<28} {:>10.2}  ({:.2}, {:.2})",
+            s.median, s.min, s.max
+        ));
+    }
+    if common.json {
+        let out = Output {
+            scenario,
+            machine: m,
+            runs,
+            summary,
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(())
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let common = cli.common;
+    match cli.scenario {
+        Scenario::Fanout(a) => {
+            let backend = if a.hub.is_some() {
+                "attached"
+            } else if common.postgres {
+                "postgres"
+            } else {
+                "sqlite"
+            };
+            for &n in &a.connections {
+                if n > 19_000 {
+                    eprintln!(
+                        "warning: {n} sockets: one process holds at most ~19,000 here (hard \
+                         open-file limit 20,000); raise it with `ulimit -n` / LimitNOFILE"
+                    );
+                }
+                let opts = load::FanoutOptions {
+                    connections: n,
+                    rounds: a.rounds,
+                    connect_concurrency: a.concurrency,
+                    kinds: a.kinds.clone(),
+                    ..Default::default()
+                };
+                let spawn = spawn_options(&common)?;
+                let attach = a.hub.clone().map(|url| {
+                    (
+                        url,
+                        a.admin_token.clone().unwrap_or_default(),
+                        a.hub_pid,
+                        a.database_url.clone(),
+                    )
+                });
+                repeat(
+                    &common,
+                    format!("fanout {backend} {n} connections x {} rounds", a.rounds),
+                    |_| {
+                        let (opts, spawn, attach) = (opts.clone(), spawn.clone(), attach.clone());
+                        async move {
+                            let hub = match attach {
+                                Some((url, token, pid, db)) => Hub::attach(&url, &token, pid, db),
+                                None => Hub::spawn(&spawn).await?,
+                            };
+                            let r = load::fanout(&hub, &opts).await;
+                            let r = r.with_context(|| format!("hub log: {}", hub.log_tail()));
+                            hub.stop().await;
+                            r
+                        }
+                    },
+                    load::FanoutReport::figures,
+                )
+                .await?;
+            }
+        }
+        Scenario::Fallback(a) => {
+            if a.tool == "wrk" && which("wrk").is_none() {
+                bail!(
+                    "wrk is not installed: `apt-get install -y wrk` (scripts/bench/fallback does this), or use --tool builtin"
+                );
+            }
+            let spawn = spawn_options(&common)?;
+            for not_modified in [true, false] {
+                let answer = if not_modified { "304" } else { "200" };
+                repeat(
+                    &common,
+                    format!(
+                        "fallback head check, {answer} answers, {} connections, {}",
+                        a.connections, a.tool
+                    ),
+                    |_| {
+                        let spawn = spawn.clone();
+                        let tool = a.tool.clone();
+                        let (c, t, d) = (a.connections, a.threads, Duration::from_secs(a.duration));
+                        async move {
+                            let hub = Hub::spawn(&spawn).await?;
+                            let space = synchub_protocol::DEFAULT_SPACE;
+                            let r = if tool == "wrk" {
+                                load::fallback_wrk(&hub, space, not_modified, c, t, d).await
+                            } else {
+                                load::fallback_builtin(&hub, space, not_modified, c, d).await
+                            };
+                            hub.stop().await;
+                            r
+                        }
+                    },
+                    load::FallbackReport::figures,
+                )
+                .await?;
+            }
+        }
+        Scenario::Download(a) => {
+            let spawn = spawn_options(&common)?;
+            for name in &a.sets {
+                let set = match name.as_str() {
+                    "qr" => DataSet::QR,
+                    "small" => DataSet::SmallFiles {
+                        files: a.small_files,
+                    },
+                    "large" => DataSet::Large {
+                        bytes: a.large_mib << 20,
+                    },
+                    o => bail!("unknown set {o:?}: use qr, small or large"),
+                };
+                repeat(
+                    &common,
+                    format!("download {}", set.name()),
+                    |_| {
+                        let spawn = spawn.clone();
+                        async move {
+                            let hub = Hub::spawn(&spawn).await?;
+                            let work = tempfile::Builder::new()
+                                .prefix("synchub-load-dl-")
+                                .tempdir()?;
+                            let r = load::download(&hub, set, work.path()).await;
+                            hub.stop().await;
+                            r
+                        }
+                    },
+                    load::DownloadReport::figures,
+                )
+                .await?;
+            }
+        }
+        Scenario::Publish => {
+            let spawn = spawn_options(&common)?;
+            repeat(
+                &common,
+                "publish qr-508 as one commit".into(),
+                |_| {
+                    let spawn = spawn.clone();
+                    async move {
+                        let hub = Hub::spawn(&spawn).await?;
+                        let work = tempfile::Builder::new()
+                            .prefix("synchub-load-pub-")
+                            .tempdir()?;
+                        let src = work.path().join("src");
+                        let s = src.clone();
+                        tokio::task::spawn_blocking(move || load::generate_set(DataSet::QR, &s, 3))
+                            .await??;
+                        let r = load::publish_set(
+                            &hub,
+                            synchub_protocol::DEFAULT_SPACE,
+                            &src,
+                            DataSet::QR,
+                        )
+                        .await;
+                        hub.stop().await;
+                        r
+                    }
+                },
+                load::PublishReport::figures,
+            )
+            .await?;
+        }
+        Scenario::IdlePg(a) => {
+            let mut spawn = spawn_options(&common)?;
+            spawn.postgres = true;
+            // One hub and one set of sockets; each run is one window.
+            let hub = Hub::spawn(&spawn).await?;
+            let limit = Duration::from_secs(common.run_timeout);
+            let windows = common.runs.max(1);
+            let report = tokio::time::timeout(
+                limit,
+                load::idle_pg(
+                    &hub,
+                    a.agents,
+                    Duration::from_secs(a.settle),
+                    Duration::from_secs(a.window),
+                    windows,
+                ),
+            )
+            .await
+            .context("idle-pg took too long")??;
+            hub.stop().await;
+            let p = Printer { json: common.json };
+            p.line(&report);
+            let figs: Vec<Figures> = report
+                .windows
+                .iter()
+                .map(|w| {
+                    Figures::from([("transactions_per_sec".to_owned(), w.transactions_per_sec)])
+                })
+                .collect();
+            let summary = load::summarize(&figs);
+            for (k, s) in &summary {
+                p.line(format_args!(
+                    "  {k:<28} {:>10.2}  ({:.2}, {:.2}) over {} windows",
+                    s.median, s.min, s.max, s.runs
+                ));
+            }
+            if common.json {
+                let out = Output {
+                    scenario: format!("idle-pg {} agents", a.agents),
+                    machine: machine(),
+                    runs: vec![report],
+                    summary,
+                };
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            }
+        }
+        Scenario::Hub { .. } => unreachable!("handled in main"),
+    }
+    Ok(())
+}
+
+fn which(program: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(program))
+            .find(|p| p.is_file())
+    })
+}
