@@ -51,6 +51,9 @@ async fn replicas(url: &str, n: usize) -> anyhow::Result<Vec<TestHub>> {
             c.database_url = Some(url.to_owned());
             c.blob_store = BlobStoreConfig::S3(s3.clone());
             c.hub_id = Some(format!("replica-{i}"));
+            // Bare `WsAgent`s do not answer pings; the idle test outlasts three default
+            // intervals.
+            c.ping_interval_ms = 60_000;
         })
         .await
         .with_context(|| format!("starting replica {i}"))?;

@@ -162,14 +162,15 @@ fn build_config(args: RunArgs) -> anyhow::Result<AgentConfig> {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match Cli::parse().command {
+    let result = match Cli::parse().command {
         Command::Run(args) => run(args).await,
         Command::Publish(args) => publish(args).await,
         Command::Status {
@@ -177,6 +178,14 @@ async fn main() -> anyhow::Result<()> {
             json,
         } => status(status_listen, json).await,
         Command::Verify { dir, json } => verify(dir, json),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line a person can act on, not a debug dump with a backtrace.
+            eprintln!("synchub-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 
