@@ -91,7 +91,7 @@ async fn run(state: AppState, principal: Principal, mut socket: WebSocket) {
         token_name: principal.name.clone(),
         hostname,
         agent_version,
-        connected_at: chrono::Utc::now().to_rfc3339(),
+        connected_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         states: Default::default(),
         revoked: Default::default(),
     });
