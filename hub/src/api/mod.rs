@@ -95,9 +95,13 @@ async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     if state.heads.snapshot().is_empty() {
         return HubError::Unavailable("heads not loaded yet".into()).into_response();
     }
-    match state.store.heads().await {
-        Ok(_) => (StatusCode::OK, "ready\n").into_response(),
-        Err(e) => HubError::Unavailable(format!("database: {e}")).into_response(),
+    // A health check must answer quickly even when the database hangs.
+    match tokio::time::timeout(std::time::Duration::from_secs(2), state.store.heads()).await {
+        Ok(Ok(_)) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(Err(e)) => HubError::Unavailable(format!("database: {e}")).into_response(),
+        Err(_) => {
+            HubError::Unavailable("database did not answer within 2 s".into()).into_response()
+        }
     }
 }
 

@@ -1,0 +1,147 @@
+//! A socket that goes silent without closing (a NAT or proxy that dropped the flow) must be
+//! noticed within a few ping intervals and replaced, so the agent still learns of new versions.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use synchub_client::{AgentConfig, SyncClient};
+use synchub_protocol::{CommitRequest, ManifestEntry, Role, Sha256Hex};
+use synchub_tests::hub::TestHub;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A loopback TCP proxy; [`Proxy::freeze`] makes every connection open so far stop carrying
+/// bytes (without closing), while new connections work.
+struct Proxy {
+    addr: std::net::SocketAddr,
+    generation: Arc<AtomicU64>,
+}
+
+impl Proxy {
+    async fn start(target: std::net::SocketAddr) -> anyhow::Result<Proxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let generation = Arc::new(AtomicU64::new(0));
+        let gen_accept = generation.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let born = gen_accept.load(Ordering::SeqCst);
+                let generation = gen_accept.clone();
+                tokio::spawn(async move {
+                    let Ok(outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (ri, wi) = inbound.into_split();
+                    let (ro, wo) = outbound.into_split();
+                    let a = pump(ri, wo, born, generation.clone());
+                    let b = pump(ro, wi, born, generation);
+                    tokio::join!(a, b);
+                });
+            }
+        });
+        Ok(Proxy { addr, generation })
+    }
+
+    fn freeze(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    born: u64,
+    generation: Arc<AtomicU64>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if generation.load(Ordering::SeqCst) != born {
+            // Frozen: swallow everything, keep the connection open, never answer.
+            futures::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn commit_one(hub: &TestHub, token: &str, base: u64, body: &[u8]) -> anyhow::Result<u64> {
+    let http = reqwest::Client::new();
+    let hash = Sha256Hex::of(body);
+    http.put(hub.api(&format!("/blobs/{hash}")))
+        .bearer_auth(token)
+        .body(body.to_vec())
+        .send()
+        .await?
+        .error_for_status()?;
+    let req = CommitRequest {
+        base_version: base,
+        puts: vec![ManifestEntry {
+            path: "data.json".into(),
+            size: body.len() as u64,
+            sha256: hash,
+        }],
+        deletes: vec![],
+        message: None,
+    };
+    let r: serde_json::Value = http
+        .post(hub.api("/spaces/global_version/commits"))
+        .bearer_auth(token)
+        .json(&req)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    Ok(r["head"]["version"].as_u64().unwrap_or_default())
+}
+
+fn config(url: String, token: &str, dir: &Path) -> AgentConfig {
+    AgentConfig {
+        hubs: vec![url],
+        token: token.to_owned(),
+        spaces: vec!["global_version".into()],
+        dir: dir.to_path_buf(),
+        status_listen: None,
+        max_backoff_ms: 1000,
+        ..AgentConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_socket_is_replaced_within_seconds() -> anyhow::Result<()> {
+    synchub_client::hub_api::install_crypto_provider();
+    let hub = TestHub::start_with(|c| c.ping_interval_ms = 300).await?;
+    let token = hub.token("pc", Role::Agent, None).await?;
+    let proxy = Proxy::start(hub.config.listen).await?;
+    let dir = tempfile::tempdir()?;
+    let agent =
+        SyncClient::start(config(format!("http://{}", proxy.addr), &token, dir.path())).await?;
+    agent.wait_ready(None, 1, Duration::from_secs(10)).await?;
+
+    // The network path dies silently: the agent's socket (and pooled HTTP connections) hang.
+    proxy.freeze();
+    let version = commit_one(&hub, &token, 1, b"{\"after\":\"freeze\"}").await?;
+    assert_eq!(version, 2);
+    // Three silent ping intervals (0.9 s) plus reconnect or fallback: well within 6 s.
+    agent
+        .wait_ready(None, 2, Duration::from_secs(6))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "agent never learned of version 2: {e}; {:?}",
+                agent.status()
+            )
+        })?;
+    let got = std::fs::read(dir.path().join("current/data.json"))
+        .or_else(|_| std::fs::read(dir.path().join("global_version/current/data.json")))?;
+    assert_eq!(got, b"{\"after\":\"freeze\"}");
+    agent.shutdown().await;
+    hub.stop().await;
+    Ok(())
+}
