@@ -60,7 +60,9 @@ pub struct Limits {
     pub max_request_bytes: usize,
     /// Largest WebSocket message an agent may send.
     pub max_frame_bytes: usize,
-    /// WebSocket read and write buffer per connection: small keeps idle sockets cheap.
+    /// WebSocket read and write buffer per connection: small keeps idle sockets cheap (the
+    /// read buffer is allocated and touched up front; it grows for a larger frame). 1 KiB
+    /// instead of 4 KiB saves 3 KiB of hub memory per idle agent (BENCHMARKS.md).
     pub ws_buffer_bytes: usize,
     pub max_pack_blobs: usize,
     pub max_pack_bytes: u64,
@@ -73,7 +75,7 @@ impl Default for Limits {
             max_manifest_entries: 1_000_000,
             max_request_bytes: 64 << 20,
             max_frame_bytes: 64 << 10,
-            ws_buffer_bytes: 4 << 10,
+            ws_buffer_bytes: 1 << 10,
             max_pack_blobs: 10_000,
             max_pack_bytes: 256 << 20,
         }
@@ -96,6 +98,9 @@ impl Default for Config {
         }
     }
 }
+
+/// S3's limit for one CopyObject, which moves a verified upload under its content address.
+pub const S3_MAX_COPY_BYTES: u64 = 5 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -204,6 +209,15 @@ impl Config {
         Ok(())
     }
 
+    /// The largest blob accepted: `limits.max_blob_bytes`, and never above 5 GiB on S3, where a
+    /// verified upload is copied into place with one CopyObject (limited to 5 GiB).
+    pub fn max_blob_bytes(&self) -> u64 {
+        match &self.blob_store {
+            BlobStoreConfig::S3(_) => self.limits.max_blob_bytes.min(S3_MAX_COPY_BYTES),
+            BlobStoreConfig::Fs { .. } => self.limits.max_blob_bytes,
+        }
+    }
+
     /// How long a presigned blob URL stays valid.
     pub fn presign_ttl(&self) -> std::time::Duration {
         match &self.blob_store {
@@ -261,6 +275,16 @@ mod tests {
             ..Config::default()
         };
         assert!(!c.masked().contains("pw@"));
+    }
+
+    #[test]
+    fn s3_caps_the_blob_size_at_what_one_copy_can_move() {
+        let mut c = Config::default();
+        assert_eq!(c.max_blob_bytes(), 8 << 30);
+        c.blob_store = toml::from_str("kind = \"s3\"\nbucket = \"b\"").unwrap();
+        assert_eq!(c.max_blob_bytes(), S3_MAX_COPY_BYTES);
+        c.limits.max_blob_bytes = 1000;
+        assert_eq!(c.max_blob_bytes(), 1000);
     }
 
     #[test]

@@ -116,7 +116,7 @@ pub async fn put_blob(
     body: Body,
 ) -> ApiResult<Response> {
     let hash = parse_hash(&hash)?;
-    let limit = state.config.limits.max_blob_bytes;
+    let limit = state.config.max_blob_bytes();
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
