@@ -254,7 +254,7 @@ async fn fetch_single(
         hasher = Sha256::new();
         have = 0;
     }
-    let mut file = tokio::fs::OpenOptions::new()
+    let file = tokio::fs::OpenOptions::new()
         .create(true)
         .write(true)
         .append(resumed)
@@ -262,11 +262,20 @@ async fn fetch_single(
         .open(&part)
         .await
         .ctx(|| format!("opening {}", part.display()))?;
+    // Gather network chunks into large writes (each tokio::fs write is a blocking-pool trip).
+    let mut file = tokio::io::BufWriter::with_capacity(1 << 20, file);
     progress.bytes_done.fetch_add(have, Ordering::Relaxed);
     let mut stream = resp.bytes_stream();
     let mut got = have;
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk?;
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                // Keep what arrived for a ranged resume.
+                let _ = file.flush().await;
+                return Err(e.into());
+            }
+        };
         got += chunk.len() as u64;
         if got > size {
             drop(file);
