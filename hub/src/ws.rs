@@ -244,6 +244,8 @@ async fn serve(
         .expect("frames serialize")
         .into();
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+    // Registered once per socket, not looked up in the recorder on every send of a broadcast.
+    let fanout_seconds = metrics::histogram!("synchub_fanout_seconds");
     let mut last_heard = Instant::now();
     loop {
         tokio::select! {
@@ -257,8 +259,7 @@ async fn serve(
                         if socket.send(Message::Text(p.frame.clone())).await.is_err() {
                             return;
                         }
-                        metrics::histogram!("synchub_fanout_seconds")
-                            .record(p.since.elapsed().as_secs_f64());
+                        fanout_seconds.record(p.since.elapsed().as_secs_f64());
                     }
                 }
             }
