@@ -569,14 +569,13 @@ async fn read_agent(
                         at,
                     });
                 }
-                Ok(HubFrame::Ping) => {
+                Ok(HubFrame::Ping)
                     if socket
                         .send(Message::Text(pong.clone().into()))
                         .await
-                        .is_err()
-                    {
-                        break;
-                    }
+                        .is_err() =>
+                {
+                    break;
                 }
                 _ => {}
             },
@@ -1131,7 +1130,7 @@ impl Noise {
 
 /// A QR-like folder name: system 2 names range folders by part code.
 fn part_code(i: usize) -> String {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         format!("{:05}-{:05}-F", 4313 + i * 7, 11100 + i * 13)
     } else {
         format!("Y{:06}-{:05}", 129120 + i * 11, 1780 + i * 3)
