@@ -8,7 +8,7 @@
 use axum::extract::ws::Utf8Bytes;
 use axum::http::HeaderValue;
 use bytes::Bytes;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 use synchub_protocol::{Head, HubFrame};
@@ -48,8 +48,9 @@ impl Published {
     }
 }
 
-/// All heads at one instant.
-pub type Snapshot = Arc<HashMap<String, Arc<Published>>>;
+/// All heads at one instant. A hub serves a handful of spaces, and every socket looks its
+/// spaces up after each broadcast: comparing short names is cheaper than hashing them.
+pub type Snapshot = Arc<BTreeMap<String, Arc<Published>>>;
 
 /// The heads every connection and request reads.
 pub struct Heads {
@@ -59,7 +60,7 @@ pub struct Heads {
 impl Default for Heads {
     fn default() -> Self {
         Heads {
-            tx: watch::Sender::new(Arc::new(HashMap::new())),
+            tx: watch::Sender::new(Arc::new(BTreeMap::new())),
         }
     }
 }
@@ -87,7 +88,7 @@ impl Heads {
             {
                 return false;
             }
-            let mut next = HashMap::clone(snapshot);
+            let mut next = BTreeMap::clone(snapshot);
             next.insert(space, published);
             *snapshot = Arc::new(next);
             true

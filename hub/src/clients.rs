@@ -15,8 +15,9 @@ pub struct Connection {
     pub agent_version: Option<String>,
     pub connected_at: String,
     pub states: Mutex<Vec<ClientSpace>>,
-    /// Cancelled to close this socket (its token was revoked).
-    pub revoked: CancellationToken,
+    /// Cancelled to close this socket: its token was revoked, or (as a child of the hub's
+    /// shutdown token) the hub is stopping.
+    pub closed: CancellationToken,
 }
 
 impl Connection {
@@ -79,7 +80,7 @@ impl Clients {
     pub fn revoke(&self, token_ids: &[i64]) {
         for entry in self.live.iter() {
             if token_ids.contains(&entry.token_id) {
-                entry.revoked.cancel();
+                entry.closed.cancel();
             }
         }
     }
