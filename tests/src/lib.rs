@@ -1,3 +1,4 @@
+pub mod fixtures;
 pub mod hub;
 pub mod load;
 pub mod postgres;

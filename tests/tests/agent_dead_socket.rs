@@ -1,12 +1,12 @@
 //! A socket that goes silent without closing (a NAT or proxy that dropped the flow) must be
 //! noticed within a few ping intervals and replaced, so the agent still learns of new versions.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use synchub_client::{AgentConfig, SyncClient};
-use synchub_protocol::{CommitRequest, ManifestEntry, Role, Sha256Hex};
+use synchub_client::SyncClient;
+use synchub_protocol::Role;
+use synchub_tests::fixtures::{agent_config, commit};
 use synchub_tests::hub::TestHub;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -70,49 +70,6 @@ async fn pump(
     }
 }
 
-async fn commit_one(hub: &TestHub, token: &str, base: u64, body: &[u8]) -> anyhow::Result<u64> {
-    let http = reqwest::Client::new();
-    let hash = Sha256Hex::of(body);
-    http.put(hub.api(&format!("/blobs/{hash}")))
-        .bearer_auth(token)
-        .body(body.to_vec())
-        .send()
-        .await?
-        .error_for_status()?;
-    let req = CommitRequest {
-        base_version: base,
-        puts: vec![ManifestEntry {
-            path: "data.json".into(),
-            size: body.len() as u64,
-            sha256: hash,
-        }],
-        deletes: vec![],
-        message: None,
-    };
-    let r: serde_json::Value = http
-        .post(hub.api("/spaces/global_version/commits"))
-        .bearer_auth(token)
-        .json(&req)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    Ok(r["head"]["version"].as_u64().unwrap_or_default())
-}
-
-fn config(url: String, token: &str, dir: &Path) -> AgentConfig {
-    AgentConfig {
-        hubs: vec![url],
-        token: token.to_owned(),
-        spaces: vec!["global_version".into()],
-        dir: dir.to_path_buf(),
-        status_listen: None,
-        max_backoff_ms: 1000,
-        ..AgentConfig::default()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_socket_is_replaced_within_seconds() -> anyhow::Result<()> {
     synchub_client::hub_api::install_crypto_provider();
@@ -120,14 +77,23 @@ async fn a_silent_socket_is_replaced_within_seconds() -> anyhow::Result<()> {
     let token = hub.token("pc", Role::Agent, None).await?;
     let proxy = Proxy::start(hub.config.listen).await?;
     let dir = tempfile::tempdir()?;
-    let agent =
-        SyncClient::start(config(format!("http://{}", proxy.addr), &token, dir.path())).await?;
+    let mut config = agent_config(&hub, &token, dir.path());
+    config.hubs = vec![format!("http://{}", proxy.addr)];
+    config.max_backoff_ms = 1000;
+    let agent = SyncClient::start(config).await?;
     agent.wait_ready(None, 1, Duration::from_secs(10)).await?;
 
     // The network path dies silently: the agent's socket (and pooled HTTP connections) hang.
     proxy.freeze();
-    let version = commit_one(&hub, &token, 1, b"{\"after\":\"freeze\"}").await?;
-    assert_eq!(version, 2);
+    let (status, body) = commit(
+        &hub,
+        &token,
+        1,
+        &[("data.json", b"{\"after\":\"freeze\"}")],
+        &[],
+    )
+    .await?;
+    assert_eq!(status, 201, "{body}");
     // Three silent ping intervals (0.9 s) plus reconnect or fallback: well within 6 s.
     agent
         .wait_ready(None, 2, Duration::from_secs(6))

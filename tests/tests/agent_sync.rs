@@ -7,24 +7,12 @@ use anyhow::{Context, ensure};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use synchub_client::{AgentConfig, HubApi, SyncClient};
+use synchub_client::{HubApi, SyncClient};
 use synchub_protocol::{AgentState, ForceSyncRequest, Role, Sha256Hex, SyncLogEntry};
+use synchub_tests::fixtures::{agent_config, read_tree, wait_ready};
 use synchub_tests::hub::{TestHub, fs_blob_path};
 
 const SPACE: &str = synchub_protocol::DEFAULT_SPACE;
-
-fn agent_config(hub: &TestHub, token: &str, dir: &Path) -> AgentConfig {
-    AgentConfig {
-        hubs: vec![hub.url.clone()],
-        token: token.to_owned(),
-        spaces: vec![SPACE.to_owned()],
-        dir: dir.to_path_buf(),
-        status_listen: Some("127.0.0.1:0".parse().unwrap()),
-        client_id: Some(format!("test-agent-{}", uuid::Uuid::new_v4())),
-        max_backoff_ms: 2000,
-        ..AgentConfig::default()
-    }
-}
 
 /// The QR-like set of system 2: 54 range folders, 508 PNG-sized files of ~5 KB.
 fn write_qr_set(root: &Path, seed: &str) -> anyhow::Result<()> {
@@ -45,25 +33,6 @@ fn write_qr_set(root: &Path, seed: &str) -> anyhow::Result<()> {
     }
     assert_eq!(n, 508);
     Ok(())
-}
-
-/// Every file under `root` (following `current`), path -> bytes.
-fn read_tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
-    synchub_client::apply::walk_files(root)
-        .into_iter()
-        .map(|p| {
-            let bytes = std::fs::read(root.join(&p)).unwrap();
-            (p, bytes)
-        })
-        .collect()
-}
-
-async fn wait_ready(client: &SyncClient, version: u64, timeout: Duration) -> anyhow::Result<()> {
-    client
-        .wait_ready(None, version, timeout)
-        .await
-        .map(drop)
-        .with_context(|| format!("agent status: {:?}", client.status()))
 }
 
 async fn sync_log(hub: &TestHub, client_id: &str) -> anyhow::Result<Vec<SyncLogEntry>> {

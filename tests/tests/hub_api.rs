@@ -2,69 +2,20 @@
 //! backends: auth, commits and their broadcast, reading back manifests and blobs, force-sync,
 //! outside bumps, and every kind of bad input.
 
-use anyhow::{Context, ensure};
+use anyhow::Context;
 use futures::future::join_all;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::Duration;
 use synchub_protocol::{
-    ApiError, BlobList, CommitRequest, CommitResponse, DEFAULT_SPACE, Head, HubFrame, Manifest,
-    ManifestEntry, Role, Sha256Hex, SyncLogEntry, pack,
+    ApiError, BlobList, CommitResponse, DEFAULT_SPACE, Head, HubFrame, Manifest, Role, Sha256Hex,
+    SyncLogEntry, pack,
 };
 use synchub_tests::each_backend;
+use synchub_tests::fixtures::{commit, http, put_blob};
 use synchub_tests::hub::{Backend, TestHub, WsAgent, fs_blob_path, ws_connect};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-fn http() -> reqwest::Client {
-    synchub_hub::blobs::s3::install_crypto_provider();
-    reqwest::Client::new()
-}
-
-async fn put_blob(hub: &TestHub, token: &str, body: &[u8]) -> anyhow::Result<ManifestEntry> {
-    let hash = Sha256Hex::of(body);
-    let r = http()
-        .put(hub.api(&format!("/blobs/{hash}")))
-        .bearer_auth(token)
-        .body(body.to_vec())
-        .send()
-        .await?;
-    ensure!(r.status().is_success(), "put blob: {}", r.status());
-    Ok(ManifestEntry {
-        path: String::new(),
-        size: body.len() as u64,
-        sha256: hash,
-    })
-}
-
-/// Uploads `files` and commits them on `base`; returns the response status and body.
-async fn commit(
-    hub: &TestHub,
-    token: &str,
-    base: u64,
-    files: &[(&str, &[u8])],
-    deletes: &[&str],
-) -> anyhow::Result<(StatusCode, Value)> {
-    let mut puts = Vec::new();
-    for (path, body) in files {
-        let mut e = put_blob(hub, token, body).await?;
-        e.path = path.to_string();
-        puts.push(e);
-    }
-    let req = CommitRequest {
-        base_version: base,
-        puts,
-        deletes: deletes.iter().map(|s| s.to_string()).collect(),
-        message: None,
-    };
-    let r = http()
-        .post(hub.api(&format!("/spaces/{DEFAULT_SPACE}/commits")))
-        .bearer_auth(token)
-        .json(&req)
-        .send()
-        .await?;
-    Ok((r.status(), r.json().await?))
-}
 
 async fn head(hub: &TestHub, token: &str) -> anyhow::Result<Head> {
     Ok(http()
@@ -486,8 +437,7 @@ async fn bad_input_is_refused(backend: Backend) -> anyhow::Result<()> {
         "a/./b",
         "",
     ] {
-        let req =
-            json!({"base_version": 1, "puts": [{"path": path, "size": 5, "sha256": good.sha256}]});
+        let req = json!({"base_version": 1, "puts": [{"path": path, "size": 5, "sha256": good}]});
         let r = http()
             .post(&commits)
             .bearer_auth(&agent)
@@ -523,7 +473,7 @@ async fn bad_input_is_refused(backend: Backend) -> anyhow::Result<()> {
     }
     // Duplicate paths, a size that lies, a blob never uploaded.
     let dup = json!({"base_version": 1, "puts": [
-        {"path": "a", "size": 5, "sha256": good.sha256}, {"path": "a", "size": 5, "sha256": good.sha256}]});
+        {"path": "a", "size": 5, "sha256": good}, {"path": "a", "size": 5, "sha256": good}]});
     let r = http()
         .post(&commits)
         .bearer_auth(&agent)
@@ -531,7 +481,7 @@ async fn bad_input_is_refused(backend: Backend) -> anyhow::Result<()> {
         .send()
         .await?;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
-    let lie = json!({"base_version": 1, "puts": [{"path": "a", "size": 6, "sha256": good.sha256}]});
+    let lie = json!({"base_version": 1, "puts": [{"path": "a", "size": 6, "sha256": good}]});
     let r = http()
         .post(&commits)
         .bearer_auth(&agent)
@@ -641,7 +591,7 @@ async fn bad_input_is_refused(backend: Backend) -> anyhow::Result<()> {
         .post(hub.api("/blobs/pack"))
         .bearer_auth(&agent)
         .json(&BlobList {
-            sha256: vec![good.sha256.clone(), Sha256Hex::of(b"absent")],
+            sha256: vec![good.clone(), Sha256Hex::of(b"absent")],
         })
         .send()
         .await?;
@@ -651,7 +601,7 @@ async fn bad_input_is_refused(backend: Backend) -> anyhow::Result<()> {
         .post(hub.api("/blobs/missing"))
         .bearer_auth(&agent)
         .json(&BlobList {
-            sha256: vec![good.sha256.clone(), Sha256Hex::of(b"absent")],
+            sha256: vec![good.clone(), Sha256Hex::of(b"absent")],
         })
         .send()
         .await?

@@ -16,12 +16,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use synchub_client::{AgentConfig, HubApi, SyncClient};
+use synchub_client::{HubApi, SyncClient};
 use synchub_hub::config::BlobStoreConfig;
 use synchub_protocol::{
-    CommitRequest, CommitResponse, DEFAULT_SPACE, Head, Manifest, ManifestEntry, Role, Sha256Hex,
-    SyncLogEntry,
+    CommitResponse, DEFAULT_SPACE, Head, Manifest, Role, Sha256Hex, SyncLogEntry,
 };
+use synchub_tests::fixtures::{agent_config, commit, http, read_tree};
 use synchub_tests::hub::{TestHub, WsAgent};
 use synchub_tests::postgres::{PgCluster, test_database};
 use synchub_tests::s3::test_bucket;
@@ -33,13 +33,6 @@ fn init() {
     synchub_hub::server::raise_open_file_limit();
     synchub_hub::blobs::s3::install_crypto_provider();
     synchub_client::hub_api::install_crypto_provider();
-}
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("HTTP client")
 }
 
 /// `n` replicas on the database at `url`, sharing one fresh S3 bucket.
@@ -77,56 +70,6 @@ async fn connect(hub: &TestHub, token: &str) -> anyhow::Result<WsAgent> {
     }
 }
 
-async fn put_blob(hub: &TestHub, token: &str, body: &[u8]) -> anyhow::Result<Sha256Hex> {
-    let hash = Sha256Hex::of(body);
-    let r = http()
-        .put(hub.api(&format!("/blobs/{hash}")))
-        .bearer_auth(token)
-        .body(body.to_vec())
-        .send()
-        .await?;
-    ensure!(
-        r.status().is_success(),
-        "put blob on {}: {}",
-        hub.url,
-        r.status()
-    );
-    Ok(hash)
-}
-
-/// Uploads `files` to `hub` and commits them on `base`: the response status and body.
-async fn commit(
-    hub: &TestHub,
-    token: &str,
-    base: u64,
-    files: &[(&str, &[u8])],
-) -> anyhow::Result<(StatusCode, serde_json::Value)> {
-    let mut puts = Vec::new();
-    for (path, body) in files {
-        puts.push(ManifestEntry {
-            path: path.to_string(),
-            size: body.len() as u64,
-            sha256: put_blob(hub, token, body).await?,
-        });
-    }
-    let req = CommitRequest {
-        base_version: base,
-        puts,
-        deletes: Vec::new(),
-        message: None,
-    };
-    let r = http()
-        .post(hub.api(&format!("/spaces/{DEFAULT_SPACE}/commits")))
-        .bearer_auth(token)
-        .json(&req)
-        .timeout(Duration::from_secs(30))
-        .send()
-        .await?;
-    let status = r.status();
-    let body = r.json().await.unwrap_or(serde_json::Value::Null);
-    Ok((status, body))
-}
-
 /// Commits and expects success; returns the new head.
 async fn commit_ok(
     hub: &TestHub,
@@ -134,7 +77,7 @@ async fn commit_ok(
     base: u64,
     files: &[(&str, &[u8])],
 ) -> anyhow::Result<Head> {
-    let (status, body) = commit(hub, token, base, files).await?;
+    let (status, body) = commit(hub, token, base, files, &[]).await?;
     ensure!(
         status == StatusCode::CREATED,
         "commit on {}: {status} {body}",
@@ -184,30 +127,6 @@ async fn sql_bump(url: &str) -> anyhow::Result<()> {
     .await?;
     c.close().await?;
     Ok(())
-}
-
-/// Every file under `root` (following `current`), path -> bytes.
-fn read_tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
-    synchub_client::apply::walk_files(root)
-        .into_iter()
-        .map(|p| {
-            let bytes = std::fs::read(root.join(&p)).unwrap();
-            (p, bytes)
-        })
-        .collect()
-}
-
-fn agent_config(hub: &TestHub, token: &str, dir: &Path) -> AgentConfig {
-    AgentConfig {
-        hubs: vec![hub.url.clone()],
-        token: token.to_owned(),
-        spaces: vec![DEFAULT_SPACE.to_owned()],
-        dir: dir.to_path_buf(),
-        status_listen: Some("127.0.0.1:0".parse().unwrap()),
-        client_id: Some(format!("replica-agent-{}", uuid::Uuid::new_v4())),
-        max_backoff_ms: 2000,
-        ..AgentConfig::default()
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -389,7 +308,7 @@ async fn postgres_restart_loses_no_bump() -> anyhow::Result<()> {
                 .map(|hub| http().get(format!("{}/readyz", hub.url)).send())
         ),
         async {
-            commit(&hubs[0], &token, v1.version, &[("down.txt", b"x")])
+            commit(&hubs[0], &token, v1.version, &[("down.txt", b"x")], &[])
                 .await
                 .expect("the commit request is answered")
         }

@@ -16,6 +16,7 @@ use synchub_hub::blobs::BlobStore;
 use synchub_hub::blobs::s3::{S3BlobStore, S3Config};
 use synchub_hub::config::BlobStoreConfig;
 use synchub_protocol::{AgentState, BlobList, Role, Sha256Hex, pack};
+use synchub_tests::fixtures::{agent_config, metric, read_tree, wait_ready};
 use synchub_tests::hub::TestHub;
 use synchub_tests::s3::test_bucket;
 use tokio::io::AsyncWriteExt;
@@ -37,19 +38,6 @@ async fn s3_hub(presign: bool) -> anyhow::Result<(TestHub, S3Config)> {
     })
     .await?;
     Ok((hub, s3))
-}
-
-fn agent_config(hub: &TestHub, token: &str, dir: &Path) -> AgentConfig {
-    AgentConfig {
-        hubs: vec![hub.url.clone()],
-        token: token.to_owned(),
-        spaces: vec![SPACE.to_owned()],
-        dir: dir.to_path_buf(),
-        status_listen: Some("127.0.0.1:0".parse().unwrap()),
-        client_id: Some(format!("s3-agent-{}", uuid::Uuid::new_v4())),
-        max_backoff_ms: 2000,
-        ..AgentConfig::default()
-    }
 }
 
 /// An HTTP client that shows redirects instead of following them.
@@ -93,38 +81,6 @@ impl Noise {
             Some((Ok(Bytes::from(buf)), (noise, left - left.min(CHUNK))))
         })
     }
-}
-
-/// Every file under `root` (following `current`), path -> bytes.
-fn read_tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
-    synchub_client::apply::walk_files(root)
-        .into_iter()
-        .map(|p| {
-            let bytes = std::fs::read(root.join(&p)).unwrap();
-            (p, bytes)
-        })
-        .collect()
-}
-
-async fn wait_ready(client: &SyncClient, version: u64, timeout: Duration) -> anyhow::Result<()> {
-    client
-        .wait_ready(None, version, timeout)
-        .await
-        .map(drop)
-        .with_context(|| format!("agent status: {:?}", client.status()))
-}
-
-/// A counter from the hub's `/metrics` (process-wide: tests beside this one only add to it).
-async fn metric(hub: &TestHub, name: &str) -> anyhow::Result<f64> {
-    let text = reqwest::get(format!("{}/metrics", hub.url))
-        .await?
-        .text()
-        .await?;
-    Ok(text
-        .lines()
-        .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .filter_map(|v| v.trim().parse::<f64>().ok())
-        .sum())
 }
 
 /// Writes an object straight into the bucket, behind the hub's back. moto wants a credential
