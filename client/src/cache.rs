@@ -80,6 +80,28 @@ impl Cache {
         Ok(())
     }
 
+    /// Writes checked bytes to a temp file, fsyncs it and moves it to the blob's address: one
+    /// blocking call per small blob instead of a trip to the blocking pool per step.
+    pub fn insert_bytes(&self, sha256: &Sha256Hex, bytes: &[u8]) -> Result<()> {
+        use std::io::Write;
+        let temp = self.temp_path();
+        let written = std::fs::File::create(&temp).and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        });
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&temp);
+            return Err(crate::ClientError::io(
+                format!("writing {}", temp.display()),
+                e,
+            ));
+        }
+        let dest = self.path(sha256);
+        let dir = dest.parent().expect("cache path has a parent");
+        std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
+        std::fs::rename(&temp, &dest).ctx(|| format!("renaming into {}", dest.display()))
+    }
+
     /// Drops temp files of interrupted writes (not `.part` files: those resume).
     pub fn clean_temp(&self) {
         if let Ok(rd) = std::fs::read_dir(self.root.join("tmp")) {

@@ -332,6 +332,11 @@ async fn fetch_pack(
     let mut reader = BufReader::with_capacity(64 * 1024, body_reader(resp));
     let mut total = 0u64;
     let mut line = Vec::with_capacity(pack::MAX_HEADER_LEN);
+    // Checked blobs are written to the cache by blocking tasks in batches, while the pack
+    // goes on streaming in.
+    let mut writers = tokio::task::JoinSet::new();
+    let mut batch: Vec<(Sha256Hex, Vec<u8>)> = Vec::new();
+    let mut batch_bytes = 0usize;
     for (expected, expected_size) in list {
         line.clear();
         let n = (&mut reader)
@@ -351,61 +356,63 @@ async fn fetch_pack(
                 "pack sent {sha} ({size} bytes) where {expected} ({expected_size} bytes) was asked"
             )));
         }
-        let temp = cache.temp_path();
-        let result = copy_checked(&mut reader, &temp, &sha, size, progress).await;
-        match result {
-            Ok(()) => {
-                let (c, t, s) = (cache.clone(), temp.clone(), sha.clone());
-                tokio::task::spawn_blocking(move || c.insert(&t, &s))
-                    .await
-                    .map_err(|e| ClientError::Protocol(e.to_string()))??;
-            }
-            Err(e) => {
-                let _ = tokio::fs::remove_file(&temp).await;
-                return Err(e);
-            }
+        let bytes = read_checked(&mut reader, &sha, size, progress).await?;
+        batch_bytes += bytes.len();
+        batch.push((sha, bytes));
+        if batch_bytes >= WRITE_BATCH_BYTES || batch.len() >= WRITE_BATCH_BLOBS {
+            writers.spawn_blocking(write_batch(cache.clone(), std::mem::take(&mut batch)));
+            batch_bytes = 0;
         }
         total += size;
-        progress.files_done.fetch_add(1, Ordering::Relaxed);
+    }
+    if !batch.is_empty() {
+        writers.spawn_blocking(write_batch(cache.clone(), batch));
+    }
+    while let Some(done) = writers.join_next().await {
+        let written = done.map_err(|e| ClientError::Protocol(e.to_string()))??;
+        progress.files_done.fetch_add(written, Ordering::Relaxed);
     }
     Ok(total)
 }
 
-/// Copies exactly `size` bytes to `dest`, hashing them; fails on a short read or wrong hash.
-async fn copy_checked<R: tokio::io::AsyncRead + Unpin>(
+/// A write batch of small blobs: bounded so that writing overlaps with reading the pack.
+const WRITE_BATCH_BYTES: usize = 1 << 20;
+const WRITE_BATCH_BLOBS: usize = 64;
+
+/// Stores checked blobs in the cache; returns how many.
+fn write_batch(cache: Cache, batch: Vec<(Sha256Hex, Vec<u8>)>) -> impl FnOnce() -> Result<u64> {
+    move || {
+        for (sha, bytes) in &batch {
+            cache.insert_bytes(sha, bytes)?;
+        }
+        Ok(batch.len() as u64)
+    }
+}
+
+/// Reads exactly `size` bytes of one small blob, hashing them; fails on a short read or a
+/// wrong hash.
+async fn read_checked<R: tokio::io::AsyncRead + Unpin>(
     reader: &mut R,
-    dest: &std::path::Path,
     sha: &Sha256Hex,
     size: u64,
     progress: &Progress,
-) -> Result<()> {
-    let mut file = tokio::fs::File::create(dest)
-        .await
-        .ctx(|| format!("creating {}", dest.display()))?;
-    let mut hasher = Sha256::new();
-    let mut left = size;
-    let mut buf = vec![0u8; (size.min(64 * 1024) as usize).max(1)];
-    while left > 0 {
-        let want = buf.len().min(left as usize);
+) -> Result<Vec<u8>> {
+    let mut bytes = vec![0u8; size as usize];
+    let mut filled = 0;
+    while filled < bytes.len() {
         let n = reader
-            .read(&mut buf[..want])
+            .read(&mut bytes[filled..])
             .await
             .map_err(|e| ClientError::Unreachable(format!("reading pack: {e}")))?;
         if n == 0 {
             return Err(ClientError::Truncated(format!(
-                "blob {sha} in pack ({} of {size} bytes)",
-                size - left
+                "blob {sha} in pack ({filled} of {size} bytes)"
             )));
         }
-        hasher.update(&buf[..n]);
-        file.write_all(&buf[..n])
-            .await
-            .ctx(|| format!("writing {}", dest.display()))?;
-        left -= n as u64;
+        filled += n;
         progress.bytes_done.fetch_add(n as u64, Ordering::Relaxed);
     }
-    file.flush().await.ctx(|| dest.display().to_string())?;
-    let actual = Sha256Hex::from_digest(hasher.finalize().into());
+    let actual = Sha256Hex::of(&bytes);
     if &actual != sha {
         return Err(ClientError::HashMismatch {
             what: format!("blob {sha}"),
@@ -413,7 +420,7 @@ async fn copy_checked<R: tokio::io::AsyncRead + Unpin>(
             actual,
         });
     }
-    Ok(())
+    Ok(bytes)
 }
 
 /// Hashes local files against manifest entries: the paths whose content differs or is
@@ -434,23 +441,20 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn copy_checked_rejects_short_and_wrong_bodies() {
-        let dir = tempfile::tempdir().unwrap();
+    async fn read_checked_rejects_short_and_wrong_bodies() {
         let p = Progress::default();
         let body = b"0123456789";
         let sha = Sha256Hex::of(body);
-        let dest = dir.path().join("x");
         let mut ok: &[u8] = body;
-        copy_checked(&mut ok, &dest, &sha, 10, &p).await.unwrap();
-        assert_eq!(std::fs::read(&dest).unwrap(), body);
+        assert_eq!(read_checked(&mut ok, &sha, 10, &p).await.unwrap(), body);
         let mut short: &[u8] = &body[..5];
         assert!(matches!(
-            copy_checked(&mut short, &dest, &sha, 10, &p).await,
+            read_checked(&mut short, &sha, 10, &p).await,
             Err(ClientError::Truncated(_))
         ));
         let mut wrong: &[u8] = b"0123456780";
         assert!(matches!(
-            copy_checked(&mut wrong, &dest, &sha, 10, &p).await,
+            read_checked(&mut wrong, &sha, 10, &p).await,
             Err(ClientError::HashMismatch { .. })
         ));
     }
