@@ -17,6 +17,27 @@ pub struct FallbackContext {
     pub only_channel: bool,
     /// Last time any head answer came back (for the status page).
     pub last_ok: watch::Sender<Option<chrono::DateTime<chrono::Utc>>>,
+    /// Why the last check failed; cleared by the next answer.
+    pub last_error: watch::Sender<Option<String>>,
+}
+
+impl FallbackContext {
+    fn answered(&self) {
+        self.last_ok.send_replace(Some(chrono::Utc::now()));
+        if self.last_error.send_replace(None).is_some() {
+            tracing::info!(hub = %self.api.hub(), "hub answers again");
+        }
+    }
+
+    /// Logs the first failure of a run at warn level (then debug: this repeats every second).
+    fn failed(&self, space: &str, error: String) {
+        if self.last_error.borrow().is_none() {
+            tracing::warn!(hub = %self.api.hub(), space, %error, "head check failed; retrying every interval");
+        } else {
+            tracing::debug!(space, %error, "head check failed");
+        }
+        self.last_error.send_replace(Some(error));
+    }
 }
 
 pub async fn run(
@@ -29,6 +50,7 @@ pub async fn run(
         if *connected.borrow_and_update() {
             // The socket carries the heads; wait until it goes down.
             etags.clear();
+            ctx.last_error.send_replace(None);
             tokio::select! {
                 r = connected.changed() => if r.is_err() { return },
                 _ = stop.changed() => return,
@@ -39,11 +61,9 @@ pub async fn run(
         for space in &ctx.spaces {
             let etag = etags.get(&space.name).map(String::as_str);
             match ctx.api.head(&space.name, etag).await {
-                Ok(HeadCheck::NotModified) => {
-                    ctx.last_ok.send_replace(Some(chrono::Utc::now()));
-                }
+                Ok(HeadCheck::NotModified) => ctx.answered(),
                 Ok(HeadCheck::Head { head, etag }) => {
-                    ctx.last_ok.send_replace(Some(chrono::Utc::now()));
+                    ctx.answered();
                     match etag {
                         Some(t) => etags.insert(space.name.clone(), t),
                         None => etags.remove(&space.name),
@@ -51,7 +71,7 @@ pub async fn run(
                     space.offer_head(head, HeadSource::Poll);
                 }
                 Err(e) => {
-                    tracing::debug!(space = %space.name, error = %e, "head check failed");
+                    ctx.failed(&space.name, e.to_string());
                     etags.clear();
                     if ctx.only_channel {
                         ctx.api.rotate();

@@ -55,6 +55,8 @@ pub struct Inner {
     pub(crate) outbox: outbox::Outbox,
     pub(crate) connected: watch::Sender<bool>,
     pub(crate) last_head_check: watch::Sender<Option<chrono::DateTime<chrono::Utc>>>,
+    /// Why the last head check failed, until one succeeds again.
+    pub(crate) hub_error: watch::Sender<Option<String>>,
     pub(crate) stop: watch::Sender<bool>,
 }
 
@@ -92,6 +94,8 @@ pub struct HubStatus {
     pub mode: &'static str,
     pub connected: bool,
     pub last_head_check: Option<String>,
+    /// Why the hub cannot be reached over HTTP, while it cannot.
+    pub last_error: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -133,6 +137,7 @@ impl SyncClient {
             outbox: outbox.clone(),
             connected: watch::Sender::new(false),
             last_head_check: watch::Sender::new(None),
+            hub_error: watch::Sender::new(None),
             stop: watch::Sender::new(false),
             config: config.clone(),
         });
@@ -169,6 +174,7 @@ impl SyncClient {
             interval: Duration::from_millis(config.fallback_interval_ms.max(50)),
             only_channel: config.disable_websocket,
             last_ok: inner.last_head_check.clone(),
+            last_error: inner.hub_error.clone(),
         });
         tasks.push(tokio::spawn(fallback::run(
             fb,
@@ -358,6 +364,7 @@ impl Inner {
                 mode: if connected { "websocket" } else { "fallback" },
                 connected,
                 last_head_check: self.last_head_check.borrow().map(|t| t.to_rfc3339()),
+                last_error: self.hub_error.borrow().clone(),
             },
             spaces: self
                 .spaces

@@ -112,29 +112,36 @@ progress{width:100%}button{font-size:1.1em;padding:.5em 1em}
 <p id="hub"></p>
 <script>
 const spaces = {};
+// Error texts come from the hub or the network: never insert them as HTML.
+const esc = (v) => String(v ?? '').replace(/[&<>"']/g, (c) => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));
 function render() {
   const el = document.getElementById('spaces');
   el.innerHTML = '';
   for (const s of Object.values(spaces)) {
     const d = document.createElement('div');
     d.className = 'card ' + (s.allows_use ? 'ready' : 'blocked');
-    let text = `<b>${s.space}</b>: ${s.state} (version ${s.version}` +
-      (s.target !== undefined ? ` → ${s.target}` : '') + ')';
+    let text = `<b>${esc(s.space)}</b>: ${esc(s.state)} (version ${esc(s.version)}` +
+      (s.target !== undefined ? ` → ${esc(s.target)}` : '') + ')';
     if (!s.allows_use) text += '<br>Use of the data is blocked until the download is applied.';
     if (s.state === 'downloading') {
       text += `<br><progress max="${s.bytes_total || 1}" value="${s.bytes_done}"></progress>` +
         ` ${s.files_done}/${s.files_total} files`;
     }
-    if (s.last_error) text += `<br>Last error: ${s.last_error}`;
+    if (s.last_error) text += `<br>Last error: ${esc(s.last_error)}`;
     d.innerHTML = text;
     el.appendChild(d);
   }
 }
+function showHub(hub) {
+  document.getElementById('hub').textContent = `Hub ${hub.url} (${hub.mode})` +
+    (hub.last_error ? ` — cannot reach it: ${hub.last_error}` : '');
+}
 fetch('/status').then(r => r.json()).then(st => {
   for (const s of st.spaces) spaces[s.space] = s;
-  document.getElementById('hub').textContent = `Hub ${st.hub.url} (${st.hub.mode})`;
+  showHub(st.hub);
   render();
 });
+setInterval(() => fetch('/status').then(r => r.json()).then(st => showHub(st.hub)).catch(() => {}), 2000);
 new EventSource('/events').addEventListener('state', e => {
   const s = JSON.parse(e.data); spaces[s.space] = s; render();
 });
