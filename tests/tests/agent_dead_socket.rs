@@ -1,5 +1,7 @@
-//! A socket that goes silent without closing (a NAT or proxy that dropped the flow) must be
-//! noticed within a few ping intervals and replaced, so the agent still learns of new versions.
+//! When the hub cannot be reached: a socket that goes silent without closing (a NAT or proxy
+//! that dropped the flow) is noticed within a few ping intervals and replaced, so the agent
+//! still learns of new versions; a hub that is down is shown on `/status` with the reason, and
+//! local use stays blocked.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -107,6 +109,38 @@ async fn a_silent_socket_is_replaced_within_seconds() -> anyhow::Result<()> {
     let got = std::fs::read(dir.path().join("current/data.json"))
         .or_else(|_| std::fs::read(dir.path().join("global_version/current/data.json")))?;
     assert_eq!(got, b"{\"after\":\"freeze\"}");
+    agent.shutdown().await;
+    hub.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_hub_is_shown_with_its_reason() -> anyhow::Result<()> {
+    let hub = TestHub::start().await?;
+    let dir = tempfile::tempdir()?;
+    let mut config = agent_config(&hub, "shb_unused", dir.path());
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    config.hubs = vec![format!("http://{closed}")];
+    let agent = SyncClient::start(config).await?;
+    let url = format!(
+        "http://{}/status",
+        agent.local_api_addr().expect("local API")
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status: serde_json::Value = reqwest::get(&url).await?.json().await?;
+        if let Some(error) = status["hub"]["last_error"].as_str() {
+            assert!(error.contains("unreachable"), "{error}");
+            assert_eq!(status["spaces"][0]["allows_use"], false);
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no hub error shown: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     agent.shutdown().await;
     hub.stop().await;
     Ok(())
