@@ -125,7 +125,7 @@ function render() {
     if (!s.allows_use) text += '<br>Use of the data is blocked until the download is applied.';
     if (s.state === 'downloading') {
       text += `<br><progress max="${s.bytes_total || 1}" value="${s.bytes_done}"></progress>` +
-        ` ${s.files_done}/${s.files_total} files`;
+        ` ${s.files_done}/${s.files_total} files, ${((s.bytes_per_sec || 0) / 1e6).toFixed(1)} MB/s`;
     }
     if (s.last_error) text += `<br>Last error: ${esc(s.last_error)}`;
     d.innerHTML = text;

@@ -324,7 +324,9 @@ async fn sync_once(
         files_total: 0,
         bytes_done: 0,
         bytes_total: 0,
+        bytes_per_sec: 0,
     });
+    let started = std::time::Instant::now();
     let (manifest, _bytes) = download::fetch_manifest(&ctx.api, head).await?;
     let opts = DownloadOptions {
         parallel: ctx.config.parallel_downloads,
@@ -346,6 +348,7 @@ async fn sync_once(
                     files_total,
                     bytes_done,
                     bytes_total,
+                    bytes_per_sec: rate(bytes_done, started),
                 });
             }
         })
@@ -359,6 +362,7 @@ async fn sync_once(
         files_total,
         bytes_done,
         bytes_total,
+        bytes_per_sec: rate(bytes_done, started),
     });
 
     space.set(Event::Verifying);
@@ -411,4 +415,14 @@ async fn sync_once(
     .await
     .ok();
     Ok((prepared.held, stats))
+}
+
+/// Average bytes per second since `started`.
+fn rate(bytes: u64, started: std::time::Instant) -> u64 {
+    let secs = started.elapsed().as_secs_f64();
+    if secs > 0.0 {
+        (bytes as f64 / secs) as u64
+    } else {
+        0
+    }
 }

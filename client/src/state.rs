@@ -26,6 +26,7 @@ pub enum Event {
         files_total: u64,
         bytes_done: u64,
         bytes_total: u64,
+        bytes_per_sec: u64,
     },
     Verifying,
     Applying,
@@ -70,6 +71,7 @@ pub fn transition(state: &AgentState, event: Event) -> AgentState {
             files_total,
             bytes_done,
             bytes_total,
+            bytes_per_sec,
         } => AgentState::Downloading {
             version,
             target,
@@ -77,6 +79,7 @@ pub fn transition(state: &AgentState, event: Event) -> AgentState {
             files_total,
             bytes_done,
             bytes_total,
+            bytes_per_sec,
         },
         Event::Verifying => AgentState::Verifying { version, target },
         Event::Applying => AgentState::Applying { version, target },
@@ -133,6 +136,7 @@ mod tests {
                 files_total: 2,
                 bytes_done: 10,
                 bytes_total: 20,
+                bytes_per_sec: 40,
             },
         );
         assert!(matches!(
@@ -169,6 +173,7 @@ mod tests {
             files_total: 1,
             bytes_done: 0,
             bytes_total: 1,
+            bytes_per_sec: 0,
         };
         let blocked = transition(
             &s,
@@ -217,6 +222,7 @@ mod tests {
             files_total: 1,
             bytes_done: 0,
             bytes_total: 1,
+            bytes_per_sec: 0,
         };
         assert!(is_progress_only(&a, &a));
         assert!(!is_progress_only(&a, &AgentState::Ready { version: 2 }));

@@ -42,6 +42,9 @@ pub enum AgentState {
         files_total: u64,
         bytes_done: u64,
         bytes_total: u64,
+        /// Average download rate since the download started.
+        #[serde(default)]
+        bytes_per_sec: u64,
     },
     Verifying {
         version: u64,
