@@ -7,10 +7,9 @@
 //! future) removes the temporary file. A root belongs to one hub process: `new` deletes what
 //! an earlier process left in `tmp/`.
 
-use super::{BlobError, BlobRead, BlobStore, ByteStream};
+use super::{BlobError, BlobRead, BlobStore, ByteStream, UploadCheck};
 use async_trait::async_trait;
 use futures::StreamExt;
-use sha2::{Digest, Sha256};
 use std::io::{ErrorKind, SeekFrom};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -67,13 +66,14 @@ impl FsBlobStore {
         self.root.join(&h[0..2]).join(&h[2..4]).join(h)
     }
 
-    /// Writes the body to a fresh temporary file; returns it (still guarded) with the digest
-    /// and size once the stream ended within `max_size`.
+    /// Writes the body to a fresh temporary file; returns it (still guarded) with the size,
+    /// once the stream ended within `max_size` and hashed to `expected`.
     async fn receive(
         &self,
         mut body: ByteStream,
+        expected: &Sha256Hex,
         max_size: u64,
-    ) -> Result<(TempFile, Sha256Hex, u64), BlobError> {
+    ) -> Result<(TempFile, u64), BlobError> {
         let temp = TempFile::new(self.tmp.join(format!("{:016x}", rand::random::<u64>())));
         let file = tokio::fs::OpenOptions::new()
             .write(true)
@@ -83,38 +83,30 @@ impl FsBlobStore {
         // Network chunks are small; each tokio::fs write is a trip to the blocking pool, so
         // gather them into large writes.
         let mut file = tokio::io::BufWriter::with_capacity(1 << 20, file);
-        let mut hasher = Sha256::new();
-        let mut size = 0u64;
+        let mut check = UploadCheck::new(max_size);
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(BlobError::Interrupted)?;
-            size += chunk.len() as u64;
-            if size > max_size {
-                return Err(BlobError::TooLarge { limit: max_size });
-            }
-            hasher.update(&chunk);
-            file.write_all(&chunk).await?;
+            file.write_all(&check.take(chunk)?).await?;
         }
+        let size = check.verify(expected)?;
         file.flush().await?;
         let file = file.into_inner();
         file.sync_all().await?;
         drop(file);
-        Ok((temp, Sha256Hex::from_digest(hasher.finalize().into()), size))
+        Ok((temp, size))
     }
 }
 
 /// Reads a body only to check it: the blob is stored already.
-async fn hash_only(mut body: ByteStream, max_size: u64) -> Result<(Sha256Hex, u64), BlobError> {
-    let mut hasher = Sha256::new();
-    let mut size = 0u64;
+async fn check_only(
+    mut body: ByteStream,
+    expected: &Sha256Hex,
+    max_size: u64,
+) -> Result<u64, BlobError> {
+    let mut check = UploadCheck::new(max_size);
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(BlobError::Interrupted)?;
-        size += chunk.len() as u64;
-        if size > max_size {
-            return Err(BlobError::TooLarge { limit: max_size });
-        }
-        hasher.update(&chunk);
+        check.take(chunk)?;
     }
-    Ok((Sha256Hex::from_digest(hasher.finalize().into()), size))
+    check.verify(expected)
 }
 
 /// A temporary upload file, removed when dropped unless it was renamed into place: this
@@ -178,22 +170,9 @@ impl BlobStore for FsBlobStore {
     ) -> Result<u64, BlobError> {
         let dest = self.blob_path(expected);
         if tokio::fs::try_exists(&dest).await? {
-            let (actual, size) = hash_only(body, max_size).await?;
-            if &actual != expected {
-                return Err(BlobError::HashMismatch {
-                    expected: expected.clone(),
-                    actual,
-                });
-            }
-            return Ok(size);
+            return check_only(body, expected, max_size).await;
         }
-        let (temp, actual, size) = self.receive(body, max_size).await?;
-        if &actual != expected {
-            return Err(BlobError::HashMismatch {
-                expected: expected.clone(),
-                actual,
-            });
-        }
+        let (temp, size) = self.receive(body, expected, max_size).await?;
         let dir = dest.parent().expect("blob path has folders").to_path_buf();
         tokio::fs::create_dir_all(&dir).await?;
         // A concurrent put of the same blob may have renamed first: renaming over it swaps

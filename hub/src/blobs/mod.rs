@@ -80,6 +80,58 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn list(&self) -> Result<Vec<Sha256Hex>, BlobError>;
 }
 
+/// Hashes and counts an upload while it streams and enforces the size limit: what every
+/// backend's `put` does before the bytes may become visible under their address.
+pub(crate) struct UploadCheck {
+    hasher: sha2::Sha256,
+    size: u64,
+    max_size: u64,
+}
+
+impl UploadCheck {
+    pub(crate) fn new(max_size: u64) -> Self {
+        use sha2::Digest;
+        UploadCheck {
+            hasher: sha2::Sha256::new(),
+            size: 0,
+            max_size,
+        }
+    }
+
+    /// The next chunk of the body, counted against the limit and hashed.
+    pub(crate) fn take(&mut self, chunk: std::io::Result<Bytes>) -> Result<Bytes, BlobError> {
+        use sha2::Digest;
+        let chunk = chunk.map_err(BlobError::Interrupted)?;
+        self.size += chunk.len() as u64;
+        if self.size > self.max_size {
+            return Err(BlobError::TooLarge {
+                limit: self.max_size,
+            });
+        }
+        self.hasher.update(&chunk);
+        Ok(chunk)
+    }
+
+    /// Bytes taken so far.
+    pub(crate) fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The size, if the bytes hash to `expected`; `HashMismatch` otherwise.
+    pub(crate) fn verify(self, expected: &Sha256Hex) -> Result<u64, BlobError> {
+        use sha2::Digest;
+        let actual = Sha256Hex::from_digest(self.hasher.finalize().into());
+        if &actual == expected {
+            Ok(self.size)
+        } else {
+            Err(BlobError::HashMismatch {
+                expected: expected.clone(),
+                actual,
+            })
+        }
+    }
+}
+
 /// Stores bytes already in memory (manifests): a convenience over [`BlobStore::put`].
 pub async fn put_bytes(store: &dyn BlobStore, bytes: Bytes) -> Result<Sha256Hex, BlobError> {
     let hash = Sha256Hex::of(&bytes);

@@ -8,7 +8,7 @@
 //! completed only when the digest matches, then copied to its key and the staging object
 //! deleted. A mismatch, an oversize or interrupted body aborts the multipart upload.
 
-use super::{BlobError, BlobRead, BlobStore, ByteStream};
+use super::{BlobError, BlobRead, BlobStore, ByteStream, UploadCheck};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
@@ -17,7 +17,6 @@ use object_store::path::Path;
 use object_store::signer::Signer;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::fmt;
 use std::ops::Range;
 use std::sync::{Arc, Once};
@@ -186,9 +185,7 @@ impl S3BlobStore {
         expected: &Sha256Hex,
         first: Vec<Bytes>,
         mut body: ByteStream,
-        mut hasher: Sha256,
-        mut size: u64,
-        max_size: u64,
+        mut check: UploadCheck,
     ) -> Result<u64, BlobError> {
         let staging = self
             .staging
@@ -199,34 +196,25 @@ impl S3BlobStore {
         for chunk in first {
             writer.get().put(chunk);
         }
-        let received: Result<(), BlobError> = async {
+        let received: Result<u64, BlobError> = async {
             while let Some(chunk) = body.next().await {
-                let chunk = chunk.map_err(BlobError::Interrupted)?;
-                size += chunk.len() as u64;
-                if size > max_size {
-                    return Err(BlobError::TooLarge { limit: max_size });
-                }
-                hasher.update(&chunk);
+                let chunk = check.take(chunk)?;
                 writer.get().wait_for_capacity(PARTS_IN_FLIGHT).await?;
                 writer.get().put(chunk);
             }
-            let actual = Sha256Hex::from_digest(hasher.finalize().into());
-            if &actual != expected {
-                return Err(BlobError::HashMismatch {
-                    expected: expected.clone(),
-                    actual,
-                });
-            }
-            Ok(())
+            check.verify(expected)
         }
         .await;
         let writer = writer.0.take().expect("writer is taken once");
-        if let Err(e) = received {
-            if let Err(abort) = writer.abort().await {
-                tracing::warn!(key = %staging, error = %abort, "could not abort multipart upload");
+        let size = match received {
+            Ok(size) => size,
+            Err(e) => {
+                if let Err(abort) = writer.abort().await {
+                    tracing::warn!(key = %staging, error = %abort, "could not abort multipart upload");
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
         writer.finish().await?;
         // Plain copy: a blob is immutable, so a concurrent put overwrites identical bytes.
         let copied = self.store.copy(&staging, &self.key(expected)).await;
@@ -280,33 +268,19 @@ impl BlobStore for S3BlobStore {
             Err(object_store::Error::NotFound { .. }) => false,
             Err(e) => return Err(e.into()),
         };
-        let mut hasher = Sha256::new();
-        let mut size = 0u64;
+        let mut check = UploadCheck::new(max_size);
         let mut buffered = Vec::new();
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(BlobError::Interrupted)?;
-            size += chunk.len() as u64;
-            if size > max_size {
-                return Err(BlobError::TooLarge { limit: max_size });
-            }
-            hasher.update(&chunk);
+            let chunk = check.take(chunk)?;
             if exists {
                 continue; // checked, then dropped
             }
             buffered.push(chunk);
-            if size >= PART_SIZE as u64 {
-                return self
-                    .put_multipart(expected, buffered, body, hasher, size, max_size)
-                    .await;
+            if check.size() >= PART_SIZE as u64 {
+                return self.put_multipart(expected, buffered, body, check).await;
             }
         }
-        let actual = Sha256Hex::from_digest(hasher.finalize().into());
-        if &actual != expected {
-            return Err(BlobError::HashMismatch {
-                expected: expected.clone(),
-                actual,
-            });
-        }
+        let size = check.verify(expected)?;
         if !exists {
             // Verified in memory already, so it can go straight to its key.
             self.store
