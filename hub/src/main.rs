@@ -16,7 +16,8 @@ async fn main() -> std::process::ExitCode {
     match run(Cli::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("synchub: {e:#}");
+            // Our error messages already include their causes; `{:#}` would repeat them.
+            eprintln!("synchub: {e}");
             std::process::ExitCode::FAILURE
         }
     }

@@ -22,9 +22,9 @@ pub enum StartError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
-    #[error("database: {0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("blob store: {0}")]
+    #[error(transparent)]
     Blobs(#[from] BlobError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {

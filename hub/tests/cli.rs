@@ -226,3 +226,29 @@ fn bad_config_is_a_clear_error() {
     assert!(!ok);
     assert!(err.contains("/nonexistent/hub.toml"), "{err}");
 }
+
+#[test]
+fn an_unreachable_database_says_why_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on a port we just bound and released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://hub:secret@127.0.0.1:{port}/synchub");
+    let started = Instant::now();
+    let (ok, _, err) = run(dir.path(), &["--database-url", &url, "token", "list"]);
+    assert!(!ok);
+    assert!(err.contains("Connection refused"), "{err}");
+    assert_eq!(
+        err.matches("database error").count(),
+        1,
+        "cause repeated: {err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}

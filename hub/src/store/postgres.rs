@@ -49,6 +49,12 @@ impl PostgresStore {
     /// Connects to `url` (`postgres://...`) and runs the migrations.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         let options = PgConnectOptions::from_str(url)?.application_name("synchub");
+        // One plain connection first: a pool that cannot connect only reports a timeout,
+        // while this says why (refused, unknown host, wrong password, no such database).
+        sqlx::Connection::close(
+            <sqlx::PgConnection as sqlx::Connection>::connect_with(&options).await?,
+        )
+        .await?;
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
