@@ -107,10 +107,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!("configuration:\n{}", config.masked());
             let hub = server::start(config).await?;
             if let Some(secret) = &hub.initial_admin_token {
-                println!(
+                // Not println!: a closed stdout (`synchub serve | head`) must not stop a
+                // running hub. The log says where to look if this line is lost.
+                use std::io::Write;
+                let shown = writeln!(
+                    std::io::stdout(),
                     "\nThis hub had no tokens, so it created an admin token named \"admin\".\n\
                      It is shown only this once; keep it safe:\n\n    {secret}\n"
                 );
+                if shown.is_err() {
+                    tracing::warn!(
+                        "could not print the new admin token; create another with `synchub token create --role admin`"
+                    );
+                }
             }
             let stop = hub.shutdown_token();
             tokio::spawn(async move {

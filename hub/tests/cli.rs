@@ -35,14 +35,21 @@ impl Drop for Served {
     }
 }
 
-fn serve(dir: &std::path::Path) -> Served {
-    let mut child = synchub(dir)
+/// Starts `synchub serve` on a free port and waits for the address it logs. The guard exists
+/// before the wait, so the hub is killed even when the address never shows.
+fn spawn_serve(dir: &std::path::Path, stdout: Stdio) -> Served {
+    let child = synchub(dir)
         .args(["serve", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
+        .stdout(stdout)
         .stderr(Stdio::piped())
         .spawn()
         .expect("start synchub serve");
-    let stderr = child.stderr.take().unwrap();
+    let mut served = Served {
+        child,
+        url: String::new(),
+        stdout: String::new(),
+    };
+    let stderr = served.child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -58,11 +65,13 @@ fn serve(dir: &std::path::Path) -> Served {
     let addr = rx
         .recv_timeout(Duration::from_secs(20))
         .expect("hub did not log its address");
-    let mut served = Served {
-        child,
-        url: format!("http://{addr}"),
-        stdout: String::new(),
-    };
+    served.url = format!("http://{addr}");
+    served
+}
+
+/// Runs a hub until it listens, stops it, and keeps what it printed on stdout.
+fn serve(dir: &std::path::Path) -> Served {
+    let mut served = spawn_serve(dir, Stdio::piped());
     // The first-start banner is printed right before the listening log line.
     std::thread::sleep(Duration::from_millis(200));
     let _ = served.child.kill();
@@ -155,31 +164,7 @@ fn force_sync_beside_a_running_hub() {
     );
     assert!(ok);
     let token = out.trim().to_owned();
-    let mut child = synchub(dir.path())
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(i) = line.find("addr=") {
-                let addr: String = line[i + 5..]
-                    .chars()
-                    .take_while(|c| !c.is_whitespace())
-                    .collect();
-                let _ = tx.send(addr);
-            }
-        }
-    });
-    let addr = rx.recv_timeout(Duration::from_secs(20)).unwrap();
-    let guard = Served {
-        child,
-        url: format!("http://{addr}"),
-        stdout: String::new(),
-    };
+    let guard = spawn_serve(dir.path(), Stdio::null());
     let (ok, out, err) = run(dir.path(), &["force-sync", "--reason", "fix"]);
     assert!(ok, "{err}");
     assert!(out.contains("version 2"), "{out}");
