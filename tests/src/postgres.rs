@@ -257,3 +257,27 @@ fn run(command: &mut Command) -> Result<()> {
     }
     Ok(())
 }
+
+/// System 1's two tables exactly as its desktop app created them, before any hub ran (no rows:
+/// tests add their own).
+pub const SYSTEM1_TABLES: &str = "
+CREATE TABLE sync_metadata (
+    id SERIAL PRIMARY KEY,
+    sync_key TEXT UNIQUE NOT NULL,
+    version INTEGER NOT NULL DEFAULT 1,
+    data_hash TEXT,
+    last_modified_by TEXT,
+    last_modified_at TIMESTAMPTZ,
+    updated_at TIMESTAMPTZ DEFAULT now()
+);
+CREATE TABLE sync_log (
+    id SERIAL PRIMARY KEY,
+    discord_id TEXT,
+    sync_type TEXT,
+    status TEXT,
+    items_synced INTEGER,
+    error_message TEXT,
+    synced_at TIMESTAMPTZ DEFAULT now(),
+    created_at TIMESTAMPTZ DEFAULT now()
+);
+";

@@ -563,27 +563,8 @@ async fn idle_agents_and_fallback_checks_cost_no_database_work() -> anyhow::Resu
     Ok(())
 }
 
-/// System 1's tables, as its app created them, with rows, before any hub ran.
-const OLD_SCHEMA: &str = "
-CREATE TABLE sync_metadata (
-    id SERIAL PRIMARY KEY,
-    sync_key TEXT UNIQUE NOT NULL,
-    version INTEGER NOT NULL DEFAULT 1,
-    data_hash TEXT,
-    last_modified_by TEXT,
-    last_modified_at TIMESTAMPTZ,
-    updated_at TIMESTAMPTZ DEFAULT now()
-);
-CREATE TABLE sync_log (
-    id SERIAL PRIMARY KEY,
-    discord_id TEXT,
-    sync_type TEXT,
-    status TEXT,
-    items_synced INTEGER,
-    error_message TEXT,
-    synced_at TIMESTAMPTZ DEFAULT now(),
-    created_at TIMESTAMPTZ DEFAULT now()
-);
+/// Rows system 1 wrote into its tables before any hub ran.
+const OLD_ROWS: &str = "
 INSERT INTO sync_metadata (sync_key, version, data_hash, last_modified_by, last_modified_at)
 VALUES ('global_version', 41, 'legacy-md5-of-data', 'desktop-admin', '2026-03-04T05:06:07Z');
 INSERT INTO sync_log (discord_id, sync_type, status, items_synced, error_message, synced_at)
@@ -591,12 +572,17 @@ VALUES ('111', 'download', 'success', 508, NULL, '2026-03-04T05:06:08Z'),
        ('222', 'force_sync', 'failed', 0, 'network down', '2026-03-04T05:07:00Z');
 ";
 
+/// System 1's tables with those rows.
+fn old_schema() -> String {
+    format!("{}{OLD_ROWS}", synchub_tests::postgres::SYSTEM1_TABLES)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hub_adopts_an_existing_system1_database() -> anyhow::Result<()> {
     init();
     let url = test_database().await?;
     let mut conn = sqlx::PgConnection::connect(&url).await?;
-    sqlx::raw_sql(OLD_SCHEMA).execute(&mut conn).await?;
+    sqlx::raw_sql(&old_schema()).execute(&mut conn).await?;
     let hubs = replicas(&url, 1)
         .await
         .context("a hub on system 1's database")?;

@@ -597,32 +597,18 @@ async fn versions_are_listed_newest_first(f: Fixture) -> Result<()> {
 
 // ---- PostgreSQL only ----
 
-/// System 1's tables as they exist on its database, before the hub ever ran.
-const OLD_SCHEMA: &str = "
-CREATE TABLE sync_metadata (
-    id SERIAL PRIMARY KEY,
-    sync_key TEXT UNIQUE NOT NULL,
-    version INTEGER NOT NULL DEFAULT 1,
-    data_hash TEXT,
-    last_modified_by TEXT,
-    last_modified_at TIMESTAMPTZ,
-    updated_at TIMESTAMPTZ DEFAULT now()
-);
-CREATE TABLE sync_log (
-    id SERIAL PRIMARY KEY,
-    discord_id TEXT,
-    sync_type TEXT,
-    status TEXT,
-    items_synced INTEGER,
-    error_message TEXT,
-    synced_at TIMESTAMPTZ DEFAULT now(),
-    created_at TIMESTAMPTZ DEFAULT now()
-);
+/// Rows system 1 wrote into its tables before the hub ever ran.
+const OLD_ROWS: &str = "
 INSERT INTO sync_metadata (sync_key, version, data_hash, last_modified_by, last_modified_at)
 VALUES ('global_version', 17, 'legacy', 'desktop-admin', '2026-01-02T03:04:05Z');
 INSERT INTO sync_log (discord_id, sync_type, status, items_synced, synced_at)
 VALUES ('1234', 'download', 'success', 508, '2026-01-02T03:04:06Z');
 ";
+
+/// System 1's tables with those rows.
+fn old_schema() -> String {
+    format!("{}{OLD_ROWS}", synchub_tests::postgres::SYSTEM1_TABLES)
+}
 
 async fn open_old_database(old_schema: &str) -> Result<(String, Arc<dyn Store>)> {
     let url = test_database().await?;
@@ -637,7 +623,7 @@ async fn open_old_database(old_schema: &str) -> Result<(String, Arc<dyn Store>)>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_adopts_an_existing_system1_database() -> Result<()> {
-    let (url, store) = open_old_database(OLD_SCHEMA).await?;
+    let (url, store) = open_old_database(&old_schema()).await?;
 
     let head = store.head("global_version").await?.context("head")?;
     assert_eq!(head.version, 17);
@@ -715,7 +701,7 @@ async fn postgres_adopts_an_existing_system1_database() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_adopts_tables_with_uuid_ids() -> Result<()> {
-    let schema = OLD_SCHEMA.replace(
+    let schema = old_schema().replace(
         "id SERIAL PRIMARY KEY",
         "id UUID PRIMARY KEY DEFAULT gen_random_uuid()",
     );
