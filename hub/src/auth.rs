@@ -86,11 +86,15 @@ pub async fn create_token(
 #[derive(Default)]
 pub struct Tokens {
     by_hash: RwLock<Arc<HashMap<String, Principal>>>,
+    /// Reloads run one at a time: two that overlapped could install the older read last, and
+    /// a token created in between would look revoked (its sockets closed).
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl Tokens {
     /// Reloads from the store; returns the ids of tokens that were live and are not any more.
     pub async fn reload(&self, store: &dyn Store) -> Result<Vec<i64>, StoreError> {
+        let _one_at_a_time = self.reloading.lock().await;
         let records = store.tokens().await?;
         let live: HashMap<String, Principal> = records
             .into_iter()
