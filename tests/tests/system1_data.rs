@@ -18,7 +18,7 @@ use synchub_protocol::{DEFAULT_SPACE, Head, Manifest, Role, SyncLogEntry, Versio
 use synchub_tests::fixtures::{agent_config, http, read_tree, wait_ready};
 use synchub_tests::hub::TestHub;
 use synchub_tests::postgres::{SYSTEM1_DATA_TABLES, SYSTEM1_TABLES, test_database};
-use synchub_tests::s3::{moto_server, test_bucket};
+use synchub_tests::s3::{moto_server, put_object, test_bucket};
 
 const WAIT: Duration = Duration::from_secs(20);
 const TABLES: [&str; 3] = ["cities", "institutions", "employees"];
@@ -126,19 +126,6 @@ async fn dump(conn: &mut sqlx::PgConnection, table: &str) -> anyhow::Result<Vec<
     Ok(format!("[\n{}\n]\n", rows.join(",\n")).into_bytes())
 }
 
-/// Puts an object into the moto bucket the way the old app uploads archives.
-async fn upload(bucket: &str, key: &str, body: &[u8]) -> anyhow::Result<()> {
-    let server = moto_server()?;
-    http()
-        .put(format!("{}/{bucket}/{key}", server.endpoint()))
-        .body(body.to_vec())
-        .send()
-        .await?
-        .error_for_status()
-        .with_context(|| format!("uploading {key} to moto"))?;
-    Ok(())
-}
-
 async fn get_json<T: serde::de::DeserializeOwned>(
     hub: &TestHub,
     token: &str,
@@ -215,7 +202,7 @@ async fn the_old_apps_tables_and_bucket_reach_every_pc() -> anyhow::Result<()> {
             "{\"scores\":[]}",
         ),
     ] {
-        upload(&bucket.bucket, key, body.as_bytes()).await?;
+        put_object(&bucket.bucket, key, body.as_bytes()).await?;
         archives.insert(key.to_owned(), body.as_bytes().to_vec());
     }
 
@@ -318,6 +305,26 @@ async fn the_old_apps_tables_and_bucket_reach_every_pc() -> anyhow::Result<()> {
     assert_eq!(r.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
     let message = r.text().await?;
     ensure!(message.contains("no data"), "{message}");
+    // A PC following that space stays blocked and says why.
+    let qr_dir = tempfile::tempdir()?;
+    let mut qr_config = agent_config(&hub, &token, qr_dir.path());
+    qr_config.spaces = vec!["qr".to_owned()];
+    let qr_agent = SyncClient::start(qr_config).await?;
+    until("the qr agent says the hub has no data", || {
+        let s = qr_agent.status();
+        s.hub
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("no data"))
+    })
+    .await
+    .with_context(|| format!("{:?}", qr_agent.status()))?;
+    let qr_status = qr_agent.status();
+    ensure!(
+        !qr_status.spaces[0].allows_use,
+        "blocked while the hub has no data: {qr_status:?}"
+    );
+    qr_agent.shutdown().await;
 
     // The old app changes a table and bumps its version row, as it always did: one new
     // version in which only tables/employees.json changed reaches every PC.
@@ -379,7 +386,7 @@ async fn the_old_apps_tables_and_bucket_reach_every_pc() -> anyhow::Result<()> {
 
     // An archive uploaded the old way reaches the PCs, the Cluj one included.
     let key = "arhiva/Cluj/Liceul_21_2026-02-01_09-00-00.json";
-    upload(&bucket.bucket, key, b"{\"scores\":[9]}").await?;
+    put_object(&bucket.bucket, key, b"{\"scores\":[9]}").await?;
     for d in &dirs {
         until("a new archive on a PC", || {
             file(d.path(), key).as_deref() == Some(&b"{\"scores\":[9]}"[..])
