@@ -157,9 +157,7 @@ async fn run(state: AppState, shutdown: CancellationToken) -> Result<(), SourceE
                         && feed.next_listing.is_none_or(|t| t <= now)
                     {
                         feed.next_listing = Some(now + *interval);
-                        if feed.next_listing.is_some() && feed.due.is_none() {
-                            feed.schedule(now);
-                        }
+                        feed.schedule(now);
                     }
                     if feed.due.is_some_and(|d| d <= now) {
                         feed.due = None;
