@@ -3,8 +3,10 @@
 //! and on every bump) and by `synchub import`.
 //!
 //! Copies are incremental: an object whose ETag and size did not change since the last listing
-//! is not downloaded again; its blob hash is remembered. Objects are read whole (archives are
-//! small files) and refused above the hub's blob limit.
+//! is not downloaded again; its blob hash is remembered (in memory: after a restart every
+//! object is read once more). Objects are read whole (archives are small files); one above
+//! [`MAX_OBJECT_BYTES`] or the hub's blob limit is skipped with a warning, like a key that is
+//! not a valid path.
 
 use super::SourceError;
 use crate::blobs::{self, BlobStore};
@@ -16,6 +18,9 @@ use object_store::{ClientOptions, ObjectStore, ObjectStoreExt};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 use synchub_protocol::{ManifestEntry, Sha256Hex};
+
+/// Largest object copied: it is held in memory while it is hashed and stored.
+pub const MAX_OBJECT_BYTES: u64 = 512 << 20;
 
 /// `s3://bucket/prefix`, parsed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -128,11 +133,17 @@ impl Mirror {
                 tracing::warn!(bucket = self.url.bucket, key, error = %e, "skipping an object whose key is not a valid path");
                 continue;
             }
-            if meta.size > max_bytes {
-                return Err(SourceError::Invalid(format!(
-                    "object {key} is {} bytes, above the blob limit of {max_bytes}",
-                    meta.size
-                )));
+            let limit = max_bytes.min(MAX_OBJECT_BYTES);
+            if meta.size > limit {
+                // One oversized object must not hold back every other change of the space.
+                tracing::warn!(
+                    bucket = self.url.bucket,
+                    key,
+                    size = meta.size,
+                    limit,
+                    "skipping an object above the size limit for copied objects"
+                );
+                continue;
             }
             let sha256 = match self.known.get(&key) {
                 Some((etag, size, hash)) if *etag == meta.e_tag && *size == meta.size => {
