@@ -64,6 +64,9 @@ pub struct AgentConfig {
     pub user: Option<String>,
     /// Stable id of this agent; generated and kept in `dir/.synchub/client_id` when unset.
     pub client_id: Option<String>,
+    /// Selective sync: hold only the paths these globs or prefixes match (every space);
+    /// empty: everything. See `selection.rs`.
+    pub include: Vec<String>,
 }
 
 impl Default for AgentConfig {
@@ -86,6 +89,7 @@ impl Default for AgentConfig {
             download_jitter_ms: 0,
             user: None,
             client_id: None,
+            include: Vec::new(),
         }
     }
 }
@@ -126,6 +130,7 @@ impl AgentConfig {
         if self.parallel_downloads == 0 {
             return bad("parallel_downloads must be at least 1".into());
         }
+        crate::selection::Selection::new(&self.include)?;
         Ok(())
     }
 

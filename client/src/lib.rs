@@ -20,6 +20,7 @@ pub mod hub_api;
 pub mod local_api;
 pub mod outbox;
 pub mod publish;
+pub mod selection;
 pub mod space;
 pub mod state;
 pub mod verify;
@@ -144,6 +145,7 @@ impl SyncClient {
 
         let mut tasks = Vec::new();
         let worker_ctx = Arc::new(WorkerContext {
+            selection: selection::Selection::new(&config.include)?,
             config: config.clone(),
             client_id: client_id.clone(),
             api: api.clone(),

@@ -14,6 +14,7 @@ use crate::download::{self, DownloadOptions, Progress};
 use crate::error::{ClientError, Result};
 use crate::hub_api::HubApi;
 use crate::outbox::Outbox;
+use crate::selection::Selection;
 use crate::state::{Event, transition};
 use serde::Serialize;
 use std::sync::{Arc, Mutex};
@@ -122,14 +123,26 @@ impl SpaceShared {
 /// What the worker needs besides its space.
 pub struct WorkerContext {
     pub config: AgentConfig,
+    /// Selective sync: only these paths of each space are held.
+    pub selection: Option<Selection>,
     pub client_id: String,
     pub api: HubApi,
     pub outbox: Outbox,
 }
 
-fn needs_sync(held: Option<&Held>, head: &Head) -> bool {
+/// With selective sync the held tree's manifest is a part of the head's, so its hash differs:
+/// the version, and the data hash of the head the part was taken from (once known), decide.
+fn needs_sync(
+    held: Option<&Held>,
+    head: &Head,
+    selective: bool,
+    taken_from: Option<&Sha256Hex>,
+) -> bool {
     match held {
         None => true,
+        Some(h) if selective => {
+            h.version != head.version || taken_from.is_some_and(|t| *t != head.data_hash)
+        }
         Some(h) => h.version != head.version || h.data_hash != head.data_hash,
     }
 }
@@ -178,12 +191,17 @@ pub async fn run_worker(
         Duration::from_millis(ctx.config.max_backoff_ms.max(1000)),
     );
     let mut retry_at: Option<Instant> = None;
+    let selective = ctx.selection.is_some();
+    // Data hash of the head the held part was taken from (selective sync).
+    let mut taken_from: Option<Sha256Hex> = None;
     loop {
         if *stop.borrow() {
             return;
         }
         let head = head_rx.borrow_and_update().clone();
-        if let Some(head) = head.filter(|h| needs_sync(held.as_ref(), h)) {
+        if let Some(head) =
+            head.filter(|h| needs_sync(held.as_ref(), h, selective, taken_from.as_ref()))
+        {
             if let Some(at) = retry_at {
                 let wait = tokio::time::sleep_until(at.into());
                 tokio::select! {
@@ -216,8 +234,14 @@ pub async fn run_worker(
                         repaired = stats.repaired, ms = started.elapsed().as_millis() as u64,
                         "applied");
                     *space.last_error.lock().expect("error lock") = None;
-                    *space.held.lock().expect("held lock") =
-                        Some((new_held.version, new_held.data_hash.clone()));
+                    // With selective sync, the head's hash: the part's own hash names no version.
+                    let held_hash = if selective {
+                        head.data_hash.clone()
+                    } else {
+                        new_held.data_hash.clone()
+                    };
+                    taken_from = Some(head.data_hash.clone());
+                    *space.held.lock().expect("held lock") = Some((new_held.version, held_hash));
                     let files = new_held.manifest.len() as u64;
                     let version = new_held.version;
                     held = Some(new_held);
@@ -327,7 +351,12 @@ async fn sync_once(
         bytes_per_sec: 0,
     });
     let started = std::time::Instant::now();
+    // The whole manifest's hash is checked against the head here, before any narrowing.
     let (manifest, _bytes) = download::fetch_manifest(&ctx.api, head).await?;
+    let manifest = match &ctx.selection {
+        Some(selection) => selection.narrow(&manifest),
+        None => manifest,
+    };
     let opts = DownloadOptions {
         parallel: ctx.config.parallel_downloads,
         pack_blob_max: ctx.config.pack_blob_max,

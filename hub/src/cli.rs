@@ -1,4 +1,4 @@
-//! The `synchub` command line: `serve`, `token create|list|revoke`, `force-sync`. Commands
+//! The `synchub` command line: `serve`, `token create|list|revoke`, `force-sync`, `import`. Commands
 //! other than `serve` work on the database directly, so they run beside a live hub; the hub
 //! notices their changes through its watcher (new heads are broadcast, revoked tokens' sockets
 //! closed).
@@ -55,6 +55,8 @@ pub enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Copy an existing bucket folder (s3://bucket/prefix) into a space as one new version.
+    Import(crate::sources::ImportArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -187,6 +189,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     );
                 }
             }
+            Ok(())
+        }
+        Command::Import(args) => {
+            let config = load_config(&common)?;
+            let source = args.source()?;
+            let state = server::offline_state(config).await?;
+            let head = crate::sources::import(&state, &source).await?;
+            println!("{} is now at version {}", head.space, head.version);
             Ok(())
         }
         Command::ForceSync { space, reason } => {

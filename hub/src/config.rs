@@ -29,6 +29,86 @@ pub struct Config {
     /// Name of this replica in `welcome` and logs; default the host name and port.
     pub hub_id: Option<String>,
     pub limits: Limits,
+    /// `[[table_source]]`: spaces fed from PostgreSQL tables and queries (see `sources/`).
+    pub table_source: Vec<TableSource>,
+    /// `[[bucket_source]]`: spaces that mirror a folder of an existing bucket.
+    pub bucket_source: Vec<BucketSource>,
+}
+
+/// A space fed from tables of the hub's PostgreSQL database: each table (or named query) is
+/// written as `tables/<name>.json`, and a new version is made when they change.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableSource {
+    pub space: String,
+    /// Table names, optionally `schema.table`; each needs a primary key (rows are sorted by it).
+    #[serde(default)]
+    pub tables: Vec<String>,
+    /// `name = "SELECT ..."`: written as `tables/<name>.json` in the order the query gives
+    /// (end it with ORDER BY); re-run on every bump and whenever a listed table changes.
+    #[serde(default)]
+    pub queries: std::collections::BTreeMap<String, String>,
+    /// How long table changes are collected before one snapshot (a burst of statements makes
+    /// one version).
+    #[serde(default = "default_debounce_ms")]
+    pub debounce_ms: u64,
+}
+
+fn default_debounce_ms() -> u64 {
+    300
+}
+
+/// A space whose folder `into` follows an existing bucket folder (Supabase Storage, B2, ...):
+/// listed on a timer and on every bump, copied incrementally (by ETag and size).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BucketSource {
+    pub space: String,
+    /// `s3://bucket/prefix`.
+    pub url: String,
+    /// Folder of the space the objects land in, e.g. `arhiva/`; empty: the top.
+    #[serde(default)]
+    pub into: String,
+    /// Endpoint URL for non-AWS services; `None` for AWS.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Empty: `SYNCHUB_BUCKET_ACCESS_KEY_ID` (or `AWS_ACCESS_KEY_ID`) from the environment.
+    #[serde(default)]
+    pub access_key_id: String,
+    #[serde(default)]
+    pub secret_access_key: String,
+    #[serde(default = "default_true")]
+    pub path_style: bool,
+    /// Allows a plain `http://` endpoint (local test servers only).
+    #[serde(default)]
+    pub allow_http: bool,
+    /// Seconds between listings (besides the listing on every bump).
+    #[serde(default = "default_interval_secs")]
+    pub interval_secs: u64,
+}
+
+impl std::fmt::Debug for BucketSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BucketSource")
+            .field("space", &self.space)
+            .field("url", &self.url)
+            .field("into", &self.into)
+            .field("endpoint", &self.endpoint)
+            .field("secret_access_key", &"***")
+            .finish_non_exhaustive()
+    }
+}
+
+fn default_region() -> String {
+    "us-east-1".to_owned()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_interval_secs() -> u64 {
+    60
 }
 
 /// Where blob bytes live: `kind = "fs"` (default, under the data folder) or `kind = "s3"`.
@@ -95,6 +175,8 @@ impl Default for Config {
             ping_interval_ms: 15_000,
             hub_id: None,
             limits: Limits::default(),
+            table_source: Vec::new(),
+            bucket_source: Vec::new(),
         }
     }
 }
@@ -168,6 +250,20 @@ impl Config {
         if let Some(v) = var("SYNCHUB_DATABASE_URL") {
             self.database_url = Some(v);
         }
+        for b in &mut self.bucket_source {
+            if b.access_key_id.is_empty()
+                && let Some(v) =
+                    var("SYNCHUB_BUCKET_ACCESS_KEY_ID").or_else(|| var("AWS_ACCESS_KEY_ID"))
+            {
+                b.access_key_id = v;
+            }
+            if b.secret_access_key.is_empty()
+                && let Some(v) =
+                    var("SYNCHUB_BUCKET_SECRET_ACCESS_KEY").or_else(|| var("AWS_SECRET_ACCESS_KEY"))
+            {
+                b.secret_access_key = v;
+            }
+        }
         if let BlobStoreConfig::S3(s3) = &mut self.blob_store {
             if let Some(v) = var("SYNCHUB_S3_ACCESS_KEY_ID").or_else(|| var("AWS_ACCESS_KEY_ID")) {
                 s3.access_key_id = v;
@@ -201,12 +297,93 @@ impl Config {
                     .into(),
             ));
         }
+        self.validate_sources()?;
         if self.limits.ws_buffer_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "limits.ws_buffer_bytes must be at least 1024".into(),
             ));
         }
         Ok(())
+    }
+
+    /// Sources name configured spaces, valid tables, file names and bucket URLs; table sources
+    /// need the PostgreSQL database that holds the tables.
+    fn validate_sources(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let url = self.database_url();
+        let postgres = url.starts_with("postgres://") || url.starts_with("postgresql://");
+        let mut fed = std::collections::HashSet::new();
+        for t in &self.table_source {
+            if !self.spaces.contains(&t.space) {
+                return invalid(format!(
+                    "table_source space {:?} is not in spaces {:?}",
+                    t.space, self.spaces
+                ));
+            }
+            if !fed.insert(("table", t.space.as_str())) {
+                return invalid(format!("two table_source entries for space {:?}", t.space));
+            }
+            if !postgres {
+                return invalid(format!(
+                    "table_source for {:?} reads tables of the hub's PostgreSQL database: set \
+                     database_url to postgres://...",
+                    t.space
+                ));
+            }
+            if t.tables.is_empty() && t.queries.is_empty() {
+                return invalid(format!("table_source for {:?} names no tables", t.space));
+            }
+            for table in &t.tables {
+                crate::sources::tables::check_table_name(table).map_err(ConfigError::Invalid)?;
+            }
+            for (name, query) in &t.queries {
+                crate::sources::tables::check_file_name(name).map_err(ConfigError::Invalid)?;
+                if query.trim().is_empty() {
+                    return invalid(format!("table_source query {name:?} is empty"));
+                }
+            }
+            if t.debounce_ms > 60_000 {
+                return invalid("table_source debounce_ms is at most 60000".into());
+            }
+        }
+        for b in &self.bucket_source {
+            if !self.spaces.contains(&b.space) {
+                return invalid(format!(
+                    "bucket_source space {:?} is not in spaces {:?}",
+                    b.space, self.spaces
+                ));
+            }
+            if !postgres {
+                return invalid(format!(
+                    "bucket_source for {:?} needs a PostgreSQL database_url (it follows bumps \
+                     through LISTEN); `synchub import` copies a bucket into any hub",
+                    b.space
+                ));
+            }
+            crate::sources::bucket::BucketUrl::parse(&b.url).map_err(ConfigError::Invalid)?;
+            crate::sources::bucket::check_into(&b.into).map_err(ConfigError::Invalid)?;
+            if b.interval_secs == 0 {
+                return invalid("bucket_source interval_secs must be above 0".into());
+            }
+            if b.access_key_id.is_empty() || b.secret_access_key.is_empty() {
+                return invalid(format!(
+                    "bucket_source {} needs access_key_id and secret_access_key (in the file, \
+                     or SYNCHUB_BUCKET_ACCESS_KEY_ID / SYNCHUB_BUCKET_SECRET_ACCESS_KEY)",
+                    b.url
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Spaces fed by a table or bucket source.
+    pub fn fed_spaces(&self) -> Vec<String> {
+        let mut spaces: Vec<String> = (self.table_source.iter().map(|t| t.space.clone()))
+            .chain(self.bucket_source.iter().map(|b| b.space.clone()))
+            .collect();
+        spaces.sort();
+        spaces.dedup();
+        spaces
     }
 
     /// The largest blob accepted: `limits.max_blob_bytes`, and never above 5 GiB on S3, where a
@@ -240,6 +417,9 @@ impl Config {
         }
         if let BlobStoreConfig::S3(s3) = &mut shown.blob_store {
             s3.secret_access_key = "***".into();
+        }
+        for b in &mut shown.bucket_source {
+            b.secret_access_key = "***".into();
         }
         toml::to_string(&shown).unwrap_or_else(|e| format!("(unprintable config: {e})"))
     }
@@ -308,6 +488,38 @@ mod tests {
             spaces: vec!["../x".into()],
             ..Config::default()
         };
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn sources_take_the_documented_shape_and_are_checked() {
+        let text = r#"
+database_url = "postgres://hub@db/scores"
+[[table_source]]
+space = "global_version"
+tables = ["cities", "institutions", "employees"]
+queries = { active = "SELECT id FROM employees ORDER BY id" }
+[[bucket_source]]
+space = "global_version"
+url = "s3://scores/arhiva"
+into = "arhiva/"
+access_key_id = "a"
+secret_access_key = "s"
+"#;
+        let c: Config = toml::from_str(text).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.table_source[0].tables.len(), 3);
+        assert_eq!(c.fed_spaces(), ["global_version"]);
+        assert!(!c.masked().contains("secret_access_key = \"s\""));
+        let mut sqlite = c.clone();
+        sqlite.database_url = None;
+        let err = sqlite.validate().unwrap_err().to_string();
+        assert!(err.contains("PostgreSQL"), "{err}");
+        let mut other = c.clone();
+        other.table_source[0].space = "nope".into();
+        assert!(other.validate().is_err(), "a source of a space not served");
+        let mut bad = c;
+        bad.table_source[0].tables.push("x; drop table y".into());
         assert!(bad.validate().is_err());
     }
 

@@ -27,6 +27,10 @@ pub enum HubError {
     RangeNotSatisfiable { size: u64 },
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The space is served but the hub holds no data for it yet (adopted without content):
+    /// 503 with the reason shown, so agents stay blocked and say why.
+    #[error("{0}")]
+    NoData(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -55,6 +59,7 @@ impl HubError {
                 codes::RANGE_NOT_SATISFIABLE,
             ),
             HubError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE),
+            HubError::NoData(_) => (StatusCode::SERVICE_UNAVAILABLE, codes::NO_DATA),
             HubError::Store(StoreError::NoSuchSpace(_)) => {
                 (StatusCode::NOT_FOUND, codes::NOT_FOUND)
             }
@@ -87,10 +92,11 @@ impl From<BlobError> for HubError {
 impl IntoResponse for HubError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        if status.is_server_error() {
+        let expected = matches!(self, HubError::NoData(_));
+        if status.is_server_error() && !expected {
             tracing::error!(error = %self, "request failed");
         }
-        let message = if status.is_server_error() {
+        let message = if status.is_server_error() && !expected {
             // Internal details go to the log, not to clients.
             "internal error; see the hub's log".to_owned()
         } else {

@@ -16,6 +16,7 @@ pub mod clients;
 pub mod config;
 pub mod error;
 pub mod server;
+pub mod sources;
 pub mod state;
 pub mod store;
 pub mod ws;

@@ -109,6 +109,7 @@ pub async fn open_parts(
         source,
     })?;
     let store = store::open(&config.database_url()).await?;
+    store.set_fed_spaces(&config.fed_spaces());
     let blobs = open_blobs(config).await?;
     blobs::put_bytes(blobs.as_ref(), bytes::Bytes::new()).await?;
     for space in &config.spaces {
@@ -179,15 +180,19 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         None
     };
     for head in store.heads().await? {
-        state.heads.publish(head);
+        publish(&state, head);
     }
 
     let (tx, rx) = mpsc::unbounded_channel();
     let watch_task = tokio::spawn(store.clone().watch(poll, tx, shutdown.child_token()));
     let apply_task = tokio::spawn(apply_changes(state.clone(), rx));
+    let sources_task = crate::sources::spawn(state.clone(), shutdown.child_token());
     let watcher = tokio::spawn(async move {
         let _ = watch_task.await;
         let _ = apply_task.await;
+        if let Some(task) = sources_task {
+            let _ = task.await;
+        }
     });
 
     let app = crate::api::router(state.clone());
@@ -235,7 +240,26 @@ async fn apply_changes(state: AppState, mut rx: mpsc::UnboundedReceiver<Change>)
     }
 }
 
-fn publish(state: &AppState, head: synchub_protocol::Head) {
+/// Announces a head, unless this hub does not serve its space (not in `spaces`) or the space
+/// was adopted without any data the hub knows (agents would apply an empty tree as if it were
+/// the data; they stay blocked and `GET …/head` says why).
+pub fn publish(state: &AppState, head: synchub_protocol::Head) {
+    if !state.config.spaces.contains(&head.space) {
+        tracing::debug!(
+            space = head.space,
+            "not serving a space that is not configured"
+        );
+        return;
+    }
+    if store::has_no_data(&head) {
+        tracing::warn!(
+            space = head.space,
+            version = head.version,
+            "space adopted without data: not announced until a source or a publish fills it \
+             (see docs/MIGRATION.md)"
+        );
+        return;
+    }
     let (space, version, forced) = (head.space.clone(), head.version, head.forced);
     if state.heads.publish(head) {
         tracing::info!(space, version, forced, "head moved; broadcasting");

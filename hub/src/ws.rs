@@ -190,6 +190,12 @@ async fn receive_hello(
             return None;
         }
         if state.heads.get(&held.space).is_none() {
+            if state.config.spaces.contains(&held.space) {
+                // Adopted without data: the agent stays blocked and says why.
+                let msg = format!("the hub has no data for space {:?} yet", held.space);
+                refuse(socket, codes::NO_DATA, msg, close_code::POLICY).await;
+                return None;
+            }
             let msg = format!("no space named {:?}", held.space);
             refuse(socket, codes::NOT_FOUND, msg, close_code::POLICY).await;
             return None;

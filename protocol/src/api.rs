@@ -224,5 +224,7 @@ pub mod codes {
     pub const FRAME_TOO_LARGE: &str = "frame_too_large";
     pub const MALFORMED_FRAME: &str = "malformed_frame";
     pub const UNAVAILABLE: &str = "unavailable";
+    /// The hub serves the space but holds no data for it yet.
+    pub const NO_DATA: &str = "no_data";
     pub const INTERNAL: &str = "internal";
 }

@@ -281,3 +281,24 @@ CREATE TABLE sync_log (
     created_at TIMESTAMPTZ DEFAULT now()
 );
 ";
+
+/// System 1's data tables as its desktop app created them (no rows: tests add their own). The
+/// app downloads them whole on every version change.
+pub const SYSTEM1_DATA_TABLES: &str = "
+CREATE TABLE cities (
+    id SERIAL PRIMARY KEY,
+    name TEXT NOT NULL
+);
+CREATE TABLE institutions (
+    id SERIAL PRIMARY KEY,
+    city_id INTEGER NOT NULL REFERENCES cities (id),
+    name TEXT NOT NULL
+);
+CREATE TABLE employees (
+    id SERIAL PRIMARY KEY,
+    institution_id INTEGER NOT NULL REFERENCES institutions (id),
+    name TEXT NOT NULL,
+    score NUMERIC(6, 2),
+    active BOOLEAN NOT NULL DEFAULT true
+);
+";

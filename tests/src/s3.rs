@@ -134,3 +134,17 @@ pub async fn test_bucket() -> anyhow::Result<S3Config> {
         presign_ttl_secs: 300,
     })
 }
+
+/// Puts an object into a bucket of the process's moto server (as another program would upload
+/// it; moto does not check signatures).
+pub async fn put_object(bucket: &str, key: &str, body: &[u8]) -> anyhow::Result<()> {
+    let server = tokio::task::spawn_blocking(moto_server).await??;
+    crate::fixtures::http()
+        .put(format!("{}/{bucket}/{key}", server.endpoint()))
+        .body(body.to_vec())
+        .send()
+        .await?
+        .error_for_status()
+        .with_context(|| format!("uploading {key} to moto"))?;
+    Ok(())
+}

@@ -589,12 +589,22 @@ async fn hub_adopts_an_existing_system1_database() -> anyhow::Result<()> {
     let hub = &hubs[0];
     let token = hub.token("pc", Role::Agent, None).await?;
 
-    let head = http_head(hub, &token).await?;
-    assert_eq!(head.version, 41, "the head is the row's version");
-    assert_eq!(head.data_hash, Sha256Hex::empty());
-    assert_eq!(head.by.as_deref(), Some("desktop-admin"));
-    let mut agent = connect(hub, &token).await?;
-    assert_eq!(agent.welcome_heads, vec![head.clone()]);
+    // The hub knows the row's version but none of its data: it must not announce an empty
+    // tree as version 41 (agents would apply it and allow use); the head says why instead.
+    let r = http()
+        .get(hub.api(&format!("/spaces/{DEFAULT_SPACE}/head")))
+        .bearer_auth(&token)
+        .send()
+        .await?;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = r.text().await?;
+    ensure!(body.contains("no data"), "{body}");
+    let refused = WsAgent::connect(hub, &token, &[DEFAULT_SPACE]).await;
+    let refused = format!(
+        "{:#}",
+        refused.err().context("a socket for a space without data")?
+    );
+    ensure!(refused.contains("no_data"), "{refused}");
 
     let log: Vec<SyncLogEntry> = http()
         .get(hub.api("/sync-log?limit=100"))
@@ -622,7 +632,8 @@ async fn hub_adopts_an_existing_system1_database() -> anyhow::Result<()> {
     )
     .await?;
     assert_eq!(new.version, 42);
-    assert_eq!(agent.next_sync_required(WAIT).await?, new);
+    let mut agent = connect(hub, &token).await?;
+    assert_eq!(agent.welcome_heads, vec![new.clone()]);
     // The old app still reads its row where it expects it.
     let (version, by): (i32, Option<String>) = sqlx::query_as(
         "SELECT version, last_modified_by FROM sync_metadata WHERE sync_key = 'global_version'",

@@ -211,6 +211,8 @@ each_backend!(
     create_version_is_compare_and_swap,
     concurrent_creators_exactly_one_wins,
     outside_bump_is_a_forced_version,
+    plain_sql_bump_is_recorded_truthfully,
+    fed_space_bump_is_recorded_with_the_sources_content,
     lowered_row_keeps_serving_the_newest_version,
     watch_sees_outside_and_own_changes,
     tokens_create_list_revoke,
@@ -361,6 +363,64 @@ async fn outside_bump_is_a_forced_version(f: Fixture) -> Result<()> {
         .create_version("s", 3, new_version(b"four", "hub-user"))
         .await?;
     assert_eq!(v4.version, 4);
+    Ok(())
+}
+
+async fn plain_sql_bump_is_recorded_truthfully(f: Fixture) -> Result<()> {
+    f.store.ensure_space("s").await?;
+    let v2 = f
+        .store
+        .create_version("s", 1, new_version(b"content", "hub-user"))
+        .await?;
+    // Only the number moves: name and time are still those of the hub's last write.
+    f.outside("UPDATE sync_metadata SET version = version + 1 WHERE sync_key = 's'")
+        .await?;
+    let head = f.store.head("s").await?.context("head")?;
+    assert_eq!(head.version, 3);
+    assert_eq!(head.by, None, "not the previous publisher");
+    assert!(
+        head.at > v2.at,
+        "noticed after v2: {} vs {}",
+        head.at,
+        v2.at
+    );
+    let listed = &f.store.versions("s", 10).await?[0];
+    assert_eq!(
+        (listed.entries, listed.bytes),
+        (7, 700),
+        "the size of the manifest served"
+    );
+    Ok(())
+}
+
+async fn fed_space_bump_is_recorded_with_the_sources_content(f: Fixture) -> Result<()> {
+    f.store.ensure_space("s").await?;
+    f.store
+        .create_version("s", 1, new_version(b"content", "sources"))
+        .await?;
+    f.store.set_fed_spaces(&["s".to_owned()]);
+    f.outside("UPDATE sync_metadata SET version = version + 1 WHERE sync_key = 's'")
+        .await?;
+    let waiting = f.store.head("s").await?.context("head")?;
+    assert_eq!(
+        waiting.version, 2,
+        "held back until the sources read the data"
+    );
+    let fresh = new_version(b"fresh", "sources");
+    let recorded = f
+        .store
+        .record_outside_bump("s", &fresh)
+        .await?
+        .context("the bump is recorded")?;
+    assert_eq!(recorded.version, 3);
+    assert_eq!(recorded.data_hash, fresh.data_hash);
+    assert!(!recorded.forced, "new content");
+    assert_eq!(f.store.head("s").await?, Some(recorded.clone()));
+    assert_eq!(f.store.versions("s", 10).await?[0].entries, 5);
+    assert!(
+        f.store.record_outside_bump("s", &fresh).await?.is_none(),
+        "nothing left to record"
+    );
     Ok(())
 }
 

@@ -82,6 +82,9 @@ struct RunArgs {
     user: Option<String>,
     #[arg(long, env = "SYNCHUB_CLIENT_ID")]
     client_id: Option<String>,
+    /// Hold only these paths: a glob (`arhiva/Cluj/**`) or a folder prefix; repeat for more.
+    #[arg(long = "include")]
+    include: Vec<String>,
 }
 
 #[derive(Args)]
@@ -156,6 +159,9 @@ fn build_config(args: RunArgs) -> anyhow::Result<AgentConfig> {
     }
     if args.client_id.is_some() {
         cfg.client_id = args.client_id;
+    }
+    if !args.include.is_empty() {
+        cfg.include = args.include;
     }
     cfg.validate()?;
     Ok(cfg)

@@ -24,9 +24,14 @@ pub async fn current_head(state: &AppState, space: &str) -> ApiResult<Head> {
     if let Some(p) = state.heads.get(space) {
         return Ok(p.head.clone());
     }
+    if !state.config.spaces.contains(&space.to_owned()) {
+        return Err(HubError::NotFound(format!(
+            "space {space:?} (this hub serves only the spaces its configuration lists)"
+        )));
+    }
     match state.store.head(space).await? {
         Some(head) => {
-            state.heads.publish(head.clone());
+            crate::server::publish(state, head.clone());
             Ok(head)
         }
         None => Err(HubError::NotFound(format!("space {space:?}"))),

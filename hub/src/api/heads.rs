@@ -21,10 +21,17 @@ pub async fn head(
 ) -> ApiResult<Response> {
     space_name(&space)?;
     principal.require_space(&space)?;
-    let published = state
-        .heads
-        .get(&space)
-        .ok_or_else(|| HubError::NotFound(format!("space {space:?}")))?;
+    let published = state.heads.get(&space).ok_or_else(|| {
+        if state.config.spaces.contains(&space) {
+            HubError::NoData(format!(
+                "the hub has no data for space {space:?} yet: it was adopted from an existing \
+                 version row without content; agents stay blocked until a source or a publish \
+                 fills it"
+            ))
+        } else {
+            HubError::NotFound(format!("space {space:?}"))
+        }
+    })?;
     metrics::counter!("synchub_head_requests_total").increment(1);
     let not_modified = headers
         .get(header::IF_NONE_MATCH)

@@ -11,6 +11,8 @@ pub mod postgres;
 mod rows;
 pub mod sqlite;
 
+pub use rows::ADOPTED_WITHOUT_DATA_REASON;
+
 use async_trait::async_trait;
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,6 +69,7 @@ pub struct TokenRecord {
 /// Filter for `GET /sync-log`; `None` fields do not filter.
 #[derive(Clone, Debug, Default)]
 pub struct SyncLogFilter {
+    /// The space's rows and the rows with no space (written by the old app before the hub).
     pub space: Option<String>,
     pub client_id: Option<String>,
     pub status: Option<String>,
@@ -82,10 +85,32 @@ pub enum Change {
     Tokens,
 }
 
+/// True for the head of a space the hub adopted from an existing row without any content it
+/// knows: it must not be announced as data (agents would apply an empty tree and allow use).
+pub fn has_no_data(head: &Head) -> bool {
+    head.data_hash == Sha256Hex::empty()
+        && head.reason.as_deref() == Some(ADOPTED_WITHOUT_DATA_REASON)
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Short name for logs: "sqlite" or "postgres".
     fn backend(&self) -> &'static str;
+
+    /// Names the spaces fed by sources (`sources/`): an outside bump of one of them is not
+    /// recorded with the previous content by a head read; the sources re-read their data and
+    /// record it with [`Store::record_outside_bump`], so one bump makes one version.
+    fn set_fed_spaces(&self, spaces: &[String]);
+
+    /// When `space`'s row is above its newest version record (a bump made outside the hub),
+    /// records the row's version with `content` and writes its data hash into the row (which
+    /// also wakes every replica's watcher). `None` when there was nothing to record (or another
+    /// replica recorded it first).
+    async fn record_outside_bump(
+        &self,
+        space: &str,
+        content: &NewVersion,
+    ) -> Result<Option<Head>, StoreError>;
 
     /// Makes sure `space` has a `sync_metadata` row and a version record, creating version 1
     /// with the empty manifest for a new space. For a row written by system 1 (no version

@@ -10,6 +10,11 @@ use synchub_protocol::{Head, Role, Sha256Hex, VersionInfo};
 /// `reason` of a version the hub records because another program bumped the row.
 pub(crate) const OUTSIDE_BUMP_REASON: &str = "version bumped outside the hub";
 
+/// `reason` of the version recorded for a row the hub found without any content it knows
+/// (system 1's row): the hub holds no data for it, so it is never announced as ready data.
+pub const ADOPTED_WITHOUT_DATA_REASON: &str =
+    "adopted from the existing sync_metadata row; the hub has no data for it yet";
+
 /// Most rows one listing returns (`versions`, `sync_log`); a limit of 0 means this many.
 pub(crate) const MAX_LIST: u32 = 1000;
 
@@ -106,6 +111,9 @@ pub(crate) struct PendingVersion {
     pub reason: Option<String>,
     pub by: Option<String>,
     pub at: DateTime<Utc>,
+    /// Entries and total size of the manifest `data_hash` names.
+    pub entries: u64,
+    pub bytes: u64,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -116,31 +124,42 @@ pub(crate) enum HeadPlan {
 
 /// What a head read means. The row is the truth about the version number (system 1 and plain
 /// SQL bump it); version records are the truth about content. A row above the newest record
-/// is a bump made outside the hub: recorded as forced with the previous content. A row with no
-/// record (system 1's row, or a space just inserted) is recorded with the empty manifest. A row
-/// below the newest record (someone lowered it) is logged and the newest record kept.
-pub(crate) fn plan_head(row: HeadRow) -> Result<HeadPlan, StoreError> {
+/// is a bump made outside the hub: recorded as forced with the previous content, unless the
+/// space is `fed` by sources, which record it themselves with freshly read content (the newest
+/// record is served meanwhile). A row with no record (system 1's row) is recorded with the
+/// empty manifest and [`ADOPTED_WITHOUT_DATA_REASON`], which the hub never announces as data.
+/// A row below the newest record (someone lowered it) is logged and the newest record kept.
+pub(crate) fn plan_head(row: HeadRow, fed: bool) -> Result<HeadPlan, StoreError> {
     let row_version = from_db(row.row_version, "sync_metadata.version")?;
-    let at = row.row_at.unwrap_or_else(Utc::now);
     match row.newest {
         None => Ok(HeadPlan::Record(PendingVersion {
             space: row.space,
             version: row_version,
             data_hash: Sha256Hex::empty(),
             forced: false,
-            reason: None,
+            reason: Some(ADOPTED_WITHOUT_DATA_REASON.to_owned()),
             by: row.row_by,
-            at,
+            at: row.row_at.unwrap_or_else(Utc::now),
+            entries: 0,
+            bytes: 0,
         })),
-        Some(newest) if newest.head.version < row_version => Ok(HeadPlan::Record(PendingVersion {
-            space: row.space,
-            version: row_version,
-            data_hash: newest.head.data_hash,
-            forced: true,
-            reason: Some(OUTSIDE_BUMP_REASON.to_owned()),
-            by: row.row_by,
-            at,
-        })),
+        Some(newest) if newest.head.version < row_version => {
+            if fed {
+                return Ok(HeadPlan::Serve(newest.head));
+            }
+            let (by, at) = bump_author(row.row_by, row.row_at, &newest);
+            Ok(HeadPlan::Record(PendingVersion {
+                space: row.space,
+                version: row_version,
+                data_hash: newest.head.data_hash,
+                forced: true,
+                reason: Some(OUTSIDE_BUMP_REASON.to_owned()),
+                by,
+                at,
+                entries: newest.entries,
+                bytes: newest.bytes,
+            }))
+        }
         Some(newest) => {
             if newest.head.version > row_version {
                 tracing::warn!(
@@ -154,6 +173,44 @@ pub(crate) fn plan_head(row: HeadRow) -> Result<HeadPlan, StoreError> {
             Ok(HeadPlan::Serve(newest.head))
         }
     }
+}
+
+/// Who made an outside bump and when. A plain `UPDATE ... SET version = version + 1` leaves
+/// `last_modified_by`/`_at` as the previous writer left them. The row's time counts only when
+/// it is later than the newest record's (the hub's clock, when it noticed, otherwise); its name
+/// counts when that time is fresh or the name differs from the newest record's author (a bump
+/// that set only the name); otherwise nobody is named.
+fn bump_author(
+    row_by: Option<String>,
+    row_at: Option<DateTime<Utc>>,
+    newest: &VersionInfo,
+) -> (Option<String>, DateTime<Utc>) {
+    let newest_ms = parse_timestamp(&newest.head.at).map_or(i64::MIN, |t| t.timestamp_millis());
+    let fresh_at = row_at.filter(|at| at.timestamp_millis() > newest_ms);
+    let by = row_by.filter(|by| fresh_at.is_some() || newest.head.by.as_ref() != Some(by));
+    (by, fresh_at.unwrap_or_else(Utc::now))
+}
+
+/// The record that an outside bump of `row` gets when sources supply its content: the row's
+/// version with `content` (data hash, entries, bytes), forced only when the content did not
+/// change. `None` when the row is not above the newest record (nothing to record).
+pub(crate) fn plan_fed_bump(
+    row: HeadRow,
+    content: &super::NewVersion,
+) -> Result<Option<PendingVersion>, StoreError> {
+    let newest_hash = row.newest.as_ref().map(|n| n.head.data_hash.clone());
+    let HeadPlan::Record(mut pending) = plan_head(row, false)? else {
+        return Ok(None);
+    };
+    pending.forced = newest_hash.as_ref() == Some(&content.data_hash);
+    pending.data_hash = content.data_hash.clone();
+    pending.entries = content.entries;
+    pending.bytes = content.bytes;
+    pending.reason = Some(match &content.reason {
+        Some(r) => format!("{OUTSIDE_BUMP_REASON}; {r}"),
+        None => OUTSIDE_BUMP_REASON.to_owned(),
+    });
+    Ok(Some(pending))
 }
 
 #[cfg(test)]
@@ -187,25 +244,86 @@ mod tests {
     }
 
     #[test]
-    fn a_row_without_record_is_recorded_with_the_empty_manifest() {
-        let HeadPlan::Record(p) = plan_head(row(7, None)).unwrap() else {
+    fn a_row_without_record_is_recorded_as_having_no_data() {
+        let HeadPlan::Record(p) = plan_head(row(7, None), false).unwrap() else {
             panic!("expected a record")
         };
         assert_eq!((p.version, p.forced), (7, false));
         assert_eq!(p.data_hash, Sha256Hex::empty());
         assert_eq!(p.by.as_deref(), Some("desktop"));
+        assert_eq!(p.reason.as_deref(), Some(ADOPTED_WITHOUT_DATA_REASON));
     }
 
     #[test]
     fn an_outside_bump_is_forced_with_the_previous_content() {
         let hash = Sha256Hex::of(b"m");
-        let HeadPlan::Record(p) = plan_head(row(5, Some(record(4, &hash)))).unwrap() else {
+        let HeadPlan::Record(p) = plan_head(row(5, Some(record(4, &hash))), false).unwrap() else {
             panic!("expected a record")
         };
         assert_eq!((p.version, p.forced), (5, true));
         assert_eq!(p.data_hash, hash);
         assert_eq!(p.reason.as_deref(), Some(OUTSIDE_BUMP_REASON));
         assert_eq!(rfc3339(p.at), "2026-02-02T00:00:00.000Z");
+        assert_eq!(
+            p.by.as_deref(),
+            Some("desktop"),
+            "the row names who bumped it"
+        );
+        assert_eq!((p.entries, p.bytes), (1, 2), "the served manifest's size");
+    }
+
+    #[test]
+    fn a_plain_sql_bump_names_nobody_and_uses_the_hubs_clock() {
+        let hash = Sha256Hex::of(b"m");
+        let mut newest = record(4, &hash);
+        // The row still carries the previous writer's name and time.
+        newest.head.at = "2026-02-02T00:00:00.000Z".into();
+        newest.head.by = Some("desktop".into());
+        let before = Utc::now();
+        let HeadPlan::Record(p) = plan_head(row(5, Some(newest.clone())), false).unwrap() else {
+            panic!("expected a record")
+        };
+        assert_eq!(p.by, None, "not the previous publisher");
+        assert!(
+            p.at >= before,
+            "the hub's clock, not the previous version's time"
+        );
+        assert_eq!((p.entries, p.bytes), (1, 2));
+        // A bump that set only the name is credited to that name, at the hub's clock.
+        let mut named = row(5, Some(newest));
+        named.row_by = Some("old-app".into());
+        let HeadPlan::Record(p) = plan_head(named, false).unwrap() else {
+            panic!("expected a record")
+        };
+        assert_eq!(p.by.as_deref(), Some("old-app"));
+        assert!(p.at >= before);
+    }
+
+    #[test]
+    fn a_fed_space_waits_for_its_sources_then_records_their_content() {
+        let hash = Sha256Hex::of(b"m");
+        assert_eq!(
+            plan_head(row(5, Some(record(4, &hash))), true).unwrap(),
+            HeadPlan::Serve(record(4, &hash).head)
+        );
+        let content = crate::store::NewVersion {
+            data_hash: Sha256Hex::of(b"n"),
+            forced: false,
+            reason: Some("sources re-read".into()),
+            by: None,
+            entries: 3,
+            bytes: 30,
+        };
+        let p = plan_fed_bump(row(5, Some(record(4, &hash))), &content)
+            .unwrap()
+            .expect("a record");
+        assert_eq!((p.version, p.forced, p.entries), (5, false, 3));
+        assert_eq!(p.data_hash, content.data_hash);
+        assert!(
+            plan_fed_bump(row(4, Some(record(4, &hash))), &content)
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
@@ -213,11 +331,11 @@ mod tests {
         let hash = Sha256Hex::of(b"m");
         for v in [4, 2] {
             assert_eq!(
-                plan_head(row(v, Some(record(4, &hash)))).unwrap(),
+                plan_head(row(v, Some(record(4, &hash))), false).unwrap(),
                 HeadPlan::Serve(record(4, &hash).head)
             );
         }
-        assert!(plan_head(row(-1, None)).is_err());
+        assert!(plan_head(row(-1, None), false).is_err());
     }
 
     #[test]

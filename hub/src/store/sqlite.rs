@@ -9,7 +9,7 @@
 
 use super::rows::{
     HeadPlan, HeadRow, PendingVersion, decode_spaces, encode_spaces, from_db, list_limit,
-    parse_hash, parse_role, parse_timestamp, plan_head, rfc3339, to_db,
+    parse_hash, parse_role, parse_timestamp, plan_fed_bump, plan_head, rfc3339, to_db,
 };
 use super::*;
 use chrono::Utc;
@@ -43,6 +43,8 @@ pub struct SqliteStore {
     /// Poked after the hub's own writes so that the poller reads at once instead of waiting
     /// for the next interval.
     wake: Notify,
+    /// Spaces fed by sources (see [`Store::set_fed_spaces`]).
+    fed: std::sync::RwLock<std::collections::HashSet<String>>,
 }
 
 impl SqliteStore {
@@ -63,7 +65,12 @@ impl SqliteStore {
         Ok(SqliteStore {
             pool,
             wake: Notify::new(),
+            fed: Default::default(),
         })
+    }
+
+    fn is_fed(&self, space: &str) -> bool {
+        self.fed.read().expect("fed lock").contains(space)
     }
 
     async fn head_rows(&self, space: Option<&str>) -> Result<Vec<HeadRow>, StoreError> {
@@ -88,7 +95,8 @@ impl SqliteStore {
     /// nothing then and the re-read serves whichever record won.
     async fn resolve(&self, mut row: HeadRow) -> Result<Head, StoreError> {
         for _ in 0..3 {
-            match plan_head(row)? {
+            let fed = self.is_fed(&row.space);
+            match plan_head(row, fed)? {
                 HeadPlan::Serve(head) => return Ok(head),
                 HeadPlan::Record(pending) => {
                     let space = pending.space.clone();
@@ -108,7 +116,7 @@ impl SqliteStore {
         sqlx::query(
             "INSERT INTO synchub_versions
                  (space, version, data_hash, forced, reason, created_by, created_at, entries, bytes)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, 0)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
              ON CONFLICT (space, version) DO NOTHING",
         )
         .bind(&p.space)
@@ -118,6 +126,8 @@ impl SqliteStore {
         .bind(&p.reason)
         .bind(&p.by)
         .bind(rfc3339(p.at))
+        .bind(to_db(p.entries))
+        .bind(to_db(p.bytes))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -204,8 +214,68 @@ impl Store for SqliteStore {
         "sqlite"
     }
 
+    fn set_fed_spaces(&self, spaces: &[String]) {
+        *self.fed.write().expect("fed lock") = spaces.iter().cloned().collect();
+    }
+
+    async fn record_outside_bump(
+        &self,
+        space: &str,
+        content: &NewVersion,
+    ) -> Result<Option<Head>, StoreError> {
+        let Some(row) = self.head_rows(Some(space)).await?.pop() else {
+            return Err(StoreError::NoSuchSpace(space.to_owned()));
+        };
+        let Some(p) = plan_fed_bump(row, content)? else {
+            return Ok(None);
+        };
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO synchub_versions
+                 (space, version, data_hash, forced, reason, created_by, created_at, entries, bytes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             ON CONFLICT (space, version) DO NOTHING",
+        )
+        .bind(&p.space)
+        .bind(to_db(p.version))
+        .bind(p.data_hash.as_str())
+        .bind(p.forced)
+        .bind(&p.reason)
+        .bind(&p.by)
+        .bind(rfc3339(p.at))
+        .bind(to_db(p.entries))
+        .bind(to_db(p.bytes))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        sqlx::query("UPDATE sync_metadata SET data_hash = ?1 WHERE sync_key = ?2 AND version = ?3")
+            .bind(p.data_hash.as_str())
+            .bind(space)
+            .bind(to_db(p.version))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        self.wake.notify_one();
+        Ok(Some(Head {
+            space: p.space,
+            version: p.version,
+            data_hash: p.data_hash,
+            forced: p.forced,
+            reason: p.reason,
+            by: p.by,
+            at: rfc3339(p.at),
+        }))
+    }
+
     async fn ensure_space(&self, space: &str) -> Result<Head, StoreError> {
         let now = rfc3339(Utc::now());
+        // The row and its first (empty) version in one transaction: a new space is empty
+        // data, not a row adopted without data.
+        let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO sync_metadata (sync_key, version, data_hash, last_modified_at, updated_at)
              VALUES (?1, 1, ?2, ?3, ?3)
@@ -214,9 +284,23 @@ impl Store for SqliteStore {
         .bind(space)
         .bind(Sha256Hex::empty().as_str())
         .bind(&now)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
+        if inserted > 0 {
+            sqlx::query(
+                "INSERT INTO synchub_versions
+                     (space, version, data_hash, forced, created_at, entries, bytes)
+                 VALUES (?1, 1, ?2, 0, ?3, 0, 0)
+                 ON CONFLICT (space, version) DO NOTHING",
+            )
+            .bind(space)
+            .bind(Sha256Hex::empty().as_str())
+            .bind(&now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
         let head = self
             .head(space)
             .await?
@@ -388,11 +472,13 @@ impl Store for SqliteStore {
                     CAST(COALESCE(synced_at, created_at) AS TEXT) AS synced_at
              FROM sync_log WHERE 1 = 1",
         );
-        for (column, value) in [
-            ("space", &filter.space),
-            ("client_id", &filter.client_id),
-            ("status", &filter.status),
-        ] {
+        // Rows the old app wrote have no space: they belong to every space's log.
+        if let Some(space) = &filter.space {
+            q.push(" AND (space = ")
+                .push_bind(space.clone())
+                .push(" OR space IS NULL)");
+        }
+        for (column, value) in [("client_id", &filter.client_id), ("status", &filter.status)] {
             if let Some(value) = value {
                 q.push(format!(" AND {column} = ")).push_bind(value.clone());
             }
