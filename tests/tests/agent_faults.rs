@@ -1,0 +1,127 @@
+//! An agent is never stuck: a hub that keeps TCP open but stops answering in the middle of a
+//! download is abandoned for the next configured hub, and a PC started while no hub answers
+//! goes from `starting` to `failed` (with stale use of its last good tree when so configured)
+//! after a bounded wait.
+//!
+//! Real in-process hubs on real PostgreSQL, real agents ([`SyncClient`]), and the
+//! fault-injecting TCP proxy of `synchub_tests::proxy` between them.
+
+use anyhow::{Context, ensure};
+use reqwest::StatusCode;
+use std::time::{Duration, Instant};
+use synchub_client::{OnFailure, SyncClient};
+use synchub_hub::config::BlobStoreConfig;
+use synchub_protocol::{AgentState, Head};
+use synchub_tests::fixtures::{agent_config, commit, read_tree, wait_ready};
+use synchub_tests::hub::TestHub;
+use synchub_tests::postgres::test_database;
+use synchub_tests::proxy::{Fault, FaultProxy};
+
+async fn commit_ok(hub: &TestHub, base: u64, files: &[(&str, &[u8])]) -> anyhow::Result<Head> {
+    let (status, body) = commit(hub, &hub.admin_token, base, files, &[]).await?;
+    ensure!(status == StatusCode::CREATED, "commit: {status} {body}");
+    Ok(serde_json::from_value(body["head"].clone())?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_frozen_mid_download_is_left_for_the_next_url() -> anyhow::Result<()> {
+    let url = test_database().await?;
+    let blobs = tempfile::tempdir()?;
+    let start = |id: &'static str| {
+        let (url, blobs) = (url.clone(), blobs.path().to_path_buf());
+        TestHub::start_with(move |c| {
+            c.database_url = Some(url);
+            c.blob_store = BlobStoreConfig::Fs { path: Some(blobs) };
+            c.hub_id = Some(id.into());
+            c.ping_interval_ms = 500;
+        })
+    };
+    let a = start("a").await?;
+    let b = start("b").await?;
+    let proxy = FaultProxy::start(a.config.listen).await?;
+    let dir = tempfile::tempdir()?;
+    let mut config = agent_config(&a, &a.admin_token, dir.path());
+    config.hubs = vec![proxy.url(), b.url.clone()];
+    config.read_timeout_ms = 2000;
+    config.max_backoff_ms = 1000;
+    let agent = SyncClient::start(config).await?;
+    wait_ready(&agent, 1, Duration::from_secs(10)).await?;
+
+    // About 5 MiB in 16 files too big for packs: the proxy freezes after the first MiB.
+    let files: Vec<(String, Vec<u8>)> = (0..16u8)
+        .map(|i| (format!("f{i:02}.bin"), vec![i; 300 * 1024]))
+        .collect();
+    let refs: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(p, b)| (p.as_str(), b.as_slice()))
+        .collect();
+    proxy.freeze_after(1 << 20);
+    let v2 = commit_ok(&a, 1, &refs).await?;
+    let bumped = Instant::now();
+    wait_ready(&agent, v2.version, Duration::from_secs(30))
+        .await
+        .context("the agent must finish on the second hub while the first is frozen")?;
+    ensure!(
+        proxy.fault() == Fault::Freeze,
+        "the proxy froze during the download"
+    );
+    let took = bumped.elapsed();
+    eprintln!("first hub frozen mid-download; finished on the second in {took:?}");
+    let tree = read_tree(&dir.path().join("current"));
+    assert_eq!(tree.len(), files.len());
+    assert!(files.iter().all(|(p, b)| tree.get(p) == Some(b)));
+    agent.shutdown().await;
+    a.stop().await;
+    b.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pc_started_while_no_hub_answers_may_use_its_last_tree() -> anyhow::Result<()> {
+    let hub = TestHub::start().await?;
+    let proxy = FaultProxy::start(hub.config.listen).await?;
+    let dir = tempfile::tempdir()?;
+    let mut config = agent_config(&hub, &hub.admin_token, dir.path());
+    config.hubs = vec![proxy.url()];
+    config.on_failure = OnFailure::UnblockStale;
+    config.boot_wait_ms = 1500;
+    let v2 = commit_ok(&hub, 1, &[("a.txt", b"hello")]).await?;
+    let agent = SyncClient::start(config.clone()).await?;
+    wait_ready(&agent, v2.version, Duration::from_secs(10)).await?;
+    agent.shutdown().await;
+
+    // The PC reboots during a hub outage that answers nothing at all.
+    proxy.set(Fault::Freeze);
+    let started = Instant::now();
+    let agent = SyncClient::start(config).await?;
+    let mut states = agent.subscribe(None)?;
+    let state = tokio::time::timeout(
+        Duration::from_secs(10),
+        states.wait_for(|s| !matches!(s, AgentState::Starting { .. })),
+    )
+    .await
+    .context("the agent stayed `starting` with no hub")??
+    .clone();
+    assert!(
+        matches!(
+            state,
+            AgentState::Failed {
+                stale_allowed: true,
+                ..
+            }
+        ),
+        "{state:?}"
+    );
+    eprintln!("left `starting` after {:?}", started.elapsed());
+    let access = agent.try_access(None)?.context("stale use is allowed")?;
+    assert_eq!(access.version(), v2.version);
+    assert_eq!(std::fs::read(access.path().join("a.txt"))?, b"hello");
+    drop(access);
+
+    // The hub answers again: the agent is ready without a restart.
+    proxy.set(Fault::Pass);
+    wait_ready(&agent, v2.version, Duration::from_secs(20)).await?;
+    agent.shutdown().await;
+    hub.stop().await;
+    Ok(())
+}
