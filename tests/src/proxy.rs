@@ -179,3 +179,49 @@ fn end_if_faulted(client: &TcpStream, fault: Fault) -> bool {
         Fault::Pass | Fault::Freeze => false,
     }
 }
+
+/// A front door that sends WebSocket upgrades to one address and every other HTTP connection
+/// to another, as a balancer may: the agent's socket and its HTTP calls then take different
+/// paths (different replicas, or two [`FaultProxy`]s faulted separately). Stopped on drop.
+pub struct Splitter {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Splitter {
+    pub async fn start(websocket: SocketAddr, http: SocketAddr) -> anyhow::Result<Splitter> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut head = [0u8; 4096];
+                    let Ok(n) = client.peek(&mut head).await else {
+                        return;
+                    };
+                    let text = String::from_utf8_lossy(&head[..n]).to_ascii_lowercase();
+                    let target = if text.contains("upgrade: websocket") {
+                        websocket
+                    } else {
+                        http
+                    };
+                    if let Ok(mut upstream) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    }
+                });
+            }
+        });
+        Ok(Splitter { addr, task })
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Splitter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -8,6 +8,7 @@
 
 use anyhow::{Context, ensure};
 use reqwest::StatusCode;
+use sqlx::Connection;
 use std::time::{Duration, Instant};
 use synchub_client::{OnFailure, SyncClient};
 use synchub_hub::config::BlobStoreConfig;
@@ -15,7 +16,7 @@ use synchub_protocol::{AgentState, Head};
 use synchub_tests::fixtures::{agent_config, commit, read_tree, wait_ready};
 use synchub_tests::hub::TestHub;
 use synchub_tests::postgres::test_database;
-use synchub_tests::proxy::{Fault, FaultProxy};
+use synchub_tests::proxy::{Fault, FaultProxy, Splitter};
 
 async fn commit_ok(hub: &TestHub, base: u64, files: &[(&str, &[u8])]) -> anyhow::Result<Head> {
     let (status, body) = commit(hub, &hub.admin_token, base, files, &[]).await?;
@@ -123,5 +124,103 @@ async fn a_pc_started_while_no_hub_answers_may_use_its_last_tree() -> anyhow::Re
     wait_ready(&agent, v2.version, Duration::from_secs(20)).await?;
     agent.shutdown().await;
     hub.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_socket_is_dropped_even_while_the_agent_downloads() -> anyhow::Result<()> {
+    let hub = TestHub::start_with(|c| c.ping_interval_ms = 500).await?;
+    let ws = FaultProxy::start(hub.config.listen).await?;
+    let web = FaultProxy::start(hub.config.listen).await?;
+    let front = Splitter::start(ws.addr, web.addr).await?;
+    let dir = tempfile::tempdir()?;
+    let mut config = agent_config(&hub, &hub.admin_token, dir.path());
+    config.hubs = vec![front.url()];
+    let agent = SyncClient::start(config).await?;
+    wait_ready(&agent, 1, Duration::from_secs(10)).await?;
+    ensure!(agent.status().hub.connected);
+
+    // The download stalls after 1 MiB (the hub keeps TCP open), so the agent stays
+    // `downloading`, sending status frames, while its socket goes silent.
+    let files: Vec<(String, Vec<u8>)> = (0..16u8)
+        .map(|i| (format!("f{i:02}.bin"), vec![i; 300 * 1024]))
+        .collect();
+    let refs: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(p, b)| (p.as_str(), b.as_slice()))
+        .collect();
+    web.freeze_after(1 << 20);
+    let v2 = commit_ok(&hub, 1, &refs).await?;
+    let mut states = agent.subscribe(None)?;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        states.wait_for(|s| matches!(s, AgentState::Downloading { .. })),
+    )
+    .await
+    .context("the agent never started downloading")??;
+    ws.set(Fault::Freeze);
+    let frozen = Instant::now();
+    while agent.status().hub.connected {
+        ensure!(
+            frozen.elapsed() < Duration::from_secs(5),
+            "a socket silent for 3 ping intervals (1.5 s) was still up after 5 s of download: {:?}",
+            agent.state(None)?
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "silent socket dropped {:?} after the freeze, while {:?}",
+        frozen.elapsed(),
+        agent.state(None)?
+    );
+    ws.set(Fault::Pass);
+    web.set(Fault::Pass);
+    wait_ready(&agent, v2.version, Duration::from_secs(60)).await?;
+    agent.shutdown().await;
+    hub.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connected_agent_notices_a_bump_its_replica_missed() -> anyhow::Result<()> {
+    let url = test_database().await?;
+    let blobs = tempfile::tempdir()?;
+    let start = |id: &'static str| {
+        let (url, blobs) = (url.clone(), blobs.path().to_path_buf());
+        TestHub::start_with(move |c| {
+            c.database_url = Some(url);
+            c.blob_store = BlobStoreConfig::Fs { path: Some(blobs) };
+            c.hub_id = Some(id.into());
+            // No timer re-read within the test: replica A stays behind.
+            c.reread_interval_ms = 600_000;
+        })
+    };
+    let a = start("a").await?;
+    let b = start("b").await?;
+    // A balancer that happens to put the socket on A and the HTTP calls on B.
+    let front = Splitter::start(a.config.listen, b.config.listen).await?;
+    let dir = tempfile::tempdir()?;
+    let mut config = agent_config(&a, &a.admin_token, dir.path());
+    config.hubs = vec![front.url()];
+    config.head_check_interval_ms = 1000;
+    let agent = SyncClient::start(config).await?;
+    wait_ready(&agent, 1, Duration::from_secs(10)).await?;
+
+    // A misses the bump made on B: its notification is lost.
+    let mut c = sqlx::PgConnection::connect(&url).await?;
+    sqlx::query("ALTER TABLE sync_metadata DISABLE TRIGGER synchub_notify_head")
+        .execute(&mut c)
+        .await?;
+    c.close().await?;
+    let v2 = commit_ok(&b, 1, &[("missed.txt", b"on b")]).await?;
+    ensure!(a.state().heads.get("global_version").unwrap().head.version == 1);
+    ensure!(agent.status().hub.connected);
+    wait_ready(&agent, v2.version, Duration::from_secs(10))
+        .await
+        .context("a connected agent must notice a bump its replica missed")?;
+    assert!(agent.status().hub.last_head_check.is_some());
+    agent.shutdown().await;
+    a.stop().await;
+    b.stop().await;
     Ok(())
 }
