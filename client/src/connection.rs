@@ -197,7 +197,7 @@ async fn session(ctx: &ConnectionContext, url: &str) -> Result<bool> {
                 }
             }
             Some(status) = states.next() => {
-                if throttled(&mut last_sent, &status) {
+                if throttled(&mut last_sent, &status, tokio::time::Instant::now()) {
                     continue;
                 }
                 send(&mut ws, &status).await?
@@ -211,11 +211,11 @@ async fn session(ctx: &ConnectionContext, url: &str) -> Result<bool> {
 fn throttled(
     last_sent: &mut Vec<(String, AgentState, tokio::time::Instant)>,
     frame: &AgentFrame,
+    now: tokio::time::Instant,
 ) -> bool {
     let AgentFrame::Status { space, state } = frame else {
         return false;
     };
-    let now = tokio::time::Instant::now();
     match last_sent.iter_mut().find(|(s, _, _)| s == space) {
         Some((_, last, at)) => {
             if is_progress_only(last, state) && now.duration_since(*at) < PROGRESS_EVERY {
@@ -290,5 +290,49 @@ async fn next_frame(ws: &mut Ws) -> Result<Option<HubFrame>> {
             Ok(f) => return Ok(Some(f)),
             Err(e) => tracing::warn!(error = %e, "ignoring a frame this agent does not know"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn downloading(bytes_done: u64) -> AgentFrame {
+        AgentFrame::Status {
+            space: "s".into(),
+            state: AgentState::Downloading {
+                version: 1,
+                target: 2,
+                files_done: 0,
+                files_total: 1,
+                bytes_done,
+                bytes_total: 100,
+                bytes_per_sec: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn progress_frames_go_out_once_a_second_and_other_changes_at_once() {
+        let start = tokio::time::Instant::now();
+        let mut last = Vec::new();
+        assert!(!throttled(&mut last, &downloading(1), start));
+        let mut sent = 0;
+        let mut now = start;
+        for i in 0..20 {
+            now += Duration::from_millis(250);
+            if !throttled(&mut last, &downloading(2 + i), now) {
+                sent += 1;
+            }
+        }
+        assert!((4..=6).contains(&sent), "{sent} progress frames in 5 s");
+        let verifying = AgentFrame::Status {
+            space: "s".into(),
+            state: AgentState::Verifying {
+                version: 1,
+                target: 2,
+            },
+        };
+        assert!(!throttled(&mut last, &verifying, now));
     }
 }

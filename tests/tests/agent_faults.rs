@@ -224,3 +224,48 @@ async fn a_connected_agent_notices_a_bump_its_replica_missed() -> anyhow::Result
     b.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_skipped_a_force_sync_still_reverifies() -> anyhow::Result<()> {
+    let hub = TestHub::start().await?;
+    let dir = tempfile::tempdir()?;
+    let config = agent_config(&hub, &hub.admin_token, dir.path());
+    let v2 = commit_ok(&hub, 1, &[("a.txt", b"hello world")]).await?;
+    let agent = SyncClient::start(config.clone()).await?;
+    wait_ready(&agent, v2.version, Duration::from_secs(10)).await?;
+    agent.shutdown().await;
+
+    // Damaged while the PC was off (same size, so only a hash check can tell).
+    let file = dir.path().join("current/a.txt");
+    let mut perms = std::fs::metadata(&file)?.permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(&file, perms)?;
+    std::fs::write(&file, b"HELLO WORLD")?;
+    // An admin force-syncs, then someone publishes: the agent only ever sees the publish.
+    let forced = synchub_tests::fixtures::http()
+        .post(hub.api("/spaces/global_version/force-sync"))
+        .bearer_auth(&hub.admin_token)
+        .json(&serde_json::json!({"reason": "repair"}))
+        .send()
+        .await?;
+    ensure!(
+        forced.status() == StatusCode::CREATED,
+        "force-sync: {}",
+        forced.status()
+    );
+    let v4 = commit_ok(&hub, v2.version + 1, &[("b.txt", b"later")]).await?;
+    assert!(!v4.forced);
+    assert_eq!(v4.forced_version, v2.version + 1);
+
+    let agent = SyncClient::start(config).await?;
+    wait_ready(&agent, v4.version, Duration::from_secs(10)).await?;
+    assert_eq!(
+        std::fs::read(dir.path().join("current/a.txt"))?,
+        b"hello world",
+        "the skipped force-sync must still re-verify every file"
+    );
+    agent.shutdown().await;
+    hub.stop().await;
+    Ok(())
+}
