@@ -182,6 +182,8 @@ async fn soak_with_random_faults_converges() -> anyhow::Result<()> {
     let until = Instant::now() + Duration::from_secs(secs);
     let mut n = 0u64;
     let mut faults = 0u32;
+    // freeze, cut, reset (an agent's proxy), PostgreSQL restart, replica restart, DB reset.
+    let mut kinds = [0u32; 6];
     let mut last_fault = Instant::now();
     while Instant::now() < until {
         n += 1;
@@ -194,21 +196,23 @@ async fn soak_with_random_faults_converges() -> anyhow::Result<()> {
         if n.is_multiple_of(3) {
             faults += 1;
             last_fault = Instant::now();
-            let pick = rand::rng().random_range(0..10);
+            // Every kind in turn (so a short run has each at least once), the target at random.
+            let pick = faults as usize % 6;
+            kinds[pick] += 1;
             match pick {
-                0..=5 => {
+                0..=2 => {
                     let p = &proxies[rand::rng().random_range(0..AGENTS)];
-                    let fault = [Fault::Freeze, Fault::Cut, Fault::Reset][pick % 3];
+                    let fault = [Fault::Freeze, Fault::Cut, Fault::Reset][pick];
                     p.set(fault);
                     let hold = rand::rng().random_range(300..2500);
                     tokio::time::sleep(Duration::from_millis(hold)).await;
                     p.set(Fault::Pass);
                 }
-                6 => {
+                3 => {
                     let c = cluster.clone();
                     tokio::task::spawn_blocking(move || c.restart()).await??;
                 }
-                7 => {
+                4 => {
                     let i = rand::rng().random_range(0..2);
                     hubs[i].stop_keep().await;
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -247,8 +251,14 @@ async fn soak_with_random_faults_converges() -> anyhow::Result<()> {
             })?;
     }
     let converged = committed.elapsed();
+    ensure!(
+        since_fault + converged <= CONVERGE,
+        "the final head reached every agent {:?} after the last fault",
+        since_fault + converged
+    );
     eprintln!(
-        "soak: {secs} s, {faults} faults, {n} writes; final head v{} reached by all {AGENTS} agents \
+        "soak: {secs} s, {faults} faults (freeze/cut/reset/pg-restart/replica-restart/db-reset: \
+         {kinds:?}), {n} writes; final head v{} reached by all {AGENTS} agents \
          {converged:?} after its commit ({:?} after the last fault)",
         final_head.version,
         since_fault + converged
