@@ -273,6 +273,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_404_from_a_proxy_is_retried_not_rejected() {
+        use axum::{Router, http::StatusCode, routing::post};
+        let app = Router::new().route(
+            "/api/v1/sync-log",
+            post(|| async { (StatusCode::NOT_FOUND, "<html>no route</html>") }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path().to_path_buf()).unwrap();
+        let id = uuid::Uuid::new_v4().to_string();
+        outbox.put(&report(&id)).unwrap();
+        let api = HubApi::new(vec![url], "t").unwrap();
+        assert_eq!(outbox.flush(&api).await.unwrap(), 0);
+        assert_eq!(outbox.pending().len(), 1, "kept for a later attempt");
+        assert!(!dir.path().join(format!("{id}.rejected")).exists());
+    }
+
+    #[tokio::test]
     async fn a_report_that_always_fails_does_not_block_the_others_and_is_set_aside() {
         let dir = tempfile::tempdir().unwrap();
         let outbox = Outbox::open(dir.path().to_path_buf()).unwrap();
