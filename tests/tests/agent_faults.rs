@@ -269,3 +269,60 @@ async fn an_agent_that_skipped_a_force_sync_still_reverifies() -> anyhow::Result
     hub.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_head_cancels_a_stalled_sync() -> anyhow::Result<()> {
+    let hub = TestHub::start().await?;
+    let ws = FaultProxy::start(hub.config.listen).await?;
+    let web = FaultProxy::start(hub.config.listen).await?;
+    let front = Splitter::start(ws.addr, web.addr).await?;
+    let dir = tempfile::tempdir()?;
+    let mut config = agent_config(&hub, &hub.admin_token, dir.path());
+    config.hubs = vec![front.url()];
+    let agent = SyncClient::start(config).await?;
+    wait_ready(&agent, 1, Duration::from_secs(10)).await?;
+
+    let files: Vec<(String, Vec<u8>)> = (0..16u8)
+        .map(|i| (format!("f{i:02}.bin"), vec![i; 300 * 1024]))
+        .collect();
+    let refs: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(p, b)| (p.as_str(), b.as_slice()))
+        .collect();
+    web.freeze_after(1 << 20);
+    let v2 = commit_ok(&hub, 1, &refs).await?;
+    let mut states = agent.subscribe(None)?;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        states.wait_for(
+            |s| matches!(s, AgentState::Downloading { target, .. } if *target == v2.version),
+        ),
+    )
+    .await
+    .context("the agent never started downloading v2")??;
+
+    // The download of v2 hangs (idle-read deadline 30 s); v3 is announced meanwhile.
+    let v3 = commit_ok(&hub, v2.version, &[("small.txt", b"newer")]).await?;
+    let announced = Instant::now();
+    let state = tokio::time::timeout(
+        Duration::from_secs(3),
+        states.wait_for(|s| synchub_client::state::target_of(s) == Some(v3.version)),
+    )
+    .await
+    .context("a newer head must cancel the sync in progress at once")??
+    .clone();
+    eprintln!(
+        "sync for v{} started {:?} after it was announced: {state:?}",
+        v3.version,
+        announced.elapsed()
+    );
+    web.set(Fault::Pass);
+    wait_ready(&agent, v3.version, Duration::from_secs(30)).await?;
+    assert_eq!(
+        std::fs::read(dir.path().join("current/small.txt"))?,
+        b"newer"
+    );
+    agent.shutdown().await;
+    hub.stop().await;
+    Ok(())
+}
