@@ -74,8 +74,9 @@ impl HubProcess {
 
     fn signal(&self, signal: &str) -> anyhow::Result<()> {
         let pid = self.child.id().context("hub exited")?;
-        let status = std::process::Command::new("kill")
-            .args([signal, &pid.to_string()])
+        // The shell's own `kill`: no package needed on a fresh machine.
+        let status = std::process::Command::new("sh")
+            .args(["-c", &format!("kill {signal} {pid}")])
             .status()?;
         ensure!(status.success(), "kill {signal} {pid}");
         Ok(())
