@@ -67,6 +67,14 @@ pub struct AgentConfig {
     /// Selective sync: hold only the paths these globs or prefixes match (every space);
     /// empty: everything. See `selection.rs`.
     pub include: Vec<String>,
+    /// While the WebSocket is up, the head is still checked over HTTP (with `If-None-Match`)
+    /// this often, so a replica that missed a bump is noticed.
+    pub head_check_interval_ms: u64,
+    /// An HTTP answer that stays silent this long is abandoned (and the next hub tried).
+    pub read_timeout_ms: u64,
+    /// At start, how long to wait for a first head before the space goes to `failed` (and
+    /// the last good tree may be used under `on_failure = "unblock_stale"`).
+    pub boot_wait_ms: u64,
 }
 
 impl Default for AgentConfig {
@@ -90,6 +98,9 @@ impl Default for AgentConfig {
             user: None,
             client_id: None,
             include: Vec::new(),
+            head_check_interval_ms: 60_000,
+            read_timeout_ms: 30_000,
+            boot_wait_ms: 30_000,
         }
     }
 }

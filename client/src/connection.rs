@@ -1,17 +1,21 @@
 //! The push channel: one WebSocket to a hub. Says `hello` with what each space holds, takes
 //! the `welcome` heads and every `sync_required`, answers `ping`, and sends a `status` frame
-//! on every state change. A socket that hears nothing for three ping intervals is dropped;
-//! reconnects back off exponentially with jitter and rotate through the configured hubs.
-//! While no socket is up, `connected` is false and the fallback check runs.
+//! on every state change (download progress at most once a second). A socket that receives
+//! nothing for three ping intervals is dropped, however much the agent itself sends; reconnects
+//! back off exponentially with jitter and rotate through the configured hubs. While the socket
+//! is up the head is still checked over HTTP now and then (a cheap ETag check), so a replica
+//! that missed a bump is noticed. While no socket is up, `connected` is false and the fallback
+//! check runs.
 
 use crate::backoff::Backoff;
 use crate::error::{ClientError, Result};
-use crate::hub_api::HubApi;
+use crate::hub_api::{HeadCheck, HubApi};
 use crate::space::{HeadSource, SpaceShared};
+use crate::state::is_progress_only;
 use futures::{SinkExt, StreamExt};
 use std::sync::Arc;
 use std::time::Duration;
-use synchub_protocol::{AgentFrame, HeldSpace, HubFrame, PROTOCOL_VERSION};
+use synchub_protocol::{AgentFrame, AgentState, HeldSpace, HubFrame, PROTOCOL_VERSION};
 use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -27,12 +31,20 @@ pub struct ConnectionContext {
     pub max_backoff: Duration,
     /// True while a welcomed socket is up.
     pub connected: watch::Sender<bool>,
+    /// How often the head is checked over HTTP while the socket is up.
+    pub head_check_interval: Duration,
+    /// Last time a head check answered (shared with the fallback, shown on `/status`).
+    pub last_head_check: watch::Sender<Option<chrono::DateTime<chrono::Utc>>>,
 }
+
+/// Progress-only status frames go out at most this often.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// Keeps a socket up until `stop` fires.
 pub async fn run(ctx: Arc<ConnectionContext>, mut stop: watch::Receiver<bool>) {
     let mut backoff = Backoff::new(Duration::from_millis(250), ctx.max_backoff);
     loop {
+        let position = ctx.api.position();
         let url = ctx.api.ws_url(&ctx.ws_path);
         let outcome = tokio::select! {
             r = session(&ctx, &url) => r,
@@ -47,7 +59,7 @@ pub async fn run(ctx: Arc<ConnectionContext>, mut stop: watch::Receiver<bool>) {
             Ok(false) => tracing::debug!(hub = %url, "socket closed before welcome"),
             Err(e) => tracing::debug!(hub = %url, error = %e, "socket failed"),
         }
-        ctx.api.rotate();
+        ctx.api.rotate_from(position);
         let delay = backoff.next_delay();
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
@@ -139,10 +151,20 @@ async fn session(ctx: &ConnectionContext, url: &str) -> Result<bool> {
             state,
         })
     }));
+    let _head_checks = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(head_checks(
+        ctx.api.clone(),
+        ctx.spaces.clone(),
+        ctx.head_check_interval,
+        ctx.last_head_check.clone(),
+    )));
+    // Silence is counted from the last frame received: the status frames this agent sends
+    // while downloading must not keep a dead socket alive.
     let dead_after = ping_interval * 3;
+    let mut last_received = tokio::time::Instant::now();
+    let mut last_sent: Vec<(String, AgentState, tokio::time::Instant)> = Vec::new();
     loop {
         tokio::select! {
-            frame = tokio::time::timeout(dead_after, next_frame(&mut ws)) => {
+            frame = tokio::time::timeout_at(last_received + dead_after, next_frame(&mut ws)) => {
                 let frame = match frame {
                     Err(_) => {
                         tracing::warn!(hub = %url, "socket silent for 3 ping intervals; dropping it");
@@ -152,6 +174,7 @@ async fn session(ctx: &ConnectionContext, url: &str) -> Result<bool> {
                     Ok(Ok(None)) => return Ok(true),
                     Ok(Ok(Some(f))) => f,
                 };
+                last_received = tokio::time::Instant::now();
                 match frame {
                     HubFrame::SyncRequired(head) => {
                         if let Some(space) = ctx.spaces.iter().find(|s| s.name == head.space) {
@@ -173,7 +196,68 @@ async fn session(ctx: &ConnectionContext, url: &str) -> Result<bool> {
                     }
                 }
             }
-            Some(status) = states.next() => send(&mut ws, &status).await?,
+            Some(status) = states.next() => {
+                if throttled(&mut last_sent, &status, tokio::time::Instant::now()) {
+                    continue;
+                }
+                send(&mut ws, &status).await?
+            }
+        }
+    }
+}
+
+/// Whether a status frame is only download progress sent less than [`PROGRESS_EVERY`] after
+/// the previous frame of its space (then it is skipped; the next state change goes out at once).
+fn throttled(
+    last_sent: &mut Vec<(String, AgentState, tokio::time::Instant)>,
+    frame: &AgentFrame,
+    now: tokio::time::Instant,
+) -> bool {
+    let AgentFrame::Status { space, state } = frame else {
+        return false;
+    };
+    match last_sent.iter_mut().find(|(s, _, _)| s == space) {
+        Some((_, last, at)) => {
+            if is_progress_only(last, state) && now.duration_since(*at) < PROGRESS_EVERY {
+                return true;
+            }
+            *last = state.clone();
+            *at = now;
+        }
+        None => last_sent.push((space.clone(), state.clone(), now)),
+    }
+    false
+}
+
+/// While the socket is up: checks every space's head over HTTP each `every`, conditional on
+/// the last ETag, and offers what changed. A replica that missed a bump then still cannot
+/// leave this agent behind for long.
+async fn head_checks(
+    api: HubApi,
+    spaces: Vec<Arc<SpaceShared>>,
+    every: Duration,
+    last_ok: watch::Sender<Option<chrono::DateTime<chrono::Utc>>>,
+) {
+    let mut etags: Vec<Option<String>> = vec![None; spaces.len()];
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for (space, etag) in spaces.iter().zip(etags.iter_mut()) {
+            match api.head(&space.name, etag.as_deref()).await {
+                Ok(HeadCheck::NotModified) => {
+                    last_ok.send_replace(Some(chrono::Utc::now()));
+                }
+                Ok(HeadCheck::Head { head, etag: tag }) => {
+                    last_ok.send_replace(Some(chrono::Utc::now()));
+                    *etag = tag;
+                    space.offer_head(head, HeadSource::Poll);
+                }
+                Err(e) => {
+                    tracing::debug!(space = %space.name, error = %e, "head check beside the socket failed");
+                    *etag = None;
+                }
+            }
         }
     }
 }
@@ -206,5 +290,49 @@ async fn next_frame(ws: &mut Ws) -> Result<Option<HubFrame>> {
             Ok(f) => return Ok(Some(f)),
             Err(e) => tracing::warn!(error = %e, "ignoring a frame this agent does not know"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn downloading(bytes_done: u64) -> AgentFrame {
+        AgentFrame::Status {
+            space: "s".into(),
+            state: AgentState::Downloading {
+                version: 1,
+                target: 2,
+                files_done: 0,
+                files_total: 1,
+                bytes_done,
+                bytes_total: 100,
+                bytes_per_sec: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn progress_frames_go_out_once_a_second_and_other_changes_at_once() {
+        let start = tokio::time::Instant::now();
+        let mut last = Vec::new();
+        assert!(!throttled(&mut last, &downloading(1), start));
+        let mut sent = 0;
+        let mut now = start;
+        for i in 0..20 {
+            now += Duration::from_millis(250);
+            if !throttled(&mut last, &downloading(2 + i), now) {
+                sent += 1;
+            }
+        }
+        assert!((4..=6).contains(&sent), "{sent} progress frames in 5 s");
+        let verifying = AgentFrame::Status {
+            space: "s".into(),
+            state: AgentState::Verifying {
+                version: 1,
+                target: 2,
+            },
+        };
+        assert!(!throttled(&mut last, &verifying, now));
     }
 }

@@ -45,6 +45,9 @@ pub enum ClientError {
     /// The client is shutting down.
     #[error("shut down")]
     Shutdown,
+    /// A newer head arrived while a sync was under way: that sync stops for the newer one.
+    #[error("a newer head arrived")]
+    Superseded,
 }
 
 impl ClientError {

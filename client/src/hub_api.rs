@@ -1,6 +1,12 @@
 //! The hub's HTTP API as the agent uses it (`/api/v1/...`): head checks with ETags, manifests,
 //! blobs (single with Range, and packs), uploads, commits and sync reports. Holds the list of
-//! hub URLs and which one is in use; the connection code rotates it after a failure.
+//! hub URLs and which one is in use; the connection code and the sync worker move to the next
+//! one after a failure.
+//!
+//! Every call has deadlines: 5 s to connect, an idle-read deadline (an answer that stays
+//! silent that long fails, however long the whole download takes) and a whole-request deadline
+//! for the small answers (heads, manifests, reports), so a hub or proxy that keeps TCP open
+//! but stops answering cannot leave a PC downloading forever.
 
 use crate::error::{ClientError, Result};
 use reqwest::StatusCode;
@@ -35,14 +41,30 @@ pub enum HeadCheck {
     Head { head: Head, etag: Option<String> },
 }
 
+/// How long a manifest may take, whole.
+const MANIFEST_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Idle-read deadline of [`HubApi::new`].
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl HubApi {
     pub fn new(hubs: Vec<String>, token: &str) -> Result<Self> {
+        Self::with_read_timeout(hubs, token, DEFAULT_READ_TIMEOUT)
+    }
+
+    /// Like [`HubApi::new`], abandoning an answer silent for `read_timeout`.
+    pub fn with_read_timeout(
+        hubs: Vec<String>,
+        token: &str,
+        read_timeout: Duration,
+    ) -> Result<Self> {
         install_crypto_provider();
         if hubs.is_empty() {
             return Err(ClientError::Config("no hub URL".into()));
         }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
+            .read_timeout(read_timeout)
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
@@ -68,6 +90,24 @@ impl HubApi {
     pub fn rotate(&self) {
         if self.hubs.len() > 1 {
             self.current.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Which hub is in use, for [`HubApi::rotate_from`].
+    pub fn position(&self) -> usize {
+        self.current.load(Ordering::Relaxed)
+    }
+
+    /// Moves to the next hub if the one at `position` is still in use: two tasks that saw the
+    /// same hub fail move on once, not twice (which, with two hubs, would land back on it).
+    pub fn rotate_from(&self, position: usize) {
+        if self.hubs.len() > 1 {
+            let _ = self.current.compare_exchange(
+                position,
+                position.wrapping_add(1),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
         }
     }
 
@@ -124,6 +164,7 @@ impl HubApi {
     pub async fn manifest_bytes(&self, space: &str, version: u64) -> Result<bytes::Bytes> {
         let resp = self
             .get(&format!("/spaces/{space}/versions/{version}/manifest"))
+            .timeout(MANIFEST_DEADLINE)
             .send()
             .await?;
         Ok(check(resp).await?.bytes().await?)

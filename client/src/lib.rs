@@ -122,7 +122,11 @@ impl SyncClient {
             Some(id) => id.clone(),
             None => load_or_create_client_id(&meta)?,
         };
-        let api = HubApi::new(config.hubs.clone(), &config.token)?;
+        let api = HubApi::with_read_timeout(
+            config.hubs.clone(),
+            &config.token,
+            Duration::from_millis(config.read_timeout_ms.max(100)),
+        )?;
         let outbox = outbox::Outbox::open(meta.join("outbox"))?;
         let mut spaces = Vec::new();
         for name in &config.spaces {
@@ -152,7 +156,7 @@ impl SyncClient {
             outbox: outbox.clone(),
         });
         for s in &spaces {
-            tasks.push(tokio::spawn(space::run_worker(
+            tasks.push(tokio::spawn(supervise_worker(
                 s.clone(),
                 worker_ctx.clone(),
                 inner.stop.subscribe(),
@@ -167,6 +171,8 @@ impl SyncClient {
                 spaces: spaces.clone(),
                 max_backoff: Duration::from_millis(config.max_backoff_ms),
                 connected: inner.connected.clone(),
+                head_check_interval: Duration::from_millis(config.head_check_interval_ms.max(100)),
+                last_head_check: inner.last_head_check.clone(),
             });
             tasks.push(tokio::spawn(connection::run(ctx, inner.stop.subscribe())));
         }
@@ -417,6 +423,30 @@ pub fn upload_report(
         error_message: error,
         user,
         synced_at: Some(chrono::Utc::now().to_rfc3339()),
+    }
+}
+
+/// Runs a space's worker, and runs it again (after a pause) if it ends or panics before the
+/// agent stops: a space must never be left `starting` or half-way with nobody working on it.
+async fn supervise_worker(
+    space: Arc<SpaceShared>,
+    ctx: Arc<WorkerContext>,
+    stop: watch::Receiver<bool>,
+) {
+    loop {
+        let run = tokio::spawn(space::run_worker(space.clone(), ctx.clone(), stop.clone()));
+        let ended = run.await;
+        if *stop.borrow() {
+            return;
+        }
+        tracing::error!(space = %space.name, outcome = ?ended.err(), "the sync worker stopped; restarting it");
+        *space.last_error.lock().expect("error lock") =
+            Some("the sync worker stopped; restarting it".into());
+        let mut stop = stop.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = stop.changed() => return,
+        }
     }
 }
 

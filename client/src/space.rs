@@ -39,8 +39,8 @@ pub struct SpaceShared {
     pub progress: Arc<Progress>,
 }
 
-/// Where a head came from: the hub's welcome replaces whatever is known; the others only
-/// move forward (so a slow HTTP answer cannot undo a newer push).
+/// Where a head came from (for logs): every source follows the same rule, [`follows`], so
+/// neither a lagging replica's `welcome` nor a slow HTTP answer can undo a newer head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HeadSource {
     Welcome,
@@ -66,19 +66,22 @@ impl SpaceShared {
     /// Records a head from the hub; wakes the worker when it differs from the known one.
     pub fn offer_head(&self, head: Head, source: HeadSource) {
         self.head.send_if_modified(|cur| {
-            let take = match cur {
-                None => true,
-                Some(c) if source == HeadSource::Welcome => c != &head,
-                Some(c) => {
-                    head.version > c.version
-                        || (head.version == c.version && head.data_hash != c.data_hash)
-                }
-            };
+            let take = cur.as_ref().is_none_or(|c| follows(c, &head));
+            if !take && cur.as_ref().is_some_and(|c| c.version > head.version) {
+                tracing::debug!(space = %self.name, offered = head.version, ?source,
+                    "ignoring an older head (a replica that lags)");
+            }
             if take {
                 *cur = Some(head);
             }
             take
         });
+    }
+
+    /// Resolves once a head other than `head` is known (see [`follows`]).
+    async fn superseded(&self, head: &Head) {
+        let mut rx = self.head.subscribe();
+        let _ = rx.wait_for(|h| h.as_ref().is_some_and(|h| h != head)).await;
     }
 
     pub fn held(&self) -> Option<(u64, Sha256Hex)> {
@@ -130,6 +133,29 @@ pub struct WorkerContext {
     pub outbox: Outbox,
 }
 
+/// Whether `next` replaces `current`. Within an epoch heads only move forward. A newer epoch
+/// (the hub found its database rewritten) is followed even to a lower version. An older epoch
+/// is taken only with a higher version: a replica that has not noticed the rewrite yet, or one
+/// restarted since (its epoch starts again at 0), which moves on from there.
+pub fn follows(current: &Head, next: &Head) -> bool {
+    use std::cmp::Ordering::*;
+    let moved = (next.version, &next.data_hash) != (current.version, &current.data_hash);
+    match next.epoch.cmp(&current.epoch) {
+        Greater => moved,
+        Equal => {
+            next.version > current.version
+                || (next.version == current.version && next.data_hash != current.data_hash)
+        }
+        Less => next.version > current.version,
+    }
+}
+
+/// Whether every local file must be checked again: the head is forced, or a force-sync
+/// happened after the version held (the agent skipped it).
+fn must_reverify(held: Option<&Held>, head: &Head) -> bool {
+    head.forced || held.is_some_and(|h| head.forced_version > h.version)
+}
+
 /// With selective sync the held tree's manifest is a part of the head's, so its hash differs:
 /// the version, and the data hash of the head the part was taken from (once known), decide.
 fn needs_sync(
@@ -170,11 +196,25 @@ pub async fn run_worker(
             None
         }
     };
-    let cache = match Cache::open(layout.cache_dir()) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot open the cache");
-            return;
+    let boot_deadline = Instant::now() + Duration::from_millis(ctx.config.boot_wait_ms);
+    let cache = loop {
+        match Cache::open(layout.cache_dir()) {
+            Ok(c) => break c,
+            Err(e) => {
+                // Not for good: the folder may come back (a network drive, a full disk).
+                tracing::error!(error = %e, "cannot open the cache; retrying");
+                *space.last_error.lock().expect("error lock") = Some(e.to_string());
+                space.set(Event::Failed {
+                    error: format!("cannot open the cache: {e}"),
+                    retry_at: None,
+                    stale_allowed: ctx.config.on_failure == OnFailure::UnblockStale
+                        && held.is_some(),
+                });
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = stop.changed() => return,
+                }
+            }
         }
     };
     cache.clean_temp();
@@ -214,6 +254,7 @@ pub async fn run_worker(
                 continue;
             }
             let started = Instant::now();
+            let hub_in_use = ctx.api.position();
             space.set(Event::HeadChanged {
                 target: head.version,
                 forced: head.forced,
@@ -222,12 +263,16 @@ pub async fn run_worker(
                 r = sync_once(&space, &ctx, &cache, held.as_ref(), &head) => r,
                 _ = stop.changed() => return,
             };
-            let sync_type = if head.forced {
+            let sync_type = if must_reverify(held.as_ref(), &head) {
                 SyncType::ForceSync
             } else {
                 SyncType::Download
             };
             match result {
+                Err(ClientError::Superseded) => {
+                    tracing::info!(space = %space.name, target = head.version,
+                        "a newer head arrived during the sync; starting over for it");
+                }
                 Ok((new_held, stats)) => {
                     tracing::info!(space = %space.name, version = new_held.version,
                         blobs = stats.blobs_fetched, bytes = stats.bytes_fetched,
@@ -260,6 +305,10 @@ pub async fn run_worker(
                     );
                 }
                 Err(e) => {
+                    if matches!(e, ClientError::Unreachable(_)) {
+                        // Try the next configured hub (unless the connection moved on already).
+                        ctx.api.rotate_from(hub_in_use);
+                    }
                     let delay = backoff.next_delay();
                     retry_at = Some(Instant::now() + delay);
                     let retry_wall =
@@ -292,9 +341,34 @@ pub async fn run_worker(
         {
             space.set(Event::UpToDate);
         }
+        // No head at all since start (the hub is unreachable): after a bounded wait the space
+        // says so, under the usual stale-use policy, instead of staying `starting`.
+        let booting = head_rx.borrow().is_none()
+            && matches!(*space.state.borrow(), AgentState::Starting { .. });
+        let boot_timeout = async {
+            if booting {
+                tokio::time::sleep_until(boot_deadline.into()).await
+            } else {
+                std::future::pending().await
+            }
+        };
         tokio::select! {
             r = head_rx.changed() => if r.is_err() { return },
             _ = space.sync_now.notified() => {}
+            _ = boot_timeout => {
+                let error = format!(
+                    "no head from the hub within {} s of start",
+                    ctx.config.boot_wait_ms / 1000
+                );
+                tracing::warn!(space = %space.name, %error);
+                *space.last_error.lock().expect("error lock") = Some(error.clone());
+                space.set(Event::Failed {
+                    error,
+                    retry_at: None,
+                    stale_allowed: ctx.config.on_failure == OnFailure::UnblockStale
+                        && held.is_some(),
+                });
+            }
             _ = stop.changed() => return,
         }
     }
@@ -351,8 +425,14 @@ async fn sync_once(
         bytes_per_sec: 0,
     });
     let started = std::time::Instant::now();
+    // Until the new tree is prepared, a newer head stops this sync (nothing is applied).
+    let superseded = space.superseded(head);
+    tokio::pin!(superseded);
     // The whole manifest's hash is checked against the head here, before any narrowing.
-    let (manifest, _bytes) = download::fetch_manifest(&ctx.api, head).await?;
+    let (manifest, _bytes) = tokio::select! {
+        r = download::fetch_manifest(&ctx.api, head) => r?,
+        _ = &mut superseded => return Err(ClientError::Superseded),
+    };
     let manifest = match &ctx.selection {
         Some(selection) => selection.narrow(&manifest),
         None => manifest,
@@ -361,12 +441,12 @@ async fn sync_once(
         parallel: ctx.config.parallel_downloads,
         pack_blob_max: ctx.config.pack_blob_max,
         pack_batch_bytes: ctx.config.pack_batch_bytes,
-        reverify: head.forced,
+        reverify: must_reverify(held, head),
     };
     // Progress goes out a few times a second while the download runs.
     let ticker = {
         let space = space.clone();
-        tokio::spawn(async move {
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(250));
             tick.tick().await;
             loop {
@@ -380,10 +460,13 @@ async fn sync_once(
                     bytes_per_sec: rate(bytes_done, started),
                 });
             }
-        })
+        }))
     };
-    let stats = download::fetch_blobs(&ctx.api, cache, &manifest, &opts, &space.progress).await;
-    ticker.abort();
+    let stats = tokio::select! {
+        r = download::fetch_blobs(&ctx.api, cache, &manifest, &opts, &space.progress) => r,
+        _ = &mut superseded => return Err(ClientError::Superseded),
+    };
+    drop(ticker);
     let stats = stats?;
     let (files_done, files_total, bytes_done, bytes_total) = space.progress.snapshot();
     space.set(Event::Progress {
@@ -453,5 +536,42 @@ fn rate(bytes: u64, started: std::time::Instant) -> u64 {
         (bytes as f64 / secs) as u64
     } else {
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(version: u64, epoch: u64, hash: &[u8]) -> Head {
+        Head {
+            space: "s".into(),
+            version,
+            data_hash: Sha256Hex::of(hash),
+            forced: false,
+            reason: None,
+            by: None,
+            at: "2026-11-26T00:00:00Z".into(),
+            epoch,
+            forced_version: 0,
+        }
+    }
+
+    #[test]
+    fn heads_never_move_back_within_an_epoch_and_follow_a_new_one() {
+        let shared = SpaceShared::new("s".into(), Layout::new(std::env::temp_dir()));
+        shared.offer_head(head(12, 0, b"12"), HeadSource::Push);
+        // A lagging replica's welcome.
+        shared.offer_head(head(11, 0, b"11"), HeadSource::Welcome);
+        assert_eq!(shared.head.borrow().as_ref().unwrap().version, 12);
+        // The database was restored: a new epoch, lower version.
+        shared.offer_head(head(10, 5, b"10"), HeadSource::Welcome);
+        assert_eq!(shared.head.borrow().as_ref().unwrap().version, 10);
+        // A replica that has not noticed yet cannot take the agent back to the old history...
+        shared.offer_head(head(10, 0, b"old10"), HeadSource::Poll);
+        assert_eq!(shared.head.borrow().as_ref().unwrap().epoch, 5);
+        // ...but one restarted since (epoch 0 again) moves it on with a newer version.
+        shared.offer_head(head(11, 0, b"new11"), HeadSource::Push);
+        assert_eq!(shared.head.borrow().as_ref().unwrap().version, 11);
     }
 }

@@ -116,12 +116,21 @@ impl Tokens {
             &mut *self.by_hash.write().expect("token lock poisoned"),
             live.clone(),
         );
-        let still: std::collections::HashSet<i64> = live.values().map(|p| p.token_id).collect();
+        // Gone: revoked or deleted, and also changed (role or spaces), whose sockets were
+        // admitted under the old rights; their agents reconnect under the new ones.
+        let still: HashMap<i64, &Principal> = live.values().map(|p| (p.token_id, p)).collect();
         Ok(old
             .values()
+            .filter(|p| still.get(&p.token_id) != Some(p))
             .map(|p| p.token_id)
-            .filter(|id| !still.contains(id))
             .collect())
+    }
+
+    /// True while the token of `principal` is live with the same rights: a socket checks it
+    /// once registered, so a revocation between the upgrade and `hello` is not missed.
+    pub fn is_current(&self, principal: &Principal) -> bool {
+        let map = self.by_hash.read().expect("token lock poisoned").clone();
+        map.values().any(|p| p == principal)
     }
 
     pub fn authenticate(&self, secret: &str) -> Option<Principal> {

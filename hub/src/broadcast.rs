@@ -48,6 +48,41 @@ impl Published {
     }
 }
 
+/// The head that follows `current` when `head` is read, with its epoch and last forced version
+/// filled in; `None` when nothing changes.
+fn successor(current: Option<&Head>, mut head: Head, authoritative: bool) -> Option<Head> {
+    let own_forced = if head.forced { head.version } else { 0 };
+    let Some(current) = current else {
+        head.forced_version = head.forced_version.max(own_forced);
+        return Some(head);
+    };
+    if head.version > current.version {
+        head.epoch = current.epoch.max(head.epoch);
+        head.forced_version = head
+            .forced_version
+            .max(current.forced_version)
+            .max(own_forced);
+        return Some(head);
+    }
+    let same = head.version == current.version && head.data_hash == current.data_hash;
+    if same || !authoritative {
+        return None;
+    }
+    // History was rewritten under us. The new epoch is the time it was noticed, so replicas
+    // that notice it separately agree roughly, and it stays above every earlier epoch.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    head.epoch = now_ms.max(current.epoch + 1).max(head.epoch);
+    let kept_forced = if current.forced_version <= head.version {
+        current.forced_version
+    } else {
+        0
+    };
+    head.forced_version = head.forced_version.max(kept_forced).max(own_forced);
+    Some(head)
+}
+
 /// All heads at one instant. A hub serves a handful of spaces, and every socket looks its
 /// spaces up after each broadcast: comparing short names is cheaper than hashing them.
 pub type Snapshot = Arc<BTreeMap<String, Arc<Published>>>;
@@ -67,30 +102,43 @@ impl Default for Heads {
 
 impl Heads {
     /// Makes `head` current if it is newer than what its space has; returns whether it was.
-    /// Older or equal versions are ignored, so replicas and watchers may report a head twice.
+    /// Older or equal versions are ignored, so replicas and watchers may report a head twice
+    /// and a slow answer cannot undo a newer one.
     pub fn publish(&self, head: Head) -> bool {
-        let newer = self
-            .tx
-            .borrow()
-            .get(&head.space)
-            .is_none_or(|p| head.version > p.head.version);
-        if !newer {
-            return false;
-        }
+        self.put(head, None)
+    }
+
+    /// Makes `head` current whenever its version or data hash differs from what its space has:
+    /// for a read of the store, which is the truth even when it is older (a restored database, a
+    /// failover to a standby that lacks the newest versions). A head that does not move forward
+    /// starts a new epoch, so agents follow it instead of refusing a downgrade. `read_from` is
+    /// the snapshot taken before the read: a head that moved meanwhile (a commit on this
+    /// replica) is newer than the read, and only a forward move is taken then.
+    pub fn replace(&self, head: Head, read_from: &Snapshot) -> bool {
+        self.put(head, Some(read_from))
+    }
+
+    fn put(&self, head: Head, read_from: Option<&Snapshot>) -> bool {
         let space = head.space.clone();
-        let version = head.version;
-        let published = Arc::new(Published::new(head));
+        let mut head = Some(head);
         let sent = self.tx.send_if_modified(|snapshot| {
-            // Checked again under the channel's lock: two publishers may race.
-            if snapshot
-                .get(&space)
-                .is_some_and(|p| p.head.version >= version)
-            {
+            // Decided under the channel's lock: two publishers may race.
+            let current = snapshot.get(&space);
+            let authoritative =
+                read_from.is_some_and(|before| match (before.get(&space), current) {
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    (None, None) => true,
+                    _ => false,
+                });
+            let Some(next) = head
+                .take()
+                .and_then(|h| successor(current.map(|p| &p.head), h, authoritative))
+            else {
                 return false;
-            }
-            let mut next = BTreeMap::clone(snapshot);
-            next.insert(space, published);
-            *snapshot = Arc::new(next);
+            };
+            let mut heads = BTreeMap::clone(snapshot);
+            heads.insert(space.clone(), Arc::new(Published::new(next)));
+            *snapshot = Arc::new(heads);
             true
         });
         if sent {
@@ -126,6 +174,8 @@ mod tests {
             reason: None,
             by: None,
             at: "2026-11-25T00:00:00Z".into(),
+            epoch: 0,
+            forced_version: 0,
         }
     }
 
@@ -144,5 +194,46 @@ mod tests {
         let frame: serde_json::Value =
             serde_json::from_str(heads.get("b").unwrap().frame.as_str()).unwrap();
         assert_eq!(frame["type"], "sync_required");
+    }
+
+    #[test]
+    fn an_authoritative_read_replaces_a_newer_head_in_a_new_epoch() {
+        let heads = Heads::default();
+        assert!(heads.publish(head("a", 12)));
+        let mut restored = head("a", 10);
+        restored.data_hash = Sha256Hex::of(b"other");
+        assert!(
+            !heads.publish(restored.clone()),
+            "publish only moves forward"
+        );
+        let before = heads.snapshot();
+        heads.publish(head("a", 13));
+        assert!(
+            !heads.replace(restored.clone(), &before),
+            "a read older than the head it would replace is no proof of a rewrite"
+        );
+        assert!(heads.replace(restored.clone(), &heads.snapshot()));
+        let now = heads.get("a").unwrap().head.clone();
+        assert_eq!(now.version, 10);
+        assert!(now.epoch > 0);
+        assert!(
+            !heads.replace(restored, &heads.snapshot()),
+            "the same head again changes nothing"
+        );
+        assert!(heads.publish(head("a", 11)));
+        assert_eq!(heads.get("a").unwrap().head.epoch, now.epoch);
+    }
+
+    #[test]
+    fn the_last_forced_version_is_carried_forward() {
+        let heads = Heads::default();
+        heads.publish(head("a", 1));
+        let mut forced = head("a", 2);
+        forced.forced = true;
+        heads.publish(forced);
+        heads.publish(head("a", 3));
+        let now = heads.get("a").unwrap().head.clone();
+        assert!(!now.forced);
+        assert_eq!(now.forced_version, 2);
     }
 }

@@ -24,6 +24,9 @@ pub struct Config {
     pub presign_downloads: bool,
     /// SQLite only: how often the version rows are read to notice bumps made by other programs.
     pub poll_interval_ms: u64,
+    /// How often every head and token is read again from the database, whatever the watcher
+    /// reported: a lost notification or a failed read costs at most this long.
+    pub reread_interval_ms: u64,
     /// How often the hub pings each WebSocket; a socket silent for three intervals is closed.
     pub ping_interval_ms: u64,
     /// Name of this replica in `welcome` and logs; default the host name and port.
@@ -172,6 +175,7 @@ impl Default for Config {
             blob_store: BlobStoreConfig::default(),
             presign_downloads: false,
             poll_interval_ms: 250,
+            reread_interval_ms: 30_000,
             ping_interval_ms: 15_000,
             hub_id: None,
             limits: Limits::default(),
@@ -283,9 +287,10 @@ impl Config {
             synchub_protocol::validate_space(space)
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         }
-        if self.poll_interval_ms == 0 || self.ping_interval_ms == 0 {
+        if self.poll_interval_ms == 0 || self.ping_interval_ms == 0 || self.reread_interval_ms == 0
+        {
             return Err(ConfigError::Invalid(
-                "poll_interval_ms and ping_interval_ms must be above 0".into(),
+                "poll_interval_ms, reread_interval_ms and ping_interval_ms must be above 0".into(),
             ));
         }
         if let BlobStoreConfig::S3(s3) = &self.blob_store

@@ -1,14 +1,20 @@
 //! Starting and stopping a hub: open the store and blob store, load heads and tokens, start the
 //! watcher that turns version-row changes into broadcasts, and serve HTTP until shutdown.
+//!
+//! The watcher and the task that applies its changes are supervised (restarted when they end
+//! before shutdown). A change is kept until the read it calls for succeeds, retried with
+//! backoff, and every head and token is read again every `reread_interval_ms` anyway, so a lost
+//! notification or a failed read delays a head by at most that long.
 
 use crate::blobs::{self, BlobError, BlobStore};
 use crate::config::{BlobStoreConfig, Config, ConfigError};
 use crate::state::AppState;
 use crate::store::{self, Change, StoreError};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
-use synchub_protocol::Role;
+use synchub_protocol::{Head, Role};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -183,14 +189,11 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         publish(&state, head);
     }
 
-    let (tx, rx) = mpsc::unbounded_channel();
-    let watch_task = tokio::spawn(store.clone().watch(poll, tx, shutdown.child_token()));
-    let apply_task = tokio::spawn(apply_changes(state.clone(), rx));
-    let sources_task = crate::sources::spawn(state.clone(), shutdown.child_token());
+    let watcher = tokio::spawn(supervise(state.clone(), poll, shutdown.clone()));
+    let sources = crate::sources::spawn(state.clone(), shutdown.child_token());
     let watcher = tokio::spawn(async move {
-        let _ = watch_task.await;
-        let _ = apply_task.await;
-        if let Some(task) = sources_task {
+        let _ = watcher.await;
+        if let Some(task) = sources {
             let _ = task.await;
         }
     });
@@ -214,55 +217,264 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     })
 }
 
-/// Turns what the store's watcher noticed into broadcasts and token reloads.
-async fn apply_changes(state: AppState, mut rx: mpsc::UnboundedReceiver<Change>) {
-    while let Some(change) = rx.recv().await {
-        let result = match change {
-            Change::Space(space) => state.store.head(&space).await.map(|h| {
-                if let Some(h) = h {
-                    publish(&state, h);
+/// Runs the store's watcher and the task that applies what it reports, restarting either when
+/// it ends before shutdown (a panic, a bug): heads must never freeze while the hub serves.
+async fn supervise(state: AppState, poll: Duration, shutdown: CancellationToken) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let watcher = {
+        let (state, shutdown) = (state.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                state.reconcile.health.send_modify(|h| h.watcher_up = true);
+                let run = tokio::spawn(state.store.clone().watch(
+                    poll,
+                    tx.clone(),
+                    shutdown.child_token(),
+                ));
+                let ended = run.await;
+                state.reconcile.health.send_modify(|h| h.watcher_up = false);
+                if shutdown.is_cancelled() {
+                    return;
                 }
-            }),
-            Change::All => state.store.heads().await.map(|heads| {
-                for h in heads {
-                    publish(&state, h);
+                tracing::error!(outcome = ?ended.err(), "the database watcher stopped; restarting it");
+                // Whatever changed while no one watched is read again.
+                let _ = tx.send(Change::All);
+                let _ = tx.send(Change::Tokens);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.cancelled() => return,
                 }
-            }),
-            Change::Tokens => state
-                .tokens
-                .reload(state.store.as_ref())
-                .await
-                .map(|gone| state.clients.revoke(&gone)),
-        };
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "could not apply a database change; the next one retries");
+            }
+        })
+    };
+    let mut reconciler = Reconciler {
+        state: state.clone(),
+        changes: rx,
+        dirty: Dirty::default(),
+    };
+    loop {
+        state.reconcile.health.send_modify(|h| h.apply_up = true);
+        let run = std::panic::AssertUnwindSafe(reconciler.run(&shutdown));
+        let ended = futures::FutureExt::catch_unwind(run).await;
+        state.reconcile.health.send_modify(|h| h.apply_up = false);
+        if ended.is_ok() || shutdown.is_cancelled() {
+            break;
         }
+        tracing::error!("applying database changes panicked; restarting");
+        reconciler.dirty.all = true;
+        reconciler.dirty.tokens = true;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    let _ = watcher.await;
+}
+
+/// What still has to be read from the store: a change is dropped only once it is applied.
+#[derive(Debug, Default)]
+struct Dirty {
+    spaces: BTreeSet<String>,
+    all: bool,
+    tokens: bool,
+}
+
+impl Dirty {
+    fn add(&mut self, change: Change) {
+        match change {
+            Change::Space(space) => {
+                self.spaces.insert(space);
+            }
+            Change::All => self.all = true,
+            Change::Tokens => self.tokens = true,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.spaces.is_empty() && !self.all && !self.tokens
     }
 }
 
-/// Announces a head, unless this hub does not serve its space (not in `spaces`) or the space
-/// was adopted without any data the hub knows (agents would apply an empty tree as if it were
-/// the data; they stay blocked and `GET …/head` says why).
-pub fn publish(state: &AppState, head: synchub_protocol::Head) {
+/// Whether this hub announces `head`: not when it does not serve its space (not in `spaces`),
+/// nor when the space was adopted without any data the hub knows (agents would apply an empty
+/// tree as if it were the data; they stay blocked and `GET …/head` says why).
+fn announced(state: &AppState, head: &Head) -> bool {
     if !state.config.spaces.contains(&head.space) {
         tracing::debug!(
             space = head.space,
             "not serving a space that is not configured"
         );
-        return;
+        return false;
     }
-    if store::has_no_data(&head) {
+    if store::has_no_data(head) {
         tracing::warn!(
             space = head.space,
             version = head.version,
             "space adopted without data: not announced until a source or a publish fills it \
              (see docs/MIGRATION.md)"
         );
+        return false;
+    }
+    true
+}
+
+/// Announces a head this hub made or was told of (it only moves forward; see
+/// [`crate::broadcast::Heads::publish`]).
+pub fn publish(state: &AppState, head: Head) {
+    if !announced(state, &head) {
         return;
     }
     let (space, version, forced) = (head.space.clone(), head.version, head.forced);
     if state.heads.publish(head) {
         tracing::info!(space, version, forced, "head moved; broadcasting");
+    }
+}
+
+/// Turns what the watcher noticed, and a timer, into broadcasts and token reloads.
+struct Reconciler {
+    state: AppState,
+    changes: mpsc::UnboundedReceiver<Change>,
+    dirty: Dirty,
+}
+
+impl Reconciler {
+    /// Until shutdown (or the watcher's channel closes).
+    async fn run(&mut self, shutdown: &CancellationToken) {
+        let every = Duration::from_millis(self.state.config.reread_interval_ms);
+        let mut reread = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        reread.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut backoff = RetryBackoff::default();
+        loop {
+            let retry = async {
+                match backoff.retry_at {
+                    Some(at) if !self.dirty.is_empty() => tokio::time::sleep_until(at).await,
+                    _ => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                change = self.changes.recv() => match change {
+                    Some(c) => self.dirty.add(c),
+                    None => return,
+                },
+                _ = reread.tick() => {
+                    self.dirty.all = true;
+                    self.dirty.tokens = true;
+                }
+                _ = self.state.reconcile.wake.notified() => {
+                    let recent = self.state.reconcile.health.borrow().last_attempt
+                        .is_some_and(|t| t.elapsed() < Duration::from_secs(1));
+                    if recent {
+                        continue;
+                    }
+                    self.dirty.all = true;
+                    self.dirty.tokens = true;
+                    backoff.retry_at = None;
+                }
+                _ = retry => backoff.retry_at = None,
+                _ = shutdown.cancelled() => return,
+            }
+            while let Ok(c) = self.changes.try_recv() {
+                self.dirty.add(c);
+            }
+            if backoff.retry_at.is_some() || self.dirty.is_empty() {
+                continue;
+            }
+            let rereads_all = self.dirty.all && self.dirty.tokens;
+            let result = self.apply().await;
+            let now = std::time::Instant::now();
+            match result {
+                Ok(()) => {
+                    backoff.reset();
+                    self.state.reconcile.health.send_modify(|h| {
+                        h.last_attempt = Some(now);
+                        h.last_error = None;
+                        if rereads_all {
+                            h.last_reread = Some(now);
+                        }
+                    });
+                }
+                Err(e) => {
+                    let delay = backoff.fail();
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
+                        "could not read a database change; kept, and retried");
+                    self.state.reconcile.health.send_modify(|h| {
+                        h.last_attempt = Some(now);
+                        h.last_error = Some(e.to_string());
+                    });
+                }
+            }
+        }
+    }
+
+    /// Reads what is dirty; each part is forgotten once applied, so a failure keeps the rest.
+    async fn apply(&mut self) -> Result<(), StoreError> {
+        let state = &self.state;
+        if self.dirty.all {
+            let before = state.heads.snapshot();
+            for head in state.store.heads().await? {
+                replace(state, head, &before);
+            }
+            self.dirty.all = false;
+            self.dirty.spaces.clear();
+        }
+        while let Some(space) = self.dirty.spaces.first().cloned() {
+            let before = state.heads.snapshot();
+            if let Some(head) = state.store.head(&space).await? {
+                replace(state, head, &before);
+            }
+            self.dirty.spaces.remove(&space);
+        }
+        if self.dirty.tokens {
+            let gone = state.tokens.reload(state.store.as_ref()).await?;
+            state.clients.revoke(&gone);
+            self.dirty.tokens = false;
+        }
+        Ok(())
+    }
+}
+
+/// Waits between failed reads of the store: 100 ms doubling to 5 s.
+#[derive(Default)]
+struct RetryBackoff {
+    failures: u32,
+    retry_at: Option<tokio::time::Instant>,
+}
+
+impl RetryBackoff {
+    fn fail(&mut self) -> Duration {
+        let delay = Duration::from_millis(100 << self.failures.min(6)).min(Duration::from_secs(5));
+        self.failures += 1;
+        self.retry_at = Some(tokio::time::Instant::now() + delay);
+        delay
+    }
+
+    fn reset(&mut self) {
+        self.failures = 0;
+        self.retry_at = None;
+    }
+}
+
+/// Applies a head read from the store (see [`crate::broadcast::Heads::replace`]).
+pub fn replace(state: &AppState, head: Head, read_from: &crate::broadcast::Snapshot) {
+    if !announced(state, &head) {
+        return;
+    }
+    let (space, version) = (head.space.clone(), head.version);
+    let before = state.heads.get(&space).map(|p| p.head.version);
+    if state.heads.replace(head, read_from) {
+        let epoch = state.heads.get(&space).map_or(0, |p| p.head.epoch);
+        match before {
+            Some(b) if b >= version => {
+                tracing::warn!(
+                    space,
+                    version,
+                    was = b,
+                    epoch,
+                    "the database holds an older head than this hub knew (restore or failover); following it"
+                )
+            }
+            _ => tracing::info!(space, version, "head moved; broadcasting"),
+        }
     }
 }
 

@@ -9,7 +9,9 @@ use crate::error::HubError;
 use crate::store::Store;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 use synchub_protocol::{Manifest, Sha256Hex, codes};
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Clone)]
@@ -26,7 +28,33 @@ pub struct Inner {
     /// Cancelled when the hub shuts down: sockets close with "going away".
     pub shutdown: CancellationToken,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// How well the heads keep in step with the database, for `/readyz`.
+    pub reconcile: Reconcile,
     manifests: Mutex<HashMap<Sha256Hex, Arc<Manifest>>>,
+}
+
+/// The watcher and the re-reads that keep the in-memory heads and tokens in step with the
+/// database: set by the hub's supervised tasks, read by `/readyz` (which therefore needs no
+/// query of its own).
+#[derive(Default)]
+pub struct Reconcile {
+    pub health: watch::Sender<ReconcileHealth>,
+    /// Asks for a re-read of every head and token now (at most one per second is made).
+    pub wake: Notify,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ReconcileHealth {
+    /// The store's watcher task is running (it is restarted when it ends).
+    pub watcher_up: bool,
+    /// The task applying changes is running.
+    pub apply_up: bool,
+    /// When every head and token was last read successfully.
+    pub last_reread: Option<Instant>,
+    /// When the last read of the store was tried, successful or not.
+    pub last_attempt: Option<Instant>,
+    /// Why the last read failed, until one succeeds.
+    pub last_error: Option<String>,
 }
 
 /// Parsed manifests kept in memory; they are immutable, so this only bounds memory.
@@ -64,6 +92,7 @@ impl AppState {
             clients: Clients::default(),
             shutdown,
             metrics,
+            reconcile: Reconcile::default(),
             manifests: Mutex::new(HashMap::new()),
         }))
     }

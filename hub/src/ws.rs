@@ -95,6 +95,14 @@ async fn run(state: AppState, principal: Principal, mut socket: WebSocket) {
         closed: state.shutdown.child_token(),
     });
     let id = state.clients.add(conn.clone());
+    // Registered first, then checked: a reload after this line closes the socket through
+    // `clients`, one before it (while the agent had not said hello) is seen here.
+    if !state.tokens.is_current(&principal) {
+        let msg = "token revoked or changed".to_owned();
+        refuse(&mut socket, codes::UNAUTHORIZED, msg, close_code::POLICY).await;
+        state.clients.remove(id);
+        return;
+    }
     serve(&state, &principal, &conn, spaces, &mut socket).await;
     state.clients.remove(id);
 }
@@ -228,10 +236,14 @@ async fn serve(
     let snapshot = heads_rx.borrow_and_update().clone();
     // (space, version last sent): a Vec, as an agent follows one space or a few.
     let mut sent: Vec<(String, u64)> = Vec::with_capacity(held.len());
+    // The epoch of each head last sent, beside `sent`: a head of a new epoch goes out even
+    // when its version is lower (the database was restored).
+    let mut sent_epochs: Vec<u64> = Vec::with_capacity(held.len());
     let mut heads = Vec::with_capacity(held.len());
     for p in held.iter().filter_map(|h| snapshot.get(&h.space)) {
         if !sent.iter().any(|(s, _)| *s == p.head.space) {
             sent.push((p.head.space.clone(), p.head.version));
+            sent_epochs.push(p.head.epoch);
             heads.push(p.head.clone());
         }
     }
@@ -261,10 +273,11 @@ async fn serve(
             changed = heads_rx.changed() => {
                 if changed.is_err() { break; }
                 let snapshot = heads_rx.borrow_and_update().clone();
-                for (space, version) in sent.iter_mut() {
+                for ((space, version), epoch) in sent.iter_mut().zip(sent_epochs.iter_mut()) {
                     let Some(p) = snapshot.get(space) else { continue };
-                    if p.head.version > *version {
+                    if p.head.version > *version || p.head.epoch != *epoch {
                         *version = p.head.version;
+                        *epoch = p.head.epoch;
                         if socket.send(Message::Text(p.frame.clone())).await.is_err() {
                             return;
                         }

@@ -24,6 +24,16 @@ pub struct Head {
     pub by: Option<String>,
     /// When the version was made, RFC 3339.
     pub at: String,
+    /// Which history the version belongs to. It changes only when the hub finds the database
+    /// rewritten (a restore, a failover to a standby that lacks the newest versions): within one
+    /// epoch heads only move forward, and an agent follows a head of a newer epoch even when its
+    /// version is lower.
+    #[serde(default)]
+    pub epoch: u64,
+    /// The newest forced version at or below `version` that the hub knows of (0: none), so an
+    /// agent that skips versions still re-verifies after a force-sync it did not see.
+    #[serde(default)]
+    pub forced_version: u64,
 }
 
 /// `POST /spaces/{space}/commits`: the next version, from `base_version` plus changes.

@@ -176,6 +176,8 @@ mod tests {
             reason: Some("fix".into()),
             by: Some("admin".into()),
             at: "2026-11-25T00:00:00Z".into(),
+            epoch: 0,
+            forced_version: 0,
         };
         let json = serde_json::to_value(HubFrame::SyncRequired(head.clone())).unwrap();
         assert_eq!(json["type"], "sync_required");

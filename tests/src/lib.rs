@@ -2,4 +2,5 @@ pub mod fixtures;
 pub mod hub;
 pub mod load;
 pub mod postgres;
+pub mod proxy;
 pub mod s3;

@@ -22,6 +22,8 @@ async fn fake_hub(manifest: Vec<u8>) -> anyhow::Result<String> {
         reason: None,
         by: Some("mallory".into()),
         at: "2026-11-25T00:00:00Z".into(),
+        epoch: 0,
+        forced_version: 0,
     };
     let app = Router::new()
         .route(

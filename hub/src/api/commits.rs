@@ -38,6 +38,37 @@ pub async fn current_head(state: &AppState, space: &str) -> ApiResult<Head> {
     }
 }
 
+/// Publishes a head this replica just wrote and returns it as agents see it (with the epoch
+/// and last forced version memory carries).
+fn published(state: &AppState, head: Head) -> Head {
+    state.heads.publish(head.clone());
+    state
+        .heads
+        .get(&head.space)
+        .map(|p| p.head.clone())
+        .filter(|h| h.version == head.version && h.data_hash == head.data_hash)
+        .unwrap_or(head)
+}
+
+/// The head as the store has it now, made current in memory even when it is older (the
+/// database was restored or failed over: see [`crate::broadcast::Heads::replace`]).
+async fn reread_head(state: &AppState, space: &str) -> ApiResult<Head> {
+    let before = state.heads.snapshot();
+    match state.store.head(space).await? {
+        Some(head) => {
+            crate::server::replace(state, head.clone(), &before);
+            // Memory may be newer still (a commit here meanwhile); never older than the read.
+            Ok(state
+                .heads
+                .get(space)
+                .map(|p| p.head.clone())
+                .filter(|h| h.version >= head.version)
+                .unwrap_or(head))
+        }
+        None => Err(HubError::NotFound(format!("space {space:?}"))),
+    }
+}
+
 fn manifest_error(e: ManifestError) -> HubError {
     match e {
         ManifestError::Path(p) => HubError::bad_request(codes::INVALID_PATH, p.to_string()),
@@ -74,7 +105,12 @@ pub async fn commit(
     check_blobs(&state, &req).await?;
 
     for _ in 0..MAX_ATTEMPTS {
-        let head = current_head(&state, &space).await?;
+        let mut head = current_head(&state, &space).await?;
+        if req.base_version > head.version {
+            // The client read a newer head elsewhere (another replica behind the balancer):
+            // this replica has not heard of it yet, the store has.
+            head = reread_head(&state, &space).await?;
+        }
         if req.base_version > head.version {
             return Err(HubError::bad_request(
                 codes::BAD_REQUEST,
@@ -146,16 +182,14 @@ pub async fn commit(
             Ok(head) => {
                 metrics::counter!("synchub_commits_total").increment(1);
                 tracing::info!(space, version = head.version, by = principal.name, "commit");
-                state.heads.publish(head.clone());
+                let head = published(&state, head);
                 return Ok(
                     (StatusCode::CREATED, axum::Json(CommitResponse { head })).into_response()
                 );
             }
             Err(StoreError::HeadMoved { current, .. }) => {
                 tracing::debug!(space, current, "head moved during commit; retrying");
-                if let Some(h) = state.store.head(&space).await? {
-                    state.heads.publish(h);
-                }
+                reread_head(&state, &space).await?;
             }
             Err(e) => return Err(e.into()),
         }
@@ -220,13 +254,11 @@ pub async fn force(
             Ok(head) => {
                 metrics::counter!("synchub_force_syncs_total").increment(1);
                 tracing::info!(space, version = head.version, by, "force sync");
-                state.heads.publish(head.clone());
+                let head = published(state, head);
                 return Ok(head);
             }
             Err(StoreError::HeadMoved { .. }) => {
-                if let Some(h) = state.store.head(space).await? {
-                    state.heads.publish(h);
-                }
+                reread_head(state, space).await?;
             }
             Err(e) => return Err(e.into()),
         }

@@ -8,12 +8,13 @@ pub mod heads;
 pub mod reports;
 
 use crate::error::HubError;
-use crate::state::AppState;
+use crate::state::{AppState, ReconcileHealth};
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
+use std::time::Duration;
 use synchub_protocol::codes;
 
 pub fn router(state: AppState) -> Router {
@@ -90,18 +91,40 @@ async fn not_found() -> HubError {
     HubError::NotFound("no such route".into())
 }
 
-/// Ready once the heads are loaded and the database answers.
+/// Ready once the heads are loaded, the database watcher runs and the heads were read from the
+/// database recently. A probe makes no query of its own: when the last read is over a second
+/// old it asks the hub's reconciler for one (which makes at most one per second, however many
+/// probes come) and waits up to 2 s for it.
 async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     if state.heads.snapshot().is_empty() {
         return HubError::Unavailable("heads not loaded yet".into()).into_response();
     }
-    // A health check must answer quickly even when the database hangs.
-    match tokio::time::timeout(std::time::Duration::from_secs(2), state.store.heads()).await {
-        Ok(Ok(_)) => (StatusCode::OK, "ready\n").into_response(),
-        Ok(Err(e)) => HubError::Unavailable(format!("database: {e}")).into_response(),
-        Err(_) => {
-            HubError::Unavailable("database did not answer within 2 s".into()).into_response()
-        }
+    let fresh = Duration::from_secs(1);
+    let mut health = state.reconcile.health.subscribe();
+    let stale = |h: &ReconcileHealth| h.last_attempt.is_none_or(|t| t.elapsed() > fresh);
+    if stale(&health.borrow_and_update()) {
+        state.reconcile.wake.notify_one();
+        let _ = tokio::time::timeout(Duration::from_secs(2), health.wait_for(|h| !stale(h))).await;
+    }
+    let h = state.reconcile.health.borrow().clone();
+    let age = h.last_reread.map(|t| t.elapsed().as_secs_f64());
+    let problem = if !h.watcher_up || !h.apply_up {
+        Some("the database watcher is not running".to_owned())
+    } else if let Some(e) = &h.last_error {
+        Some(format!("database: {e}"))
+    } else if stale(&h) {
+        Some("the database did not answer within 2 s".to_owned())
+    } else {
+        None
+    };
+    let age = age.map_or("never".to_owned(), |a| format!("{a:.1} s ago"));
+    match problem {
+        Some(p) => HubError::Unavailable(format!("{p}; heads last read {age}")).into_response(),
+        None => (
+            StatusCode::OK,
+            format!("ready\nwatcher: running\nheads last read: {age}\n"),
+        )
+            .into_response(),
     }
 }
 

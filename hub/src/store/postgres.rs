@@ -187,6 +187,8 @@ fn version_from_row(row: &PgRow, first: usize) -> Result<VersionInfo, StoreError
             reason: row.try_get(at(4))?,
             by: row.try_get(at(5))?,
             at: rfc3339(created_at),
+            epoch: 0,
+            forced_version: 0,
         },
         entries: from_db(row.try_get(at(7))?, "entries")?,
         bytes: from_db(row.try_get(at(8))?, "bytes")?,
@@ -389,6 +391,8 @@ impl Store for PostgresStore {
                         reason: new.reason,
                         by: new.by,
                         at: rfc3339(now),
+                        epoch: 0,
+                        forced_version: 0,
                     });
                 }
                 // A record of that number exists already: the head moved after all.

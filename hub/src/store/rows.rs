@@ -227,6 +227,8 @@ mod tests {
                 reason: None,
                 by: Some("hub".into()),
                 at: "2026-01-01T00:00:00.000Z".into(),
+                epoch: 0,
+                forced_version: 0,
             },
             entries: 1,
             bytes: 2,

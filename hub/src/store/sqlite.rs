@@ -185,6 +185,8 @@ fn version_from_row(row: &SqliteRow, first: usize) -> Result<VersionInfo, StoreE
             reason: row.try_get(at(4))?,
             by: row.try_get(at(5))?,
             at: parse_timestamp(&created_at).map_or(created_at, rfc3339),
+            epoch: 0,
+            forced_version: 0,
         },
         entries: from_db(row.try_get(at(7))?, "entries")?,
         bytes: from_db(row.try_get(at(8))?, "bytes")?,
@@ -389,6 +391,8 @@ impl Store for SqliteStore {
                         reason: new.reason,
                         by: new.by,
                         at: now,
+                        epoch: 0,
+                        forced_version: 0,
                     });
                 }
                 // A record of that number exists already: the head moved after all.
