@@ -280,6 +280,8 @@ impl Store for PostgresStore {
             reason: p.reason,
             by: p.by,
             at: rfc3339(p.at),
+            epoch: 0,
+            forced_version: 0,
         }))
     }
 

@@ -270,6 +270,8 @@ impl Store for SqliteStore {
             reason: p.reason,
             by: p.by,
             at: rfc3339(p.at),
+            epoch: 0,
+            forced_version: 0,
         }))
     }
 
