@@ -473,11 +473,18 @@ fn is_link(path: &Path, m: &std::fs::Metadata) -> bool {
     m.file_type().is_symlink()
 }
 
-/// Removes a link (a directory junction on Windows), never what it points to.
+/// Removes a link (a directory junction on Windows, which only `remove_dir` removes), or a
+/// stale temp file, never what a link points to.
 fn remove_link(path: &Path) -> std::io::Result<()> {
     #[cfg(windows)]
-    if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
-        return std::fs::remove_dir(path);
+    {
+        use std::os::windows::fs::MetadataExt;
+        const FILE_ATTRIBUTE_DIRECTORY: u32 = 0x10;
+        if std::fs::symlink_metadata(path)
+            .is_ok_and(|m| m.file_attributes() & FILE_ATTRIBUTE_DIRECTORY != 0)
+        {
+            return std::fs::remove_dir(path);
+        }
     }
     std::fs::remove_file(path)
 }

@@ -20,6 +20,8 @@ pub mod hub_api;
 pub mod local_api;
 pub mod outbox;
 pub mod publish;
+#[cfg(windows)]
+pub mod service;
 pub mod space;
 pub mod state;
 pub mod verify;
