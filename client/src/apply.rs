@@ -753,6 +753,31 @@ mod tests {
     }
 
     #[test]
+    fn copy_fallback_never_writes_through_an_existing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("blob");
+        std::fs::write(&src, b"new bytes").unwrap();
+        // What a colliding name would meet: a read-only hard link to another cache entry.
+        let entry = dir.path().join("entry");
+        std::fs::write(&entry, b"cache entry").unwrap();
+        let dest = dir.path().join("tree-file");
+        std::fs::hard_link(&entry, &dest).unwrap();
+        let mut perms = std::fs::metadata(&dest).unwrap().permissions();
+        perms.set_readonly(true);
+        std::fs::set_permissions(&dest, perms).unwrap();
+        assert!(copy_new(&src, &dest).is_err());
+        assert_eq!(std::fs::read(&entry).unwrap(), b"cache entry");
+        let fresh = dir.path().join("fresh");
+        copy_new(&src, &fresh).unwrap();
+        assert_eq!(std::fs::read(&fresh).unwrap(), b"new bytes");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            4,
+            "no temp file left"
+        );
+    }
+
+    #[test]
     fn concurrent_atomic_writes_all_land_whole() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.json");
