@@ -3,22 +3,30 @@
 //!
 //! Layout of a space folder `DIR`:
 //! ```text
-//! DIR/current                          symlink -> .synchub/trees/<version>-<hash8>
+//! DIR/current                          link to the live tree (Unix: symlink; Windows: junction)
+//! DIR/.synchub/live                    the live tree's name, one line: the truth
 //! DIR/.synchub/trees/<name>/           a complete tree (read-only files, hard links into the cache)
 //! DIR/.synchub/trees/<name>.manifest   the canonical manifest of that tree
 //! DIR/.synchub/cache/ab/<sha256>       verified blobs
 //! DIR/.synchub/kept/<timestamp>/...    extra files kept with extra_files = "keep"
 //! ```
-//! A new tree is built completely beside the old one, fsync'd, then `current` is replaced in
-//! one `rename` of a new symlink over it. On start whatever `current` names is the truth; any
-//! other tree (unfinished or old) is deleted.
+//! A new tree is built completely beside the old one and fsync'd; then `live` is replaced
+//! atomically (temp file + rename: the commit point), then `current` is pointed at the tree.
+//! On Unix that is one `rename` of a new symlink over the old one. Windows needs a privilege
+//! for symlinks and cannot rename over a directory link, so there `current` is a directory
+//! junction (no privilege needed): a new junction is made under a temp name, the old one is
+//! moved aside, the new one moved in, the old one removed. A reader that resolves `live` (or
+//! `current`) once and reads below the tree it names sees one complete version, whatever the
+//! agent does meanwhile. On start whatever `live` names is the truth (`current` is repaired to
+//! match, for a crash between the two steps); any other tree (unfinished or old) is deleted,
+//! and one a reader still holds open on Windows is deleted by a later cleanup instead.
 
 use crate::cache::{Cache, remove_file_forced};
 use crate::config::ExtraFiles;
 use crate::error::{ClientError, IoContext, Result};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use synchub_protocol::{Manifest, Sha256Hex, validate_path};
+use synchub_protocol::{Manifest, Sha256Hex, check_collisions, validate_path};
 
 /// Where things live in a space folder.
 #[derive(Clone, Debug)]
@@ -55,6 +63,10 @@ impl Layout {
     pub fn state_file(&self) -> PathBuf {
         self.meta().join("state.json")
     }
+    /// The file naming the live tree.
+    pub fn live_file(&self) -> PathBuf {
+        self.meta().join("live")
+    }
     fn manifest_file(&self, tree: &str) -> PathBuf {
         self.trees().join(format!("{tree}.manifest"))
     }
@@ -81,41 +93,71 @@ pub fn tree_name(version: u64, data_hash: &Sha256Hex) -> String {
     format!("{version}-{}", &data_hash.as_str()[..8])
 }
 
-/// Reads what `current` points to, loads its manifest and deletes every other tree and
-/// leftover temp link. `None` when nothing was ever applied.
+/// Reads which tree is live, loads its manifest, points `current` at it when a crash left it
+/// elsewhere and deletes every other tree and leftover temp link. `None` when nothing was
+/// ever applied.
 pub fn recover(layout: &Layout) -> Result<Option<Held>> {
     std::fs::create_dir_all(layout.trees())
         .ctx(|| format!("creating {}", layout.trees().display()))?;
-    let held = read_current(layout)?;
+    let held = read_live(layout)?;
+    if let Some(h) = held.as_ref().filter(|h| !link_points_at(layout, &h.tree)) {
+        tracing::info!(tree = h.tree, "pointing current at the live tree again");
+        point_current(layout, &h.tree)?;
+    }
     cleanup(layout, held.as_ref().map(|h| h.tree.as_str()));
+    // state.json is written only by the running agent, so its temp files are stale here.
+    if let Ok(rd) = std::fs::read_dir(layout.meta()) {
+        for e in rd.flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with("state.json.tmp-")
+            {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     Ok(held)
 }
 
-fn read_current(layout: &Layout) -> Result<Option<Held>> {
+/// The live tree without changing anything: the name in `live`, or for a folder written by an
+/// older agent, the tree `current` links to.
+pub fn read_live(layout: &Layout) -> Result<Option<Held>> {
     let link = layout.current();
-    let target = match std::fs::read_link(&link) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+    match std::fs::symlink_metadata(&link) {
+        Ok(m) if !is_link(&link, &m) => {
             return Err(ClientError::Config(format!(
-                "{} exists and is not a symlink; move it away so the agent can manage it",
+                "{} exists and is not a link the agent made; move it away so the agent can manage it",
                 link.display()
             )));
         }
-        Err(e) => return Err(ClientError::io(format!("reading {}", link.display()), e)),
+        _ => {}
+    }
+    let tree = match std::fs::read_to_string(layout.live_file()) {
+        Ok(s) => s.trim().to_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => match std::fs::read_link(&link) {
+            Ok(t) => t
+                .file_name()
+                .and_then(|n| n.to_str())
+                .map(str::to_owned)
+                .unwrap_or_default(),
+            Err(_) => return Ok(None),
+        },
+        Err(e) => {
+            return Err(ClientError::io(
+                format!("reading {}", layout.live_file().display()),
+                e,
+            ));
+        }
     };
-    let Some(tree) = target
-        .file_name()
-        .and_then(|n| n.to_str())
-        .map(str::to_owned)
-    else {
-        return Ok(None);
-    };
+    load_tree(layout, tree)
+}
+
+fn load_tree(layout: &Layout, tree: String) -> Result<Option<Held>> {
     let Some(version) = tree.split('-').next().and_then(|v| v.parse::<u64>().ok()) else {
         return Ok(None);
     };
-    if !layout.trees().join(&tree).is_dir() {
-        tracing::warn!(tree, "current points to a missing tree; starting empty");
+    if tree.contains(['/', '\\']) || !layout.trees().join(&tree).is_dir() {
+        tracing::warn!(tree, "the live tree is missing; starting empty");
         return Ok(None);
     }
     let bytes = match std::fs::read(layout.manifest_file(&tree)) {
@@ -135,8 +177,30 @@ fn read_current(layout: &Layout) -> Result<Option<Held>> {
     }))
 }
 
-/// Deletes every tree (and its manifest) but `keep`, and stale temp links.
+/// Whether `current` resolves to the tree `tree`.
+fn link_points_at(layout: &Layout, tree: &str) -> bool {
+    match (
+        std::fs::canonicalize(layout.current()),
+        std::fs::canonicalize(layout.trees().join(tree)),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// Deletes every tree (and its manifest) but `keep`, and stale temp links (links first, so
+/// none is left pointing into a removed tree). A tree a reader holds open on Windows cannot be
+/// removed yet: it stays until a later cleanup.
 pub fn cleanup(layout: &Layout, keep: Option<&str>) {
+    if let Ok(rd) = std::fs::read_dir(layout.meta()) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let stale = ["current.tmp-", "current.old-", "live.tmp-"];
+            if stale.iter().any(|p| name.starts_with(p)) {
+                let _ = remove_link(&e.path());
+            }
+        }
+    }
     if let Ok(rd) = std::fs::read_dir(layout.trees()) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -152,13 +216,6 @@ pub fn cleanup(layout: &Layout, keep: Option<&str>) {
             };
             if let Err(err) = res {
                 tracing::warn!(path = %path.display(), error = %err, "could not remove old tree");
-            }
-        }
-    }
-    if let Ok(rd) = std::fs::read_dir(layout.meta()) {
-        for e in rd.flatten() {
-            if e.file_name().to_string_lossy().starts_with("current.tmp-") {
-                let _ = std::fs::remove_file(e.path());
             }
         }
     }
@@ -220,6 +277,10 @@ pub fn prepare(
     version: u64,
     current: Option<&Held>,
 ) -> Result<Prepared> {
+    // Two spellings of one file (case, Unicode normalization) land on one file on Windows and
+    // macOS; the hub refuses such versions, an older hub may not have.
+    check_collisions(manifest.entries().iter().map(|e| e.path.as_str()))
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
     let canonical = manifest.canonical_bytes();
     let data_hash = Sha256Hex::of(&canonical);
     let mut tree = tree_name(version, &data_hash);
@@ -259,12 +320,17 @@ pub fn prepare(
             }
         }
         let src = cache.path(&entry.sha256);
-        if std::fs::hard_link(&src, &dest).is_err() {
-            std::fs::copy(&src, &dest)
-                .ctx(|| format!("copying {} to {}", src.display(), dest.display()))?;
-            std::fs::File::open(&dest)
-                .and_then(|f| f.sync_all())
-                .ctx(|| format!("syncing {}", dest.display()))?;
+        match std::fs::hard_link(&src, &dest) {
+            Ok(()) => {}
+            // Never write through what is there: it may be a read-only link into the cache.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(ClientError::io(
+                    format!("{} already exists in the new tree", dest.display()),
+                    e,
+                ));
+            }
+            // No hard links here (another volume, FAT): a copy, written new and renamed in.
+            Err(_) => copy_new(&src, &dest)?,
         }
         let mut perms = std::fs::metadata(&dest)
             .ctx(|| dest.display().to_string())?
@@ -279,7 +345,7 @@ pub fn prepare(
         sync_dir(d)?;
     }
     let mf = layout.manifest_file(&tree);
-    write_synced(&mf, &canonical)?;
+    write_atomic(&mf, &canonical)?;
     sync_dir(&layout.trees())?;
     Ok(Prepared {
         held: Held {
@@ -320,16 +386,30 @@ pub fn keep_extra_files(layout: &Layout, held: &Held, mode: ExtraFiles) -> Resul
     Ok(extras.len())
 }
 
-/// Points `current` at the prepared tree: a new symlink under a temp name, renamed over
-/// `current` (atomic), then the folder is fsync'd.
+/// Makes the prepared tree the live one: `live` is replaced atomically (from here on a crash
+/// comes back to the new tree), then `current` is pointed at it.
 pub fn switch(layout: &Layout, prepared: &Prepared) -> Result<()> {
-    let target = Path::new(".synchub")
-        .join("trees")
-        .join(&prepared.held.tree);
-    let tmp = layout
+    let tree = &prepared.held.tree;
+    write_atomic(&layout.live_file(), format!("{tree}\n").as_bytes())?;
+    point_current(layout, tree)?;
+    sync_dir(layout.root())?;
+    Ok(())
+}
+
+/// A fresh temp name in `.synchub/` for a link being made or retired.
+fn temp_link(layout: &Layout, kind: &str) -> PathBuf {
+    layout
         .meta()
-        .join(format!("current.tmp-{}", uuid::Uuid::new_v4().simple()));
-    symlink_dir(&target, &tmp).ctx(|| format!("creating link {}", tmp.display()))?;
+        .join(format!("current.{kind}-{}", uuid::Uuid::new_v4().simple()))
+}
+
+/// Points `current` at `tree`: a new symlink under a temp name, renamed over `current`
+/// (atomic).
+#[cfg(not(windows))]
+fn point_current(layout: &Layout, tree: &str) -> Result<()> {
+    let target = Path::new(".synchub").join("trees").join(tree);
+    let tmp = temp_link(layout, "tmp");
+    std::os::unix::fs::symlink(&target, &tmp).ctx(|| format!("creating link {}", tmp.display()))?;
     if let Err(e) = std::fs::rename(&tmp, layout.current()) {
         let _ = std::fs::remove_file(&tmp);
         return Err(ClientError::io(
@@ -337,32 +417,144 @@ pub fn switch(layout: &Layout, prepared: &Prepared) -> Result<()> {
             e,
         ));
     }
-    sync_dir(layout.root())?;
     Ok(())
 }
 
-#[cfg(unix)]
-fn symlink_dir(target: &Path, link: &Path) -> std::io::Result<()> {
-    std::os::unix::fs::symlink(target, link)
-}
-
+/// Points `current` at `tree` with a directory junction (no privilege needed, unlike a
+/// symlink). Windows cannot rename over a directory, so the old junction is moved aside first;
+/// for that instant `current` is absent, which `live` covers: it already names the new tree,
+/// and a restart repairs `current` from it.
 #[cfg(windows)]
-fn symlink_dir(target: &Path, link: &Path) -> std::io::Result<()> {
-    std::os::windows::fs::symlink_dir(target, link)
+fn point_current(layout: &Layout, tree: &str) -> Result<()> {
+    let target = std::path::absolute(layout.trees().join(tree))
+        .ctx(|| format!("resolving {}", layout.trees().display()))?;
+    let tmp = temp_link(layout, "tmp");
+    let current = layout.current();
+    if let Err(e) = junction::create(&target, &tmp) {
+        // Some file systems have no junctions (FAT, some network shares, Wine). `live` still
+        // names the tree; never leave `current` showing an older one.
+        let _ = std::fs::remove_dir(&tmp);
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            tracing::warn!(error = %e, "no directory junctions here: `current` is not kept; \
+                programs must read the tree named in .synchub\\live");
+        });
+        return match std::fs::symlink_metadata(&current) {
+            Ok(_) => remove_link(&current).ctx(|| format!("removing {}", current.display())),
+            Err(_) => Ok(()),
+        };
+    }
+    let old = temp_link(layout, "old");
+    match std::fs::symlink_metadata(&current) {
+        Ok(_) => {
+            if let Err(e) = rename_retrying(&current, &old) {
+                let _ = remove_link(&tmp);
+                return Err(ClientError::io(
+                    format!("moving {} aside", current.display()),
+                    e,
+                ));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(ClientError::io(current.display().to_string(), e)),
+    }
+    rename_retrying(&tmp, &current).ctx(|| format!("switching {}", current.display()))?;
+    let _ = remove_link(&old);
+    Ok(())
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).ctx(|| tmp.display().to_string())?;
-    f.write_all(bytes).ctx(|| tmp.display().to_string())?;
-    f.sync_all().ctx(|| tmp.display().to_string())?;
-    std::fs::rename(&tmp, path).ctx(|| path.display().to_string())
+/// Whether `path` (with metadata `m`, not followed) is a link the agent made.
+fn is_link(path: &Path, m: &std::fs::Metadata) -> bool {
+    #[cfg(windows)]
+    if junction::exists(path).unwrap_or(false) {
+        return true;
+    }
+    let _ = path;
+    m.file_type().is_symlink()
 }
 
-/// Writes a file atomically (temp + fsync + rename), for state.json and friends.
+/// Removes a link (a directory junction on Windows, which only `remove_dir` removes), or a
+/// stale temp file, never what a link points to.
+fn remove_link(path: &Path) -> std::io::Result<()> {
+    #[cfg(windows)]
+    {
+        use std::os::windows::fs::MetadataExt;
+        const FILE_ATTRIBUTE_DIRECTORY: u32 = 0x10;
+        if std::fs::symlink_metadata(path)
+            .is_ok_and(|m| m.file_attributes() & FILE_ATTRIBUTE_DIRECTORY != 0)
+        {
+            return std::fs::remove_dir(path);
+        }
+    }
+    std::fs::remove_file(path)
+}
+
+/// Copies `src` to `dest`, which must not exist: to a temp file beside it, fsync'd, then
+/// renamed in, so nothing half-written is ever visible and no existing file is written through.
+fn copy_new(src: &Path, dest: &Path) -> Result<()> {
+    let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("f");
+    let tmp = dest.with_file_name(format!(".{name}.synchub-{}", uuid::Uuid::new_v4().simple()));
+    let copied = std::fs::copy(src, &tmp).and_then(|_| std::fs::File::open(&tmp)?.sync_all());
+    if let Err(e) = copied {
+        let _ = remove_file_forced(&tmp);
+        return Err(ClientError::io(
+            format!("copying {} to {}", src.display(), tmp.display()),
+            e,
+        ));
+    }
+    if std::fs::symlink_metadata(dest).is_ok() {
+        let _ = remove_file_forced(&tmp);
+        return Err(ClientError::io(
+            format!("{} already exists in the new tree", dest.display()),
+            std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+        ));
+    }
+    rename_retrying(&tmp, dest).ctx(|| format!("renaming into {}", dest.display()))
+}
+
+/// Writes a file atomically: a temp file with a unique name beside it, fsync'd, then renamed
+/// over the target (retried while Windows reports the target open by a reader). For
+/// `live`, `state.json` and friends.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_synced(path, bytes)
+    use std::io::Write;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = path.with_file_name(format!("{name}.tmp-{}", uuid::Uuid::new_v4().simple()));
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(ClientError::io(tmp.display().to_string(), e));
+    }
+    if let Err(e) = rename_retrying(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(ClientError::io(path.display().to_string(), e));
+    }
+    Ok(())
+}
+
+/// `rename`, retried for up to ~2 s while Windows refuses it because a reader has the target
+/// open without delete sharing (Python's `open` does) or a scanner briefly holds it. On Unix
+/// the first answer stands.
+pub fn rename_retrying(from: &Path, to: &Path) -> std::io::Result<()> {
+    let mut wait = std::time::Duration::from_millis(5);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match std::fs::rename(from, to) {
+            Err(e) if is_sharing_violation(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(std::time::Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// ERROR_ACCESS_DENIED (5), ERROR_SHARING_VIOLATION (32), ERROR_LOCK_VIOLATION (33): what
+/// Windows answers while another process holds the file.
+fn is_sharing_violation(e: &std::io::Error) -> bool {
+    cfg!(windows) && matches!(e.raw_os_error(), Some(5 | 32 | 33))
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -466,6 +658,147 @@ mod tests {
         let again = recover(&layout).unwrap().unwrap();
         assert_eq!(again.tree, p2.held.tree);
         assert_eq!(again.version, 1);
+    }
+
+    #[test]
+    fn crash_between_live_and_link_comes_back_to_the_new_tree() {
+        let (_d, layout, cache, m1) = setup(&[("f", b"one")]);
+        let p1 = prepare(&layout, &cache, &m1, 1, None).unwrap();
+        switch(&layout, &p1).unwrap();
+        let held = recover(&layout).unwrap().unwrap();
+        let m2 = Manifest::new(vec![ManifestEntry {
+            path: "g".into(),
+            size: 3,
+            sha256: m1.entries()[0].sha256.clone(),
+        }])
+        .unwrap();
+        let p2 = prepare(&layout, &cache, &m2, 2, Some(&held)).unwrap();
+        // Killed right after the commit point: `live` names the new tree, `current` the old.
+        write_atomic(&layout.live_file(), p2.held.tree.as_bytes()).unwrap();
+        assert!(layout.current().join("f").exists());
+        let back = recover(&layout).unwrap().unwrap();
+        assert_eq!(back.version, 2);
+        assert_eq!(std::fs::read(layout.current().join("g")).unwrap(), b"one");
+        assert!(!layout.current().join("f").exists());
+        assert!(!held.tree_path(&layout).exists(), "old tree removed");
+    }
+
+    #[test]
+    fn a_hundred_applies_leave_one_tree_and_no_temp_files() {
+        let (_d, layout, cache, m) = setup(&[("a/x", b"1"), ("b", b"2")]);
+        let mut held = None;
+        for v in 1..=100 {
+            let p = prepare(&layout, &cache, &m, v, held.as_ref()).unwrap();
+            switch(&layout, &p).unwrap();
+            cleanup(&layout, Some(&p.held.tree));
+            held = Some(p.held);
+        }
+        let held = held.unwrap();
+        assert_eq!(recover(&layout).unwrap().unwrap().version, 100);
+        assert_eq!(std::fs::read(layout.current().join("a/x")).unwrap(), b"1");
+        let trees: Vec<_> = std::fs::read_dir(layout.trees())
+            .unwrap()
+            .flatten()
+            .collect();
+        assert_eq!(trees.len(), 2, "the tree and its manifest");
+        let meta: Vec<String> = std::fs::read_dir(layout.meta())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("tmp") || n.contains("old"))
+            .collect();
+        assert!(meta.is_empty(), "{meta:?}");
+        assert_eq!(
+            std::fs::read_to_string(layout.live_file()).unwrap().trim(),
+            held.tree
+        );
+    }
+
+    #[test]
+    fn folder_of_an_older_agent_is_taken_over_from_its_link() {
+        let (_d, layout, cache, m1) = setup(&[("f", b"one")]);
+        let p1 = prepare(&layout, &cache, &m1, 7, None).unwrap();
+        switch(&layout, &p1).unwrap();
+        // Older agents kept no `live` file: `current` alone said which tree was live.
+        std::fs::remove_file(layout.live_file()).unwrap();
+        let held = recover(&layout).unwrap().unwrap();
+        assert_eq!(held.version, 7);
+        assert!(held.tree_path(&layout).exists());
+    }
+
+    #[test]
+    fn colliding_spellings_are_refused_and_the_cache_is_untouched() {
+        let nfc = "Brașov/Școala.json";
+        let nfd = "Brașov/S\u{326}coala.json";
+        let (_d, layout, cache, m) = setup(&[
+            ("img/A.png", b"upper"),
+            ("img/a.png", b"lower"),
+            (nfc, b"1"),
+        ]);
+        let err = prepare(&layout, &cache, &m, 2, None).unwrap_err();
+        assert!(err.to_string().contains("img/A.png"), "{err}");
+        let m2 = Manifest::new(vec![
+            m.get(nfc).unwrap().clone(),
+            ManifestEntry {
+                path: nfd.into(),
+                ..m.get("img/a.png").unwrap().clone()
+            },
+        ])
+        .unwrap();
+        assert!(prepare(&layout, &cache, &m2, 3, None).is_err());
+        for e in m.entries() {
+            assert!(cache.verify(&e.sha256).unwrap(), "{} intact", e.path);
+        }
+        assert!(!layout.current().exists());
+    }
+
+    #[test]
+    fn copy_fallback_never_writes_through_an_existing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("blob");
+        std::fs::write(&src, b"new bytes").unwrap();
+        // What a colliding name would meet: a read-only hard link to another cache entry.
+        let entry = dir.path().join("entry");
+        std::fs::write(&entry, b"cache entry").unwrap();
+        let dest = dir.path().join("tree-file");
+        std::fs::hard_link(&entry, &dest).unwrap();
+        let mut perms = std::fs::metadata(&dest).unwrap().permissions();
+        perms.set_readonly(true);
+        std::fs::set_permissions(&dest, perms).unwrap();
+        assert!(copy_new(&src, &dest).is_err());
+        assert_eq!(std::fs::read(&entry).unwrap(), b"cache entry");
+        let fresh = dir.path().join("fresh");
+        copy_new(&src, &fresh).unwrap();
+        assert_eq!(std::fs::read(&fresh).unwrap(), b"new bytes");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            4,
+            "no temp file left"
+        );
+    }
+
+    #[test]
+    fn concurrent_atomic_writes_all_land_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let writers: Vec<_> = (0..8)
+            .map(|w| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    for i in 0..50 {
+                        let body = format!("{{\"writer\":{w},\"n\":{i}}}").repeat(50);
+                        write_atomic(&path, body.as_bytes()).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let body = std::fs::read_to_string(&path).unwrap();
+        assert!(body.ends_with("\"n\":49}"), "{body}");
+        let left = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(left, 1, "no temp files left");
     }
 
     #[test]

@@ -76,8 +76,22 @@ impl Cache {
         std::fs::File::open(temp)
             .and_then(|f| f.sync_all())
             .ctx(|| format!("syncing {}", temp.display()))?;
-        std::fs::rename(temp, &dest).ctx(|| format!("renaming into {}", dest.display()))?;
-        Ok(())
+        self.place(temp, sha256, &dest)
+    }
+
+    /// Renames a checked temp file to `dest`. An entry already there (the same blob fetched
+    /// twice) is usually right and read-only through its tree links, and Windows cannot rename
+    /// over a read-only file: keep a right one, replace a wrong one.
+    fn place(&self, temp: &Path, sha256: &Sha256Hex, dest: &Path) -> Result<()> {
+        if std::fs::symlink_metadata(dest).is_ok() {
+            if hash_file(dest).is_ok_and(|(actual, _)| &actual == sha256) {
+                let _ = std::fs::remove_file(temp);
+                return Ok(());
+            }
+            remove_file_forced(dest).ctx(|| format!("removing {}", dest.display()))?;
+        }
+        crate::apply::rename_retrying(temp, dest)
+            .ctx(|| format!("renaming into {}", dest.display()))
     }
 
     /// Writes checked bytes to a temp file, fsyncs it and moves it to the blob's address: one
@@ -99,7 +113,7 @@ impl Cache {
         let dest = self.path(sha256);
         let dir = dest.parent().expect("cache path has a parent");
         std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
-        std::fs::rename(&temp, &dest).ctx(|| format!("renaming into {}", dest.display()))
+        self.place(&temp, sha256, &dest)
     }
 
     /// Drops temp files of interrupted writes (not `.part` files: those resume).

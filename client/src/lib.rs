@@ -21,6 +21,8 @@ pub mod local_api;
 pub mod outbox;
 pub mod publish;
 pub mod selection;
+#[cfg(windows)]
+pub mod service;
 pub mod space;
 pub mod state;
 pub mod verify;

@@ -37,6 +37,8 @@ pub struct SpaceShared {
     pub sync_now: Notify,
     pub last_error: Mutex<Option<String>>,
     pub progress: Arc<Progress>,
+    /// Held while `state.json` is written: one writer at a time, each writing the newest state.
+    state_file: Mutex<()>,
 }
 
 /// Where a head came from (for logs): every source follows the same rule, [`follows`], so
@@ -60,6 +62,7 @@ impl SpaceShared {
             sync_now: Notify::new(),
             last_error: Mutex::new(None),
             progress: Arc::new(Progress::default()),
+            state_file: Mutex::new(()),
         }
     }
 
@@ -89,17 +92,15 @@ impl SpaceShared {
     }
 
     fn set(&self, event: Event) {
-        let mut new_state = None;
-        self.state.send_modify(|s| {
-            *s = transition(s, event);
-            new_state = Some(s.clone());
-        });
-        if let Some(s) = new_state {
-            self.write_state_file(&s);
-        }
+        self.state.send_modify(|s| *s = transition(s, event));
+        self.write_state_file();
     }
 
-    fn write_state_file(&self, state: &AgentState) {
+    /// Writes the newest state to `state.json`. Callers on several tasks are serialized and
+    /// each writes what is current when its turn comes, so an older state never lands last.
+    fn write_state_file(&self) {
+        let _one_writer = self.state_file.lock().expect("state file lock");
+        let state = &self.state.borrow().clone();
         #[derive(Serialize)]
         struct StateFile<'a> {
             space: &'a str,
@@ -222,7 +223,7 @@ pub async fn run_worker(
         held.as_ref().map(|h| (h.version, h.data_hash.clone()));
     let version = held.as_ref().map_or(0, |h| h.version);
     space.state.send_replace(AgentState::Starting { version });
-    space.write_state_file(&AgentState::Starting { version });
+    space.write_state_file();
     tracing::info!(space = %space.name, version, "holding");
 
     let mut head_rx = space.head.subscribe();

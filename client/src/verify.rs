@@ -111,35 +111,9 @@ pub fn verify(dir: &Path, mut on_file: impl FnMut(u64, u64)) -> Result<VerifyRep
 }
 
 fn read_only_held(layout: &Layout) -> Result<Option<crate::apply::Held>> {
-    // `apply::recover` also deletes stray trees, which is only safe in the agent itself:
-    // verify reads the link and the manifest without touching anything.
-    let link = layout.current();
-    if std::fs::symlink_metadata(&link).is_err() {
-        return Ok(None);
-    }
-    let target =
-        std::fs::read_link(&link).map_err(|e| ClientError::io(link.display().to_string(), e))?;
-    let tree = target
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default()
-        .to_owned();
-    let manifest_path = layout.trees().join(format!("{tree}.manifest"));
-    let bytes = std::fs::read(&manifest_path)
-        .map_err(|e| ClientError::io(manifest_path.display().to_string(), e))?;
-    let manifest =
-        synchub_protocol::Manifest::from_canonical(&bytes, crate::download::MAX_MANIFEST_ENTRIES)?;
-    let version = tree
-        .split('-')
-        .next()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    Ok(Some(crate::apply::Held {
-        version,
-        data_hash: synchub_protocol::Sha256Hex::of(&bytes),
-        tree,
-        manifest,
-    }))
+    // `apply::recover` also repairs `current` and deletes stray trees, which is only safe in
+    // the agent itself: verify reads the live tree's name and manifest without touching anything.
+    crate::apply::read_live(layout)
 }
 
 #[cfg(test)]

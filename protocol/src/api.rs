@@ -221,6 +221,9 @@ pub struct ApiError {
 pub mod codes {
     pub const BAD_REQUEST: &str = "bad_request";
     pub const INVALID_PATH: &str = "invalid_path";
+    /// Two paths of the version would be one file on Windows or macOS (case or Unicode
+    /// normalization, or a file against a folder).
+    pub const PATH_COLLISION: &str = "path_collision";
     pub const INVALID_MANIFEST: &str = "invalid_manifest";
     pub const INVALID_HASH: &str = "invalid_hash";
     pub const UNAUTHORIZED: &str = "unauthorized";

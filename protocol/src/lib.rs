@@ -5,6 +5,7 @@
 //! program that wants to talk to a hub) can depend on it without pulling in a server.
 
 pub mod api;
+pub mod collision;
 pub mod frames;
 pub mod hash;
 pub mod manifest;
@@ -12,6 +13,7 @@ pub mod pack;
 pub mod path;
 
 pub use api::*;
+pub use collision::{PathCollision, check_collisions};
 pub use frames::*;
 pub use hash::{HashError, Sha256Hex};
 pub use manifest::{Manifest, ManifestEntry, ManifestError};

@@ -1,8 +1,11 @@
 //! Validation of the relative paths a manifest names, shared by hub and agent so that a path
 //! one side accepts is one the other can write on Linux, macOS and Windows alike.
 
-/// Longest accepted path, in bytes.
-pub const MAX_PATH_LEN: usize = 1024;
+/// Longest accepted path, in UTF-16 code units (what Windows counts). An agent's tree path is
+/// `DIR\.synchub\trees\<version>-<hash8>-<suffix>\` followed by this path; at most 180 units
+/// leave about 80 for that prefix, so a program that is not long-path aware still stays under
+/// Windows' `MAX_PATH` (260) with a `DIR` of up to ~28 characters such as `D:\synchub\qr`.
+pub const MAX_PATH_LEN: usize = 180;
 /// Longest accepted path segment, in bytes.
 pub const MAX_SEGMENT_LEN: usize = 255;
 
@@ -10,7 +13,9 @@ pub const MAX_SEGMENT_LEN: usize = 255;
 pub enum PathError {
     #[error("empty path")]
     Empty,
-    #[error("path {0:?} is longer than {MAX_PATH_LEN} bytes")]
+    #[error(
+        "path {0:?} is longer than {MAX_PATH_LEN} characters (UTF-16 units, as Windows counts)"
+    )]
     TooLong(String),
     #[error("path {0:?} is absolute; paths are relative to the space")]
     Absolute(String),
@@ -20,7 +25,7 @@ pub enum PathError {
     Backslash(String),
     #[error("path {0:?} contains a control or reserved character")]
     BadCharacter(String),
-    #[error("path {0:?} uses a name Windows reserves (CON, NUL, COM1, ...)")]
+    #[error("path {0:?} uses a name Windows reserves (CON, NUL, COM1, CONIN$, ...)")]
     ReservedName(String),
     #[error("path {0:?} has a segment ending in '.' or ' '")]
     TrailingDotOrSpace(String),
@@ -30,10 +35,24 @@ pub enum PathError {
     InvalidSpace(String),
 }
 
-const RESERVED: [&str; 22] = [
-    "CON", "PRN", "AUX", "NUL", "COM1", "COM2", "COM3", "COM4", "COM5", "COM6", "COM7", "COM8",
-    "COM9", "LPT1", "LPT2", "LPT3", "LPT4", "LPT5", "LPT6", "LPT7", "LPT8", "LPT9",
-];
+/// Device names Windows opens instead of a file, whatever the extension. `COM`/`LPT` take a
+/// digit 0-9 or a superscript ¹ ² ³ (Windows counts those as digits here too).
+const RESERVED: [&str; 6] = ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"];
+const RESERVED_PORTS: [&str; 2] = ["COM", "LPT"];
+
+fn is_reserved(stem: &str) -> bool {
+    if RESERVED.iter().any(|r| r.eq_ignore_ascii_case(stem)) {
+        return true;
+    }
+    RESERVED_PORTS.iter().any(|port| {
+        stem.get(..3)
+            .is_some_and(|head| head.eq_ignore_ascii_case(port))
+            && matches!(
+                &stem[3..],
+                "0" | "1" | "2" | "3" | "4" | "5" | "6" | "7" | "8" | "9" | "¹" | "²" | "³"
+            )
+    })
+}
 
 /// Accepts a relative, `/`-separated path that is safe to create under a folder on any OS.
 pub fn validate_path(path: &str) -> Result<(), PathError> {
@@ -41,7 +60,7 @@ pub fn validate_path(path: &str) -> Result<(), PathError> {
     if path.is_empty() {
         return Err(PathError::Empty);
     }
-    if path.len() > MAX_PATH_LEN {
+    if path.len() > MAX_PATH_LEN && path.encode_utf16().nth(MAX_PATH_LEN).is_some() {
         return Err(PathError::TooLong(shown()));
     }
     if path.starts_with('/') {
@@ -70,7 +89,7 @@ pub fn validate_path(path: &str) -> Result<(), PathError> {
             return Err(PathError::TrailingDotOrSpace(shown()));
         }
         let stem = segment.split('.').next().unwrap_or(segment).trim_end();
-        if RESERVED.iter().any(|r| r.eq_ignore_ascii_case(stem)) {
+        if is_reserved(stem) {
             return Err(PathError::ReservedName(shown()));
         }
     }
@@ -83,6 +102,7 @@ mod tests {
 
     #[test]
     fn accepts_ordinary_and_non_ascii_paths() {
+        let max_len = format!("{}/{}", "ș".repeat(100), "ș".repeat(MAX_PATH_LEN - 101));
         for ok in [
             "a",
             "Brașov/Școala_2026.json",
@@ -92,6 +112,11 @@ mod tests {
             ".hidden/file",
             "CONSOLE/x",
             "日本/ファイル.txt",
+            "COM10",
+            "LPT",
+            "COM⁴",
+            "CONIN",
+            max_len.as_str(),
         ] {
             assert_eq!(validate_path(ok), Ok(()), "{ok}");
         }
@@ -101,6 +126,10 @@ mod tests {
     fn rejects_hostile_paths() {
         let long_segment = "a".repeat(256);
         let long_path = format!("{}/x", "abcdefgh/".repeat(120));
+        // Near the old 1024-byte bound: with DIR\.synchub\trees\... in front it passes
+        // Windows' MAX_PATH.
+        let windows_long = format!("{}/file.png", "folder_12345678/".repeat(12));
+        let one_over = format!("{}/{}", "ș".repeat(100), "ș".repeat(MAX_PATH_LEN - 100));
         for bad in [
             "",
             "/etc/passwd",
@@ -118,12 +147,21 @@ mod tests {
             "nul.txt",
             "com1",
             "Lpt9.log",
+            "CONIN$",
+            "a/conout$.txt",
+            "COM0",
+            "lpt0.txt",
+            "COM¹",
+            "x/LPT³.log",
+            "COM² .txt",
             "dir./x",
             "dir /x",
             "a|b",
             "a*b",
             long_segment.as_str(),
             long_path.as_str(),
+            windows_long.as_str(),
+            one_over.as_str(),
         ] {
             assert!(validate_path(bad).is_err(), "{bad:?} accepted");
         }

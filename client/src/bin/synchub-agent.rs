@@ -1,5 +1,6 @@
 //! `synchub-agent`: runs the sync agent (`run`), publishes files (`publish`), asks a running
-//! agent for its state (`status`) and checks a data folder against its manifest (`verify`).
+//! agent for its state (`status`), checks a data folder against its manifest (`verify`) and,
+//! on Windows, manages the agent's service (`service install|uninstall|start|stop|run`).
 //! Configuration layers: defaults < `--config agent.toml` < `SYNCHUB_*` env < flags.
 
 use anyhow::{Context, bail};
@@ -26,6 +27,13 @@ enum Command {
     Run(RunArgs),
     /// Publish files or folders as one new version.
     Publish(PublishArgs),
+    /// Windows: install, uninstall, start or stop the agent's service (`run` is what the
+    /// service manager starts; it reads %ProgramData%\synchub\agent.toml).
+    #[cfg(windows)]
+    Service {
+        #[arg(value_enum)]
+        action: ServiceAction,
+    },
     /// Show the state of the agent running on this PC.
     Status {
         #[arg(long, env = "SYNCHUB_STATUS_LISTEN", default_value = "127.0.0.1:7071")]
@@ -167,18 +175,104 @@ fn build_config(args: RunArgs) -> anyhow::Result<AgentConfig> {
     Ok(cfg)
 }
 
+#[cfg(windows)]
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ServiceAction {
+    Install,
+    Uninstall,
+    Start,
+    Stop,
+    Run,
+}
+
+/// The service: logs to daily files (a week kept), the configuration from %ProgramData%, the
+/// agent until the service manager says stop.
+#[cfg(windows)]
+fn service(action: ServiceAction) -> anyhow::Result<()> {
+    use synchub_client::service;
+    match action {
+        ServiceAction::Install => service::install()?,
+        ServiceAction::Uninstall => service::uninstall()?,
+        ServiceAction::Start => service::start()?,
+        ServiceAction::Stop => service::stop()?,
+        ServiceAction::Run => {
+            let runtime = tokio::runtime::Handle::current();
+            let body: service::ServiceBody = Box::new(move |stop| {
+                runtime.block_on(async move {
+                    // agent.toml when present; the installer's settings arrive as SYNCHUB_*
+                    // variables in the service's own environment.
+                    let config = service::config_path();
+                    let mut argv = vec!["synchub-agent".into(), "run".into()];
+                    if config.is_file() {
+                        argv.extend(["--config".into(), config.into_os_string()]);
+                    }
+                    let cli = Cli::try_parse_from::<_, std::ffi::OsString>(argv)
+                        .map_err(|e| e.to_string())?;
+                    let Command::Run(args) = cli.command else {
+                        return Err("unexpected arguments".to_owned());
+                    };
+                    let cfg = build_config(args).map_err(|e| format!("{e:#}"))?;
+                    tracing::info!("configuration:\n{cfg}");
+                    let client = SyncClient::start(cfg).await.map_err(|e| e.to_string())?;
+                    let _ = stop.await;
+                    tracing::info!("stopping");
+                    client.shutdown().await;
+                    Ok(())
+                })
+            });
+            tokio::task::block_in_place(|| service::run(body))?;
+        }
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let result = match Cli::parse().command {
+    let cli = Cli::parse();
+    #[cfg(windows)]
+    let _log_guard = match &cli.command {
+        Command::Service {
+            action: ServiceAction::Run,
+        } => {
+            let files = tracing_appender::rolling::Builder::new()
+                .rotation(tracing_appender::rolling::Rotation::DAILY)
+                .max_log_files(7)
+                .filename_prefix("agent")
+                .filename_suffix("log")
+                .build(synchub_client::service::log_dir());
+            match files {
+                Ok(files) => {
+                    let (writer, guard) = tracing_appender::non_blocking(files);
+                    tracing_subscriber::fmt()
+                        .with_env_filter(
+                            tracing_subscriber::EnvFilter::try_from_default_env()
+                                .unwrap_or_else(|_| "info".into()),
+                        )
+                        .with_writer(writer)
+                        .with_ansi(false)
+                        .init();
+                    Some(guard)
+                }
+                Err(e) => {
+                    eprintln!("synchub-agent: cannot open the log folder: {e}");
+                    return std::process::ExitCode::FAILURE;
+                }
+            }
+        }
+        _ => None,
+    };
+    #[cfg(windows)]
+    let logging_done = _log_guard.is_some();
+    #[cfg(not(windows))]
+    let logging_done = false;
+    if !logging_done {
+        init_stderr_logging();
+    }
+    let result = match cli.command {
         Command::Run(args) => run(args).await,
         Command::Publish(args) => publish(args).await,
+        #[cfg(windows)]
+        Command::Service { action } => service(action),
         Command::Status {
             status_listen,
             json,
@@ -193,6 +287,16 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn init_stderr_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {

@@ -164,6 +164,9 @@ pub async fn commit(
                 limits.max_manifest_entries
             )));
         }
+        // Two spellings of one file on Windows/macOS would break every agent there.
+        synchub_protocol::check_collisions(next.entries().iter().map(|e| e.path.as_str()))
+            .map_err(|e| HubError::bad_request(codes::PATH_COLLISION, e.to_string()))?;
         let data_hash = next.data_hash();
         if data_hash == head.data_hash {
             // Nothing changes: no new version, no broadcast.
