@@ -51,6 +51,20 @@ impl FsBlobStore {
         Ok(FsBlobStore { root, tmp })
     }
 
+    /// Opens the store a running hub owns at `root`, for a command-line tool beside it: creates
+    /// nothing and leaves `tmp/` (the hub's uploads in flight) alone. `NotFound` when `root`
+    /// is not there.
+    pub fn open_existing(root: PathBuf) -> Result<Self, BlobError> {
+        if !root.is_dir() {
+            return Err(BlobError::Io(std::io::Error::new(
+                ErrorKind::NotFound,
+                format!("no blob folder at {}", root.display()),
+            )));
+        }
+        let tmp = root.join("tmp");
+        Ok(FsBlobStore { root, tmp })
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }
