@@ -396,7 +396,7 @@ pub fn upload_report(
         Ok(o) => (
             SyncStatus::Success,
             Some(o.head.version),
-            o.files,
+            o.files + o.deleted,
             o.bytes_uploaded,
             None,
         ),
