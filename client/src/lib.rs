@@ -402,6 +402,7 @@ pub fn upload_report(
         ),
         Err(e) => (SyncStatus::Failed, None, 0, 0, Some(e.to_string())),
     };
+    let items_total = result.as_ref().ok().and_then(|o| o.total);
     SyncReport {
         report_id: uuid::Uuid::new_v4().to_string(),
         client_id: client_id.to_owned(),
@@ -410,6 +411,7 @@ pub fn upload_report(
         status,
         version,
         items_synced: items,
+        items_total,
         bytes,
         duration_ms: started.elapsed().as_millis() as u64,
         error_message: error,

@@ -32,6 +32,8 @@ pub struct PublishOutcome {
     pub files: u64,
     /// Paths removed from the space.
     pub deleted: u64,
+    /// Files in the space after the publish, when the new version is known.
+    pub total: Option<u64>,
     /// Blobs the hub lacked and got.
     pub uploaded: u64,
     pub bytes_uploaded: u64,
@@ -200,6 +202,7 @@ pub async fn publish_with(
             head,
             files: 0,
             deleted: 0,
+            total: current.as_ref().map(|m| m.len() as u64),
             uploaded: 0,
             bytes_uploaded: 0,
             unchanged: unchanged.len() as u64,
@@ -247,6 +250,17 @@ pub async fn publish_with(
             head: resp.head,
             files: changed.len() as u64,
             deleted: deletes.len() as u64,
+            total: current
+                .as_ref()
+                .map(|m| {
+                    let before = m.len() as u64;
+                    let added = changed
+                        .iter()
+                        .filter(|f| m.get(&f.remote).is_none())
+                        .count() as u64;
+                    before + added - deletes.len() as u64
+                })
+                .or(Some(changed.len() as u64)),
             uploaded,
             bytes_uploaded,
             unchanged: unchanged.len() as u64,
