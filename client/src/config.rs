@@ -64,6 +64,9 @@ pub struct AgentConfig {
     pub user: Option<String>,
     /// Stable id of this agent; generated and kept in `dir/.synchub/client_id` when unset.
     pub client_id: Option<String>,
+    /// What the block page calls each space (`global_version = "Date elevi"`); a space
+    /// without one is called "the shared data".
+    pub display_names: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for AgentConfig {
@@ -86,6 +89,7 @@ impl Default for AgentConfig {
             download_jitter_ms: 0,
             user: None,
             client_id: None,
+            display_names: std::collections::BTreeMap::new(),
         }
     }
 }

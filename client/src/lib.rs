@@ -107,6 +107,9 @@ pub struct SpaceStatus {
     /// The newest version the hub announced.
     pub hub_version: Option<u64>,
     pub last_error: Option<String>,
+    /// When the data held now was put in place (RFC 3339), if any is held.
+    #[serde(default)]
+    pub applied_at: Option<String>,
 }
 
 impl SyncClient {
@@ -377,6 +380,7 @@ impl Inner {
                         state,
                         hub_version: s.head.borrow().as_ref().map(|h| h.version),
                         last_error: s.last_error.lock().expect("error lock").clone(),
+                        applied_at: local_api::applied_at(&s.layout),
                     }
                 })
                 .collect(),
