@@ -4,52 +4,16 @@
 //! advice and a retry countdown after a failure, and a button only when it does something.
 //! Screenshots are kept in Cargo's test folder under target/ for a person to look at.
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use std::path::PathBuf;
 use std::time::Duration;
 use synchub_client::{HubApi, SyncClient};
 use synchub_protocol::{AgentState, Role, Sha256Hex};
+use synchub_tests::browser::{chromium, run_chromium, visible};
 use synchub_tests::fixtures::{agent_config, wait_ready};
 use synchub_tests::hub::{TestHub, fs_blob_path};
 
 const SPACE: &str = synchub_protocol::DEFAULT_SPACE;
-
-fn chromium() -> anyhow::Result<PathBuf> {
-    for name in ["chromium", "chromium-browser"] {
-        for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
-            let path = dir.join(name);
-            if path.is_file() {
-                return Ok(path);
-            }
-        }
-    }
-    bail!("headless Chromium is missing: run scripts/install-test-deps (Debian package chromium)")
-}
-
-/// Runs Chromium headless with `args` on `url`; its stdout. Fails if it does not finish.
-async fn run_chromium(args: &[&str], url: &str) -> anyhow::Result<String> {
-    let profile = tempfile::tempdir()?;
-    let child = tokio::process::Command::new(chromium()?)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .args(args)
-        .arg(url)
-        .kill_on_drop(true)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
-    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
-        .await
-        .with_context(|| format!("Chromium did not finish loading {url}"))??;
-    ensure!(out.status.success(), "Chromium failed on {url}");
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// The rendered DOM of the page, and a screenshot of it saved as `name`.png.
 async fn look(agent: &SyncClient, query: &str, name: &str) -> anyhow::Result<String> {
@@ -70,25 +34,6 @@ async fn look(agent: &SyncClient, query: &str, name: &str) -> anyhow::Result<Str
     ensure!(shot.is_file(), "no screenshot of {url}");
     eprintln!("screenshot: {}", shot.display());
     run_chromium(&["--dump-dom"], &url).await
-}
-
-/// The text a person reads: the body without tags and the script.
-fn visible(dom: &str) -> String {
-    let body = dom.split("<script").next().unwrap_or(dom);
-    let mut out = String::new();
-    let mut in_tag = false;
-    for c in body.chars() {
-        match c {
-            '<' => in_tag = true,
-            '>' => {
-                in_tag = false;
-                out.push(' ');
-            }
-            c if !in_tag => out.push(c),
-            _ => {}
-        }
-    }
-    out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
