@@ -88,6 +88,9 @@ pub struct PublishOptions {
     pub mirror: bool,
     /// Paths in the space to delete (each must be there).
     pub deletes: Vec<String>,
+    /// Upload every listed file's bytes, even those the hub says it has: the hub replaces a
+    /// stored copy that fails its hash, so this repairs a blob damaged on the hub's disk.
+    pub reupload: bool,
 }
 
 /// Publishes `paths` to `space` as one commit.
@@ -197,7 +200,7 @@ pub async fn publish_with(
             .and_then(|m| m.get(&f.remote))
             .is_none_or(|e| e.sha256 != f.sha256 || e.size != f.size)
     });
-    if changed.is_empty() && deletes.is_empty() {
+    if changed.is_empty() && deletes.is_empty() && !options.reupload {
         return Ok(PublishOutcome {
             head,
             files: 0,
@@ -209,14 +212,24 @@ pub async fn publish_with(
         });
     }
 
-    let mut wanted: Vec<Sha256Hex> = changed.iter().map(|f| f.sha256.clone()).collect();
+    let sent: Vec<&PublishFile> = if options.reupload {
+        changed.iter().chain(unchanged.iter()).collect()
+    } else {
+        changed.iter().collect()
+    };
+    let mut wanted: Vec<Sha256Hex> = sent.iter().map(|f| f.sha256.clone()).collect();
     wanted.sort();
     wanted.dedup();
-    let missing = api.missing(&BlobList { sha256: wanted }).await?.sha256;
-    // Upload what the hub lacks, a few at a time (the hub checks every hash).
+    let missing = if options.reupload {
+        wanted
+    } else {
+        api.missing(&BlobList { sha256: wanted }).await?.sha256
+    };
+    // Upload what the hub lacks (or everything, to repair), a few at a time (the hub checks
+    // every hash).
     let to_upload: Vec<&PublishFile> = missing
         .iter()
-        .filter_map(|sha| changed.iter().find(|f| &f.sha256 == sha))
+        .filter_map(|sha| sent.iter().find(|f| &f.sha256 == sha).copied())
         .collect();
     let uploaded = to_upload.len() as u64;
     let bytes_uploaded = to_upload.iter().map(|f| f.size).sum();
@@ -231,6 +244,18 @@ pub async fn publish_with(
         .buffer_unordered(8)
         .try_collect::<Vec<()>>()
         .await?;
+    if changed.is_empty() && deletes.is_empty() {
+        // A repair only: the bytes went up, the version stays.
+        return Ok(PublishOutcome {
+            head,
+            files: 0,
+            deleted: 0,
+            total: current.as_ref().map(|m| m.len() as u64),
+            uploaded,
+            bytes_uploaded,
+            unchanged: unchanged.len() as u64,
+        });
+    }
 
     let request = CommitRequest {
         base_version: head.version,

@@ -1,6 +1,7 @@
 //! `synchub-agent publish` as an admin runs it: `--mirror` makes the space identical to a
 //! folder (deletions included), `--delete PATH` removes files, and every publish is reported
-//! to `sync_log` with the publishing token's name and the person's user name.
+//! to `sync_log` with the publishing token's name and the person's user name; `--reupload`
+//! repairs a blob damaged on the hub.
 
 use anyhow::{Context, ensure};
 use std::path::Path;
@@ -72,6 +73,19 @@ async fn mirror_and_delete_remove_files_and_reports_say_who() -> anyhow::Result<
     let err = publish(&hub, &token, &["--delete", "nope.json"]).unwrap_err();
     ensure!(err.to_string().contains("nope.json"), "{err}");
     ensure!(paths(&hub, &token).await? == ["a.json"]);
+
+    // A blob damaged on the hub's disk: --reupload sends the bytes again and the hub keeps
+    // the good copy.
+    let sha = synchub_protocol::Sha256Hex::of(b"a.json");
+    let stored = synchub_tests::hub::fs_blob_path(hub.data_dir(), sha.as_str());
+    std::fs::write(&stored, b"rotten")?;
+    let a_json = src.path().join("a.json");
+    let out = publish(&hub, &token, &["--reupload", a_json.to_str().context("utf-8")?])?;
+    ensure!(out.contains("1 blob(s) uploaded again"), "{out}");
+    ensure!(
+        std::fs::read(&stored)? == b"a.json",
+        "the damaged copy stayed"
+    );
 
     let log: Vec<SyncLogEntry> = http()
         .get(hub.api("/sync-log?limit=100"))

@@ -105,6 +105,10 @@ struct PublishArgs {
     /// there and the folders lack are deleted.
     #[arg(long)]
     mirror: bool,
+    /// Upload every file's bytes again, even unchanged ones: repairs blobs damaged on the
+    /// hub's disk (the hub replaces a stored copy that fails its hash).
+    #[arg(long)]
+    reupload: bool,
     /// Paths in the space to delete, in the same version (repeat or list several).
     #[arg(long = "delete", value_name = "PATH", num_args = 1..)]
     deletes: Vec<String>,
@@ -236,6 +240,7 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
         message: args.message,
         mirror: args.mirror,
         deletes: args.deletes,
+        reupload: args.reupload,
     };
     let result =
         synchub_client::publish::publish_with(&api, &args.space, &args.paths, &options).await;
@@ -268,8 +273,14 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     match result {
         Ok(o) if o.files == 0 && o.deleted == 0 => {
             println!(
-                "nothing to publish: {} file(s) already at version {}",
-                o.unchanged, o.head.version
+                "nothing to publish: {} file(s) already at version {}{}",
+                o.unchanged,
+                o.head.version,
+                if o.uploaded > 0 {
+                    format!("; {} blob(s) uploaded again", o.uploaded)
+                } else {
+                    String::new()
+                }
             );
             Ok(())
         }
