@@ -80,7 +80,11 @@ async fn mirror_and_delete_remove_files_and_reports_say_who() -> anyhow::Result<
     let stored = synchub_tests::hub::fs_blob_path(hub.data_dir(), sha.as_str());
     std::fs::write(&stored, b"rotten")?;
     let a_json = src.path().join("a.json");
-    let out = publish(&hub, &token, &["--reupload", a_json.to_str().context("utf-8")?])?;
+    let out = publish(
+        &hub,
+        &token,
+        &["--reupload", a_json.to_str().context("utf-8")?],
+    )?;
     ensure!(out.contains("1 blob(s) uploaded again"), "{out}");
     ensure!(
         std::fs::read(&stored)? == b"a.json",
