@@ -75,6 +75,9 @@ pub struct AgentConfig {
     /// At start, how long to wait for a first head before the space goes to `failed` (and
     /// the last good tree may be used under `on_failure = "unblock_stale"`).
     pub boot_wait_ms: u64,
+    /// What the block page calls each space (`global_version = "Date elevi"`); a space
+    /// without one is called "the shared data".
+    pub display_names: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for AgentConfig {
@@ -101,6 +104,7 @@ impl Default for AgentConfig {
             head_check_interval_ms: 60_000,
             read_timeout_ms: 30_000,
             boot_wait_ms: 30_000,
+            display_names: std::collections::BTreeMap::new(),
         }
     }
 }

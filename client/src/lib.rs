@@ -110,6 +110,9 @@ pub struct SpaceStatus {
     /// The newest version the hub announced.
     pub hub_version: Option<u64>,
     pub last_error: Option<String>,
+    /// When the data held now was put in place (RFC 3339), if any is held.
+    #[serde(default)]
+    pub applied_at: Option<String>,
 }
 
 impl SyncClient {
@@ -387,6 +390,7 @@ impl Inner {
                         state,
                         hub_version: s.head.borrow().as_ref().map(|h| h.version),
                         last_error: s.last_error.lock().expect("error lock").clone(),
+                        applied_at: local_api::applied_at(&s.layout),
                     }
                 })
                 .collect(),
@@ -406,12 +410,13 @@ pub fn upload_report(
         Ok(o) => (
             SyncStatus::Success,
             Some(o.head.version),
-            o.files,
+            o.files + o.deleted,
             o.bytes_uploaded,
             None,
         ),
         Err(e) => (SyncStatus::Failed, None, 0, 0, Some(e.to_string())),
     };
+    let items_total = result.as_ref().ok().and_then(|o| o.total);
     SyncReport {
         report_id: uuid::Uuid::new_v4().to_string(),
         client_id: client_id.to_owned(),
@@ -420,6 +425,7 @@ pub fn upload_report(
         status,
         version,
         items_synced: items,
+        items_total,
         bytes,
         duration_ms: started.elapsed().as_millis() as u64,
         error_message: error,

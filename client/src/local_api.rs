@@ -1,10 +1,14 @@
 //! The agent's local API on 127.0.0.1, for programs and people on this PC: `GET /status`
 //! (JSON), `GET /events` (server-sent events, one per state change), `POST /sync` (download
-//! now / retry) and `GET /` (the block page: state, progress and a "download now" button that
-//! follows `/events`).
+//! now / retry) and `GET /` (the block page). The page is written for the person at the PC,
+//! in English or Romanian after the browser's language (`?lang=` overrides): plain words,
+//! the space's display name from the config, MB done of total with time left, when the data
+//! was last updated, advice for each failure, a countdown to the next retry, and a button
+//! only when it does something. It carries the status it was served with, so `?static=1`
+//! renders completely without `/events` (which never ends) for screenshot tools.
 
 use crate::{Inner, SpaceStatus};
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse};
@@ -79,6 +83,7 @@ async fn events(
                 allows_use: state.allows_use(),
                 hub_version: space.head.borrow().as_ref().map(|h| h.version),
                 last_error: space.last_error.lock().expect("error lock").clone(),
+                applied_at: applied_at(&space.layout),
                 state,
             };
             Ok(Event::default()
@@ -94,56 +99,225 @@ async fn events(
     Sse::new(merged).keep_alive(KeepAlive::default())
 }
 
-async fn page() -> Html<&'static str> {
-    Html(PAGE)
+/// When the data a space holds was put in place: the time its `current` link was switched.
+pub(crate) fn applied_at(layout: &crate::apply::Layout) -> Option<String> {
+    let modified = std::fs::symlink_metadata(layout.current())
+        .and_then(|m| m.modified())
+        .ok()?;
+    Some(chrono::DateTime::<chrono::Utc>::from(modified).to_rfc3339())
+}
+
+#[derive(serde::Deserialize)]
+struct PageQuery {
+    #[serde(default, rename = "static")]
+    static_view: Option<String>,
+}
+
+/// The block page with the current status (and the display names) inside it, so it renders
+/// at once; `?static=1` leaves out the live updates.
+async fn page(State(inner): State<Arc<Inner>>, Query(q): Query<PageQuery>) -> Html<String> {
+    let live = !matches!(q.static_view.as_deref(), Some("1" | "true"));
+    let initial = serde_json::json!({
+        "status": inner.status(),
+        "names": inner.config.display_names,
+        "live": live,
+    });
+    // Inside <script>: `</` must not close it early.
+    let initial = initial.to_string().replace("</", "<\\/");
+    Html(PAGE.replace("__INITIAL__", &initial))
 }
 
 const PAGE: &str = r#"<!doctype html>
-<html><head><meta charset="utf-8"><title>synchub agent</title>
+<html><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>synchub</title>
 <style>
-body{font-family:system-ui,sans-serif;max-width:40em;margin:3em auto;padding:0 1em}
-.card{border:1px solid #ccc;border-radius:8px;padding:1em;margin:1em 0}
-.blocked{border-color:#c33;background:#fff4f4}.ready{border-color:#3a3;background:#f4fff4}
-progress{width:100%}button{font-size:1.1em;padding:.5em 1em}
+body{font-family:system-ui,"Segoe UI",sans-serif;max-width:42em;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.4em;font-weight:600}
+.card{border:2px solid #ccc;border-radius:10px;padding:1em 1.2em;margin:1em 0}
+.blocked{border-color:#c33;background:#fff5f5}.ready{border-color:#3a3;background:#f5fff5}
+.stale{border-color:#d90;background:#fffaf0}
+.name{font-weight:600;font-size:1.15em}.main{font-size:1.3em;margin:.4em 0}
+.use{font-weight:600}.advice{margin:.4em 0}.retry{color:#555}
+progress{width:100%;height:1.2em}
+button{font-size:1.1em;padding:.5em 1.2em;margin-top:.6em;cursor:pointer}
+.feedback{margin-left:.8em;color:#555}
+details{margin-top:.6em;color:#666;font-size:.85em}details div{overflow-wrap:anywhere}
 </style></head><body>
-<h1>Data sync</h1>
-<div id="spaces">Loading…</div>
-<button id="now">Download now</button>
-<p id="hub"></p>
+<h1 id="title"></h1>
+<div id="spaces"></div>
+<p id="hub" class="retry"></p>
+<script id="initial" type="application/json">__INITIAL__</script>
 <script>
+const initial = JSON.parse(document.getElementById('initial').textContent);
+const T = {
+  en: {
+    title: 'Shared data', data: 'The shared data',
+    starting: 'Checking for new data…',
+    ready: (t) => t ? `Up to date since ${t}` : 'Up to date',
+    required: 'New data is available; the update starts in a moment.',
+    forced: 'The administrator asked every PC to refresh its data.',
+    downloading: (d, t, p, left) => `Updating the shared data… ${d} of ${t} MB (${p}%)` + (left ? `, about ${left} left` : ''),
+    verifying: 'Checking the new data…', applying: 'Putting the new data in place…',
+    mayUse: 'You can use the program.', mayNot: 'Please do not use the program until this finishes.',
+    unreachable: 'The server cannot be reached.',
+    staleOk: (t) => t ? `You can keep working with the data from ${t}.` : 'You can keep working with the data you have.',
+    staleNo: 'The program can be used again once the update is done.',
+    damaged: 'The data arrived damaged on the way; it will be downloaded again.',
+    disk: 'The disk of this PC is full. Free some space or call IT.',
+    access: 'This PC is no longer allowed to get the data. Please call the administrator.',
+    other: 'The update did not finish; it will be tried again.',
+    retryIn: (s) => `Next try in ${s}.`, retryNow: 'Trying again now…',
+    tryNow: 'Try again now', updateNow: 'Update now', asked: 'Started.', noAnswer: 'The agent did not answer.',
+    details: 'Details for IT', offline: 'The server cannot be reached; the agent keeps trying.',
+    s: 's', min: 'min',
+  },
+  ro: {
+    title: 'Date comune', data: 'Datele comune',
+    starting: 'Se verifică dacă există date noi…',
+    ready: (t) => t ? `La zi de la ora ${t}` : 'La zi',
+    required: 'Sunt date noi; actualizarea începe imediat.',
+    forced: 'Administratorul a cerut reîmprospătarea datelor pe toate calculatoarele.',
+    downloading: (d, t, p, left) => `Se actualizează datele comune… ${d} din ${t} MB (${p}%)` + (left ? `, încă aproximativ ${left}` : ''),
+    verifying: 'Se verifică datele noi…', applying: 'Se instalează datele noi…',
+    mayUse: 'Puteți folosi programul.', mayNot: 'Vă rugăm nu folosiți programul până la terminare.',
+    unreachable: 'Serverul nu poate fi contactat.',
+    staleOk: (t) => t ? `Puteți lucra în continuare cu datele de la ora ${t}.` : 'Puteți lucra în continuare cu datele existente.',
+    staleNo: 'Programul poate fi folosit din nou după actualizare.',
+    damaged: 'Datele au sosit deteriorate; vor fi descărcate din nou.',
+    disk: 'Discul acestui calculator este plin. Eliberați spațiu sau anunțați IT.',
+    access: 'Acest calculator nu mai are acces la date. Vă rugăm anunțați administratorul.',
+    other: 'Actualizarea nu s-a terminat; se va încerca din nou.',
+    retryIn: (s) => `Următoarea încercare în ${s}.`, retryNow: 'Se încearcă din nou acum…',
+    tryNow: 'Încearcă din nou acum', updateNow: 'Actualizează acum', asked: 'Pornit.', noAnswer: 'Agentul nu a răspuns.',
+    details: 'Detalii pentru IT', offline: 'Serverul nu poate fi contactat; agentul încearcă în continuare.',
+    s: 's', min: 'min',
+  },
+};
+// The PC's language as the browser reports it; ?lang= overrides (for tests and support).
+const wanted = new URLSearchParams(location.search).get('lang') ||
+  (navigator.languages || [navigator.language || 'en']).join(',');
+const lang = /(^|,)ro/i.test(wanted) ? 'ro' : 'en';
+const L = T[lang];
+document.documentElement.lang = lang;
+document.title = L.title;
+document.getElementById('title').textContent = L.title;
+
 const spaces = {};
-// Error texts come from the hub or the network: never insert them as HTML.
-const esc = (v) => String(v ?? '').replace(/[&<>"']/g, (c) => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));
-function render() {
-  const el = document.getElementById('spaces');
-  el.innerHTML = '';
-  for (const s of Object.values(spaces)) {
-    const d = document.createElement('div');
-    d.className = 'card ' + (s.allows_use ? 'ready' : 'blocked');
-    let text = `<b>${esc(s.space)}</b>: ${esc(s.state)} (version ${esc(s.version)}` +
-      (s.target !== undefined ? ` → ${esc(s.target)}` : '') + ')';
-    if (!s.allows_use) text += '<br>Use of the data is blocked until the download is applied.';
-    if (s.state === 'downloading') {
-      text += `<br><progress max="${s.bytes_total || 1}" value="${s.bytes_done}"></progress>` +
-        ` ${s.files_done}/${s.files_total} files, ${((s.bytes_per_sec || 0) / 1e6).toFixed(1)} MB/s`;
+for (const s of initial.status.spaces) spaces[s.space] = s;
+let hub = initial.status.hub;
+const feedback = {};
+
+const mb = (b) => (b / 1e6).toLocaleString(lang, {minimumFractionDigits: 1, maximumFractionDigits: 1});
+function duration(sec) {
+  sec = Math.max(0, Math.ceil(sec));
+  return sec < 90 ? `${sec} ${L.s}` : `${Math.round(sec / 60)} ${L.min}`;
+}
+function clock(iso) {
+  if (!iso) return '';
+  const d = new Date(iso);
+  if (isNaN(d)) return '';
+  const time = d.toLocaleTimeString(lang, {hour: '2-digit', minute: '2-digit', hourCycle: 'h23'});
+  return d.toDateString() === new Date().toDateString() ? time
+    : d.toLocaleDateString(lang, {day: 'numeric', month: 'short'}) + ' ' + time;
+}
+// What went wrong, in the words of the person at the PC; the raw text stays under "Details".
+function kind(error) {
+  const e = (error || '').toLowerCase();
+  if (/no space|disk full|quota/.test(e)) return 'disk';
+  if (/401|403|unauthori|forbidden|revoked/.test(e)) return 'access';
+  if (/hash|mismatch|corrupt|checksum|truncated/.test(e)) return 'damaged';
+  if (/connect|connection|timed out|timeout|dns|unreachable|refused|reset|network|hub/.test(e)) return 'unreachable';
+  return 'other';
+}
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+function card(s) {
+  const since = clock(s.applied_at);
+  const d = el('div', 'card ' + (s.state === 'ready' ? 'ready' : s.allows_use ? 'stale' : 'blocked'));
+  d.appendChild(el('div', 'name', (initial.names || {})[s.space] || L.data));
+  const main = el('div', 'main');
+  let advice = null, retry = null, button = null;
+  switch (s.state) {
+    case 'ready': main.textContent = L.ready(since); break;
+    case 'starting': main.textContent = L.starting; break;
+    case 'sync_required':
+      main.textContent = s.forced ? L.forced : L.required; button = L.updateNow; break;
+    case 'downloading': {
+      const total = s.bytes_total || 0, done = Math.min(s.bytes_done || 0, total);
+      const pct = total ? Math.floor(done * 100 / total) : 0;
+      const left = s.bytes_per_sec > 0 && total > done ? duration((total - done) / s.bytes_per_sec) : '';
+      main.textContent = L.downloading(mb(done), mb(total), pct, left);
+      const bar = el('progress'); bar.max = total || 1; bar.value = done;
+      main.appendChild(bar);
+      break;
     }
-    if (s.last_error) text += `<br>Last error: ${esc(s.last_error)}`;
-    d.innerHTML = text;
-    el.appendChild(d);
+    case 'verifying': main.textContent = L.verifying; break;
+    case 'applying': main.textContent = L.applying; break;
+    case 'failed': {
+      const k = kind(s.error || s.last_error);
+      main.textContent = L[k];
+      advice = s.stale_allowed ? L.staleOk(since) : L.staleNo;
+      if (s.retry_at) {
+        const sec = (new Date(s.retry_at) - Date.now()) / 1000;
+        retry = sec > 0.5 ? L.retryIn(duration(sec)) : L.retryNow;
+      }
+      button = L.tryNow;
+      break;
+    }
+    default: main.textContent = s.state;
   }
+  d.appendChild(main);
+  if (advice) d.appendChild(el('div', 'advice', advice));
+  if (retry) d.appendChild(el('div', 'retry', retry));
+  d.appendChild(el('div', 'use', s.allows_use ? L.mayUse : L.mayNot));
+  if (button) {
+    const b = el('button', '', button);
+    b.disabled = !!feedback.pending;
+    b.onclick = syncNow;
+    d.appendChild(b);
+    if (feedback.text) d.appendChild(el('span', 'feedback', feedback.text));
+  }
+  const raw = s.error || s.last_error;
+  if (raw) {
+    const det = el('details');
+    det.appendChild(el('summary', '', L.details));
+    det.appendChild(el('div', '', raw));
+    d.appendChild(det);
+  }
+  return d;
 }
-function showHub(hub) {
-  document.getElementById('hub').textContent = `Hub ${hub.url} (${hub.mode})` +
-    (hub.last_error ? ` — cannot reach it: ${hub.last_error}` : '');
+function render() {
+  const root = document.getElementById('spaces');
+  root.replaceChildren(...Object.values(spaces).map(card));
+  const down = hub && !hub.connected && hub.last_error;
+  document.getElementById('hub').textContent = down ? L.offline : '';
 }
-fetch('/status').then(r => r.json()).then(st => {
-  for (const s of st.spaces) spaces[s.space] = s;
-  showHub(st.hub);
-  render();
-});
-setInterval(() => fetch('/status').then(r => r.json()).then(st => showHub(st.hub)).catch(() => {}), 2000);
-new EventSource('/events').addEventListener('state', e => {
-  const s = JSON.parse(e.data); spaces[s.space] = s; render();
-});
-document.getElementById('now').onclick = () => fetch('/sync', {method: 'POST'});
+function syncNow() {
+  feedback.pending = true; feedback.text = L.retryNow; render();
+  fetch('/sync', {method: 'POST'})
+    .then((r) => { feedback.text = r.ok ? L.asked : L.noAnswer; })
+    .catch(() => { feedback.text = L.noAnswer; })
+    .finally(() => {
+      render();
+      setTimeout(() => { feedback.pending = false; feedback.text = ''; render(); }, 3000);
+    });
+}
+render();
+if (initial.live) {
+  new EventSource('/events').addEventListener('state', (e) => {
+    const s = JSON.parse(e.data); spaces[s.space] = s; render();
+  });
+  // The countdown, and the hub's reachability, which has no event of its own.
+  setInterval(() => {
+    fetch('/status').then((r) => r.json()).then((st) => {
+      hub = st.hub;
+      for (const s of st.spaces) spaces[s.space] = s;
+      render();
+    }).catch(() => render());
+  }, 1000);
+}
 </script></body></html>"#;

@@ -206,6 +206,7 @@ mod tests {
             status: SyncStatus::Success,
             version: Some(1),
             items_synced: 3,
+            items_total: Some(500),
             bytes: 10,
             duration_ms: 5,
             error_message: None,

@@ -1,6 +1,7 @@
 //! Publishing local files as one new version: hash them, skip those the head already has
 //! unchanged, ask the hub which blobs it lacks, upload only those, and commit on the current
-//! head. When a newer head touched the same paths the hub answers 409: the local file is kept
+//! head, with the deletions asked for (`--delete PATH`) or implied (`--mirror`: what the space
+//! has under the prefix but the local folders lack). When a newer head touched the same paths the hub answers 409: the local file is kept
 //! as a conflict copy (`name.conflict-<timestamp>.ext` beside it) and the error says which
 //! paths lost, so nothing the user made is lost.
 
@@ -29,6 +30,10 @@ pub struct PublishOutcome {
     pub head: Head,
     /// Files that differed from the head and were committed.
     pub files: u64,
+    /// Paths removed from the space.
+    pub deleted: u64,
+    /// Files in the space after the publish, when the new version is known.
+    pub total: Option<u64>,
     /// Blobs the hub lacked and got.
     pub uploaded: u64,
     pub bytes_uploaded: u64,
@@ -72,6 +77,22 @@ pub fn collect(paths: &[PathBuf], prefix: Option<&str>) -> Result<Vec<(PathBuf, 
     Ok(out)
 }
 
+/// What one publish does beyond adding and changing files.
+#[derive(Clone, Debug, Default)]
+pub struct PublishOptions {
+    /// Folder in the space the files go under.
+    pub prefix: Option<String>,
+    pub message: Option<String>,
+    /// Make the space under `prefix` (all of it without one) identical to the local files:
+    /// paths the space has there and the local files lack are deleted.
+    pub mirror: bool,
+    /// Paths in the space to delete (each must be there).
+    pub deletes: Vec<String>,
+    /// Upload every listed file's bytes, even those the hub says it has: the hub replaces a
+    /// stored copy that fails its hash, so this repairs a blob damaged on the hub's disk.
+    pub reupload: bool,
+}
+
 /// Publishes `paths` to `space` as one commit.
 pub async fn publish(
     api: &HubApi,
@@ -80,7 +101,69 @@ pub async fn publish(
     paths: &[PathBuf],
     message: Option<String>,
 ) -> Result<PublishOutcome> {
+    let options = PublishOptions {
+        prefix: prefix.map(str::to_owned),
+        message,
+        ..PublishOptions::default()
+    };
+    publish_with(api, space, paths, &options).await
+}
+
+/// The paths a commit deletes: those named (each must be in `current`), and with `mirror`
+/// every path of `current` under `prefix` that is not in `published`. Sorted, no repeats.
+pub fn deletions(
+    current: Option<&synchub_protocol::Manifest>,
+    published: &[String],
+    options: &PublishOptions,
+) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for path in &options.deletes {
+        validate_path(path)?;
+        if current.and_then(|m| m.get(path)).is_none() {
+            return Err(ClientError::Config(format!(
+                "cannot delete {path:?}: the space has no such file"
+            )));
+        }
+        out.push(path.clone());
+    }
+    if options.mirror
+        && let Some(current) = current
+    {
+        let scope = options
+            .prefix
+            .as_deref()
+            .map(|p| p.trim_matches('/'))
+            .filter(|p| !p.is_empty())
+            .map(|p| format!("{p}/"));
+        for entry in current.entries() {
+            let inside = scope.as_deref().is_none_or(|s| entry.path.starts_with(s));
+            if inside && published.binary_search(&entry.path).is_err() {
+                out.push(entry.path.clone());
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    if let Some(both) = out.iter().find(|p| published.binary_search(p).is_ok()) {
+        return Err(ClientError::Config(format!(
+            "{both:?} is both published and deleted"
+        )));
+    }
+    Ok(out)
+}
+
+/// Publishes `paths` to `space` as one commit, with the deletions `options` asks for.
+pub async fn publish_with(
+    api: &HubApi,
+    space: &str,
+    paths: &[PathBuf],
+    options: &PublishOptions,
+) -> Result<PublishOutcome> {
+    let prefix = options.prefix.as_deref();
+    let message = options.message.clone();
     let listed = collect(paths, prefix)?;
+    // `collect` sorts by remote path, so this is sorted for `deletions`' binary search.
+    let published: Vec<String> = listed.iter().map(|(_, r)| r.clone()).collect();
     let files = tokio::task::spawn_blocking(move || -> Result<Vec<PublishFile>> {
         listed
             .into_iter()
@@ -110,30 +193,43 @@ pub async fn publish(
     } else {
         None
     };
+    let deletes = deletions(current.as_ref(), &published, options)?;
     let (changed, unchanged): (Vec<_>, Vec<_>) = files.into_iter().partition(|f| {
         current
             .as_ref()
             .and_then(|m| m.get(&f.remote))
             .is_none_or(|e| e.sha256 != f.sha256 || e.size != f.size)
     });
-    if changed.is_empty() {
+    if changed.is_empty() && deletes.is_empty() && !options.reupload {
         return Ok(PublishOutcome {
             head,
             files: 0,
+            deleted: 0,
+            total: current.as_ref().map(|m| m.len() as u64),
             uploaded: 0,
             bytes_uploaded: 0,
             unchanged: unchanged.len() as u64,
         });
     }
 
-    let mut wanted: Vec<Sha256Hex> = changed.iter().map(|f| f.sha256.clone()).collect();
+    let sent: Vec<&PublishFile> = if options.reupload {
+        changed.iter().chain(unchanged.iter()).collect()
+    } else {
+        changed.iter().collect()
+    };
+    let mut wanted: Vec<Sha256Hex> = sent.iter().map(|f| f.sha256.clone()).collect();
     wanted.sort();
     wanted.dedup();
-    let missing = api.missing(&BlobList { sha256: wanted }).await?.sha256;
-    // Upload what the hub lacks, a few at a time (the hub checks every hash).
+    let missing = if options.reupload {
+        wanted
+    } else {
+        api.missing(&BlobList { sha256: wanted }).await?.sha256
+    };
+    // Upload what the hub lacks (or everything, to repair), a few at a time (the hub checks
+    // every hash).
     let to_upload: Vec<&PublishFile> = missing
         .iter()
-        .filter_map(|sha| changed.iter().find(|f| &f.sha256 == sha))
+        .filter_map(|sha| sent.iter().find(|f| &f.sha256 == sha).copied())
         .collect();
     let uploaded = to_upload.len() as u64;
     let bytes_uploaded = to_upload.iter().map(|f| f.size).sum();
@@ -148,6 +244,18 @@ pub async fn publish(
         .buffer_unordered(8)
         .try_collect::<Vec<()>>()
         .await?;
+    if changed.is_empty() && deletes.is_empty() {
+        // A repair only: the bytes went up, the version stays.
+        return Ok(PublishOutcome {
+            head,
+            files: 0,
+            deleted: 0,
+            total: current.as_ref().map(|m| m.len() as u64),
+            uploaded,
+            bytes_uploaded,
+            unchanged: unchanged.len() as u64,
+        });
+    }
 
     let request = CommitRequest {
         base_version: head.version,
@@ -159,13 +267,25 @@ pub async fn publish(
                 sha256: f.sha256.clone(),
             })
             .collect(),
-        deletes: Vec::new(),
+        deletes: deletes.clone(),
         message,
     };
     match api.commit(space, &request).await {
         Ok(resp) => Ok(PublishOutcome {
             head: resp.head,
             files: changed.len() as u64,
+            deleted: deletes.len() as u64,
+            total: current
+                .as_ref()
+                .map(|m| {
+                    let before = m.len() as u64;
+                    let added = changed
+                        .iter()
+                        .filter(|f| m.get(&f.remote).is_none())
+                        .count() as u64;
+                    before + added - deletes.len() as u64
+                })
+                .or(Some(changed.len() as u64)),
             uploaded,
             bytes_uploaded,
             unchanged: unchanged.len() as u64,
@@ -244,5 +364,60 @@ mod tests {
             vec!["arhiva/04313-11100-F/a.png", "arhiva/one.json"]
         );
         assert!(collect(&[dir.path().join("one.json")], Some("../x")).is_err());
+    }
+
+    fn manifest(paths: &[&str]) -> synchub_protocol::Manifest {
+        synchub_protocol::Manifest::new(
+            paths
+                .iter()
+                .map(|p| ManifestEntry {
+                    path: (*p).to_owned(),
+                    size: 1,
+                    sha256: Sha256Hex::of(p.as_bytes()),
+                })
+                .collect(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn mirror_deletes_what_the_folder_lacks_within_the_prefix() {
+        let current = manifest(&["a.json", "qr/x.png", "qr/y.png", "qrcodes/z.png"]);
+        let published = vec!["qr/x.png".to_owned()];
+        let options = PublishOptions {
+            prefix: Some("qr".into()),
+            mirror: true,
+            ..PublishOptions::default()
+        };
+        assert_eq!(
+            deletions(Some(&current), &published, &options).unwrap(),
+            vec!["qr/y.png"]
+        );
+        let whole = PublishOptions {
+            mirror: true,
+            ..PublishOptions::default()
+        };
+        assert_eq!(
+            deletions(Some(&current), &published, &whole).unwrap(),
+            vec!["a.json", "qr/y.png", "qrcodes/z.png"]
+        );
+        assert!(deletions(None, &published, &whole).unwrap().is_empty());
+    }
+
+    #[test]
+    fn named_deletes_must_exist_and_not_be_published() {
+        let current = manifest(&["a.json", "b.json"]);
+        let options = |d: &[&str]| PublishOptions {
+            deletes: d.iter().map(|p| (*p).to_owned()).collect(),
+            ..PublishOptions::default()
+        };
+        assert_eq!(
+            deletions(Some(&current), &[], &options(&["b.json"])).unwrap(),
+            vec!["b.json"]
+        );
+        let err = deletions(Some(&current), &[], &options(&["c.json"])).unwrap_err();
+        assert!(err.to_string().contains("c.json"), "{err}");
+        assert!(deletions(Some(&current), &["a.json".into()], &options(&["a.json"])).is_err());
+        assert!(deletions(Some(&current), &[], &options(&["../a"])).is_err());
     }
 }

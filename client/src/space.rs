@@ -288,7 +288,12 @@ pub async fn run_worker(
                     };
                     taken_from = Some(head.data_hash.clone());
                     *space.held.lock().expect("held lock") = Some((new_held.version, held_hash));
-                    let files = new_held.manifest.len() as u64;
+                    // What changed, not the whole version: a 4-file change reports 4.
+                    let total = new_held.manifest.len() as u64;
+                    let files = match &held {
+                        Some(old) => new_held.manifest.changes_from(&old.manifest),
+                        None => total,
+                    };
                     let version = new_held.version;
                     held = Some(new_held);
                     backoff.reset();
@@ -299,7 +304,7 @@ pub async fn run_worker(
                         sync_type,
                         SyncStatus::Success,
                         Some(version),
-                        files,
+                        (files, Some(total)),
                         stats.bytes_fetched,
                         started,
                         None,
@@ -329,7 +334,7 @@ pub async fn run_worker(
                         sync_type,
                         SyncStatus::Failed,
                         Some(head.version),
-                        0,
+                        (0, None),
                         0,
                         started,
                         Some(e.to_string()),
@@ -382,7 +387,7 @@ fn record(
     sync_type: SyncType,
     status: SyncStatus,
     version: Option<u64>,
-    items: u64,
+    (items, items_total): (u64, Option<u64>),
     bytes: u64,
     started: Instant,
     error: Option<String>,
@@ -395,6 +400,7 @@ fn record(
         status,
         version,
         items_synced: items,
+        items_total,
         bytes,
         duration_ms: started.elapsed().as_millis() as u64,
         error_message: error,

@@ -1,7 +1,9 @@
-//! The `synchub` command line: `serve`, `token create|list|revoke`, `force-sync`, `import`. Commands
-//! other than `serve` work on the database directly, so they run beside a live hub; the hub
-//! notices their changes through its watcher (new heads are broadcast, revoked tokens' sockets
-//! closed).
+//! The `synchub` command line: `init`, `serve`, `token create|list|revoke`, `force-sync`,
+//! `import`. `init` creates a hub's data folder, database and admin token; `token`,
+//! `force-sync` and `import` work on an existing hub's database directly, so they run beside a
+//! live hub, which notices their changes through its watcher (new heads are broadcast, revoked
+//! tokens' sockets closed). They never create a database: one run in the wrong folder would
+//! otherwise print a token or a version that the running hub never sees.
 
 use crate::config::Config;
 use crate::server;
@@ -25,7 +27,7 @@ pub struct Common {
     /// TOML configuration file.
     #[arg(long, short = 'c', env = "SYNCHUB_CONFIG", global = true)]
     pub config: Option<PathBuf>,
-    /// Data folder (SQLite database and blobs) [default: ./synchub-data].
+    /// Data folder (SQLite database and blobs) [default: ./synchub-hub-data].
     #[arg(long, global = true)]
     pub data_dir: Option<PathBuf>,
     /// Database URL: sqlite://PATH or postgres://USER:PASSWORD@HOST/DB.
@@ -35,6 +37,9 @@ pub struct Common {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Create a hub: its data folder, database and an admin token (saved to a file only you
+    /// can read); prints where the token is and the dashboard's address.
+    Init,
     /// Run the hub.
     Serve {
         /// Address to listen on [default: 127.0.0.1:7070].
@@ -98,28 +103,122 @@ pub fn load_config(common: &Common) -> anyhow::Result<Config> {
     Ok(config)
 }
 
+/// Where the admin token made by `init` (or a first `serve`) is saved.
+pub fn admin_token_path(config: &Config) -> PathBuf {
+    config.data_dir.join("admin-token")
+}
+
+/// Saves a new admin token's secret to [`admin_token_path`], readable by its owner only, and
+/// returns the path. Written to a temporary file and renamed, so the file is whole or absent.
+fn save_admin_token(config: &Config, secret: &str) -> anyhow::Result<PathBuf> {
+    use anyhow::Context;
+    use std::io::Write;
+    let path = admin_token_path(config);
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(&config.data_dir)?;
+        // tempfile creates the file with mode 0600 on Unix.
+        let mut file = tempfile::NamedTempFile::new_in(&config.data_dir)?;
+        writeln!(file, "{secret}")?;
+        file.as_file().sync_all()?;
+        file.persist(&path).map_err(|e| e.error)?;
+        Ok(())
+    };
+    write().with_context(|| format!("cannot save the admin token to {}", path.display()))?;
+    Ok(path)
+}
+
+/// The dashboard's address for a hub listening on `addr` (a wildcard address is reached on
+/// loopback from the hub's own machine).
+fn dashboard_url(addr: SocketAddr) -> String {
+    let ip = if addr.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        addr.ip()
+    };
+    format!("http://{}/", SocketAddr::new(ip, addr.port()))
+}
+
+/// `path` made absolute for messages, so "where it looked" is clear whatever the folder.
+fn shown(path: &std::path::Path) -> String {
+    std::path::absolute(path)
+        .unwrap_or_else(|_| path.to_owned())
+        .display()
+        .to_string()
+}
+
+/// Refuses to go on when the SQLite database the configuration names does not exist: opening
+/// it would create a new, empty hub that the running one never sees.
+fn require_database(config: &Config) -> anyhow::Result<()> {
+    if let Some(path) = config.sqlite_path()
+        && !path.exists()
+    {
+        anyhow::bail!(
+            "no hub database at {}; run this in the folder the hub runs in, or pass the hub's \
+             --data-dir, --database-url or --config (create a new hub with `synchub init`)",
+            shown(&path)
+        );
+    }
+    Ok(())
+}
+
+/// Prints the first-start lines: where the admin token is and the dashboard's address. Not
+/// println!: a closed stdout (`synchub serve | head`) must not stop a running hub.
+fn print_first_start(token_file: &std::path::Path, addr: SocketAddr) -> std::io::Result<()> {
+    use std::io::Write;
+    writeln!(
+        std::io::stdout(),
+        "\nAdmin token (named \"admin\"), readable only by you: {}\n\
+         Dashboard: {}  (paste the admin token when it asks)\n",
+        shown(token_file),
+        dashboard_url(addr)
+    )
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let common = cli.common;
     match cli.command {
+        Command::Init => {
+            let config = load_config(&common)?;
+            if let Some(path) = config.sqlite_path()
+                && path.exists()
+            {
+                println!(
+                    "A hub database exists already at {}; start it with `synchub serve`.",
+                    shown(&path)
+                );
+                return Ok(());
+            }
+            let (store, _) = server::open_parts(&config).await?;
+            if !store.tokens().await?.is_empty() {
+                println!(
+                    "The hub database at {} has tokens already; start it with `synchub serve`.",
+                    crate::config::mask_url_password(&config.database_url())
+                );
+                return Ok(());
+            }
+            let secret =
+                crate::auth::create_token(store.as_ref(), "admin", Role::Admin, None).await?;
+            let token_file = save_admin_token(&config, &secret)?;
+            println!("Created a hub in {}.", shown(&config.data_dir));
+            print_first_start(&token_file, config.listen)?;
+            println!("Start it with `synchub serve` (same folder or --data-dir).");
+            Ok(())
+        }
         Command::Serve { listen } => {
             let mut config = load_config(&common)?;
             if let Some(l) = listen {
                 config.listen = l;
             }
             tracing::info!("configuration:\n{}", config.masked());
-            let hub = server::start(config).await?;
+            let hub = server::start(config).await.map_err(with_advice)?;
             if let Some(secret) = &hub.initial_admin_token {
-                // Not println!: a closed stdout (`synchub serve | head`) must not stop a
-                // running hub. The log says where to look if this line is lost.
-                use std::io::Write;
-                let shown = writeln!(
-                    std::io::stdout(),
-                    "\nThis hub had no tokens, so it created an admin token named \"admin\".\n\
-                     It is shown only this once; keep it safe:\n\n    {secret}\n"
-                );
-                if shown.is_err() {
+                let shown = save_admin_token(&hub.state.config, secret)
+                    .map_err(std::io::Error::other)
+                    .and_then(|file| print_first_start(&file, hub.addr));
+                if let Err(e) = shown {
                     tracing::warn!(
-                        "could not print the new admin token; create another with `synchub token create --role admin`"
+                        error = %e,
+                        "could not save or print the new admin token; create another with `synchub token create --role admin`"
                     );
                 }
             }
@@ -134,7 +233,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Token { action } => {
             let config = load_config(&common)?;
-            let (store, _) = server::open_parts(&config).await?;
+            require_database(&config)?;
+            let store = crate::store::open(&config.database_url()).await?;
             match action {
                 TokenAction::Create { name, role, spaces } => {
                     anyhow::ensure!(
@@ -193,6 +293,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Import(args) => {
             let config = load_config(&common)?;
+            require_database(&config)?;
             let source = args.source()?;
             let state = server::offline_state(config).await?;
             let head = crate::sources::import(&state, &source).await?;
@@ -201,6 +302,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::ForceSync { space, reason } => {
             let config = load_config(&common)?;
+            require_database(&config)?;
             let state = server::offline_state(config).await?;
             let head = crate::api::commits::force(&state, &space, reason, "cli")
                 .await
@@ -208,6 +310,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{space} is now at version {} (forced)", head.version);
             Ok(())
         }
+    }
+}
+
+/// Adds what to do to start-up errors whose fix is not obvious from the cause alone.
+fn with_advice(e: server::StartError) -> anyhow::Error {
+    match e {
+        server::StartError::Bind { addr, source }
+            if source.kind() == std::io::ErrorKind::AddrInUse =>
+        {
+            anyhow::anyhow!(
+                "cannot listen on {addr}: another program (another hub?) listens there; stop it \
+                 or pass --listen with a free address"
+            )
+        }
+        e => e.into(),
     }
 }
 

@@ -168,7 +168,7 @@ impl Default for Limits {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            data_dir: PathBuf::from("./synchub-data"),
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             listen: "127.0.0.1:7070".parse().expect("valid default address"),
             database_url: None,
             spaces: vec![DEFAULT_SPACE.to_owned()],
@@ -184,6 +184,10 @@ impl Default for Config {
         }
     }
 }
+
+/// The hub's data folder when none is configured. Not the agent's default folder name
+/// (`synchub-data`), so an agent started in the hub's folder cannot mix its files in.
+pub const DEFAULT_DATA_DIR: &str = "./synchub-hub-data";
 
 /// S3's limit for one CopyObject, which moves a verified upload under its content address.
 pub const S3_MAX_COPY_BYTES: u64 = 5 << 30;
@@ -414,12 +418,25 @@ impl Config {
             .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("hub.db").display()))
     }
 
-    /// The configuration as TOML with secrets masked, for the start-up log.
+    /// The SQLite file the database URL names; `None` for PostgreSQL.
+    pub fn sqlite_path(&self) -> Option<PathBuf> {
+        let url = self.database_url();
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return None;
+        }
+        let path = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+            .unwrap_or(&url);
+        let path = path.split('?').next().unwrap_or(path);
+        (!path.is_empty() && !path.starts_with(":memory:")).then(|| PathBuf::from(path))
+    }
+
+    /// The configuration as TOML with secrets masked, for the start-up log; the database URL
+    /// is shown even when it is the default one under the data folder.
     pub fn masked(&self) -> String {
         let mut shown = self.clone();
-        if let Some(url) = &shown.database_url {
-            shown.database_url = Some(mask_url_password(url));
-        }
+        shown.database_url = Some(mask_url_password(&self.database_url()));
         if let BlobStoreConfig::S3(s3) = &mut shown.blob_store {
             s3.secret_access_key = "***".into();
         }
@@ -431,7 +448,7 @@ impl Config {
 }
 
 /// `postgres://user:secret@host/db` -> `postgres://user:***@host/db`.
-fn mask_url_password(url: &str) -> String {
+pub fn mask_url_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -460,6 +477,25 @@ mod tests {
             ..Config::default()
         };
         assert!(!c.masked().contains("pw@"));
+    }
+
+    #[test]
+    fn printout_shows_the_default_database_url() {
+        let shown = Config::for_data_dir("/srv/hub").masked();
+        assert!(
+            shown.contains("database_url = \"sqlite:///srv/hub/hub.db\""),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn sqlite_paths_from_urls() {
+        let mut c = Config::for_data_dir("/d");
+        assert_eq!(c.sqlite_path(), Some(PathBuf::from("/d/hub.db")));
+        c.database_url = Some("sqlite:rel/x.db?mode=rwc".into());
+        assert_eq!(c.sqlite_path(), Some(PathBuf::from("rel/x.db")));
+        c.database_url = Some("postgres://u@h/d".into());
+        assert_eq!(c.sqlite_path(), None);
     }
 
     #[test]

@@ -124,9 +124,28 @@ pub async fn open_parts(
     Ok((store, blobs))
 }
 
-/// The hub's state without a server, for command-line tools that act like the hub.
+/// Opens an existing hub's store and blob store for a command-line tool running beside the
+/// hub: creates no folder, database or blob, and leaves the hub's uploads in flight alone.
+/// The caller checks first that the database exists ([`Config::sqlite_path`]).
+pub async fn open_existing_parts(
+    config: &Config,
+) -> Result<(Arc<dyn store::Store>, Arc<dyn BlobStore>), StartError> {
+    config.validate()?;
+    let store = store::open(&config.database_url()).await?;
+    let blobs: Arc<dyn BlobStore> = match &config.blob_store {
+        BlobStoreConfig::Fs { path } => Arc::new(blobs::fs::FsBlobStore::open_existing(
+            path.clone()
+                .unwrap_or_else(|| config.data_dir.join("blobs")),
+        )?),
+        BlobStoreConfig::S3(s3) => Arc::new(blobs::s3::S3BlobStore::new(s3)?),
+    };
+    Ok((store, blobs))
+}
+
+/// The hub's state without a server, for command-line tools that act like the hub on an
+/// existing hub's data ([`open_existing_parts`]).
 pub async fn offline_state(config: Config) -> Result<AppState, StartError> {
-    let (store, blobs) = open_parts(&config).await?;
+    let (store, blobs) = open_existing_parts(&config).await?;
     let state = AppState::new(
         config,
         "cli".into(),

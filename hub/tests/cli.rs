@@ -1,5 +1,5 @@
-//! The `synchub` binary as an admin uses it: `serve` on the embedded default, `token`
-//! create/list/revoke, `force-sync` beside a running hub, and its errors.
+//! The `synchub` binary as an admin uses it: `init` and `serve` on the embedded default,
+//! `token` create/list/revoke, `force-sync` beside a running hub, and its errors.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -13,12 +13,46 @@ fn synchub(dir: &std::path::Path) -> Command {
 }
 
 fn run(dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
-    let out = synchub(dir).args(args).output().expect("run synchub");
+    output(synchub(dir).args(args))
+}
+
+/// Runs `synchub ARGS` in the folder `cwd`, without `--data-dir` (the defaults apply).
+fn raw_run(cwd: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_synchub"));
+    c.env("RUST_LOG", "info")
+        .env_remove("SYNCHUB_CONFIG")
+        .env_remove("SYNCHUB_DATA_DIR")
+        .env_remove("SYNCHUB_DATABASE_URL")
+        .current_dir(cwd)
+        .args(args);
+    output(&mut c)
+}
+
+fn output(c: &mut Command) -> (bool, String, String) {
+    let out = c.output().expect("run synchub");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Minimal blocking GET with a bearer token; the status code.
+mod http {
+    pub fn blocking_status(url: &str, token: &str) -> u16 {
+        synchub_hub::blobs::s3::install_crypto_provider();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            ::reqwest::Client::new()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    }
 }
 
 /// A `synchub serve` process, killed on drop.
@@ -89,24 +123,156 @@ fn serve(dir: &std::path::Path) -> Served {
     served
 }
 
+/// Creates a hub in `dir` with `synchub init`.
+fn init(dir: &std::path::Path) {
+    let (ok, out, err) = run(dir, &["init"]);
+    assert!(ok, "init failed: {out}{err}");
+}
+
+/// The admin token file: its secret, after checking only its owner may read it.
+fn admin_token(dir: &std::path::Path) -> String {
+    let path = dir.join("admin-token");
+    let meta = std::fs::metadata(&path).expect("admin token file");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o600,
+        "{}",
+        path.display()
+    );
+    let secret = std::fs::read_to_string(&path).unwrap().trim().to_owned();
+    assert!(secret.starts_with("shb_"), "{secret:?}");
+    secret
+}
+
 #[test]
-fn first_start_prints_an_admin_token_once() {
+fn first_start_saves_the_admin_token_and_shows_the_dashboard() {
     let dir = tempfile::tempdir().unwrap();
     let first = serve(dir.path());
     assert!(first.url.starts_with("http://127.0.0.1:"));
-    assert!(first.stdout.contains("admin token"), "{}", first.stdout);
-    assert!(first.stdout.contains("shb_"));
+    let token_file = dir.path().join("admin-token");
+    assert!(
+        first.stdout.contains(&token_file.display().to_string()),
+        "{}",
+        first.stdout
+    );
+    assert!(
+        first.stdout.contains(&format!("{}/", first.url)),
+        "dashboard address missing: {}",
+        first.stdout
+    );
+    let secret = admin_token(dir.path());
+    assert!(!first.stdout.contains(&secret), "secret printed");
     let second = serve(dir.path());
     assert!(
-        !second.stdout.contains("shb_"),
-        "token printed twice: {}",
+        !second.stdout.contains("Admin token"),
+        "token made twice: {}",
         second.stdout
     );
+    assert_eq!(admin_token(dir.path()), secret);
+}
+
+#[test]
+fn init_creates_a_hub_and_says_where_the_token_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("hub");
+    let (ok, out, err) = run(&data, &["init"]);
+    assert!(ok, "{err}");
+    assert!(data.join("hub.db").exists());
+    assert!(
+        out.contains(&data.join("admin-token").display().to_string()),
+        "{out}"
+    );
+    assert!(out.contains("http://127.0.0.1:7070/"), "{out}");
+    let secret = admin_token(&data);
+    // Again: nothing changes, and it says so.
+    let (ok, out, _) = run(&data, &["init"]);
+    assert!(ok);
+    assert!(out.contains("exists already"), "{out}");
+    assert_eq!(admin_token(&data), secret);
+    // The token works on the hub that serves this folder.
+    let served = spawn_serve(&data, Stdio::null());
+    let status = http::blocking_status(&format!("{}/api/v1/clients", served.url), &secret);
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn the_default_data_folder_is_not_the_agents() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, err) = raw_run(dir.path(), &["init"]);
+    assert!(ok, "{err}");
+    assert!(dir.path().join("synchub-hub-data/hub.db").exists());
+    // `synchub-agent run` defaults to ./synchub-data.
+    assert!(!dir.path().join("synchub-data").exists());
+}
+
+#[test]
+fn commands_refuse_a_database_that_does_not_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["token", "create", "--name", "pc", "--role", "agent"][..],
+        &["token", "list"][..],
+        &["force-sync"][..],
+    ] {
+        let (ok, out, err) = run(dir.path(), args);
+        assert!(!ok, "{args:?} succeeded: {out}");
+        assert!(out.is_empty(), "{args:?} printed {out:?}");
+        assert!(
+            err.contains(&dir.path().join("hub.db").display().to_string())
+                && err.contains("synchub init")
+                && err.lines().count() == 1,
+            "{args:?}: {err}"
+        );
+    }
+    let (ok, out, err) = raw_run(dir.path(), &["token", "list"]);
+    assert!(!ok, "{out}");
+    assert!(err.contains("synchub-hub-data/hub.db"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "a refused command left files behind"
+    );
+}
+
+#[test]
+fn database_url_commands_touch_no_local_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://hub:secret@127.0.0.1:{port}/synchub");
+    for args in [&["token", "list"][..], &["force-sync"][..]] {
+        let mut all = vec!["--database-url", url.as_str()];
+        all.extend_from_slice(args);
+        let (ok, _, _) = raw_run(dir.path(), &all);
+        assert!(!ok);
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "{args:?} created a local folder"
+        );
+    }
+}
+
+#[test]
+fn an_address_in_use_is_one_line_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = spawn_serve(dir.path(), Stdio::null());
+    let addr = first.url.trim_start_matches("http://");
+    let (ok, _, err) = run(dir.path(), &["serve", "--listen", addr]);
+    assert!(!ok);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.starts_with("synchub: cannot listen on"), "{err}");
+    assert!(last.contains("--listen"), "no advice: {err}");
+    assert_eq!(err.matches("listens there").count(), 1, "repeated: {err}");
 }
 
 #[test]
 fn token_create_list_revoke() {
     let dir = tempfile::tempdir().unwrap();
+    init(dir.path());
     let (ok, out, err) = run(
         dir.path(),
         &[
@@ -148,8 +314,10 @@ fn token_create_list_revoke() {
     let (ok, out, _) = run(dir.path(), &["token", "list", "--json"]);
     assert!(ok);
     let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(rows.as_array().unwrap().len(), 1);
-    assert_eq!(rows[0]["revoked"], true);
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "admin from init, pc-01: {rows:?}");
+    let pc = rows.iter().find(|r| r["name"] == "pc-01").unwrap();
+    assert_eq!(pc["revoked"], true);
     let (ok, _, err) = run(dir.path(), &["token", "revoke", "pc-01"]);
     assert!(!ok, "revoking twice succeeded");
     assert!(err.contains("no live token"), "{err}");
@@ -158,6 +326,7 @@ fn token_create_list_revoke() {
 #[test]
 fn force_sync_beside_a_running_hub() {
     let dir = tempfile::tempdir().unwrap();
+    init(dir.path());
     let (ok, out, _) = run(
         dir.path(),
         &["token", "create", "--name", "pc", "--role", "agent"],

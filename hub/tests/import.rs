@@ -47,6 +47,18 @@ async fn import_copies_a_bucket_folder_into_a_space() -> anyhow::Result<()> {
     put_object(&bucket, "other/not-imported.json", b"{}").await?;
     let dir = tempfile::tempdir()?;
 
+    // Like `token` and `force-sync`, import works on an existing hub only.
+    let (ok, _, err) = tokio::task::block_in_place(|| import(dir.path(), &bucket, true));
+    assert!(!ok);
+    assert!(err.contains("synchub init"), "{err}");
+    let init = Command::new(env!("CARGO_BIN_EXE_synchub"))
+        .env_remove("SYNCHUB_CONFIG")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .arg("init")
+        .output()?;
+    assert!(init.status.success(), "{init:?}");
+
     let (ok, _, err) = tokio::task::block_in_place(|| import(dir.path(), &bucket, false));
     assert!(!ok);
     assert!(err.contains("SYNCHUB_BUCKET_ACCESS_KEY_ID"), "{err}");

@@ -115,8 +115,12 @@ pub struct SyncReport {
     pub status: SyncStatus,
     #[serde(default)]
     pub version: Option<u64>,
+    /// Files this sync changed: added, changed or removed (for a publish, committed).
     #[serde(default)]
     pub items_synced: u64,
+    /// Files in the version after the sync, when known.
+    #[serde(default)]
+    pub items_total: Option<u64>,
     #[serde(default)]
     pub bytes: u64,
     #[serde(default)]
@@ -142,6 +146,9 @@ pub struct SyncLogEntry {
     pub status: String,
     pub version: Option<i64>,
     pub items_synced: Option<i64>,
+    /// Files in the version after the sync; absent on rows older than this column.
+    #[serde(default)]
+    pub items_total: Option<i64>,
     pub bytes: Option<i64>,
     pub duration_ms: Option<i64>,
     pub error_message: Option<String>,

@@ -74,6 +74,22 @@ impl Manifest {
         self.entries.iter().map(|e| e.size).sum()
     }
 
+    /// How many paths differ between `old` and this manifest: added, changed (size or hash)
+    /// or removed. What a sync from `old` to this version changed.
+    pub fn changes_from(&self, old: &Manifest) -> u64 {
+        let changed_or_added = self
+            .entries
+            .iter()
+            .filter(|e| old.get(&e.path) != Some(*e))
+            .count();
+        let removed = old
+            .entries
+            .iter()
+            .filter(|e| self.get(&e.path).is_none())
+            .count();
+        (changed_or_added + removed) as u64
+    }
+
     pub fn get(&self, path: &str) -> Option<&ManifestEntry> {
         self.entries
             .binary_search_by(|e| e.path.as_bytes().cmp(path.as_bytes()))
@@ -217,6 +233,22 @@ fn check_file_folder_clash(entries: &[ManifestEntry]) -> Result<(), ManifestErro
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn changes_count_added_changed_and_removed_paths() {
+        let entry = |path: &str, body: &[u8]| ManifestEntry {
+            path: path.to_owned(),
+            size: body.len() as u64,
+            sha256: Sha256Hex::of(body),
+        };
+        let old =
+            Manifest::new(vec![entry("a", b"1"), entry("b", b"2"), entry("c", b"3")]).unwrap();
+        let new =
+            Manifest::new(vec![entry("a", b"1"), entry("b", b"x"), entry("d", b"4")]).unwrap();
+        assert_eq!(new.changes_from(&old), 3, "b changed, c removed, d added");
+        assert_eq!(new.changes_from(&new), 0);
+        assert_eq!(new.changes_from(&Manifest::default()), 3);
+    }
+
     use super::*;
     use proptest::prelude::*;
 

@@ -1,3 +1,4 @@
+pub mod browser;
 pub mod fixtures;
 pub mod hub;
 pub mod load;

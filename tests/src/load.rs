@@ -171,8 +171,9 @@ impl Hub {
         }
     }
 
-    /// Starts `synchub serve` on a fresh data folder (and database) on a free loopback port,
-    /// with an admin and an agent token made by `synchub token create`.
+    /// Starts `synchub serve` on a fresh data folder (and database, made by `synchub init`
+    /// on SQLite) on a free loopback port, with an admin and an agent token made by
+    /// `synchub token create`.
     pub async fn spawn(opts: &SpawnOptions) -> Result<Hub> {
         synchub_hub::blobs::s3::install_crypto_provider();
         let dir = tempfile::Builder::new().prefix("synchub-load-").tempdir()?;
@@ -182,7 +183,6 @@ impl Hub {
             let url = cluster.create_database().await?;
             (Some(cluster), url)
         } else {
-            std::fs::create_dir_all(&data)?;
             (None, format!("sqlite://{}", data.join("hub.db").display()))
         };
         let mut common = vec![
@@ -219,6 +219,17 @@ impl Hub {
                 Ok::<_, anyhow::Error>(String::from_utf8(out.stdout)?.trim().to_owned())
             }
         };
+        if pg.is_none() {
+            // `token create` refuses a database that does not exist: create the hub first.
+            let mut c = opts.command.command();
+            c.args(&common).arg("init").env("RUST_LOG", "warn");
+            let out = c.output().await.context("running synchub init")?;
+            ensure!(
+                out.status.success(),
+                "synchub init failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         let admin_token = token("bench-admin", "admin").await?;
         let agent_token = token("bench-agent", "agent").await?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?

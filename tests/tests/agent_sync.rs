@@ -127,6 +127,18 @@ async fn publish_reaches_every_agent_byte_identical() -> anyhow::Result<()> {
             ensure!(Instant::now() < deadline, "reports missing: {log:?}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // A report counts the files that changed, and the version's total beside it.
+        let log = sync_log(&hub, a.client_id()).await?;
+        let download = |version: u64| {
+            log.iter()
+                .find(|e| e.sync_type == "download" && e.version == Some(version as i64))
+                .map(|e| (e.items_synced, e.items_total))
+        };
+        ensure!(download(v) == Some((Some(508), Some(508))), "{log:#?}");
+        ensure!(
+            download(outcome.head.version) == Some((Some(2), Some(509))),
+            "a 2-file change: {log:#?}"
+        );
     }
     for a in agents {
         a.shutdown().await;
@@ -480,7 +492,8 @@ async fn read_guard_and_status_block_during_a_sync() -> anyhow::Result<()> {
         .await?
         .text()
         .await?;
-    assert!(page.contains("Download now"));
+    // The block page carries the status it was served with (rendered in tests/block_page.rs).
+    assert!(page.contains(r#""state":"ready""#), "{page}");
     agent.shutdown().await;
     hub.stop().await;
     Ok(())

@@ -34,7 +34,10 @@ enum Kind {
         store: FsBlobStore,
         _dir: tempfile::TempDir,
     },
-    S3(S3BlobStore),
+    S3 {
+        store: S3BlobStore,
+        config: synchub_hub::blobs::s3::S3Config,
+    },
 }
 
 impl Backend {
@@ -52,7 +55,7 @@ impl Backend {
         let store = S3BlobStore::new(&config)?;
         Ok(Backend {
             store: Arc::new(store.clone()),
-            kind: Kind::S3(store),
+            kind: Kind::S3 { store, config },
         })
     }
 
@@ -62,8 +65,47 @@ impl Backend {
             Kind::Fs { store, .. } => std::fs::read_dir(store.tmp_dir())?
                 .map(|e| Ok(e?.path().display().to_string()))
                 .collect::<std::io::Result<_>>()?,
-            Kind::S3(store) => store.staging_objects().await?,
+            Kind::S3 { store, .. } => store.staging_objects().await?,
         })
+    }
+
+    /// Replaces the stored copy of `hash` with `bytes` behind the store's back, as a failing
+    /// disk or a careless admin would.
+    async fn corrupt(&self, hash: &Sha256Hex, bytes: &[u8]) -> anyhow::Result<()> {
+        match &self.kind {
+            Kind::Fs { store, .. } => std::fs::write(store.blob_path(hash), bytes)?,
+            Kind::S3 { config, .. } => {
+                // moto does not check signatures, only that a request names its key id.
+                let url = format!(
+                    "{}/{}/{}{}",
+                    config
+                        .endpoint
+                        .as_deref()
+                        .context("test bucket has an endpoint")?,
+                    config.bucket,
+                    config.prefix,
+                    hash
+                );
+                let client = reqwest::Client::builder().no_proxy().build()?;
+                let auth = format!(
+                    "AWS4-HMAC-SHA256 Credential={}/20260101/{}/s3/aws4_request, \
+                     SignedHeaders=host, Signature=00",
+                    config.access_key_id, config.region
+                );
+                let response = client
+                    .put(&url)
+                    .header("authorization", auth)
+                    .body(bytes.to_vec())
+                    .send()
+                    .await?;
+                ensure!(
+                    response.status().is_success(),
+                    "PUT {url}: {}",
+                    response.status()
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The blob is nowhere to be seen: no size, not readable, not listed, no leftovers.
@@ -194,6 +236,36 @@ async fn put_existing(b: Backend) -> anyhow::Result<()> {
     }
     let read = b.store.get(&hash, None).await?;
     ensure!(read_all(read).await? == data, "existing blob changed");
+    ensure!(b.leftovers().await?.is_empty());
+    Ok(())
+}
+
+/// A stored copy that no longer matches its address (bit rot, a truncated copy) is replaced
+/// by a re-upload of the right bytes instead of being kept as "already there".
+async fn put_repairs_a_corrupt_copy(b: Backend) -> anyhow::Result<()> {
+    let data = random_bytes(50_000, 4);
+    let hash = Sha256Hex::of(&data);
+    b.store.put(&hash, chunked(&data, 4096), 1 << 20).await?;
+    let mut bad = data.to_vec();
+    bad[10] ^= 0xff;
+    b.corrupt(&hash, &bad).await?;
+    ensure!(b.store.put(&hash, chunked(&data, 4096), 1 << 20).await? == 50_000);
+    let read = b.store.get(&hash, None).await?;
+    ensure!(
+        read_all(read).await? == data,
+        "re-upload kept the corrupt copy"
+    );
+    // A wrong body neither repairs nor replaces anything.
+    b.corrupt(&hash, &bad[..1000]).await?;
+    match b
+        .store
+        .put(&hash, chunked(&Bytes::from(bad), 4096), 1 << 20)
+        .await
+    {
+        Err(BlobError::HashMismatch { .. }) => {}
+        other => anyhow::bail!("wrong body over a corrupt copy gave {other:?}"),
+    }
+    ensure!(b.store.size(&hash).await? == Some(1000));
     ensure!(b.leftovers().await?.is_empty());
     Ok(())
 }
@@ -403,6 +475,7 @@ contract!(
     round_trip,
     empty_blob,
     put_existing,
+    put_repairs_a_corrupt_copy,
     range_reads,
     wrong_hash,
     too_large,

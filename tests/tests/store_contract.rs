@@ -163,7 +163,8 @@ fn report(id: &str, client: &str, space: &str, status: SyncStatus, at: &str) -> 
         sync_type: SyncType::Download,
         status,
         version: Some(3),
-        items_synced: 508,
+        items_synced: 4,
+        items_total: Some(508),
         bytes: 2_500_000,
         duration_ms: 420,
         error_message: (status == SyncStatus::Failed).then(|| "disk full".to_owned()),
@@ -579,7 +580,8 @@ async fn reports_are_idempotent_and_filtered(f: Fixture) -> Result<()> {
     assert_eq!(first.sync_type, "download");
     assert_eq!(first.status, "success");
     assert_eq!(first.version, Some(3));
-    assert_eq!(first.items_synced, Some(508));
+    assert_eq!(first.items_synced, Some(4), "files changed");
+    assert_eq!(first.items_total, Some(508), "files in the version");
     assert_eq!(first.bytes, Some(2_500_000));
     assert_eq!(first.duration_ms, Some(420));
     assert_eq!(first.user.as_deref(), Some("4242"));
@@ -695,6 +697,7 @@ async fn postgres_adopts_an_existing_system1_database() -> Result<()> {
     assert_eq!(log[0].id, 1);
     assert_eq!(log[0].user.as_deref(), Some("1234"));
     assert_eq!(log[0].items_synced, Some(508));
+    assert_eq!(log[0].items_total, None, "system 1 rows have no total");
     assert_eq!(log[0].report_id, None);
     assert_eq!(log[0].synced_at, "2026-01-02T03:04:06.000Z");
 

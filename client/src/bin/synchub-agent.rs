@@ -109,9 +109,22 @@ struct PublishArgs {
     /// Agent data folder: the report goes through its outbox (sent later if the hub is down).
     #[arg(long, env = "SYNCHUB_DIR")]
     dir: Option<PathBuf>,
+    /// Who publishes, for sync_log [default: the computer's login name].
     #[arg(long, env = "SYNCHUB_USER")]
     user: Option<String>,
-    #[arg(required = true)]
+    /// Make the space (under --prefix) identical to the given folders: files the space has
+    /// there and the folders lack are deleted.
+    #[arg(long)]
+    mirror: bool,
+    /// Upload every file's bytes again, even unchanged ones: repairs blobs damaged on the
+    /// hub's disk (the hub replaces a stored copy that fails its hash).
+    #[arg(long)]
+    reupload: bool,
+    /// Paths in the space to delete, in the same version (repeat or list several).
+    #[arg(long = "delete", value_name = "PATH", num_args = 1..)]
+    deletes: Vec<String>,
+    /// Files or folders to publish.
+    #[arg(required_unless_present = "deletes")]
     paths: Vec<PathBuf>,
 }
 
@@ -332,20 +345,27 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     }
     let api = HubApi::new(args.hub.hubs, &token)?;
     let started = Instant::now();
-    let result = synchub_client::publish::publish(
-        &api,
-        &args.space,
-        args.prefix.as_deref(),
-        &args.paths,
-        args.message,
-    )
-    .await;
-    let client_id = format!(
-        "publish@{}",
-        std::env::var("HOSTNAME").unwrap_or_else(|_| "cli".into())
-    );
-    let report =
-        synchub_client::upload_report(&client_id, &args.space, args.user, &result, started);
+    let options = synchub_client::publish::PublishOptions {
+        prefix: args.prefix,
+        message: args.message,
+        mirror: args.mirror,
+        deletes: args.deletes,
+        reupload: args.reupload,
+    };
+    let result =
+        synchub_client::publish::publish_with(&api, &args.space, &args.paths, &options).await;
+    // Which token published (the hub names it as the version's author) on which computer,
+    // and who sat at it: sync_log must say who changed the data.
+    let host = host_name();
+    let client_id = match &result {
+        Ok(o) => match &o.head.by {
+            Some(by) if o.files + o.deleted > 0 => format!("publish:{by}@{host}"),
+            _ => format!("publish@{host}"),
+        },
+        Err(_) => format!("publish@{host}"),
+    };
+    let user = args.user.or_else(login_name);
+    let report = synchub_client::upload_report(&client_id, &args.space, user, &result, started);
     match &args.dir {
         Some(dir) => {
             let outbox = synchub_client::outbox::Outbox::open(dir.join(".synchub").join("outbox"))?;
@@ -361,17 +381,23 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
         }
     }
     match result {
-        Ok(o) if o.files == 0 => {
+        Ok(o) if o.files == 0 && o.deleted == 0 => {
             println!(
-                "nothing to publish: {} file(s) already at version {}",
-                o.unchanged, o.head.version
+                "nothing to publish: {} file(s) already at version {}{}",
+                o.unchanged,
+                o.head.version,
+                if o.uploaded > 0 {
+                    format!("; {} blob(s) uploaded again", o.uploaded)
+                } else {
+                    String::new()
+                }
             );
             Ok(())
         }
         Ok(o) => {
             println!(
-                "published {} file(s) ({} blob(s), {} bytes uploaded) as version {}",
-                o.files, o.uploaded, o.bytes_uploaded, o.head.version
+                "published {} file(s), deleted {} ({} blob(s), {} bytes uploaded) as version {}",
+                o.files, o.deleted, o.uploaded, o.bytes_uploaded, o.head.version
             );
             Ok(())
         }
@@ -389,6 +415,25 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// This computer's name: `COMPUTERNAME` on Windows, the host name elsewhere.
+fn host_name() -> String {
+    std::env::var("COMPUTERNAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty() && h.len() <= 64)
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
+/// The login name of the person running the command, where the system says.
+fn login_name() -> Option<String> {
+    std::env::var("USERNAME")
+        .or_else(|_| std::env::var("USER"))
+        .ok()
+        .filter(|u| !u.is_empty() && u.len() <= 256)
 }
 
 async fn status(addr: SocketAddr, json: bool) -> anyhow::Result<()> {

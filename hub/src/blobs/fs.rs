@@ -51,6 +51,20 @@ impl FsBlobStore {
         Ok(FsBlobStore { root, tmp })
     }
 
+    /// Opens the store a running hub owns at `root`, for a command-line tool beside it: creates
+    /// nothing and leaves `tmp/` (the hub's uploads in flight) alone. `NotFound` when `root`
+    /// is not there.
+    pub fn open_existing(root: PathBuf) -> Result<Self, BlobError> {
+        if !root.is_dir() {
+            return Err(BlobError::Io(std::io::Error::new(
+                ErrorKind::NotFound,
+                format!("no blob folder at {}", root.display()),
+            )));
+        }
+        let tmp = root.join("tmp");
+        Ok(FsBlobStore { root, tmp })
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -169,14 +183,15 @@ impl BlobStore for FsBlobStore {
         max_size: u64,
     ) -> Result<u64, BlobError> {
         let dest = self.blob_path(expected);
-        if tokio::fs::try_exists(&dest).await? {
+        if super::holds_intact(self, expected).await? {
             return check_only(body, expected, max_size).await;
         }
         let (temp, size) = self.receive(body, expected, max_size).await?;
         let dir = dest.parent().expect("blob path has folders").to_path_buf();
         tokio::fs::create_dir_all(&dir).await?;
         // A concurrent put of the same blob may have renamed first: renaming over it swaps
-        // identical bytes atomically, so readers never notice.
+        // identical bytes atomically, so readers never notice. A corrupt copy is replaced
+        // the same way.
         temp.persist(&dest).await?;
         sync_dir(dir).await?;
         Ok(size)

@@ -132,6 +132,33 @@ impl UploadCheck {
     }
 }
 
+/// Whether the store holds `hash` with bytes that still hash to it. A stored copy can go bad
+/// behind the hub's back (a failing disk, a hand-edited bucket); `put` uses this so that a
+/// re-upload of the right bytes replaces such a copy instead of being dropped as a duplicate.
+pub(crate) async fn holds_intact(
+    store: &dyn BlobStore,
+    hash: &Sha256Hex,
+) -> Result<bool, BlobError> {
+    use futures::StreamExt;
+    let mut read = match store.get(hash, None).await {
+        Ok(read) => read,
+        Err(BlobError::NotFound(_)) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let mut check = UploadCheck::new(u64::MAX);
+    while let Some(chunk) = read.stream.next().await {
+        check.take(Ok(chunk?))?;
+    }
+    match check.verify(hash) {
+        Ok(_) => Ok(true),
+        Err(BlobError::HashMismatch { actual, .. }) => {
+            tracing::warn!(%hash, %actual, "stored blob fails its hash; the upload replaces it");
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Stores bytes already in memory (manifests): a convenience over [`BlobStore::put`].
 pub async fn put_bytes(store: &dyn BlobStore, bytes: Bytes) -> Result<Sha256Hex, BlobError> {
     let hash = Sha256Hex::of(&bytes);

@@ -263,11 +263,8 @@ impl BlobStore for S3BlobStore {
         max_size: u64,
     ) -> Result<u64, BlobError> {
         let key = self.key(expected);
-        let exists = match self.store.head(&key).await {
-            Ok(_) => true,
-            Err(object_store::Error::NotFound { .. }) => false,
-            Err(e) => return Err(e.into()),
-        };
+        // A stored copy that fails its hash counts as absent: the upload replaces it.
+        let exists = super::holds_intact(self, expected).await?;
         let mut check = UploadCheck::new(max_size);
         let mut buffered = Vec::new();
         while let Some(chunk) = body.next().await {

@@ -447,8 +447,8 @@ impl Store for PostgresStore {
         let inserted = sqlx::query(
             "INSERT INTO sync_log
                  (report_id, client_id, space, sync_type, status, version, items_synced, bytes,
-                  duration_ms, error_message, discord_id, synced_at, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                  duration_ms, error_message, discord_id, synced_at, created_at, items_total)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
              ON CONFLICT (report_id) DO NOTHING",
         )
         .bind(&report.report_id)
@@ -464,6 +464,7 @@ impl Store for PostgresStore {
         .bind(&report.user)
         .bind(synced_at)
         .bind(now)
+        .bind(report.items_total.map(to_db))
         .execute(&self.pool)
         .await?
         .rows_affected();
@@ -475,7 +476,8 @@ impl Store for PostgresStore {
             "SELECT {} AS id, report_id::TEXT AS report_id, client_id::TEXT AS client_id,
                     space::TEXT AS space, COALESCE(sync_type::TEXT, '') AS sync_type,
                     COALESCE(status::TEXT, '') AS status, version::BIGINT AS version,
-                    items_synced::BIGINT AS items_synced, bytes::BIGINT AS bytes,
+                    items_synced::BIGINT AS items_synced, items_total::BIGINT AS items_total,
+                    bytes::BIGINT AS bytes,
                     duration_ms::BIGINT AS duration_ms, error_message::TEXT AS error_message,
                     discord_id::TEXT AS discord_id,
                     COALESCE(synced_at::timestamptz, created_at::timestamptz, now()) AS synced_at
@@ -508,6 +510,7 @@ impl Store for PostgresStore {
                     status: row.try_get("status")?,
                     version: row.try_get("version")?,
                     items_synced: row.try_get("items_synced")?,
+                    items_total: row.try_get("items_total")?,
                     bytes: row.try_get("bytes")?,
                     duration_ms: row.try_get("duration_ms")?,
                     error_message: row.try_get("error_message")?,

@@ -447,8 +447,8 @@ impl Store for SqliteStore {
         let inserted = sqlx::query(
             "INSERT INTO sync_log
                  (report_id, client_id, space, sync_type, status, version, items_synced, bytes,
-                  duration_ms, error_message, discord_id, synced_at, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                  duration_ms, error_message, discord_id, synced_at, created_at, items_total)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
              ON CONFLICT (report_id) DO NOTHING",
         )
         .bind(&report.report_id)
@@ -464,6 +464,7 @@ impl Store for SqliteStore {
         .bind(&report.user)
         .bind(rfc3339(synced_at))
         .bind(rfc3339(now))
+        .bind(report.items_total.map(to_db))
         .execute(&self.pool)
         .await?
         .rows_affected();
@@ -473,7 +474,7 @@ impl Store for SqliteStore {
     async fn sync_log(&self, filter: &SyncLogFilter) -> Result<Vec<SyncLogEntry>, StoreError> {
         let mut q = QueryBuilder::<Sqlite>::new(
             "SELECT id, report_id, client_id, space, COALESCE(sync_type, '') AS sync_type,
-                    COALESCE(status, '') AS status, version, items_synced, bytes, duration_ms,
+                    COALESCE(status, '') AS status, version, items_synced, items_total, bytes, duration_ms,
                     error_message, CAST(discord_id AS TEXT) AS discord_id,
                     CAST(COALESCE(synced_at, created_at) AS TEXT) AS synced_at
              FROM sync_log WHERE 1 = 1",
@@ -505,6 +506,7 @@ impl Store for SqliteStore {
                     status: row.try_get("status")?,
                     version: row.try_get("version")?,
                     items_synced: row.try_get("items_synced")?,
+                    items_total: row.try_get("items_total")?,
                     bytes: row.try_get("bytes")?,
                     duration_ms: row.try_get("duration_ms")?,
                     error_message: row.try_get("error_message")?,

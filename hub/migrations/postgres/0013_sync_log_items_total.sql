@@ -1,0 +1,2 @@
+-- items_synced counts the files a sync changed; the version's file count goes here.
+ALTER TABLE sync_log ADD COLUMN IF NOT EXISTS items_total BIGINT;
