@@ -80,20 +80,28 @@ async fn the_block_page_speaks_to_the_office_worker() -> anyhow::Result<()> {
     config.max_backoff_ms = 60_000;
     let agent = SyncClient::start(config).await?;
     let mut rx = agent.subscribe(None)?;
+    // The first retries come within a second or two, quicker than a browser loads the page;
+    // from the fourth failure on the agent waits at least 4 s, long enough to look at it.
+    let (mut failures, mut was_failed) = (0, false);
     tokio::time::timeout(
-        Duration::from_secs(10),
+        Duration::from_secs(40),
         rx.wait_for(|s| {
-            matches!(
+            let failed = matches!(
                 s,
                 AgentState::Failed {
                     retry_at: Some(_),
                     ..
                 }
-            )
+            );
+            if failed && !was_failed {
+                failures += 1;
+            }
+            was_failed = failed;
+            failed && failures >= 4
         }),
     )
     .await
-    .context("the agent never failed")??;
+    .context("the agent did not fail four times")??;
     let failed = visible(&look(&agent, "lang=en", "failed-en").await?);
     for want in [
         "Date elevi",

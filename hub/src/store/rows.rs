@@ -116,6 +116,23 @@ pub(crate) struct PendingVersion {
     pub bytes: u64,
 }
 
+impl PendingVersion {
+    /// The head this version is once recorded (epoch and forced_version are the hub's, in memory).
+    pub fn into_head(self) -> Head {
+        Head {
+            space: self.space,
+            version: self.version,
+            data_hash: self.data_hash,
+            forced: self.forced,
+            reason: self.reason,
+            by: self.by,
+            at: rfc3339(self.at),
+            epoch: 0,
+            forced_version: 0,
+        }
+    }
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum HeadPlan {
     Serve(Head),

@@ -113,23 +113,7 @@ impl SqliteStore {
     }
 
     async fn record(&self, p: &PendingVersion) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO synchub_versions
-                 (space, version, data_hash, forced, reason, created_by, created_at, entries, bytes)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-             ON CONFLICT (space, version) DO NOTHING",
-        )
-        .bind(&p.space)
-        .bind(to_db(p.version))
-        .bind(p.data_hash.as_str())
-        .bind(p.forced)
-        .bind(&p.reason)
-        .bind(&p.by)
-        .bind(rfc3339(p.at))
-        .bind(to_db(p.entries))
-        .bind(to_db(p.bytes))
-        .execute(&self.pool)
-        .await?;
+        insert_version(&self.pool, p).await?;
         Ok(())
     }
 
@@ -210,6 +194,32 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
+/// Records a version once (a second insert of the same number does nothing); returns the rows
+/// inserted, 0 or 1.
+async fn insert_version<'e, E>(executor: E, p: &PendingVersion) -> Result<u64, StoreError>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
+{
+    Ok(sqlx::query(
+        "INSERT INTO synchub_versions
+             (space, version, data_hash, forced, reason, created_by, created_at, entries, bytes)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT (space, version) DO NOTHING",
+    )
+    .bind(&p.space)
+    .bind(to_db(p.version))
+    .bind(p.data_hash.as_str())
+    .bind(p.forced)
+    .bind(&p.reason)
+    .bind(&p.by)
+    .bind(rfc3339(p.at))
+    .bind(to_db(p.entries))
+    .bind(to_db(p.bytes))
+    .execute(executor)
+    .await?
+    .rows_affected())
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     fn backend(&self) -> &'static str {
@@ -232,24 +242,7 @@ impl Store for SqliteStore {
             return Ok(None);
         };
         let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO synchub_versions
-                 (space, version, data_hash, forced, reason, created_by, created_at, entries, bytes)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-             ON CONFLICT (space, version) DO NOTHING",
-        )
-        .bind(&p.space)
-        .bind(to_db(p.version))
-        .bind(p.data_hash.as_str())
-        .bind(p.forced)
-        .bind(&p.reason)
-        .bind(&p.by)
-        .bind(rfc3339(p.at))
-        .bind(to_db(p.entries))
-        .bind(to_db(p.bytes))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        let inserted = insert_version(&mut *tx, &p).await?;
         if inserted == 0 {
             tx.rollback().await?;
             return Ok(None);
@@ -262,17 +255,7 @@ impl Store for SqliteStore {
             .await?;
         tx.commit().await?;
         self.wake.notify_one();
-        Ok(Some(Head {
-            space: p.space,
-            version: p.version,
-            data_hash: p.data_hash,
-            forced: p.forced,
-            reason: p.reason,
-            by: p.by,
-            at: rfc3339(p.at),
-            epoch: 0,
-            forced_version: 0,
-        }))
+        Ok(Some(p.into_head()))
     }
 
     async fn ensure_space(&self, space: &str) -> Result<Head, StoreError> {
