@@ -1108,7 +1108,7 @@ pub enum DataSet {
 }
 
 impl DataSet {
-    /// The QR set of DESIGN.md: 54 folders, 508 files, ~2.5 MB.
+    /// A set shaped like the QR-code app's folder: 54 folders, 508 files, ~2.5 MB.
     pub const QR: DataSet = DataSet::QrLike {
         folders: 54,
         files: 508,
