@@ -1,6 +1,6 @@
 //! Small helpers the integration test files share: an HTTP client, uploading and committing
 //! files through a hub's API, an agent configuration pointed at a test hub, reading an agent's
-//! tree back, and reading a counter from `/metrics`.
+//! tree back, reading a counter from `/metrics`, and finding the cross-built Windows agent.
 
 use crate::hub::TestHub;
 use anyhow::{Context, ensure};
@@ -124,4 +124,20 @@ pub async fn metric(hub: &TestHub, name: &str) -> anyhow::Result<f64> {
         .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .filter_map(|v| v.trim().parse::<f64>().ok())
         .sum())
+}
+
+/// `synchub-agent.exe` as `scripts/build-windows-agent` leaves it (or `SYNCHUB_AGENT_EXE`).
+pub fn windows_agent_exe() -> anyhow::Result<std::path::PathBuf> {
+    let exe = match std::env::var_os("SYNCHUB_AGENT_EXE") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/x86_64-pc-windows-gnu/debug/synchub-agent.exe"),
+    };
+    ensure!(
+        exe.is_file(),
+        "{} is missing: run scripts/build-windows-agent (after scripts/install-test-deps), \
+         or scripts/test which does both",
+        exe.display()
+    );
+    Ok(exe)
 }

@@ -19,17 +19,7 @@ use synchub_tests::load::{DataSet, generate_set};
 const WINE: &str = "/usr/lib/wine/wine64";
 
 fn agent_exe() -> anyhow::Result<PathBuf> {
-    let exe = match std::env::var_os("SYNCHUB_AGENT_EXE") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../target/x86_64-pc-windows-gnu/debug/synchub-agent.exe"),
-    };
-    ensure!(
-        exe.is_file(),
-        "{} is missing: run scripts/build-windows-agent (after scripts/install-test-deps), \
-         or scripts/test which does both",
-        exe.display()
-    );
+    let exe = synchub_tests::fixtures::windows_agent_exe()?;
     ensure!(
         exe.with_file_name("bcryptprimitives.dll").is_file(),
         "the Wine shim bcryptprimitives.dll is missing beside {}: run scripts/build-windows-agent",

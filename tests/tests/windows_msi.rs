@@ -7,21 +7,6 @@ use anyhow::{Context, ensure};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn agent_exe() -> anyhow::Result<PathBuf> {
-    let exe = match std::env::var_os("SYNCHUB_AGENT_EXE") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../target/x86_64-pc-windows-gnu/debug/synchub-agent.exe"),
-    };
-    ensure!(
-        exe.is_file(),
-        "{} is missing: run scripts/build-windows-agent (after scripts/install-test-deps), \
-         or scripts/test which does both",
-        exe.display()
-    );
-    Ok(exe)
-}
-
 fn msiinfo_export(msi: &Path, table: &str) -> anyhow::Result<String> {
     let out = Command::new("msiinfo")
         .args(["export"])
@@ -35,7 +20,7 @@ fn msiinfo_export(msi: &Path, table: &str) -> anyhow::Result<String> {
 
 #[test]
 fn msi_builds_with_wixl_and_installs_exe_service_and_settings() -> anyhow::Result<()> {
-    let debug_exe = agent_exe()?;
+    let debug_exe = synchub_tests::fixtures::windows_agent_exe()?;
     let out_dir = tempfile::tempdir()?;
     // The debug build without its symbols (175 MB -> ~28 MB), as a release build ships: wixl
     // compresses the whole file, seconds instead of a minute.
