@@ -11,12 +11,33 @@ use reqwest::StatusCode;
 use sqlx::Connection;
 use std::time::{Duration, Instant};
 use synchub_client::{OnFailure, SyncClient};
-use synchub_hub::config::BlobStoreConfig;
+use synchub_hub::config::{BlobStoreConfig, Config};
 use synchub_protocol::{AgentState, Head};
 use synchub_tests::fixtures::{agent_config, commit, read_tree, wait_ready};
 use synchub_tests::hub::TestHub;
 use synchub_tests::postgres::test_database;
 use synchub_tests::proxy::{Fault, FaultProxy, Splitter};
+
+/// Replicas "a" and "b" on one fresh PostgreSQL database and one blob folder, each configured
+/// further by `tweak`; the database URL and the folder (kept while it lives) come back too.
+async fn two_replicas(
+    tweak: fn(&mut Config),
+) -> anyhow::Result<(TestHub, TestHub, (String, tempfile::TempDir))> {
+    let url = test_database().await?;
+    let blobs = tempfile::tempdir()?;
+    let start = |id: &'static str| {
+        let (url, blobs) = (url.clone(), blobs.path().to_path_buf());
+        TestHub::start_with(move |c| {
+            c.database_url = Some(url);
+            c.blob_store = BlobStoreConfig::Fs { path: Some(blobs) };
+            c.hub_id = Some(id.into());
+            tweak(c);
+        })
+    };
+    let a = start("a").await?;
+    let b = start("b").await?;
+    Ok((a, b, (url, blobs)))
+}
 
 async fn commit_ok(hub: &TestHub, base: u64, files: &[(&str, &[u8])]) -> anyhow::Result<Head> {
     let (status, body) = commit(hub, &hub.admin_token, base, files, &[]).await?;
@@ -26,19 +47,7 @@ async fn commit_ok(hub: &TestHub, base: u64, files: &[(&str, &[u8])]) -> anyhow:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hub_frozen_mid_download_is_left_for_the_next_url() -> anyhow::Result<()> {
-    let url = test_database().await?;
-    let blobs = tempfile::tempdir()?;
-    let start = |id: &'static str| {
-        let (url, blobs) = (url.clone(), blobs.path().to_path_buf());
-        TestHub::start_with(move |c| {
-            c.database_url = Some(url);
-            c.blob_store = BlobStoreConfig::Fs { path: Some(blobs) };
-            c.hub_id = Some(id.into());
-            c.ping_interval_ms = 500;
-        })
-    };
-    let a = start("a").await?;
-    let b = start("b").await?;
+    let (a, b, _db) = two_replicas(|c| c.ping_interval_ms = 500).await?;
     let proxy = FaultProxy::start(a.config.listen).await?;
     let dir = tempfile::tempdir()?;
     let mut config = agent_config(&a, &a.admin_token, dir.path());
@@ -183,20 +192,8 @@ async fn a_dead_socket_is_dropped_even_while_the_agent_downloads() -> anyhow::Re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connected_agent_notices_a_bump_its_replica_missed() -> anyhow::Result<()> {
-    let url = test_database().await?;
-    let blobs = tempfile::tempdir()?;
-    let start = |id: &'static str| {
-        let (url, blobs) = (url.clone(), blobs.path().to_path_buf());
-        TestHub::start_with(move |c| {
-            c.database_url = Some(url);
-            c.blob_store = BlobStoreConfig::Fs { path: Some(blobs) };
-            c.hub_id = Some(id.into());
-            // No timer re-read within the test: replica A stays behind.
-            c.reread_interval_ms = 600_000;
-        })
-    };
-    let a = start("a").await?;
-    let b = start("b").await?;
+    // No timer re-read within the test: replica A stays behind.
+    let (a, b, (url, _blobs)) = two_replicas(|c| c.reread_interval_ms = 600_000).await?;
     // A balancer that happens to put the socket on A and the HTTP calls on B.
     let front = Splitter::start(a.config.listen, b.config.listen).await?;
     let dir = tempfile::tempdir()?;
