@@ -1,11 +1,12 @@
 //! The `synchub` command line: `init`, `serve`, `token create|list|revoke`, `force-sync`,
-//! `import`. `init` creates a hub's data folder, database and admin token; `token`,
-//! `force-sync` and `import` work on an existing hub's database directly, so they run beside a
+//! `rollback`, `import`. `init` creates a hub's data folder, database and admin token; `token`,
+//! `force-sync`, `rollback` and `import` work on an existing hub's database directly, so they run beside a
 //! live hub, which notices their changes through its watcher (new heads are broadcast, revoked
 //! tokens' sockets closed). They never create a database: one run in the wrong folder would
 //! otherwise print a token or a version that the running hub never sees.
 
 use crate::config::Config;
+use crate::domain::Domain;
 use crate::server;
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
@@ -56,6 +57,18 @@ pub enum Command {
         /// Space to force [default: global_version].
         #[arg(long, default_value = synchub_protocol::DEFAULT_SPACE)]
         space: String,
+        /// Shown to agents and kept in the version history.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Announce a new version with the data of an earlier one to every agent, as forced.
+    Rollback {
+        /// Space to roll back [default: global_version].
+        #[arg(long, default_value = synchub_protocol::DEFAULT_SPACE)]
+        space: String,
+        /// The version whose data the new version gets.
+        #[arg(long)]
+        to_version: u64,
         /// Shown to agents and kept in the version history.
         #[arg(long)]
         reason: Option<String>,
@@ -295,19 +308,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = load_config(&common)?;
             require_database(&config)?;
             let source = args.source()?;
-            let state = server::offline_state(config).await?;
-            let head = crate::sources::import(&state, &source).await?;
+            let domain = Domain::open_existing(config).await?;
+            let head = crate::sources::import(&domain, &source).await?;
             println!("{} is now at version {}", head.space, head.version);
             Ok(())
         }
         Command::ForceSync { space, reason } => {
             let config = load_config(&common)?;
             require_database(&config)?;
-            let state = server::offline_state(config).await?;
-            let head = crate::api::commits::force(&state, &space, reason, "cli")
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let domain = Domain::open_existing(config).await?;
+            let head = crate::versions::force(&domain, &space, reason, "cli").await?;
             println!("{space} is now at version {} (forced)", head.version);
+            Ok(())
+        }
+        Command::Rollback {
+            space,
+            to_version,
+            reason,
+        } => {
+            let config = load_config(&common)?;
+            require_database(&config)?;
+            let domain = Domain::open_existing(config).await?;
+            let head =
+                crate::versions::rollback(&domain, &space, to_version, reason, "cli").await?;
+            println!(
+                "{space} is now at version {} with the data of version {to_version} (forced)",
+                head.version
+            );
             Ok(())
         }
     }

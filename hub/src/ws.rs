@@ -369,9 +369,12 @@ async fn handle_frame(
             true
         }
         AgentFrame::Report(report) => {
-            let reply = match crate::api::reports::store_report(state, principal, report).await {
+            let reply = match crate::reports::store(state, principal, report).await {
                 Ok((id, _)) => frame(&HubFrame::ReportAck { report_id: id }),
-                Err(e) => error_frame(codes::BAD_REQUEST, e.to_string()),
+                Err(e) => {
+                    let (code, message) = e.code_and_message();
+                    error_frame(code, message)
+                }
             };
             socket.send(reply).await.is_ok()
         }

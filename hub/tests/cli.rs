@@ -1,5 +1,5 @@
 //! The `synchub` binary as an admin uses it: `init` and `serve` on the embedded default,
-//! `token` create/list/revoke, `force-sync` beside a running hub, and its errors.
+//! `token` create/list/revoke, `force-sync` and `rollback` beside a running hub, and its errors.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -366,6 +366,45 @@ fn force_sync_beside_a_running_hub() {
     let (ok, _, err) = run(dir.path(), &["force-sync", "--space", "nope"]);
     assert!(!ok);
     assert!(err.contains("nope"), "{err}");
+}
+
+#[test]
+fn rollback_beside_a_running_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    init(dir.path());
+    let (ok, out, err) = run(dir.path(), &["force-sync"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("version 2"), "{out}");
+    let (ok, out, err) = run(
+        dir.path(),
+        &["rollback", "--to-version", "1", "--reason", "undo"],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("version 3") && out.contains("version 1"),
+        "{out}"
+    );
+    let token = admin_token(dir.path());
+    let guard = spawn_serve(dir.path(), Stdio::null());
+    synchub_hub::blobs::s3::install_crypto_provider();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let head: serde_json::Value = rt.block_on(async {
+        reqwest::Client::new()
+            .get(format!("{}/api/v1/spaces/global_version/head", guard.url))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    });
+    assert_eq!(head["version"], 3, "{head}");
+    assert_eq!(head["forced"], true, "{head}");
+    assert_eq!(head["reason"], "rollback to version 1: undo", "{head}");
+    let (ok, _, err) = run(dir.path(), &["rollback", "--to-version", "42"]);
+    assert!(!ok);
+    assert!(err.contains("version 42"), "{err}");
 }
 
 #[test]

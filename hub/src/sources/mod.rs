@@ -14,6 +14,7 @@ pub mod tables;
 
 use crate::blobs::{self, BlobError};
 use crate::config::{BucketSource, TableSource};
+use crate::domain::Domain;
 use crate::state::AppState;
 use crate::store::{NewVersion, StoreError};
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
@@ -284,7 +285,7 @@ fn announce(state: &AppState, head: Head) {
         forced = head.forced,
         "new version from sources"
     );
-    crate::server::publish(state, head);
+    state.publish(head);
 }
 
 /// The tables and queries of one source as blobs, by path.
@@ -410,7 +411,7 @@ impl ImportArgs {
 /// `synchub import`: copies a bucket folder into `space` (under `source.into`) as one new
 /// version; files of the space that the bucket lacks are kept. Returns the new head, or the
 /// current one when nothing changed.
-pub async fn import(state: &AppState, source: &BucketSource) -> Result<Head, SourceError> {
+pub async fn import(state: &Domain, source: &BucketSource) -> Result<Head, SourceError> {
     let mut mirror = bucket::Mirror::new(source)?;
     let files = mirror
         .sync(state.blobs.as_ref(), state.config.max_blob_bytes())
@@ -418,7 +419,7 @@ pub async fn import(state: &AppState, source: &BucketSource) -> Result<Head, Sou
     let count = files.len();
     let puts: Vec<ManifestEntry> = files.into_values().collect();
     for _ in 0..MAX_ATTEMPTS {
-        let head = crate::api::commits::current_head(state, &source.space)
+        let head = crate::versions::current_head(state, &source.space)
             .await
             .map_err(|e| SourceError::Invalid(e.to_string()))?;
         let base = state
