@@ -157,10 +157,10 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         addr: config.listen,
         source,
     })?;
-    let hub_id = config.hub_id.clone().unwrap_or_else(|| {
-        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "hub".into());
-        format!("{host}:{}", addr.port())
-    });
+    let hub_id = config
+        .hub_id
+        .clone()
+        .unwrap_or_else(|| default_hub_id(addr.port()));
     let shutdown = CancellationToken::new();
     let poll = Duration::from_millis(config.poll_interval_ms);
     let state = AppState::new(
@@ -215,6 +215,21 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         server,
         watcher,
     })
+}
+
+/// The id a hub announces when its configuration names none: the machine's host name (read from
+/// the kernel: `$HOSTNAME` is a shell variable that systemd does not set), the port, and a random
+/// part, so that two replicas never announce the same id, even on hosts that share a name.
+pub fn default_hub_id(port: u16) -> String {
+    let host = ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|p| {
+            let name = std::fs::read_to_string(p).ok()?;
+            let name = name.trim();
+            (!name.is_empty()).then(|| name.to_owned())
+        })
+        .unwrap_or_else(|| "hub".to_owned());
+    format!("{host}:{port}-{:08x}", rand::random::<u32>())
 }
 
 /// Runs the store's watcher and the task that applies what it reports, restarting either when
@@ -424,5 +439,21 @@ pub fn raise_open_file_limit() {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => tracing::debug!(limit = n, "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_hub_id_names_the_host_and_differs_per_process() {
+        let a = default_hub_id(7070);
+        let b = default_hub_id(7070);
+        assert_ne!(a, b, "two replicas on one port must not share an id");
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        assert!(a.starts_with(host.trim()), "{a}");
+        assert!(a.contains(":7070-"), "{a}");
+        assert!(!a.starts_with(':'), "{a}");
     }
 }

@@ -39,7 +39,7 @@ impl Written {
 }
 
 /// What one attempt of a write decided against the head it read.
-enum Step {
+pub(crate) enum Step {
     /// Record `new` on top of `on` (the head the decision was made against).
     Write {
         on: Head,
@@ -109,7 +109,7 @@ fn published(domain: &Domain, head: Head) -> Head {
 
 /// The one retry-on-head-moved loop: `decide` is called with the current head and says what to
 /// write on top of it; a lost compare-and-swap re-reads the head and decides again.
-async fn write_version<F, Fut>(
+pub(crate) async fn write_version<F, Fut>(
     domain: &Domain,
     space: &str,
     mut decide: F,

@@ -58,6 +58,8 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(axum::middleware::from_fn(count_requests))
+        // A span per request (method, path), so what a handler logs says which request it was.
+        .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }
 
