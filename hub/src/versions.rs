@@ -2,7 +2,7 @@
 //! admin's force-sync (the same data, announced as forced) and a rollback (version N's data as
 //! a new version, announced as forced); and reading the current head.
 //!
-//! Every write goes through one loop, [`write_version`]: read the head, decide what the next
+//! Every write goes through one loop, `write_version`: read the head, decide what the next
 //! version is, compare-and-swap it into the store, and when another writer moved the head in
 //! between, read it again and decide again. What a commit makes of a head is decided by the
 //! pure [`plan_commit`]. The HTTP handlers, the socket task and the command line all call these.
