@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod collision;
+pub mod error_chain;
 pub mod frames;
 pub mod hash;
 pub mod manifest;
@@ -14,6 +15,7 @@ pub mod path;
 
 pub use api::*;
 pub use collision::{PathCollision, check_collisions};
+pub use error_chain::error_chain;
 pub use frames::*;
 pub use hash::{HashError, Sha256Hex};
 pub use manifest::{Manifest, ManifestEntry, ManifestError};

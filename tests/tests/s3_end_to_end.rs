@@ -25,7 +25,7 @@ const SPACE: &str = synchub_protocol::DEFAULT_SPACE;
 const REDIRECTS: &str = "synchub_blob_redirects_total";
 
 fn init() {
-    synchub_client::hub_api::install_crypto_provider();
+    synchub_client::install_crypto_provider();
 }
 
 /// A hub on SQLite whose blob store is a fresh moto bucket.
@@ -264,11 +264,10 @@ async fn agent_checks_the_hash_behind_a_redirect() -> anyhow::Result<()> {
     let api = HubApi::new(vec![hub.url.clone()], &token)?;
     let src = tempfile::tempdir()?;
     std::fs::write(src.path().join("small.json"), b"{\"v\":1}")?;
-    let v1 =
-        synchub_client::publish::publish(&api, SPACE, None, &[src.path().join("small.json")], None)
-            .await?
-            .head
-            .version;
+    let v1 = synchub_client::publish(&api, SPACE, None, &[src.path().join("small.json")], None)
+        .await?
+        .head
+        .version;
     let d = tempfile::tempdir()?;
     let agent = SyncClient::start(agent_config(&hub, &token, d.path())).await?;
     wait_ready(&agent, v1, Duration::from_secs(10)).await?;
@@ -280,7 +279,7 @@ async fn agent_checks_the_hash_behind_a_redirect() -> anyhow::Result<()> {
     let large = Noise::bytes(7, 600_000);
     let large_sha = Sha256Hex::of(&large);
     std::fs::write(src.path().join("large.bin"), &large)?;
-    let v2 = synchub_client::publish::publish(
+    let v2 = synchub_client::publish(
         &api,
         SPACE,
         None,
