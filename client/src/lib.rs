@@ -32,6 +32,7 @@
 //! # }
 //! ```
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
 #![warn(unreachable_pub)]
 
 mod agent;

@@ -1,5 +1,7 @@
 //! The `synchub` binary: parse the command line, set up logging, call into the library.
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
 use clap::Parser;
 use synchub_hub::cli::{Cli, run};
 

@@ -4,6 +4,8 @@
 //! stream format and path validation. No I/O and no async runtime, so both sides (and any other
 //! program that wants to talk to a hub) can depend on it without pulling in a server.
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
 pub mod api;
 pub mod collision;
 pub mod error_chain;

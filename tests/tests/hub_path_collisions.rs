@@ -37,7 +37,7 @@ async fn colliding_commits_are_refused(backend: Backend) -> anyhow::Result<()> {
     assert_eq!(s, StatusCode::CREATED, "{body}");
 
     let nfd_school = "S\u{326}coala/y"; // the NFD spelling of the folder held as NFC
-    let cases: [(&str, Puts); 4] = [
+    let cases: [(&str, Puts<'_>); 4] = [
         (
             "case, in one commit",
             &[("doc/R.txt", b"1"), ("doc/r.txt", b"2")],

@@ -86,7 +86,11 @@ impl Noise {
 /// Writes an object straight into the bucket, behind the hub's back. moto wants a credential
 /// in the request (anonymous writes are refused) but checks no signature.
 async fn put_object(s3: &S3Config, key: &str, body: Vec<u8>) -> anyhow::Result<()> {
-    let url = format!("{}/{}/{key}", s3.endpoint.as_deref().unwrap(), s3.bucket);
+    let url = format!(
+        "{}/{}/{key}",
+        s3.endpoint.as_deref().context("no S3 endpoint")?,
+        s3.bucket
+    );
     let authorization = format!(
         "AWS4-HMAC-SHA256 Credential={}/20260101/{}/s3/aws4_request, \
          SignedHeaders=host, Signature={}",
@@ -108,7 +112,11 @@ async fn put_object(s3: &S3Config, key: &str, body: Vec<u8>) -> anyhow::Result<(
 
 /// Multipart uploads the bucket still has open (started and neither completed nor aborted).
 async fn open_multipart_uploads(s3: &S3Config) -> anyhow::Result<usize> {
-    let url = format!("{}/{}?uploads", s3.endpoint.as_deref().unwrap(), s3.bucket);
+    let url = format!(
+        "{}/{}?uploads",
+        s3.endpoint.as_deref().context("no S3 endpoint")?,
+        s3.bucket
+    );
     let resp = reqwest::Client::builder()
         .no_proxy()
         .build()?

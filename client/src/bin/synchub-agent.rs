@@ -3,6 +3,8 @@
 //! on Windows, manages the agent's service (`service install|uninstall|start|stop|run`).
 //! Configuration layers: defaults < `--config agent.toml` < `SYNCHUB_*` env < flags.
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
