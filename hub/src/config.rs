@@ -319,69 +319,85 @@ impl Config {
     /// Sources name configured spaces, valid tables, file names and bucket URLs; table sources
     /// need the PostgreSQL database that holds the tables.
     fn validate_sources(&self) -> Result<(), ConfigError> {
-        let invalid = |m: String| Err(ConfigError::Invalid(m));
         let url = self.database_url();
         let postgres = url.starts_with("postgres://") || url.starts_with("postgresql://");
         let mut fed = std::collections::HashSet::new();
         for t in &self.table_source {
-            if !self.spaces.contains(&t.space) {
-                return invalid(format!(
-                    "table_source space {:?} is not in spaces {:?}",
-                    t.space, self.spaces
-                ));
-            }
-            if !fed.insert(("table", t.space.as_str())) {
-                return invalid(format!("two table_source entries for space {:?}", t.space));
-            }
-            if !postgres {
-                return invalid(format!(
-                    "table_source for {:?} reads tables of the hub's PostgreSQL database: set \
-                     database_url to postgres://...",
+            if !fed.insert(t.space.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "two table_source entries for space {:?}",
                     t.space
-                ));
+                )));
             }
-            if t.tables.is_empty() && t.queries.is_empty() {
-                return invalid(format!("table_source for {:?} names no tables", t.space));
-            }
-            for table in &t.tables {
-                crate::sources::tables::check_table_name(table).map_err(ConfigError::Invalid)?;
-            }
-            for (name, query) in &t.queries {
-                crate::sources::tables::check_file_name(name).map_err(ConfigError::Invalid)?;
-                if query.trim().is_empty() {
-                    return invalid(format!("table_source query {name:?} is empty"));
-                }
-            }
-            if t.debounce_ms > 60_000 {
-                return invalid("table_source debounce_ms is at most 60000".into());
-            }
+            self.validate_table_source(t, postgres)?;
         }
         for b in &self.bucket_source {
-            if !self.spaces.contains(&b.space) {
-                return invalid(format!(
-                    "bucket_source space {:?} is not in spaces {:?}",
-                    b.space, self.spaces
-                ));
+            self.validate_bucket_source(b, postgres)?;
+        }
+        Ok(())
+    }
+
+    /// One `[[table_source]]` entry (duplicates are checked by the caller).
+    fn validate_table_source(&self, t: &TableSource, postgres: bool) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if !self.spaces.contains(&t.space) {
+            return invalid(format!(
+                "table_source space {:?} is not in spaces {:?}",
+                t.space, self.spaces
+            ));
+        }
+        if !postgres {
+            return invalid(format!(
+                "table_source for {:?} reads tables of the hub's PostgreSQL database: set \
+                 database_url to postgres://...",
+                t.space
+            ));
+        }
+        if t.tables.is_empty() && t.queries.is_empty() {
+            return invalid(format!("table_source for {:?} names no tables", t.space));
+        }
+        for table in &t.tables {
+            crate::sources::tables::check_table_name(table).map_err(ConfigError::Invalid)?;
+        }
+        for (name, query) in &t.queries {
+            crate::sources::tables::check_file_name(name).map_err(ConfigError::Invalid)?;
+            if query.trim().is_empty() {
+                return invalid(format!("table_source query {name:?} is empty"));
             }
-            if !postgres {
-                return invalid(format!(
-                    "bucket_source for {:?} needs a PostgreSQL database_url (it follows bumps \
-                     through LISTEN); `synchub import` copies a bucket into any hub",
-                    b.space
-                ));
-            }
-            crate::sources::bucket::BucketUrl::parse(&b.url).map_err(ConfigError::Invalid)?;
-            crate::sources::bucket::check_into(&b.into).map_err(ConfigError::Invalid)?;
-            if b.interval_secs == 0 {
-                return invalid("bucket_source interval_secs must be above 0".into());
-            }
-            if b.access_key_id.is_empty() || b.secret_access_key.is_empty() {
-                return invalid(format!(
-                    "bucket_source {} needs access_key_id and secret_access_key (in the file, \
-                     or SYNCHUB_BUCKET_ACCESS_KEY_ID / SYNCHUB_BUCKET_SECRET_ACCESS_KEY)",
-                    b.url
-                ));
-            }
+        }
+        if t.debounce_ms > 60_000 {
+            return invalid("table_source debounce_ms is at most 60000".into());
+        }
+        Ok(())
+    }
+
+    /// One `[[bucket_source]]` entry.
+    fn validate_bucket_source(&self, b: &BucketSource, postgres: bool) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if !self.spaces.contains(&b.space) {
+            return invalid(format!(
+                "bucket_source space {:?} is not in spaces {:?}",
+                b.space, self.spaces
+            ));
+        }
+        if !postgres {
+            return invalid(format!(
+                "bucket_source for {:?} needs a PostgreSQL database_url (it follows bumps \
+                 through LISTEN); `synchub import` copies a bucket into any hub",
+                b.space
+            ));
+        }
+        crate::sources::bucket::BucketUrl::parse(&b.url).map_err(ConfigError::Invalid)?;
+        crate::sources::bucket::check_into(&b.into).map_err(ConfigError::Invalid)?;
+        if b.interval_secs == 0 {
+            return invalid("bucket_source interval_secs must be above 0".into());
+        }
+        if b.access_key_id.is_empty() || b.secret_access_key.is_empty() {
+            return invalid(format!(
+                "bucket_source {} needs access_key_id and secret_access_key (in the file, \
+                 or SYNCHUB_BUCKET_ACCESS_KEY_ID / SYNCHUB_BUCKET_SECRET_ACCESS_KEY)",
+                b.url
+            ));
         }
         Ok(())
     }

@@ -217,11 +217,8 @@ fn followed_spaces(
 }
 
 async fn refuse_read_error(socket: &mut WebSocket, e: axum::Error) {
-    let text = e.to_string();
-    if text.contains("Space limit exceeded")
-        || text.contains("too long")
-        || text.contains("Capacity")
-    {
+    let e = e.into_inner();
+    if let Some(tungstenite::Error::Capacity(_)) = e.downcast_ref::<tungstenite::Error>() {
         let msg = "frame larger than the hub's limit".to_owned();
         refuse(socket, codes::FRAME_TOO_LARGE, msg, close_code::SIZE).await;
     } else {
