@@ -184,10 +184,19 @@ impl HubApi {
         check(self.post("/blobs/pack").json(list).send().await?).await
     }
 
-    /// `POST /blobs/missing`: which of these the hub lacks.
+    /// `POST /blobs/missing`: which of these the hub lacks, asked in batches of at most
+    /// [`synchub_protocol::MAX_BLOBS_PER_QUERY`] (the hub's bound per request).
     pub async fn missing(&self, list: &BlobList) -> Result<BlobList> {
-        let resp = self.post("/blobs/missing").json(list).send().await?;
-        Ok(check(resp).await?.json().await?)
+        let mut missing = BlobList::default();
+        for batch in list.sha256.chunks(synchub_protocol::MAX_BLOBS_PER_QUERY) {
+            let batch = BlobList {
+                sha256: batch.to_vec(),
+            };
+            let resp = self.post("/blobs/missing").json(&batch).send().await?;
+            let answer: BlobList = check(resp).await?.json().await?;
+            missing.sha256.extend(answer.sha256);
+        }
+        Ok(missing)
     }
 
     /// `PUT /blobs/{sha256}`.

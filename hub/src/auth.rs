@@ -162,19 +162,40 @@ where
         let secret = value
             .to_str()
             .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
+            .and_then(bearer_secret)
             .ok_or(HubError::Unauthorized)?;
-        state
+        let principal = state
             .tokens()
             .authenticate(secret)
-            .ok_or(HubError::Unauthorized)
+            .ok_or(HubError::Unauthorized)?;
+        if let Some(connection) = parts.extensions.get::<crate::connections::ConnectionAuth>() {
+            connection.authenticated();
+        }
+        Ok(principal)
     }
+}
+
+/// The secret of an `Authorization: Bearer SECRET` value; the scheme is case-insensitive
+/// (RFC 9110), so `bearer` and `BEARER` work too.
+fn bearer_secret(value: &str) -> Option<&str> {
+    let (scheme, secret) = value.trim().split_once(' ')?;
+    let secret = secret.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !secret.is_empty()).then_some(secret)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_secret("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_secret("bearer abc"), Some("abc"));
+        assert_eq!(bearer_secret("BEARER  abc "), Some("abc"));
+        assert_eq!(bearer_secret("Basic abc"), None);
+        assert_eq!(bearer_secret("Bearer "), None);
+        assert_eq!(bearer_secret("Bearerabc"), None);
+    }
 
     #[test]
     fn secrets_are_random_and_hashed() {

@@ -149,6 +149,12 @@ pub struct Limits {
     pub ws_buffer_bytes: usize,
     pub max_pack_blobs: usize,
     pub max_pack_bytes: u64,
+    /// A connection that has not sent a whole request head within this long is closed (a
+    /// silent socket, an idle keep-alive one, or headers sent a byte at a time).
+    pub header_read_timeout_ms: u64,
+    /// Connections from one address that have not made an authenticated request yet; more
+    /// are closed at once. 0: no cap.
+    pub max_unauthenticated_per_address: usize,
 }
 
 impl Default for Limits {
@@ -161,6 +167,8 @@ impl Default for Limits {
             ws_buffer_bytes: 1 << 10,
             max_pack_blobs: 10_000,
             max_pack_bytes: 256 << 20,
+            header_read_timeout_ms: 10_000,
+            max_unauthenticated_per_address: 256,
         }
     }
 }
@@ -307,6 +315,11 @@ impl Config {
             ));
         }
         self.validate_sources()?;
+        if self.limits.header_read_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.header_read_timeout_ms must be above 0".into(),
+            ));
+        }
         if self.limits.ws_buffer_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "limits.ws_buffer_bytes must be at least 1024".into(),

@@ -64,14 +64,52 @@ impl HubError {
                 (StatusCode::NOT_FOUND, codes::NOT_FOUND)
             }
             // The database is down or restarting: a retry later will do.
-            HubError::Store(StoreError::Database(
-                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed,
-            )) => (StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE),
+            HubError::Store(e) if db_unreachable(e) => {
+                (StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE)
+            }
+            HubError::Store(e) if db_full(e) => {
+                (StatusCode::INSUFFICIENT_STORAGE, codes::STORAGE_FULL)
+            }
+            HubError::Blob(BlobError::Io(e)) if io_full(e) => {
+                (StatusCode::INSUFFICIENT_STORAGE, codes::STORAGE_FULL)
+            }
+            HubError::Blob(BlobError::Corrupt { .. }) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, codes::CORRUPT_DATA)
+            }
             HubError::Store(_) | HubError::Blob(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, codes::INTERNAL)
             }
         }
     }
+}
+
+/// The database is down, restarting or out of connections: a retry later will do.
+fn db_unreachable(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::Database(
+            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
+        )
+    ) && !db_full(e)
+}
+
+/// The database could not write for lack of space (SQLite `SQLITE_FULL`, PostgreSQL
+/// `disk_full`).
+fn db_full(e: &StoreError) -> bool {
+    match e {
+        StoreError::Database(sqlx::Error::Io(io)) => io_full(io),
+        StoreError::Database(sqlx::Error::Database(d)) => {
+            matches!(d.code().as_deref(), Some("13" | "53100"))
+        }
+        _ => false,
+    }
+}
+
+fn io_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
 }
 
 impl From<BlobError> for HubError {
@@ -96,12 +134,21 @@ impl IntoResponse for HubError {
         if status.is_server_error() && !expected {
             tracing::error!(error = %self, "request failed");
         }
-        let message = if status.is_server_error() && !expected {
+        let message = if code == codes::INTERNAL {
             // Internal details go to the log, not to clients.
             "internal error; see the hub's log".to_owned()
+        } else if code == codes::STORAGE_FULL {
+            "the hub's disk is full: nothing was stored; free space on the hub and try again"
+                .to_owned()
+        } else if let HubError::Store(StoreError::Database(e)) = &self
+            && code == codes::UNAVAILABLE
+        {
+            // Say why (sqlx's text names no address or password).
+            format!("the hub's database is unreachable ({e}); try again shortly")
         } else {
             self.to_string()
         };
+
         let (conflicts, head) = match self {
             HubError::Conflict { paths, head } => (paths, Some(*head)),
             _ => (Vec::new(), None),

@@ -219,12 +219,11 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
 
     let app = crate::api::router(state.clone());
     let stop = shutdown.clone();
-    let server = tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "server stopped");
-        }
-    });
+    let limits = crate::connections::ConnectionLimits {
+        header_read_timeout: Duration::from_millis(state.config.limits.header_read_timeout_ms),
+        max_unauthenticated_per_address: state.config.limits.max_unauthenticated_per_address,
+    };
+    let server = tokio::spawn(crate::connections::serve(listener, app, limits, stop));
     tracing::info!(%addr, hub_id = state.hub_id, store = state.store.backend(), blobs = state.blobs.backend(), "hub listening");
     Ok(RunningHub {
         addr,

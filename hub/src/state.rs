@@ -30,6 +30,9 @@ pub struct Inner {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// How well the heads keep in step with the database, for `/readyz`.
     pub reconcile: Reconcile,
+    /// When a write last failed for a full disk (a 507 was answered); `/readyz` reports it for
+    /// [`STORAGE_FULL_REPORTED`] after.
+    pub storage_full_at: Mutex<Option<Instant>>,
     manifests: Mutex<HashMap<Sha256Hex, Arc<Manifest>>>,
 }
 
@@ -56,6 +59,10 @@ pub struct ReconcileHealth {
     /// Why the last read failed, until one succeeds.
     pub last_error: Option<String>,
 }
+
+/// How long `/readyz` says "disk full" after a write failed for it: long enough for a probe
+/// to see it, short enough that a freed disk is noticed without a restart.
+pub const STORAGE_FULL_REPORTED: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Parsed manifests kept in memory; they are immutable, so this only bounds memory.
 const MANIFEST_CACHE: usize = 8;
@@ -93,6 +100,7 @@ impl AppState {
             shutdown,
             metrics,
             reconcile: Reconcile::default(),
+            storage_full_at: Mutex::new(None),
             manifests: Mutex::new(HashMap::new()),
         }))
     }

@@ -5,6 +5,7 @@
 //! program that wants to talk to a hub) can depend on it without pulling in a server.
 
 pub mod api;
+pub mod bounds;
 pub mod collision;
 pub mod frames;
 pub mod hash;
@@ -13,6 +14,7 @@ pub mod pack;
 pub mod path;
 
 pub use api::*;
+pub use bounds::{BoundError, MAX_BLOBS_PER_QUERY, MAX_MESSAGE_LEN};
 pub use collision::{PathCollision, check_collisions};
 pub use frames::*;
 pub use hash::{HashError, Sha256Hex};

@@ -86,6 +86,8 @@ pub async fn commit(
 ) -> ApiResult<Response> {
     space_name(&space)?;
     principal.require_space(&space)?;
+    req.check_bounds()
+        .map_err(|e| HubError::TooLarge(e.to_string()))?;
     let limits = &state.config.limits;
     if req.puts.len() + req.deletes.len() > limits.max_manifest_entries {
         return Err(HubError::TooLarge(format!(
@@ -280,9 +282,8 @@ pub async fn force_sync(
 ) -> ApiResult<Response> {
     space_name(&space)?;
     principal.require_admin()?;
-    if req.reason.as_ref().is_some_and(|r| r.len() > 1000) {
-        return Err(HubError::TooLarge("reason over 1000 bytes".into()));
-    }
+    req.check_bounds()
+        .map_err(|e| HubError::TooLarge(e.to_string()))?;
     let head = force(&state, &space, req.reason, &principal.name).await?;
     Ok((StatusCode::CREATED, axum::Json(CommitResponse { head })).into_response())
 }
