@@ -81,7 +81,12 @@ async fn session(ctx: &ConnectionContext, url: &str) -> Result<bool> {
     );
     let (mut ws, _) = tokio::time::timeout(
         Duration::from_secs(5),
-        tokio_tungstenite::connect_async(request),
+        tokio_tungstenite::connect_async_tls_with_config(
+            request,
+            None,
+            false,
+            ctx.api.tls().map(tokio_tungstenite::Connector::Rustls),
+        ),
     )
     .await
     .map_err(|_| ClientError::Unreachable(format!("{url}: connect timed out")))?

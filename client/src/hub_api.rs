@@ -26,12 +26,42 @@ pub fn install_crypto_provider() {
     });
 }
 
+/// TLS settings trusting the system's roots and the private CA in the PEM file `ca_cert`;
+/// `None` without one (the HTTP client's and WebSocket's defaults, the system's roots, apply).
+pub fn tls_config(ca_cert: Option<&std::path::Path>) -> Result<Option<Arc<rustls::ClientConfig>>> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let Some(path) = ca_cert else {
+        return Ok(None);
+    };
+    install_crypto_provider();
+    let bad = |reason: String| {
+        ClientError::Config(format!("CA certificate {}: {reason}", path.display()))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    let ours = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
+        .map_err(|e| bad(e.to_string()))?;
+    if ours.is_empty() {
+        return Err(bad("no CERTIFICATE block in the file".into()));
+    }
+    for cert in ours {
+        roots.add(cert).map_err(|e| bad(e.to_string()))?;
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Some(Arc::new(config)))
+}
+
 #[derive(Clone)]
 pub struct HubApi {
     http: reqwest::Client,
     hubs: Arc<Vec<String>>,
     current: Arc<AtomicUsize>,
     token: Arc<str>,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Result of a conditional head check.
@@ -58,17 +88,30 @@ impl HubApi {
         token: &str,
         read_timeout: Duration,
     ) -> Result<Self> {
+        Self::with_options(hubs, token, read_timeout, None)
+    }
+
+    /// Like [`HubApi::with_read_timeout`], with the TLS settings of [`tls_config`] (`None`:
+    /// the system's roots).
+    pub fn with_options(
+        hubs: Vec<String>,
+        token: &str,
+        read_timeout: Duration,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Self> {
         install_crypto_provider();
         if hubs.is_empty() {
             return Err(ClientError::Config("no hub URL".into()));
         }
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .read_timeout(read_timeout)
             .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()
-            .map_err(ClientError::from)?;
+            .pool_idle_timeout(Duration::from_secs(60));
+        if let Some(tls) = &tls {
+            builder = builder.tls_backend_preconfigured(rustls::ClientConfig::clone(tls));
+        }
+        let http = builder.build().map_err(ClientError::from)?;
         let hubs = hubs
             .into_iter()
             .map(|h| h.trim_end_matches('/').to_owned())
@@ -78,7 +121,13 @@ impl HubApi {
             hubs: Arc::new(hubs),
             current: Arc::new(AtomicUsize::new(0)),
             token: token.into(),
+            tls,
         })
+    }
+
+    /// The TLS settings the WebSocket must use too (`None`: the defaults).
+    pub fn tls(&self) -> Option<Arc<rustls::ClientConfig>> {
+        self.tls.clone()
     }
 
     /// The hub URL in use.

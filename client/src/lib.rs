@@ -127,10 +127,11 @@ impl SyncClient {
             Some(id) => id.clone(),
             None => load_or_create_client_id(&meta)?,
         };
-        let api = HubApi::with_read_timeout(
+        let api = HubApi::with_options(
             config.hubs.clone(),
             &config.token,
             Duration::from_millis(config.read_timeout_ms.max(100)),
+            hub_api::tls_config(config.ca_cert.as_deref())?,
         )?;
         let outbox = outbox::Outbox::open(meta.join("outbox"))?;
         let mut spaces = Vec::new();

@@ -31,6 +31,11 @@ pub struct Config {
     pub ping_interval_ms: u64,
     /// Name of this replica in `welcome` and logs; default the host name and port.
     pub hub_id: Option<String>,
+    /// PEM certificate chain: with `tls_key`, the hub serves `https://` and `wss://` itself.
+    /// Both files are read again on SIGHUP.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert` (keep it readable by the hub's account only).
+    pub tls_key: Option<PathBuf>,
     pub limits: Limits,
     /// `[[table_source]]`: spaces fed from PostgreSQL tables and queries (see `sources/`).
     pub table_source: Vec<TableSource>,
@@ -186,6 +191,8 @@ impl Default for Config {
             reread_interval_ms: 30_000,
             ping_interval_ms: 15_000,
             hub_id: None,
+            tls_cert: None,
+            tls_key: None,
             limits: Limits::default(),
             table_source: Vec::new(),
             bucket_source: Vec::new(),
@@ -293,8 +300,18 @@ impl Config {
         Ok(())
     }
 
+    /// The certificate and key files when TLS is configured.
+    pub fn tls_files(&self) -> Option<(&Path, &Path)> {
+        Some((self.tls_cert.as_deref()?, self.tls_key.as_deref()?))
+    }
+
     /// Checks values that cannot work, before anything starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError::Invalid(
+                "tls_cert and tls_key go together: set both (https) or neither (http)".into(),
+            ));
+        }
         for space in &self.spaces {
             synchub_protocol::validate_space(space)
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?;

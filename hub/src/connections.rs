@@ -9,6 +9,9 @@
 //!   open without a token. A connection stops counting once a request on it authenticates
 //!   (see [`ConnectionAuth`]), so a whole office behind one NAT address is not limited.
 //!
+//! With TLS configured the handshake happens in the connection's task, under the same
+//! header-read deadline.
+//!
 //! Each connection's task stops on shutdown after its request in flight (WebSockets are closed
 //! by their own tasks, which watch the same shutdown).
 
@@ -22,6 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -97,12 +101,13 @@ impl ConnectionAuth {
     }
 }
 
-/// Serves `app` on `listener` until `shutdown`, then waits for the connections' requests in
-/// flight to finish.
+/// Serves `app` on `listener` (through TLS with `tls`) until `shutdown`, then waits for the
+/// connections' requests in flight to finish.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: ConnectionLimits,
+    tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
 ) {
     let counts = Arc::new(Unauthenticated::default());
@@ -130,27 +135,41 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        connections.spawn(serve_connection(
-            stream,
-            peer,
-            ConnectionAuth(Arc::new(admission)),
-            app.clone(),
-            limits,
-            shutdown.clone(),
-        ));
+        let auth = ConnectionAuth(Arc::new(admission));
+        let (app, shutdown) = (app.clone(), shutdown.clone());
+        match &tls {
+            None => connections.spawn(serve_connection(stream, peer, auth, app, limits, shutdown)),
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                connections.spawn(async move {
+                    // The handshake is part of reading the request head: same deadline.
+                    let handshake =
+                        tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream));
+                    match handshake.await {
+                        Ok(Ok(stream)) => {
+                            serve_connection(stream, peer, auth, app, limits, shutdown).await
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                })
+            }
+        };
     }
     connections.close();
     connections.wait().await;
 }
 
-async fn serve_connection(
-    stream: tokio::net::TcpStream,
+async fn serve_connection<S>(
+    stream: S,
     peer: SocketAddr,
     auth: ConnectionAuth,
     app: Router,
     limits: ConnectionLimits,
     shutdown: CancellationToken,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(auth.clone());
         request.extensions_mut().insert(ConnectInfo(peer));

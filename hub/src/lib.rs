@@ -21,4 +21,5 @@ pub mod server;
 pub mod sources;
 pub mod state;
 pub mod store;
+pub mod tls;
 pub mod ws;

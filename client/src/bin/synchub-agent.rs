@@ -63,6 +63,10 @@ struct HubArgs {
     /// A file holding the token (one line; readable by the agent's account only).
     #[arg(long, env = "SYNCHUB_TOKEN_FILE", conflicts_with = "token")]
     token_file: Option<PathBuf>,
+    /// PEM file of a private CA that signed the hub's certificate (trusted besides the
+    /// system's roots).
+    #[arg(long, env = "SYNCHUB_CA_CERT")]
+    ca_cert: Option<PathBuf>,
 }
 
 impl HubArgs {
@@ -166,6 +170,9 @@ fn build_config(args: RunArgs) -> anyhow::Result<AgentConfig> {
     };
     if let Some(t) = args.hub.token()? {
         cfg.token = t;
+    }
+    if args.hub.ca_cert.is_some() {
+        cfg.ca_cert = args.hub.ca_cert.clone();
     }
     if !args.hub.hubs.is_empty() {
         cfg.hubs = args.hub.hubs;
@@ -369,7 +376,13 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     if args.hub.hubs.is_empty() {
         bail!("no hub: pass --hub URL");
     }
-    let api = HubApi::new(args.hub.hubs, &token)?;
+    let tls = synchub_client::hub_api::tls_config(args.hub.ca_cert.as_deref())?;
+    let api = HubApi::with_options(
+        args.hub.hubs,
+        &token,
+        synchub_client::hub_api::DEFAULT_READ_TIMEOUT,
+        tls,
+    )?;
     let started = Instant::now();
     let options = synchub_client::publish::PublishOptions {
         prefix: args.prefix,
