@@ -37,6 +37,9 @@ pub struct Config {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert` (keep it readable by the hub's account only).
     pub tls_key: Option<PathBuf>,
+    /// Serve `/metrics` without a token (a scraper on a private network); default: admin
+    /// tokens only.
+    pub metrics_public: bool,
     pub limits: Limits,
     /// `[[table_source]]`: spaces fed from PostgreSQL tables and queries (see `sources/`).
     pub table_source: Vec<TableSource>,
@@ -194,6 +197,7 @@ impl Default for Config {
             hub_id: None,
             tls_cert: None,
             tls_key: None,
+            metrics_public: false,
             limits: Limits::default(),
             table_source: Vec::new(),
             bucket_source: Vec::new(),

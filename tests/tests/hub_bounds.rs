@@ -578,3 +578,29 @@ async fn full_disk_answers_507_and_readyz_says_so() -> anyhow::Result<()> {
     drop(disk);
     Ok(())
 }
+
+/// `/metrics` names spaces, tokens and traffic: admin tokens only, unless `metrics_public`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_need_an_admin_token_unless_public() -> anyhow::Result<()> {
+    let hub = TestHub::start().await?;
+    let pc = hub.token("pc", Role::Agent, None).await?;
+    let url = format!("{}/metrics", hub.url);
+    let r = http().get(&url).send().await?;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = http().get(&url).bearer_auth(&pc).send().await?;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = http()
+        .get(&url)
+        .bearer_auth(&hub.admin_token)
+        .send()
+        .await?;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.text().await?.contains("synchub_"));
+    hub.stop().await;
+
+    let public = TestHub::start_with(|c| c.metrics_public = true).await?;
+    let r = http().get(format!("{}/metrics", public.url)).send().await?;
+    assert_eq!(r.status(), StatusCode::OK);
+    public.stop().await;
+    Ok(())
+}

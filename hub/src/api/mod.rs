@@ -166,8 +166,16 @@ async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(state): State<AppState>) -> String {
-    state.metrics.render()
+/// Prometheus metrics: for admin tokens, or anyone with `metrics_public = true` (they name
+/// spaces, token names and traffic, which an outsider should not map).
+async fn metrics(
+    State(state): State<AppState>,
+    admin: Result<crate::auth::AdminToken, HubError>,
+) -> Result<String, HubError> {
+    if !state.config.metrics_public {
+        admin?;
+    }
+    Ok(state.metrics.render())
 }
 
 /// Maps axum's JSON body rejections to our error body.
