@@ -55,6 +55,7 @@ pub fn tls_config(ca_cert: Option<&std::path::Path>) -> Result<Option<Arc<rustls
     Ok(Some(Arc::new(config)))
 }
 
+/// The hub's HTTP API, over the configured hub URLs (one in use at a time).
 #[derive(Clone)]
 pub struct HubApi {
     http: reqwest::Client,
@@ -136,20 +137,20 @@ impl HubApi {
     }
 
     /// Moves to the next configured hub (after a failed connection).
-    pub fn rotate(&self) {
+    pub(crate) fn rotate(&self) {
         if self.hubs.len() > 1 {
             self.current.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Which hub is in use, for [`HubApi::rotate_from`].
-    pub fn position(&self) -> usize {
+    pub(crate) fn position(&self) -> usize {
         self.current.load(Ordering::Relaxed)
     }
 
     /// Moves to the next hub if the one at `position` is still in use: two tasks that saw the
     /// same hub fail move on once, not twice (which, with two hubs, would land back on it).
-    pub fn rotate_from(&self, position: usize) {
+    pub(crate) fn rotate_from(&self, position: usize) {
         if self.hubs.len() > 1 {
             let _ = self.current.compare_exchange(
                 position,
@@ -165,7 +166,7 @@ impl HubApi {
     }
 
     /// The WebSocket URL of the hub in use, for the route `ws_path`.
-    pub fn ws_url(&self, ws_path: &str) -> String {
+    pub(crate) fn ws_url(&self, ws_path: &str) -> String {
         let hub = self.hub();
         let rest = hub
             .strip_prefix("https://")
@@ -175,7 +176,7 @@ impl HubApi {
         format!("{rest}{ws_path}")
     }
 
-    pub fn token(&self) -> &str {
+    pub(crate) fn token(&self) -> &str {
         &self.token
     }
 
@@ -210,7 +211,7 @@ impl HubApi {
     }
 
     /// The canonical manifest bytes of a version (not yet checked).
-    pub async fn manifest_bytes(&self, space: &str, version: u64) -> Result<bytes::Bytes> {
+    pub(crate) async fn manifest_bytes(&self, space: &str, version: u64) -> Result<bytes::Bytes> {
         let resp = self
             .get(&format!("/spaces/{space}/versions/{version}/manifest"))
             .timeout(MANIFEST_DEADLINE)
@@ -220,7 +221,7 @@ impl HubApi {
     }
 
     /// `GET /blobs/{sha256}` from byte `from` on (a 206 when `from > 0` and the hub honours it).
-    pub async fn blob(&self, sha256: &Sha256Hex, from: u64) -> Result<reqwest::Response> {
+    pub(crate) async fn blob(&self, sha256: &Sha256Hex, from: u64) -> Result<reqwest::Response> {
         let mut req = self.get(&format!("/blobs/{sha256}"));
         if from > 0 {
             req = req.header(RANGE, format!("bytes={from}-"));
@@ -229,7 +230,7 @@ impl HubApi {
     }
 
     /// `POST /blobs/pack`: the response streams the blobs in request order.
-    pub async fn pack(&self, list: &BlobList) -> Result<reqwest::Response> {
+    pub(crate) async fn pack(&self, list: &BlobList) -> Result<reqwest::Response> {
         check(self.post("/blobs/pack").json(list).send().await?).await
     }
 

@@ -34,7 +34,7 @@ async fn no_token_appears_in_any_log() -> anyhow::Result<()> {
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .init();
-    synchub_client::hub_api::install_crypto_provider();
+    synchub_client::install_crypto_provider();
 
     let hub = TestHub::start().await?;
     let pc = hub.token("pc-cluj-01", Role::Agent, None).await?;
@@ -67,7 +67,7 @@ async fn no_token_appears_in_any_log() -> anyhow::Result<()> {
     std::fs::create_dir_all(&src)?;
     std::fs::write(src.join("a.json"), b"{}")?;
     let api = HubApi::new(vec![hub.url.clone()], &publisher)?;
-    let version = synchub_client::publish::publish(&api, DEFAULT_SPACE, None, &[src], None)
+    let version = synchub_client::publish(&api, DEFAULT_SPACE, None, &[src], None)
         .await?
         .head
         .version;

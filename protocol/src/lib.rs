@@ -4,9 +4,12 @@
 //! stream format and path validation. No I/O and no async runtime, so both sides (and any other
 //! program that wants to talk to a hub) can depend on it without pulling in a server.
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
 pub mod api;
 pub mod bounds;
 pub mod collision;
+pub mod error_chain;
 pub mod frames;
 pub mod hash;
 pub mod manifest;
@@ -16,6 +19,7 @@ pub mod path;
 pub use api::*;
 pub use bounds::{BoundError, MAX_BLOBS_PER_QUERY, MAX_MESSAGE_LEN};
 pub use collision::{PathCollision, check_collisions};
+pub use error_chain::error_chain;
 pub use frames::*;
 pub use hash::{HashError, Sha256Hex};
 pub use manifest::{Manifest, ManifestEntry, ManifestError};

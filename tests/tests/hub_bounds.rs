@@ -220,8 +220,8 @@ async fn missing_blobs_query_is_bounded() -> anyhow::Result<()> {
     );
 
     // The agent's client splits a longer list into batches the hub accepts.
-    synchub_client::hub_api::install_crypto_provider();
-    let api = synchub_client::hub_api::HubApi::new(vec![hub.url.clone()], &pc)?;
+    synchub_client::install_crypto_provider();
+    let api = synchub_client::HubApi::new(vec![hub.url.clone()], &pc)?;
     let held = put_blob(&hub, &pc, b"held").await?;
     let mut list: Vec<Sha256Hex> = hashes(MAX_BLOBS_PER_QUERY + 5)
         .iter()

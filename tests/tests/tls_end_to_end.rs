@@ -7,7 +7,7 @@ use anyhow::{Context, ensure};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use synchub_client::hub_api::{DEFAULT_READ_TIMEOUT, HubApi, tls_config};
+use synchub_client::{DEFAULT_READ_TIMEOUT, HubApi, tls_config};
 use synchub_client::{SyncClient, publish};
 use synchub_protocol::{ClientInfo, DEFAULT_SPACE, Role};
 use synchub_tests::fixtures::{agent_config, http, read_tree, wait_ready};
@@ -47,7 +47,7 @@ fn client_trusting(ca: &Path) -> anyhow::Result<reqwest::Client> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_and_wss_with_a_private_ca_and_reload_on_sighup() -> anyhow::Result<()> {
-    synchub_client::hub_api::install_crypto_provider();
+    synchub_client::install_crypto_provider();
     let certs = tempfile::tempdir()?;
     let (ca1, cert1, key1) = make_ca_and_server_cert(certs.path(), "one")?;
     let (cert_path, key_path) = (certs.path().join("hub.pem"), certs.path().join("hub.key"));
@@ -81,7 +81,7 @@ async fn https_and_wss_with_a_private_ca_and_reload_on_sighup() -> anyhow::Resul
         DEFAULT_READ_TIMEOUT,
         tls_config(Some(&ca1))?,
     )?;
-    let head = publish::publish(&api, DEFAULT_SPACE, None, &[src.path().to_path_buf()], None)
+    let head = publish(&api, DEFAULT_SPACE, None, &[src.path().to_path_buf()], None)
         .await?
         .head;
     wait_ready(&agent, head.version, Duration::from_secs(10)).await?;

@@ -3,6 +3,8 @@
 //! on Windows, manages the agent's service (`service install|uninstall|start|stop|run`).
 //! Configuration layers: defaults < `--config agent.toml` < `SYNCHUB_*` env < flags.
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
@@ -300,7 +302,7 @@ async fn main() -> std::process::ExitCode {
                     Some(guard)
                 }
                 Err(e) => {
-                    eprintln!("synchub-agent: cannot open the log folder: {e}");
+                    eprintln!("error: cannot open the log folder: {e}");
                     return std::process::ExitCode::FAILURE;
                 }
             }
@@ -329,7 +331,7 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // One line a person can act on, not a debug dump with a backtrace.
-            eprintln!("synchub-agent: {e:#}");
+            eprintln!("error: {}", synchub_protocol::error_chain(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }
@@ -376,23 +378,22 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     if args.hub.hubs.is_empty() {
         bail!("no hub: pass --hub URL");
     }
-    let tls = synchub_client::hub_api::tls_config(args.hub.ca_cert.as_deref())?;
+    let tls = synchub_client::tls_config(args.hub.ca_cert.as_deref())?;
     let api = HubApi::with_options(
         args.hub.hubs,
         &token,
-        synchub_client::hub_api::DEFAULT_READ_TIMEOUT,
+        synchub_client::DEFAULT_READ_TIMEOUT,
         tls,
     )?;
     let started = Instant::now();
-    let options = synchub_client::publish::PublishOptions {
+    let options = synchub_client::PublishOptions {
         prefix: args.prefix,
         message: args.message,
         mirror: args.mirror,
         deletes: args.deletes,
         reupload: args.reupload,
     };
-    let result =
-        synchub_client::publish::publish_with(&api, &args.space, &args.paths, &options).await;
+    let result = synchub_client::publish_with(&api, &args.space, &args.paths, &options).await;
     // Which token published (the hub names it as the version's author) on which computer,
     // and who sat at it: sync_log must say who changed the data.
     let host = host_name();
@@ -407,7 +408,7 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     let report = synchub_client::upload_report(&client_id, &args.space, user, &result, started);
     match &args.dir {
         Some(dir) => {
-            let outbox = synchub_client::outbox::Outbox::open(dir.join(".synchub").join("outbox"))?;
+            let outbox = synchub_client::Outbox::open(dir.join(".synchub").join("outbox"))?;
             outbox.put(&report)?;
             if let Err(e) = outbox.flush(&api).await {
                 eprintln!("report kept in {} for later: {e}", outbox.dir().display());
@@ -476,7 +477,7 @@ fn login_name() -> Option<String> {
 }
 
 async fn status(addr: SocketAddr, json: bool) -> anyhow::Result<()> {
-    synchub_client::hub_api::install_crypto_provider();
+    synchub_client::install_crypto_provider();
     let url = format!("http://{addr}/status");
     let resp = reqwest::get(&url)
         .await
@@ -523,7 +524,7 @@ fn verify(dir: PathBuf, json: bool) -> anyhow::Result<()> {
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} files {elapsed}")
             .expect("template"),
     );
-    let report = synchub_client::verify::verify(&dir, |done, total| {
+    let report = synchub_client::audit_tree(&dir, |done, total| {
         bar.set_length(total);
         bar.set_position(done);
     })?;
