@@ -32,6 +32,9 @@ pub enum HubError {
     RangeNotSatisfiable { size: u64 },
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// Too many wrong tokens from this address: 429 until the window passes.
+    #[error("{0}")]
+    RateLimited(String),
     /// The space is served but the hub holds no data for it yet (adopted without content):
     /// 503 with the reason shown, so agents stay blocked and say why.
     #[error("{0}")]
@@ -65,6 +68,7 @@ impl HubError {
                 codes::RANGE_NOT_SATISFIABLE,
             ),
             HubError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE),
+            HubError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, codes::RATE_LIMITED),
             HubError::NoData(_) => (StatusCode::SERVICE_UNAVAILABLE, codes::NO_DATA),
             HubError::Store(StoreError::NoSuchSpace(_)) => {
                 (StatusCode::NOT_FOUND, codes::NOT_FOUND)

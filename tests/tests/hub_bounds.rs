@@ -604,3 +604,43 @@ async fn metrics_need_an_admin_token_unless_public() -> anyhow::Result<()> {
     public.stop().await;
     Ok(())
 }
+
+/// An address that sends many wrong tokens gets 429 for a while, even with a right one; other
+/// addresses are not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_tokens_are_rate_limited_per_address() -> anyhow::Result<()> {
+    let hub = TestHub::start().await?;
+    let pc = hub.token("pc", Role::Agent, None).await?;
+    let spaces = hub.api("/spaces");
+    for i in 0..synchub_hub::auth::MAX_FAILURES {
+        let r = http()
+            .get(&spaces)
+            .bearer_auth(format!("shb_guess{i}"))
+            .send()
+            .await?;
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "guess {i}");
+    }
+    let r = http()
+        .get(&spaces)
+        .bearer_auth("shb_one_more")
+        .send()
+        .await?;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let r = http().get(&spaces).bearer_auth(&pc).send().await?;
+    assert_eq!(
+        r.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "the address is blocked"
+    );
+    let e: ApiError = r.json().await?;
+    assert_eq!(e.code, "rate_limited");
+    // Another loopback address is another client.
+    let other = reqwest::Client::builder()
+        .no_proxy()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()?;
+    let r = other.get(&spaces).bearer_auth(&pc).send().await?;
+    assert_eq!(r.status(), StatusCode::OK);
+    hub.stop().await;
+    Ok(())
+}
