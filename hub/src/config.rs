@@ -32,6 +32,14 @@ pub struct Config {
     /// Name of this replica in `welcome` and logs; default the host name, the port and a random
     /// part (see [`crate::server::default_hub_id`]).
     pub hub_id: Option<String>,
+    /// PEM certificate chain: with `tls_key`, the hub serves `https://` and `wss://` itself.
+    /// Both files are read again on SIGHUP.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert` (keep it readable by the hub's account only).
+    pub tls_key: Option<PathBuf>,
+    /// Serve `/metrics` without a token (a scraper on a private network); default: admin
+    /// tokens only.
+    pub metrics_public: bool,
     pub limits: Limits,
     /// `[[table_source]]`: spaces fed from PostgreSQL tables and queries (see `sources/`).
     pub table_source: Vec<TableSource>,
@@ -150,6 +158,12 @@ pub struct Limits {
     pub ws_buffer_bytes: usize,
     pub max_pack_blobs: usize,
     pub max_pack_bytes: u64,
+    /// A connection that has not sent a whole request head within this long is closed (a
+    /// silent socket, an idle keep-alive one, or headers sent a byte at a time).
+    pub header_read_timeout_ms: u64,
+    /// Connections from one address that have not made an authenticated request yet; more
+    /// are closed at once. 0: no cap.
+    pub max_unauthenticated_per_address: usize,
 }
 
 impl Default for Limits {
@@ -162,6 +176,8 @@ impl Default for Limits {
             ws_buffer_bytes: 1 << 10,
             max_pack_blobs: 10_000,
             max_pack_bytes: 256 << 20,
+            header_read_timeout_ms: 10_000,
+            max_unauthenticated_per_address: 256,
         }
     }
 }
@@ -179,6 +195,9 @@ impl Default for Config {
             reread_interval_ms: 30_000,
             ping_interval_ms: 15_000,
             hub_id: None,
+            tls_cert: None,
+            tls_key: None,
+            metrics_public: false,
             limits: Limits::default(),
             table_source: Vec::new(),
             bucket_source: Vec::new(),
@@ -286,8 +305,18 @@ impl Config {
         Ok(())
     }
 
+    /// The certificate and key files when TLS is configured.
+    pub fn tls_files(&self) -> Option<(&Path, &Path)> {
+        Some((self.tls_cert.as_deref()?, self.tls_key.as_deref()?))
+    }
+
     /// Checks values that cannot work, before anything starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError::Invalid(
+                "tls_cert and tls_key go together: set both (https) or neither (http)".into(),
+            ));
+        }
         for space in &self.spaces {
             synchub_protocol::validate_space(space)
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?;
@@ -308,6 +337,11 @@ impl Config {
             ));
         }
         self.validate_sources()?;
+        if self.limits.header_read_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.header_read_timeout_ms must be above 0".into(),
+            ));
+        }
         if self.limits.ws_buffer_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "limits.ws_buffer_bytes must be at least 1024".into(),
