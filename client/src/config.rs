@@ -78,6 +78,8 @@ pub struct AgentConfig {
     /// What the block page calls each space (`global_version = "Date elevi"`); a space
     /// without one is called "the shared data".
     pub display_names: std::collections::BTreeMap<String, String>,
+    /// Two-way folder mode (`[two_way]`, `--two-way`): DIR is the app's own folder.
+    pub two_way: crate::twoway::TwoWayConfig,
 }
 
 impl Default for AgentConfig {
@@ -105,6 +107,7 @@ impl Default for AgentConfig {
             read_timeout_ms: 30_000,
             boot_wait_ms: 30_000,
             display_names: std::collections::BTreeMap::new(),
+            two_way: crate::twoway::TwoWayConfig::default(),
         }
     }
 }
@@ -146,6 +149,10 @@ impl AgentConfig {
             return bad("parallel_downloads must be at least 1".into());
         }
         crate::selection::Selection::new(&self.include)?;
+        self.two_way.validate()?;
+        if self.two_way.enabled && !self.include.is_empty() {
+            return bad("--two-way keeps the whole space in the folder: drop --include".into());
+        }
         Ok(())
     }
 

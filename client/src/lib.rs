@@ -25,12 +25,14 @@ pub mod selection;
 pub mod service;
 pub mod space;
 pub mod state;
+pub mod twoway;
 pub mod verify;
 
 pub use config::{AgentConfig, ExtraFiles, OnFailure};
 pub use error::{ClientError, Result};
 pub use hub_api::HubApi;
 pub use publish::PublishOutcome;
+pub use twoway::TwoWayConfig;
 
 use serde::Serialize;
 use space::{SpaceShared, WorkerContext};
@@ -113,6 +115,9 @@ pub struct SpaceStatus {
     /// When the data held now was put in place (RFC 3339), if any is held.
     #[serde(default)]
     pub applied_at: Option<String>,
+    /// Two-way mode: a local mass change held until an admin approves it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_change: Option<synchub_protocol::HeldChange>,
 }
 
 impl SyncClient {
@@ -161,6 +166,14 @@ impl SyncClient {
             outbox: outbox.clone(),
         });
         for s in &spaces {
+            if config.two_way.enabled {
+                tasks.push(tokio::spawn(twoway::supervise(
+                    s.clone(),
+                    worker_ctx.clone(),
+                    inner.stop.subscribe(),
+                )));
+                continue;
+            }
             tasks.push(tokio::spawn(supervise_worker(
                 s.clone(),
                 worker_ctx.clone(),
@@ -391,6 +404,7 @@ impl Inner {
                         hub_version: s.head.borrow().as_ref().map(|h| h.version),
                         last_error: s.last_error.lock().expect("error lock").clone(),
                         applied_at: local_api::applied_at(&s.layout),
+                        held_change: twoway::held_change(&s.layout),
                     }
                 })
                 .collect(),
@@ -471,7 +485,7 @@ fn load_or_create_client_id(meta: &std::path::Path) -> Result<String> {
     Ok(id)
 }
 
-fn hostname() -> Option<String> {
+pub(crate) fn hostname() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())

@@ -84,6 +84,7 @@ async fn events(
                 hub_version: space.head.borrow().as_ref().map(|h| h.version),
                 last_error: space.last_error.lock().expect("error lock").clone(),
                 applied_at: applied_at(&space.layout),
+                held_change: crate::twoway::held_change(&space.layout),
                 state,
             };
             Ok(Event::default()

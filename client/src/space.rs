@@ -91,7 +91,7 @@ impl SpaceShared {
         self.held.lock().expect("held lock").clone()
     }
 
-    fn set(&self, event: Event) {
+    pub(crate) fn set(&self, event: Event) {
         self.state.send_modify(|s| *s = transition(s, event));
         self.write_state_file();
     }
@@ -381,7 +381,7 @@ pub async fn run_worker(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn record(
+pub(crate) fn record(
     ctx: &WorkerContext,
     space: &str,
     sync_type: SyncType,

@@ -1,5 +1,5 @@
 //! The `synchub` command line: `init`, `serve`, `token create|list|revoke`, `force-sync`,
-//! `import`. `init` creates a hub's data folder, database and admin token; `token`,
+//! `import`, `held`, `approve`, `reject`. `init` creates a hub's data folder, database and admin token; `token`,
 //! `force-sync` and `import` work on an existing hub's database directly, so they run beside a
 //! live hub, which notices their changes through its watcher (new heads are broadcast, revoked
 //! tokens' sockets closed). They never create a database: one run in the wrong folder would
@@ -62,6 +62,25 @@ pub enum Command {
     },
     /// Copy an existing bucket folder (s3://bucket/prefix) into a space as one new version.
     Import(crate::sources::ImportArgs),
+    /// List the local mass changes agents in two-way mode hold for approval.
+    Held {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let an agent publish the mass change it holds.
+    Approve(HeldArgs),
+    /// Make an agent put back the files of the mass change it holds.
+    Reject(HeldArgs),
+}
+
+/// Which held change.
+#[derive(Args, Debug)]
+pub struct HeldArgs {
+    #[arg(long, default_value = synchub_protocol::DEFAULT_SPACE)]
+    pub space: String,
+    /// The agent's client id (as `synchub held` lists it).
+    #[arg(long)]
+    pub client: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -300,6 +319,41 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{} is now at version {}", head.space, head.version);
             Ok(())
         }
+        Command::Held { json } => {
+            let config = load_config(&common)?;
+            require_database(&config)?;
+            let store = crate::store::open(&config.database_url()).await?;
+            let held = store.held_changes().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&held)?);
+            } else if held.is_empty() {
+                println!("no held changes");
+            } else {
+                println!(
+                    "{:<20} {:<36} {:<9} {:>8} {:>8} {:>8}  HELD AT",
+                    "SPACE", "CLIENT", "DECISION", "DELETES", "REPLACES", "FILES"
+                );
+                for h in held {
+                    println!(
+                        "{:<20} {:<36} {:<9} {:>8} {:>8} {:>8}  {}",
+                        h.space,
+                        h.client_id,
+                        h.decision.as_str(),
+                        h.change.deletes,
+                        h.change.replaces,
+                        h.change.total,
+                        h.change.held_at
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Approve(args) => {
+            decide(&common, args, synchub_protocol::HeldDecision::Approved).await
+        }
+        Command::Reject(args) => {
+            decide(&common, args, synchub_protocol::HeldDecision::Rejected).await
+        }
         Command::ForceSync { space, reason } => {
             let config = load_config(&common)?;
             require_database(&config)?;
@@ -311,6 +365,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `synchub approve|reject`: records the decision in the database; the agent reads it.
+async fn decide(
+    common: &Common,
+    args: HeldArgs,
+    decision: synchub_protocol::HeldDecision,
+) -> anyhow::Result<()> {
+    let config = load_config(common)?;
+    require_database(&config)?;
+    let state = server::offline_state(config).await?;
+    let done = crate::api::held::decide_held(&state, &args.space, &args.client, decision, "cli")
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    anyhow::ensure!(
+        done,
+        "no pending held change of {:?} in {:?} (see `synchub held`)",
+        args.client,
+        args.space
+    );
+    println!(
+        "{} {}'s held change in {}; the agent acts on it within a few seconds",
+        decision.as_str(),
+        args.client,
+        args.space
+    );
+    Ok(())
 }
 
 /// Adds what to do to start-up errors whose fix is not obvious from the cause alone.

@@ -8,6 +8,7 @@ pub mod api;
 pub mod collision;
 pub mod frames;
 pub mod hash;
+pub mod held;
 pub mod manifest;
 pub mod pack;
 pub mod path;
@@ -16,6 +17,7 @@ pub use api::*;
 pub use collision::{PathCollision, check_collisions};
 pub use frames::*;
 pub use hash::{HashError, Sha256Hex};
+pub use held::{HeldChange, HeldDecision, HeldRecord};
 pub use manifest::{Manifest, ManifestEntry, ManifestError};
 pub use path::{PathError, validate_path};
 
