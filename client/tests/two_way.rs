@@ -4,7 +4,8 @@
 //! Phases, in one run per backend: each PC writes new PNGs into its own range folders while
 //! the others apply (and the time from a PNG written on one PC to its appearance on the others
 //! is measured); two PCs edit the same file at once; a file is written slowly, held open for
-//! 2 s; one PC deletes 60 % of the tree, which is held until an admin approves it. After every
+//! 2 s; one PC deletes 60 % of the tree, which is held until an admin approves it, and another
+//! does the same, which an admin rejects (the files come back there). After every
 //! phase each folder must equal the hub's head byte for byte, and at the end every write ever
 //! made must still exist, at its path or as a conflict copy.
 //!
@@ -261,6 +262,35 @@ async fn converged(
     }
 }
 
+/// Deletes whole range folders from `pc`'s folder (moved out of it, each in one rename, as
+/// a person deleting folders would) until at least `percent` of `tree`'s files are gone;
+/// returns the paths removed.
+fn remove_folders(
+    pc: &Pc,
+    tree: &BTreeMap<String, Sha256Hex>,
+    percent: usize,
+) -> anyhow::Result<Vec<String>> {
+    let mut by_folder: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for path in tree.keys() {
+        let top = path.split_once('/').map_or(path.as_str(), |(t, _)| t);
+        by_folder.entry(top).or_default().push(path.clone());
+    }
+    let mut removed = Vec::new();
+    let aside = pc
+        .dir
+        .path()
+        .join(format!("deleted-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&aside)?;
+    for (top, paths) in by_folder {
+        if removed.len() * 100 >= tree.len() * percent {
+            break;
+        }
+        std::fs::rename(pc.folder().join(top), aside.join(top))?;
+        removed.extend(paths);
+    }
+    Ok(removed)
+}
+
 async fn wait_for_file(
     root: &Path,
     rel: &str,
@@ -282,8 +312,17 @@ async fn wait_for_file(
     }
 }
 
-async fn three_pcs_keep_one_folder(backend: Backend) -> anyhow::Result<()> {
-    let hub = TestHub::start_backend(backend).await?;
+async fn three_pcs_keep_one_folder(backend: Backend, s3: bool) -> anyhow::Result<()> {
+    let bucket = match s3 {
+        true => Some(synchub_tests::s3::test_bucket().await?),
+        false => None,
+    };
+    let hub = TestHub::start_with_backend_and(backend, move |c| {
+        if let Some(b) = bucket {
+            c.blob_store = synchub_hub::config::BlobStoreConfig::S3(b);
+        }
+    })
+    .await?;
     let admin = Admin {
         http: reqwest::Client::new(),
         hub: hub.url.clone(),
@@ -333,8 +372,9 @@ async fn three_pcs_keep_one_folder(backend: Backend) -> anyhow::Result<()> {
     }
     latencies.sort();
     println!(
-        "two-way latency, PNG written on one PC until on both others ({:?} backend): median {:?}, min {:?}, max {:?} over {} runs",
+        "two-way latency, PNG written on one PC until on both others ({:?}, {} blobs): median {:?}, min {:?}, max {:?} over {} runs",
         backend,
+        if s3 { "S3" } else { "fs" },
         latencies[latencies.len() / 2],
         latencies[0],
         latencies[latencies.len() - 1],
@@ -400,11 +440,8 @@ async fn three_pcs_keep_one_folder(backend: Backend) -> anyhow::Result<()> {
 
     // 4. One PC deletes 60 % of the tree: held until approved, then it reaches the others.
     let before = admin.head().await?;
-    let victims: Vec<String> = tree.keys().take(tree.len() * 6 / 10).cloned().collect();
+    let victims = remove_folders(&pcs[2], &tree, 60)?;
     let deleted: BTreeSet<Sha256Hex> = victims.iter().map(|v| tree[v].clone()).collect();
-    for rel in &victims {
-        std::fs::remove_file(pcs[2].folder().join(rel))?;
-    }
     let deadline = Instant::now() + Duration::from_secs(20);
     let held = loop {
         let status = pcs[2].status().await?;
@@ -421,7 +458,13 @@ async fn three_pcs_keep_one_folder(backend: Backend) -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    ensure!(held["deletes"] == victims.len() as u64, "held: {held}");
+    ensure!(
+        held["deletes"] == victims.len() as u64,
+        "held {} of {} deletes\n{}",
+        held["deletes"],
+        victims.len(),
+        pcs[2].log_tail()
+    );
     let listed = loop {
         let list = admin.held().await?;
         if let Some(r) = list.into_iter().find(|r| r.client_id == "pc-brasov") {
@@ -466,6 +509,37 @@ async fn three_pcs_keep_one_folder(backend: Backend) -> anyhow::Result<()> {
         "the approved change is still listed"
     );
 
+    // 5. Another mass delete, rejected: the PC gets the files back and nothing goes out.
+    let before = admin.head().await?;
+    let victims2 = remove_folders(&pcs[1], &tree, 60)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let list = admin.held().await?;
+        if list.iter().any(|r| r.client_id == "pc-iasi") {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the second mass delete was not held\n{}",
+            pcs[1].log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    admin.decide("pc-iasi", "reject").await?;
+    let tree = converged(&admin, &all, Duration::from_secs(30)).await?;
+    ensure!(
+        admin.head().await?.version == before.version,
+        "the rejected delete was published"
+    );
+    ensure!(
+        victims2.iter().all(|v| tree.contains_key(v)),
+        "the rejected files did not come back"
+    );
+    ensure!(
+        admin.held().await?.is_empty(),
+        "the rejected change is still listed"
+    );
+
     // No write lost: the last body each PC wrote to each path is in the final tree, unless
     // the approved mass delete removed it on purpose.
     let present: BTreeSet<Sha256Hex> = tree.values().cloned().collect();
@@ -483,4 +557,16 @@ async fn three_pcs_keep_one_folder(backend: Backend) -> anyhow::Result<()> {
     Ok(())
 }
 
-synchub_tests::each_backend!(three_pcs_keep_one_folder);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_and_fs() {
+    three_pcs_keep_one_folder(Backend::Sqlite, false)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_and_s3() {
+    three_pcs_keep_one_folder(Backend::Postgres, true)
+        .await
+        .unwrap();
+}

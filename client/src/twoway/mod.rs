@@ -312,8 +312,13 @@ async fn run(
                     now.duration_since(t) >= Duration::from_millis(cfg.max_wait_ms)
                 });
                 let all_stable = stable_paths.len() == changed.len();
-                // Check again soon: a stable window from now.
-                next_scan = now + stable / 2;
+                // Look again when the next change will have held still long enough (a
+                // signature that moves meanwhile is seen then and waits again); when all are
+                // stable but cannot go yet (busy, hub away), every half window.
+                next_scan = tracker
+                    .next_stable_at(now, stable)
+                    .unwrap_or(now + stable / 2)
+                    .max(now + Duration::from_millis(10));
                 if (all_stable || waited) && !stable_paths.is_empty() && hub_ok {
                     let files: Vec<PathBuf> = stable_paths
                         .iter()

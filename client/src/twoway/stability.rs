@@ -63,6 +63,15 @@ impl Tracker {
             .is_some_and(|s| now.duration_since(s.since) >= window)
     }
 
+    /// When the next change that is not stable yet will be (to scan again just then).
+    pub fn next_stable_at(&self, now: Instant, window: Duration) -> Option<Instant> {
+        self.seen
+            .values()
+            .map(|s| s.since + window)
+            .filter(|t| *t > now)
+            .min()
+    }
+
     /// When the oldest change was first seen with its present signature.
     pub fn oldest(&self) -> Option<Instant> {
         self.seen.values().map(|s| s.since).min()
