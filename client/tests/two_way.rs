@@ -110,7 +110,7 @@ fn png(tag: &str, len: usize) -> Vec<u8> {
 
 /// The synced files of a folder (the agent's `.synchub/` left out), path -> bytes.
 fn folder_tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
-    synchub_client::apply::walk_files(root)
+    synchub_client::walk_files(root)
         .into_iter()
         .filter(|p| !p.starts_with(".synchub/"))
         .filter_map(|p| std::fs::read(root.join(&p)).ok().map(|b| (p, b)))

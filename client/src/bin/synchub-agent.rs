@@ -3,6 +3,8 @@
 //! on Windows, manages the agent's service (`service install|uninstall|start|stop|run`).
 //! Configuration layers: defaults < `--config agent.toml` < `SYNCHUB_*` env < flags.
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
@@ -275,7 +277,7 @@ async fn main() -> std::process::ExitCode {
                     Some(guard)
                 }
                 Err(e) => {
-                    eprintln!("synchub-agent: cannot open the log folder: {e}");
+                    eprintln!("error: cannot open the log folder: {e}");
                     return std::process::ExitCode::FAILURE;
                 }
             }
@@ -304,7 +306,7 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // One line a person can act on, not a debug dump with a backtrace.
-            eprintln!("synchub-agent: {e:#}");
+            eprintln!("error: {}", synchub_protocol::error_chain(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }
@@ -353,15 +355,14 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     }
     let api = HubApi::new(args.hub.hubs, &token)?;
     let started = Instant::now();
-    let options = synchub_client::publish::PublishOptions {
+    let options = synchub_client::PublishOptions {
         prefix: args.prefix,
         message: args.message,
         mirror: args.mirror,
         deletes: args.deletes,
         reupload: args.reupload,
     };
-    let result =
-        synchub_client::publish::publish_with(&api, &args.space, &args.paths, &options).await;
+    let result = synchub_client::publish_with(&api, &args.space, &args.paths, &options).await;
     // Which token published (the hub names it as the version's author) on which computer,
     // and who sat at it: sync_log must say who changed the data.
     let host = host_name();
@@ -376,7 +377,7 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     let report = synchub_client::upload_report(&client_id, &args.space, user, &result, started);
     match &args.dir {
         Some(dir) => {
-            let outbox = synchub_client::outbox::Outbox::open(dir.join(".synchub").join("outbox"))?;
+            let outbox = synchub_client::Outbox::open(dir.join(".synchub").join("outbox"))?;
             outbox.put(&report)?;
             if let Err(e) = outbox.flush(&api).await {
                 eprintln!("report kept in {} for later: {e}", outbox.dir().display());
@@ -445,7 +446,7 @@ fn login_name() -> Option<String> {
 }
 
 async fn status(addr: SocketAddr, json: bool) -> anyhow::Result<()> {
-    synchub_client::hub_api::install_crypto_provider();
+    synchub_client::install_crypto_provider();
     let url = format!("http://{addr}/status");
     let resp = reqwest::get(&url)
         .await
@@ -505,7 +506,7 @@ fn verify(dir: PathBuf, json: bool) -> anyhow::Result<()> {
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} files {elapsed}")
             .expect("template"),
     );
-    let report = synchub_client::verify::verify(&dir, |done, total| {
+    let report = synchub_client::audit_tree(&dir, |done, total| {
         bar.set_length(total);
         bar.set_position(done);
     })?;

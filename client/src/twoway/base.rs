@@ -16,24 +16,24 @@ use std::path::Path;
 use synchub_protocol::{Manifest, ManifestEntry, Sha256Hex};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Base {
+pub(crate) struct Base {
     /// The last hub version merged into the folder (0: none yet).
-    pub version: u64,
+    pub(crate) version: u64,
     /// Its data hash, to tell a rewritten version with the same number.
-    pub data_hash: Option<Sha256Hex>,
-    pub files: BTreeMap<String, BaseFile>,
+    pub(crate) data_hash: Option<Sha256Hex>,
+    pub(crate) files: BTreeMap<String, BaseFile>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BaseFile {
-    pub sha256: Sha256Hex,
-    pub size: u64,
+pub(crate) struct BaseFile {
+    pub(crate) sha256: Sha256Hex,
+    pub(crate) size: u64,
     /// The file's signature when it was last known to hold this content.
-    pub local: Option<Stat>,
+    pub(crate) local: Option<Stat>,
 }
 
 impl Base {
-    pub fn load(path: &Path) -> Result<Base> {
+    pub(crate) fn load(path: &Path) -> Result<Base> {
         match std::fs::read(path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map_err(|e| ClientError::Protocol(format!("{} is damaged: {e}", path.display()))),
@@ -42,7 +42,7 @@ impl Base {
         }
     }
 
-    pub fn save(&self, path: &Path) -> Result<()> {
+    pub(crate) fn save(&self, path: &Path) -> Result<()> {
         let json = serde_json::to_vec(self)
             .map_err(|e| ClientError::Protocol(format!("encoding the base: {e}")))?;
         write_atomic(path, &json)
@@ -50,21 +50,21 @@ impl Base {
 
     /// Whether the local file at `path` (signature `now`) holds the base content, by
     /// signature when it matches, else by hashing `file`.
-    pub fn unchanged_locally(&self, rel: &str, now: Option<Stat>, file: &Path) -> bool {
+    pub(crate) fn unchanged_locally(&self, rel: &str, now: Option<Stat>, file: &Path) -> bool {
         match (self.files.get(rel), now) {
             (None, None) => true,
             (None, Some(_)) | (Some(_), None) => false,
             (Some(b), Some(s)) => {
                 b.local == Some(s)
                     || (b.size == s.size
-                        && crate::cache::hash_file(file).is_ok_and(|(sha, _)| sha == b.sha256))
+                        && crate::blob_check::hash_file(file).is_ok_and(|(sha, _)| sha == b.sha256))
             }
         }
     }
 
     /// Paths where `remote` differs from the base, each with the remote entry (`None`: the
     /// hub deleted it).
-    pub fn remote_changes<'a>(
+    pub(crate) fn remote_changes<'a>(
         &self,
         remote: &'a Manifest,
     ) -> Vec<(String, Option<&'a ManifestEntry>)> {

@@ -12,7 +12,7 @@ const HOST_MAX: usize = 32;
 /// `dir/name.ext` -> `dir/name.conflict-<host>-<YYYYMMDD-HHMMSS>.ext`; `n > 1` adds `-n`
 /// (a second conflict on the same file within a second). A name that would be too long keeps
 /// a shorter stem.
-pub fn conflict_name(rel: &str, host: &str, at: DateTime<Utc>, n: u32) -> String {
+pub(crate) fn conflict_name(rel: &str, host: &str, at: DateTime<Utc>, n: u32) -> String {
     let host: String = host
         .chars()
         .map(|c| {

@@ -13,18 +13,18 @@ use synchub_protocol::held::HELD_SAMPLE_MAX;
 
 /// When a burst is held.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Held above this share of the folder's files (percent).
-    pub percent: u64,
+    pub(crate) percent: u64,
     /// Held above this many files, whatever the share.
-    pub files: u64,
+    pub(crate) files: u64,
     /// The share counts only from this many files on, so editing 2 of 3 files is no alarm.
-    pub min_files: u64,
+    pub(crate) min_files: u64,
 }
 
 impl Limits {
     /// Whether deleting or replacing `destructive` of `total` files must be held.
-    pub fn exceeded(&self, destructive: u64, total: u64) -> bool {
+    pub(crate) fn exceeded(&self, destructive: u64, total: u64) -> bool {
         destructive > self.files
             || (destructive >= self.min_files
                 && destructive.saturating_mul(100) > total.saturating_mul(self.percent))
@@ -33,16 +33,16 @@ impl Limits {
 
 /// A held burst, as kept on disk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Held {
+pub(crate) struct Held {
     /// The hub version the burst was made against.
-    pub base_version: u64,
-    pub deletes: Vec<String>,
-    pub replaces: Vec<String>,
-    pub change: HeldChange,
+    pub(crate) base_version: u64,
+    pub(crate) deletes: Vec<String>,
+    pub(crate) replaces: Vec<String>,
+    pub(crate) change: HeldChange,
 }
 
 impl Held {
-    pub fn new(
+    pub(crate) fn new(
         base_version: u64,
         total: u64,
         mut deletes: Vec<String>,
@@ -67,7 +67,7 @@ impl Held {
     }
 
     /// Whether `path` is part of the held burst.
-    pub fn holds(&self, path: &str) -> bool {
+    pub(crate) fn holds(&self, path: &str) -> bool {
         self.deletes
             .binary_search_by(|p| p.as_str().cmp(path))
             .is_ok()
@@ -77,7 +77,7 @@ impl Held {
                 .is_ok()
     }
 
-    pub fn load(path: &Path) -> Result<Option<Held>> {
+    pub(crate) fn load(path: &Path) -> Result<Option<Held>> {
         match std::fs::read(path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
@@ -87,13 +87,13 @@ impl Held {
         }
     }
 
-    pub fn save(&self, path: &Path) -> Result<()> {
+    pub(crate) fn save(&self, path: &Path) -> Result<()> {
         let json = serde_json::to_vec_pretty(self)
             .map_err(|e| ClientError::Protocol(format!("encoding the held change: {e}")))?;
         write_atomic(path, &json)
     }
 
-    pub fn remove(path: &Path) -> Result<()> {
+    pub(crate) fn remove(path: &Path) -> Result<()> {
         match std::fs::remove_file(path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

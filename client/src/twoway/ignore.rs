@@ -8,10 +8,10 @@ use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use std::path::Path;
 
 /// The file with the folder's own patterns.
-pub const IGNORE_FILE: &str = ".synchubignore";
+pub(crate) const IGNORE_FILE: &str = ".synchubignore";
 
 /// Suffix of the agent's temp files while it writes an incoming file.
-pub const TEMP_SUFFIX: &str = ".synchub-tmp";
+pub(crate) const TEMP_SUFFIX: &str = ".synchub-tmp";
 
 /// Skipped in every folder: temp files and the files editors and file managers leave.
 const DEFAULTS: &[&str] = &[
@@ -36,14 +36,14 @@ const DEFAULTS: &[&str] = &[
 ];
 
 /// The compiled rules of one folder.
-pub struct Rules {
+pub(crate) struct Rules {
     matcher: Gitignore,
 }
 
 impl Rules {
     /// The defaults plus `root/.synchubignore` when it exists. A malformed line is an error
     /// naming the file, so a typo cannot silently publish what was meant to stay local.
-    pub fn load(root: &Path) -> Result<Rules> {
+    pub(crate) fn load(root: &Path) -> Result<Rules> {
         let mut builder = GitignoreBuilder::new(root);
         for line in DEFAULTS {
             builder
@@ -64,7 +64,7 @@ impl Rules {
 
     /// Whether `rel` (a `/`-separated path below the folder) is left alone. The walk asks
     /// for every folder on the way down, so a parent's rule covers what is inside it.
-    pub fn ignored(&self, rel: &str, is_dir: bool) -> bool {
+    pub(crate) fn ignored(&self, rel: &str, is_dir: bool) -> bool {
         self.matcher.matched(rel, is_dir).is_ignore()
     }
 }

@@ -17,35 +17,37 @@ use super::base::{Base, BaseFile};
 use super::conflict::conflict_name;
 use super::ignore::TEMP_SUFFIX;
 use super::scan::Stat;
-use crate::cache::{Cache, hash_file};
+use crate::agent::Agent;
+use crate::blob_check::hash_file;
+use crate::cache::Cache;
 use crate::download::{DownloadOptions, fetch_blobs, fetch_manifest};
 use crate::error::{IoContext, Result};
-use crate::space::{SpaceShared, WorkerContext};
+use crate::space::Space;
 use std::path::{Path, PathBuf};
 use synchub_protocol::{Head, Manifest, ManifestEntry};
 
 /// What a merge did.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Merged {
+pub(crate) struct Merged {
     /// Files written or deleted here.
-    pub applied: u64,
-    pub bytes: u64,
+    pub(crate) applied: u64,
+    pub(crate) bytes: u64,
     /// Local files kept as conflict copies.
-    pub conflicts: Vec<String>,
+    pub(crate) conflicts: Vec<String>,
     /// Files in the version.
-    pub total: u64,
+    pub(crate) total: u64,
 }
 
 /// Brings the folder to `head`, keeping every local change (see the module comment). The
 /// base is saved after the files, even when a file fails, so what was done is not redone.
-pub async fn merge(
+pub(crate) async fn merge(
     folder: &Folder,
-    ctx: &WorkerContext,
-    space: &SpaceShared,
+    ctx: &Agent,
+    space: &Space,
     base: &mut Base,
     head: &Head,
 ) -> Result<Merged> {
-    let (manifest, _) = fetch_manifest(&ctx.api, head).await?;
+    let manifest = fetch_manifest(&ctx.api, head).await?;
     let changes: Vec<(String, Option<ManifestEntry>)> = base
         .remote_changes(&manifest)
         .into_iter()
@@ -157,7 +159,7 @@ fn set(base: &mut Base, e: &ManifestEntry, file: &Path) {
 }
 
 /// `root/a/b` for the space path `a/b` (validated when the manifest was parsed).
-pub fn local_path(root: &Path, rel: &str) -> PathBuf {
+pub(crate) fn local_path(root: &Path, rel: &str) -> PathBuf {
     let mut p = root.to_path_buf();
     p.extend(rel.split('/'));
     p
@@ -180,7 +182,7 @@ fn free_conflict_name(
 }
 
 /// Copies a cached blob to a temp file beside `dest` and renames it over `dest`.
-pub fn place(cache: &Cache, e: &ManifestEntry, dest: &Path) -> Result<()> {
+pub(crate) fn place(cache: &Cache, e: &ManifestEntry, dest: &Path) -> Result<()> {
     let dir = dest.parent().expect("a file in the folder has a parent");
     std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
     let name = dest

@@ -18,11 +18,13 @@ mod scan;
 mod stability;
 mod watch;
 
+use crate::agent::Agent;
 use crate::apply::Layout;
 use crate::backoff::Backoff;
 use crate::cache::Cache;
 use crate::error::{ClientError, Result};
-use crate::space::{SpaceShared, WorkerContext, record};
+use crate::report::{Outcome, SyncRecord};
+use crate::space::{HeadSource, HeldVersion, Space};
 use crate::state::Event;
 use base::Base;
 use guard::{Held, Limits};
@@ -32,10 +34,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use synchub_protocol::{HeldChange, HeldDecision, SyncStatus, SyncType};
+use synchub_protocol::{HeldChange, HeldDecision, SyncType};
 use tokio::sync::Notify;
-
-pub use ignore::IGNORE_FILE;
 
 /// `[two_way]` in the agent's configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,22 +117,19 @@ impl Folder {
 }
 
 /// The held change of a space, for `GET /status` and `synchub-agent status`.
-pub fn held_change(layout: &Layout) -> Option<HeldChange> {
+pub(crate) fn held_change(layout: &Layout) -> Option<HeldChange> {
     Held::load(&layout.meta().join("held.json"))
         .ok()
         .flatten()
         .map(|h| h.change)
 }
 
-/// Runs a space in two-way mode, and again (after a pause) if it fails or panics, until stop.
-pub async fn supervise(
-    space: Arc<SpaceShared>,
-    ctx: Arc<WorkerContext>,
-    stop: tokio::sync::watch::Receiver<bool>,
-) {
+/// Runs a space in two-way mode, and again (after a pause) if it fails or panics, until the
+/// agent stops.
+pub(crate) async fn supervise(space: Arc<Space>, ctx: Arc<Agent>) {
     loop {
-        let ended = tokio::spawn(run(space.clone(), ctx.clone(), stop.clone())).await;
-        if *stop.borrow() {
+        let ended = tokio::spawn(run(space.clone(), ctx.clone())).await;
+        if *ctx.stop.borrow() {
             return;
         }
         let why = match ended {
@@ -141,20 +138,29 @@ pub async fn supervise(
             Err(e) => format!("panicked: {e}"),
         };
         tracing::error!(space = %space.name, %why, "the two-way task stopped; restarting it");
-        *space.last_error.lock().expect("error lock") = Some(format!("two-way: {why}"));
-        let mut stop = stop.clone();
+        space.set_error(Some(format!("two-way: {why}")));
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-            _ = stop.changed() => return,
+            _ = ctx.stopped() => return,
         }
     }
 }
 
-async fn run(
-    space: Arc<SpaceShared>,
-    ctx: Arc<WorkerContext>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<()> {
+/// Stores the `sync_log` report of a merge or a publish.
+fn report(ctx: &Agent, space: &str, sync_type: SyncType, started: Instant, outcome: Outcome) {
+    let record = SyncRecord {
+        space,
+        sync_type,
+        started,
+        outcome,
+    };
+    if let Err(e) = ctx.reporter.record(&record) {
+        tracing::error!(error = %e, "could not store a sync report");
+    }
+}
+
+async fn run(space: Arc<Space>, ctx: Arc<Agent>) -> Result<()> {
+    let mut stop = ctx.stop.subscribe();
     let cfg = ctx.config.two_way.clone();
     let root = space.layout.root().to_path_buf();
     std::fs::create_dir_all(&root)
@@ -162,14 +168,17 @@ async fn run(
     let folder = Folder {
         meta: space.layout.meta(),
         cache: Cache::open(space.layout.cache_dir())?,
-        host: crate::hostname().unwrap_or_else(|| "pc".into()),
+        host: ctx.hostname.clone().unwrap_or_else(|| "pc".into()),
         root,
     };
     folder.cache.clean_temp();
     let mut base = Base::load(&folder.base_file())?;
     let mut held = Held::load(&folder.held_file())?;
     if base.version > 0 {
-        *space.held.lock().expect("held lock") = base.data_hash.clone().map(|h| (base.version, h));
+        space.set_held(base.data_hash.clone().map(|data_hash| HeldVersion {
+            version: base.version,
+            data_hash,
+        }));
     }
     let wake = Arc::new(Notify::new());
     let _watcher = watch::start(&folder.root, wake.clone());
@@ -206,22 +215,26 @@ async fn run(
                 Ok(m) => {
                     backoff.reset();
                     retry_at = None;
-                    *space.last_error.lock().expect("error lock") = None;
-                    *space.held.lock().expect("held lock") = Some((h.version, h.data_hash.clone()));
+                    space.set_error(None);
+                    space.set_held(Some(HeldVersion {
+                        version: h.version,
+                        data_hash: h.data_hash.clone(),
+                    }));
                     space.set(Event::Applied { version: h.version });
                     if m.applied > 0 || !m.conflicts.is_empty() {
                         tracing::info!(space = %space.name, version = h.version, files = m.applied,
                             conflicts = m.conflicts.len(), "merged the hub's version");
-                        record(
+                        report(
                             &ctx,
                             &space.name,
                             SyncType::Download,
-                            SyncStatus::Success,
-                            Some(h.version),
-                            (m.applied, Some(m.total)),
-                            m.bytes,
                             started,
-                            None,
+                            Outcome::Success {
+                                version: h.version,
+                                items_synced: m.applied,
+                                items_total: Some(m.total),
+                                bytes: m.bytes,
+                            },
                         );
                     }
                     // Files written here are in the base; conflict copies get published.
@@ -230,16 +243,15 @@ async fn run(
                 }
                 Err(e) => {
                     fail(&space, &mut backoff, &mut retry_at, &e);
-                    record(
+                    report(
                         &ctx,
                         &space.name,
                         SyncType::Download,
-                        SyncStatus::Failed,
-                        Some(h.version),
-                        (0, None),
-                        0,
                         started,
-                        Some(e.to_string()),
+                        Outcome::Failed {
+                            version: Some(h.version),
+                            error: e.to_string(),
+                        },
                     );
                 }
             }
@@ -279,7 +291,7 @@ async fn run(
             let rules = match ignore::Rules::load(&folder.root) {
                 Ok(r) => r,
                 Err(e) => {
-                    *space.last_error.lock().expect("error lock") = Some(e.to_string());
+                    space.set_error(Some(e.to_string()));
                     next_scan = now + Duration::from_millis(cfg.rescan_ms);
                     continue;
                 }
@@ -357,17 +369,14 @@ async fn run(
                                 if let Some(o) = round.outcome {
                                     tracing::info!(space = %space.name, version = o.head.version,
                                         files = o.files, deleted = o.deleted, "published local changes");
-                                    let report = crate::upload_report(
-                                        &ctx.client_id,
+                                    report(
+                                        &ctx,
                                         &space.name,
-                                        ctx.config.user.clone(),
-                                        &Ok(o.clone()),
+                                        SyncType::Upload,
                                         started,
+                                        Outcome::of_publish(&Ok(o.clone())),
                                     );
-                                    if let Err(e) = ctx.outbox.put(&report) {
-                                        tracing::error!(error = %e, "could not store a sync report");
-                                    }
-                                    space.offer_head(o.head, crate::space::HeadSource::Poll);
+                                    space.offer_head(o.head, HeadSource::Poll);
                                 }
                                 if let Some(h) = round.held {
                                     tracing::warn!(space = %space.name, deletes = h.change.deletes,
@@ -386,23 +395,25 @@ async fn run(
                                 // A newer version touched these paths: merge it, then publish.
                                 tracing::info!(space = %space.name, "a newer version touched the same files; merging it first");
                                 if let Some(h) = head {
-                                    space.offer_head(*h, crate::space::HeadSource::Poll);
+                                    space.offer_head(*h, HeadSource::Poll);
                                 } else if let Ok(crate::hub_api::HeadCheck::Head { head, .. }) =
                                     ctx.api.head(&space.name, None).await
                                 {
-                                    space.offer_head(head, crate::space::HeadSource::Poll);
+                                    space.offer_head(head, HeadSource::Poll);
                                 }
                                 next_scan = Instant::now();
                             }
                             Err(e) => {
-                                let report = crate::upload_report(
-                                    &ctx.client_id,
+                                report(
+                                    &ctx,
                                     &space.name,
-                                    ctx.config.user.clone(),
-                                    &Err(ClientError::Protocol(e.to_string())),
+                                    SyncType::Upload,
                                     started,
+                                    Outcome::Failed {
+                                        version: None,
+                                        error: e.to_string(),
+                                    },
                                 );
-                                let _ = ctx.outbox.put(&report);
                                 fail(&space, &mut backoff, &mut retry_at, &e);
                             }
                         }
@@ -438,7 +449,7 @@ async fn run(
 }
 
 /// No head heard yet and nothing merged: the folder's state against the hub is unknown.
-fn head_none_and_first(space: &SpaceShared, base: &Base) -> bool {
+fn head_none_and_first(space: &Space, base: &Base) -> bool {
     space.head.borrow().is_none() && base.version == 0
 }
 
@@ -466,16 +477,11 @@ fn local_changes(
     out
 }
 
-fn fail(
-    space: &SpaceShared,
-    backoff: &mut Backoff,
-    retry_at: &mut Option<Instant>,
-    e: &ClientError,
-) {
+fn fail(space: &Space, backoff: &mut Backoff, retry_at: &mut Option<Instant>, e: &ClientError) {
     let delay = backoff.next_delay();
     tracing::warn!(space = %space.name, error = %e, retry_in = ?delay, "two-way sync failed");
     *retry_at = Some(Instant::now() + delay);
-    *space.last_error.lock().expect("error lock") = Some(e.to_string());
+    space.set_error(Some(e.to_string()));
 }
 
 /// Reports the held burst to the hub and acts on the admin's decision: approved, the burst is
@@ -483,8 +489,8 @@ fn fail(
 /// once settled either way.
 async fn settle_held(
     folder: &Folder,
-    ctx: &WorkerContext,
-    space: &SpaceShared,
+    ctx: &Agent,
+    space: &Space,
     base: &mut Base,
     held: &Held,
 ) -> Result<bool> {
@@ -510,15 +516,14 @@ async fn settle_held(
             let started = Instant::now();
             let round = outgoing::publish(folder, ctx, &space.name, base, paths, None).await?;
             if let Some(o) = round.outcome {
-                let report = crate::upload_report(
-                    &ctx.client_id,
+                report(
+                    ctx,
                     &space.name,
-                    ctx.config.user.clone(),
-                    &Ok(o.clone()),
+                    SyncType::Upload,
                     started,
+                    Outcome::of_publish(&Ok(o.clone())),
                 );
-                let _ = ctx.outbox.put(&report);
-                space.offer_head(o.head, crate::space::HeadSource::Poll);
+                space.offer_head(o.head, HeadSource::Poll);
             }
         }
         HeldDecision::Rejected => {
@@ -534,8 +539,8 @@ async fn settle_held(
 /// Puts the held files back as the base has them.
 async fn restore(
     folder: &Folder,
-    ctx: &WorkerContext,
-    space: &SpaceShared,
+    ctx: &Agent,
+    space: &Space,
     base: &mut Base,
     held: &Held,
 ) -> Result<()> {

@@ -10,31 +10,32 @@ use super::base::{Base, BaseFile};
 use super::guard::{Held, Limits};
 use super::incoming::local_path;
 use super::scan::Stat;
-use crate::cache::{Cache, hash_file};
+use crate::agent::Agent;
+use crate::blob_check::hash_file;
+use crate::cache::Cache;
 use crate::error::{IoContext, Result};
 use crate::publish::{PublishFile, PublishOutcome, upload_missing};
-use crate::space::WorkerContext;
 use std::path::Path;
 use synchub_protocol::{CommitRequest, ManifestEntry};
 
 /// What one round of publishing did.
 #[derive(Debug, Default)]
-pub struct Round {
+pub(crate) struct Round {
     /// The commit's outcome, when one was made.
-    pub outcome: Option<PublishOutcome>,
+    pub(crate) outcome: Option<PublishOutcome>,
     /// Paths that moved while being read: looked at again later.
-    pub moved: Vec<String>,
+    pub(crate) moved: Vec<String>,
     /// Paths settled without a commit (content back to the base's) or by the commit.
-    pub settled: Vec<String>,
+    pub(crate) settled: Vec<String>,
     /// A destructive part held back by the guard.
-    pub held: Option<Held>,
+    pub(crate) held: Option<Held>,
 }
 
 /// Publishes `paths` (each with the signature it was seen stable at; `None`: deleted). With
 /// `limits`, a destructive part over them is held instead of published.
-pub async fn publish(
+pub(crate) async fn publish(
     folder: &Folder,
-    ctx: &WorkerContext,
+    ctx: &Agent,
     space: &str,
     base: &mut Base,
     paths: Vec<(String, Option<Stat>)>,

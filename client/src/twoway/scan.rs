@@ -11,14 +11,14 @@ use std::time::UNIX_EPOCH;
 
 /// Size and modification time of a file: when neither moved, its bytes are taken as unchanged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Stat {
-    pub size: u64,
+pub(crate) struct Stat {
+    pub(crate) size: u64,
     /// Nanoseconds since 1970.
-    pub mtime_ns: u64,
+    pub(crate) mtime_ns: u64,
 }
 
 impl Stat {
-    pub fn of(meta: &std::fs::Metadata) -> Stat {
+    pub(crate) fn of(meta: &std::fs::Metadata) -> Stat {
         let mtime_ns = meta
             .modified()
             .ok()
@@ -31,7 +31,7 @@ impl Stat {
     }
 
     /// The file's signature now, `None` when it is gone (or not a plain file).
-    pub fn read(path: &Path) -> Option<Stat> {
+    pub(crate) fn read(path: &Path) -> Option<Stat> {
         let meta = std::fs::symlink_metadata(path).ok()?;
         meta.is_file().then(|| Stat::of(&meta))
     }
@@ -39,13 +39,13 @@ impl Stat {
 
 /// The synced files of a folder (path -> signature) and the names that cannot be synced.
 #[derive(Debug, Default)]
-pub struct Snapshot {
-    pub files: BTreeMap<String, Stat>,
-    pub unsyncable: Vec<String>,
+pub(crate) struct Snapshot {
+    pub(crate) files: BTreeMap<String, Stat>,
+    pub(crate) unsyncable: Vec<String>,
 }
 
 /// Walks `root` under `rules`.
-pub fn scan(root: &Path, rules: &Rules) -> Snapshot {
+pub(crate) fn scan(root: &Path, rules: &Rules) -> Snapshot {
     let mut out = Snapshot::default();
     walk(root, "", rules, &mut out);
     out

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 /// The local changes seen but not yet taken, each with the signature it had and since when.
 #[derive(Debug, Default)]
-pub struct Tracker {
+pub(crate) struct Tracker {
     seen: HashMap<String, Seen>,
 }
 
@@ -28,7 +28,7 @@ struct Seen {
 impl Tracker {
     /// Records what a scan found for a changed path; a signature that moved starts its
     /// waiting time again.
-    pub fn observe(&mut self, path: &str, stat: Option<Stat>, now: Instant) {
+    pub(crate) fn observe(&mut self, path: &str, stat: Option<Stat>, now: Instant) {
         match self.seen.get_mut(path) {
             Some(s) if s.stat == stat => {}
             Some(s) => {
@@ -42,29 +42,29 @@ impl Tracker {
     }
 
     /// Drops paths that are no longer changed (written back, or taken).
-    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+    pub(crate) fn retain(&mut self, keep: impl Fn(&str) -> bool) {
         self.seen.retain(|p, _| keep(p));
     }
 
-    pub fn forget(&mut self, path: &str) {
+    pub(crate) fn forget(&mut self, path: &str) {
         self.seen.remove(path);
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.seen.is_empty()
     }
 
     /// Whether `path`'s signature (or its absence) has held still for `window`. A deletion
     /// waits too, so a burst of deletions is seen whole by the mass-change guard rather than
     /// published piece by piece as it happens.
-    pub fn stable(&self, path: &str, now: Instant, window: Duration) -> bool {
+    pub(crate) fn stable(&self, path: &str, now: Instant, window: Duration) -> bool {
         self.seen
             .get(path)
             .is_some_and(|s| now.duration_since(s.since) >= window)
     }
 
     /// When the next change that is not stable yet will be (to scan again just then).
-    pub fn next_stable_at(&self, now: Instant, window: Duration) -> Option<Instant> {
+    pub(crate) fn next_stable_at(&self, now: Instant, window: Duration) -> Option<Instant> {
         self.seen
             .values()
             .map(|s| s.since + window)
@@ -73,14 +73,14 @@ impl Tracker {
     }
 
     /// When the oldest change was first seen with its present signature.
-    pub fn oldest(&self) -> Option<Instant> {
+    pub(crate) fn oldest(&self) -> Option<Instant> {
         self.seen.values().map(|s| s.since).min()
     }
 }
 
 /// Which of `paths` cannot be taken now: they cannot be opened for reading, or a program
 /// holds them open for writing.
-pub fn busy(paths: &[PathBuf]) -> HashSet<PathBuf> {
+pub(crate) fn busy(paths: &[PathBuf]) -> HashSet<PathBuf> {
     let mut out: HashSet<PathBuf> = paths
         .iter()
         .filter(|p| std::fs::File::open(p).is_err())

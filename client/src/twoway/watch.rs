@@ -10,7 +10,7 @@ use tokio::sync::Notify;
 
 /// Watches `root` recursively and wakes `wake` on any change outside `root/.synchub`. `None`
 /// (logged) when the system refuses a watch: the rescan alone then notices changes.
-pub fn start(root: &Path, wake: Arc<Notify>) -> Option<RecommendedWatcher> {
+pub(crate) fn start(root: &Path, wake: Arc<Notify>) -> Option<RecommendedWatcher> {
     let meta: PathBuf = root.join(".synchub");
     let handler = move |event: notify::Result<notify::Event>| match event {
         Ok(event) => {
