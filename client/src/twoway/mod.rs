@@ -242,7 +242,16 @@ async fn run(space: Arc<Space>, ctx: Arc<Agent>) -> Result<()> {
                         next_scan.min(Instant::now() + Duration::from_millis(cfg.debounce_ms));
                 }
                 Err(e) => {
-                    fail(&space, &mut backoff, &mut retry_at, &e);
+                    let delay = fail(&space, &mut backoff, &mut retry_at, &e);
+                    // The folder stays the app's to use: it holds the last merged version
+                    // and every local change.
+                    space.set(Event::Failed {
+                        error: e.to_string(),
+                        retry_at: chrono::Duration::from_std(delay)
+                            .ok()
+                            .map(|d| (chrono::Utc::now() + d).to_rfc3339()),
+                        stale_allowed: true,
+                    });
                     report(
                         &ctx,
                         &space.name,
@@ -282,7 +291,9 @@ async fn run(space: Arc<Space>, ctx: Arc<Agent>) -> Result<()> {
                     continue;
                 }
                 Ok(false) => {}
-                Err(e) => fail(&space, &mut backoff, &mut retry_at, &e),
+                Err(e) => {
+                    fail(&space, &mut backoff, &mut retry_at, &e);
+                }
             }
         }
 
@@ -477,11 +488,18 @@ fn local_changes(
     out
 }
 
-fn fail(space: &Space, backoff: &mut Backoff, retry_at: &mut Option<Instant>, e: &ClientError) {
+/// Records a failure and when to try the hub again; returns the wait.
+fn fail(
+    space: &Space,
+    backoff: &mut Backoff,
+    retry_at: &mut Option<Instant>,
+    e: &ClientError,
+) -> Duration {
     let delay = backoff.next_delay();
     tracing::warn!(space = %space.name, error = %e, retry_in = ?delay, "two-way sync failed");
     *retry_at = Some(Instant::now() + delay);
     space.set_error(Some(e.to_string()));
+    delay
 }
 
 /// Reports the held burst to the hub and acts on the admin's decision: approved, the burst is

@@ -9,7 +9,7 @@
 
 use super::scan::Stat;
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// The local changes seen but not yet taken, each with the signature it had and since when.
@@ -133,7 +133,7 @@ fn open_for_writing(paths: &[PathBuf]) -> HashSet<PathBuf> {
 /// Whether an `fdinfo` file says the descriptor was opened for writing (`O_WRONLY` or
 /// `O_RDWR` in the octal `flags`); unknown counts as writing, to be safe.
 #[cfg(target_os = "linux")]
-fn writes(fdinfo: &Path) -> bool {
+fn writes(fdinfo: &std::path::Path) -> bool {
     let Ok(text) = std::fs::read_to_string(fdinfo) else {
         return true;
     };
