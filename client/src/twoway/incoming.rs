@@ -84,6 +84,12 @@ pub(crate) async fn merge(
     base.version = head.version;
     base.data_hash = Some(head.data_hash.clone());
     base.save(&folder.base_file())?;
+    // The folder itself holds the files: the cache keeps only what the base names (for a
+    // rejected mass change), so it does not grow with every version.
+    let keep: std::collections::HashSet<_> =
+        base.files.values().map(|f| f.sha256.clone()).collect();
+    let cache = folder.cache.clone();
+    let _ = tokio::task::spawn_blocking(move || cache.prune(&keep)).await;
     Ok(Merged {
         bytes,
         total: manifest.len() as u64,
