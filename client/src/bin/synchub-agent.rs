@@ -125,6 +125,11 @@ struct RunArgs {
     /// Hold only these paths: a glob (`arhiva/Cluj/**`) or a folder prefix; repeat for more.
     #[arg(long = "include")]
     include: Vec<String>,
+    /// Two-way folder mode: DIR is the app's own folder; local changes are published and the
+    /// hub's versions merged into it in place (see `[two_way]` in the config for the timings
+    /// and the mass-change guard).
+    #[arg(long, env = "SYNCHUB_TWO_WAY")]
+    two_way: bool,
 }
 
 #[derive(Args)]
@@ -218,6 +223,9 @@ fn build_config(args: RunArgs) -> anyhow::Result<AgentConfig> {
     }
     if !args.include.is_empty() {
         cfg.include = args.include;
+    }
+    if args.two_way {
+        cfg.two_way.enabled = true;
     }
     cfg.validate()?;
     Ok(cfg)
@@ -510,6 +518,19 @@ async fn status(addr: SocketAddr, json: bool) -> anyhow::Result<()> {
                 .map(|e| format!("  error: {e}"))
                 .unwrap_or_default()
         );
+        if let Some(h) = s.get("held_change").filter(|h| !h.is_null()) {
+            println!(
+                "{:<20} HELD: deletes {} and replaces {} of {} files (since {}); waiting for \
+                 an admin: synchub approve|reject --space {} --client {}",
+                "",
+                h["deletes"],
+                h["replaces"],
+                h["total"],
+                h["held_at"].as_str().unwrap_or("?"),
+                s["space"].as_str().unwrap_or("?"),
+                body["client_id"].as_str().unwrap_or("?")
+            );
+        }
     }
     Ok(())
 }

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod blobs;
 pub mod commits;
 pub mod heads;
+pub mod held;
 pub mod reports;
 
 use crate::error::HubError;
@@ -13,7 +14,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use std::time::Duration;
 use synchub_protocol::codes;
 
@@ -48,6 +49,19 @@ pub fn router(state: AppState) -> Router {
         // POST: Principal, and Read on the report's space; GET: AdminToken.
         .route("/sync-log", post(reports::post).get(reports::list))
         .route("/clients", get(admin::clients)) // AdminToken
+        .route("/held", get(held::list)) // AdminToken
+        .route(
+            "/spaces/{space}/held/{client_id}",
+            put(held::put).delete(held::delete), // SpaceAccess<Publish>
+        )
+        .route(
+            "/spaces/{space}/held/{client_id}/approve",
+            post(held::approve), // SpaceAccess<Admin>
+        )
+        .route(
+            "/spaces/{space}/held/{client_id}/reject",
+            post(held::reject), // SpaceAccess<Admin>
+        )
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(json_limit));
     Router::new()
