@@ -217,6 +217,9 @@ async fn refresh(state: &AppState, pool: &PgPool, feed: &mut Feed) -> Result<(),
             .head(&feed.space)
             .await?
             .ok_or_else(|| StoreError::NoSuchSpace(feed.space.clone()))?;
+        // The app writes its data before it bumps the row: data read after seeing the row at
+        // `read_at` holds every change up to that bump, and no later one.
+        let read_at = row_version(pool, &feed.space).await?;
         let base = state
             .manifest(&head.data_hash)
             .await
@@ -250,13 +253,19 @@ async fn refresh(state: &AppState, pool: &PgPool, feed: &mut Feed) -> Result<(),
             bytes: next.total_size(),
         };
         blobs::put_bytes(state.blobs.as_ref(), next.canonical_bytes().into()).await?;
-        if let Some(h) = state
+        match state
             .store
-            .record_outside_bump(&feed.space, &content)
-            .await?
+            .record_outside_bump(&feed.space, &content, read_at)
+            .await
         {
-            announce(state, h);
-            return Ok(());
+            Ok(Some(h)) => {
+                announce(state, h);
+                return Ok(());
+            }
+            Ok(None) => {}
+            // Bumped while the sources were read: what was read may predate that bump.
+            Err(StoreError::HeadMoved { .. }) => continue,
+            Err(e) => return Err(e.into()),
         }
         if content.data_hash == head.data_hash {
             return Ok(());
@@ -278,6 +287,16 @@ async fn refresh(state: &AppState, pool: &PgPool, feed: &mut Feed) -> Result<(),
         "the head of {} kept moving while its sources were read",
         feed.space
     )))
+}
+
+/// The version the app last wrote into `space`'s `sync_metadata` row (0 without a row).
+async fn row_version(pool: &PgPool, space: &str) -> Result<u64, SourceError> {
+    let version: Option<i64> =
+        sqlx::query_scalar("SELECT version::BIGINT FROM sync_metadata WHERE sync_key = $1")
+            .bind(space)
+            .fetch_optional(pool)
+            .await?;
+    Ok(version.and_then(|v| u64::try_from(v).ok()).unwrap_or(0))
 }
 
 fn announce(state: &AppState, head: Head) {

@@ -111,11 +111,14 @@ pub trait Store: Send + Sync + 'static {
     /// When `space`'s row is above its newest version record (a bump made outside the hub),
     /// records the row's version with `content` and writes its data hash into the row (which
     /// also wakes every replica's watcher). `None` when there was nothing to record (or another
-    /// replica recorded it first).
+    /// replica recorded it first). `read_at` is the row's version seen before `content` was
+    /// read: a row above it now may have been bumped for data `content` does not hold yet, so
+    /// nothing is recorded and the answer is `HeadMoved` (read the sources again).
     async fn record_outside_bump(
         &self,
         space: &str,
         content: &NewVersion,
+        read_at: u64,
     ) -> Result<Option<Head>, StoreError>;
 
     /// Makes sure `space` has a `sync_metadata` row and a version record, creating version 1

@@ -331,8 +331,9 @@ impl Store for PostgresStore {
         &self,
         space: &str,
         content: &NewVersion,
+        read_at: u64,
     ) -> Result<Option<Head>, StoreError> {
-        sql::record_outside_bump(self, space, content).await
+        sql::record_outside_bump(self, space, content, read_at).await
     }
 
     async fn ensure_space(&self, space: &str) -> Result<Head, StoreError> {

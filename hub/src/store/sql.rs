@@ -98,10 +98,19 @@ pub(super) async fn record_outside_bump<D: Dialect>(
     d: &D,
     space: &str,
     content: &NewVersion,
+    read_at: u64,
 ) -> Result<Option<Head>, StoreError> {
     let Some(row) = d.head_rows(Some(space)).await?.pop() else {
         return Err(StoreError::NoSuchSpace(space.to_owned()));
     };
+    let row_version = u64::try_from(row.row_version).unwrap_or(0);
+    if row_version > read_at {
+        return Err(StoreError::HeadMoved {
+            space: space.to_owned(),
+            expected: read_at,
+            current: row_version,
+        });
+    }
     let Some(p) = plan_fed_bump(row, content)? else {
         return Ok(None);
     };
