@@ -36,6 +36,9 @@ pub struct Config {
     pub table_source: Vec<TableSource>,
     /// `[[bucket_source]]`: spaces that mirror a folder of an existing bucket.
     pub bucket_source: Vec<BucketSource>,
+    /// `[alerts]`: webhooks and email when PCs fail or fall behind, the database is lost, and
+    /// a daily summary (see `alerts.rs`).
+    pub alerts: crate::alerts::AlertsConfig,
 }
 
 /// A space fed from tables of the hub's PostgreSQL database: each table (or named query) is
@@ -181,6 +184,7 @@ impl Default for Config {
             limits: Limits::default(),
             table_source: Vec::new(),
             bucket_source: Vec::new(),
+            alerts: crate::alerts::AlertsConfig::default(),
         }
     }
 }
@@ -272,6 +276,7 @@ impl Config {
                 b.secret_access_key = v;
             }
         }
+        self.alerts.apply_env();
         if let BlobStoreConfig::S3(s3) = &mut self.blob_store {
             if let Some(v) = var("SYNCHUB_S3_ACCESS_KEY_ID").or_else(|| var("AWS_ACCESS_KEY_ID")) {
                 s3.access_key_id = v;
@@ -307,6 +312,7 @@ impl Config {
             ));
         }
         self.validate_sources()?;
+        self.alerts.validate()?;
         if self.limits.ws_buffer_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "limits.ws_buffer_bytes must be at least 1024".into(),
@@ -443,6 +449,7 @@ impl Config {
         for b in &mut shown.bucket_source {
             b.secret_access_key = "***".into();
         }
+        shown.alerts = self.alerts.masked();
         toml::to_string(&shown).unwrap_or_else(|e| format!("(unprintable config: {e})"))
     }
 }

@@ -7,6 +7,7 @@
 //! [`blobs::BlobStore`]; [`broadcast`] holds the latest head of every space in memory and
 //! [`ws`] is the task of one agent's socket.
 
+pub mod alerts;
 pub mod api;
 pub mod auth;
 pub mod blobs;

@@ -5,3 +5,4 @@ pub mod load;
 pub mod postgres;
 pub mod proxy;
 pub mod s3;
+pub mod sinks;
