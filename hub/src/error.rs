@@ -63,6 +63,9 @@ impl HubError {
             HubError::Store(StoreError::NoSuchSpace(_)) => {
                 (StatusCode::NOT_FOUND, codes::NOT_FOUND)
             }
+            HubError::Store(StoreError::DuplicateToken(_)) => {
+                (StatusCode::CONFLICT, codes::CONFLICT)
+            }
             // The database is down or restarting: a retry later will do.
             HubError::Store(StoreError::Database(
                 sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed,

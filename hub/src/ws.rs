@@ -366,6 +366,7 @@ async fn handle_frame(
                 return true;
             }
             conn.set_state(&space, s);
+            state.clients.touch();
             true
         }
         AgentFrame::Report(report) => {

@@ -4,8 +4,10 @@
 pub mod admin;
 pub mod blobs;
 pub mod commits;
+pub mod events;
 pub mod heads;
 pub mod reports;
+pub mod tokens;
 
 use crate::error::HubError;
 use crate::state::{AppState, ReconcileHealth};
@@ -39,6 +41,9 @@ pub fn router(state: AppState) -> Router {
                 .layer(DefaultBodyLimit::disable()),
         )
         .route("/sync-log", post(reports::post).get(reports::list))
+        .route("/events", get(events::events))
+        .route("/tokens", get(tokens::list).post(tokens::create))
+        .route("/tokens/{name}", axum::routing::delete(tokens::revoke))
         .route("/clients", get(admin::clients))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(json_limit));

@@ -47,6 +47,7 @@ pub async fn store_report(
     let stored = state.store.insert_report(&report).await?;
     if stored {
         metrics::counter!("synchub_reports_total", "status" => report.status.as_str()).increment(1);
+        state.clients.touch();
     }
     Ok((report.report_id, stored))
 }
