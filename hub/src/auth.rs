@@ -7,13 +7,14 @@
 
 use crate::error::HubError;
 use crate::store::{Store, StoreError, TokenRecord};
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRequestParts, RawPathParams};
 use axum::http::header;
 use axum::http::request::Parts;
 use rand::RngCore;
 use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::sync::{Arc, RwLock};
-use synchub_protocol::{Role, Sha256Hex};
+use synchub_protocol::{Role, Sha256Hex, codes};
 
 /// Who is calling: a live token's identity.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -169,6 +170,90 @@ where
             .tokens()
             .authenticate(secret)
             .ok_or(HubError::Unauthorized)
+    }
+}
+
+/// A live admin token: the extractor of admin-only routes that name no space.
+pub struct AdminToken(pub Principal);
+
+impl<S> FromRequestParts<S> for AdminToken
+where
+    S: HasTokens + Send + Sync,
+{
+    type Rejection = HubError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, HubError> {
+        let principal = Principal::from_request_parts(parts, state).await?;
+        principal.require_admin()?;
+        Ok(AdminToken(principal))
+    }
+}
+
+/// What a route does with a space, as a marker type for [`SpaceAccess`]: each says which
+/// tokens may do it.
+pub trait Access: Send + Sync + 'static {
+    /// Checks that `principal` may do this with `space`.
+    fn check(principal: &Principal, space: &str) -> Result<(), HubError>;
+}
+
+/// Read a space: its head, manifests, and follow it.
+pub struct Read;
+/// Write new versions of a space by committing.
+pub struct Publish;
+/// Administer a space: its history, force-syncs and rollbacks.
+pub struct Admin;
+
+impl Access for Read {
+    fn check(principal: &Principal, space: &str) -> Result<(), HubError> {
+        principal.require_space(space)
+    }
+}
+
+impl Access for Publish {
+    fn check(principal: &Principal, space: &str) -> Result<(), HubError> {
+        principal.require_space(space)
+    }
+}
+
+impl Access for Admin {
+    fn check(principal: &Principal, _space: &str) -> Result<(), HubError> {
+        principal.require_admin()
+    }
+}
+
+/// The `{space}` of the route, well-formed, and a live token allowed `A` on it: 401 without a
+/// token, 400 for a malformed name, 403 when the token may not.
+pub struct SpaceAccess<A> {
+    pub principal: Principal,
+    pub space: String,
+    access: PhantomData<A>,
+}
+
+impl<S, A> FromRequestParts<S> for SpaceAccess<A>
+where
+    S: HasTokens + Send + Sync,
+    A: Access,
+{
+    type Rejection = HubError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, HubError> {
+        let principal = Principal::from_request_parts(parts, state).await?;
+        let params = RawPathParams::from_request_parts(parts, state)
+            .await
+            .map_err(|e| HubError::bad_request(codes::BAD_REQUEST, e.body_text()))?;
+        let space = params
+            .iter()
+            .find(|(name, _)| *name == "space")
+            .map(|(_, value)| value.to_owned())
+            .ok_or_else(|| HubError::NotFound("no space in this route".into()))?;
+        synchub_protocol::validate_space(&space)
+            .map_err(|e| HubError::bad_request(codes::BAD_REQUEST, e.to_string()))?;
+        A::check(&principal, &space)?;
+        Ok(SpaceAccess {
+            principal,
+            space,
+            access: PhantomData,
+        })
     }
 }
 

@@ -1,11 +1,12 @@
 //! The `synchub` command line: `init`, `serve`, `token create|list|revoke`, `force-sync`,
-//! `import`. `init` creates a hub's data folder, database and admin token; `token`,
-//! `force-sync` and `import` work on an existing hub's database directly, so they run beside a
+//! `rollback`, `import`. `init` creates a hub's data folder, database and admin token; `token`,
+//! `force-sync`, `rollback` and `import` work on an existing hub's database directly, so they run beside a
 //! live hub, which notices their changes through its watcher (new heads are broadcast, revoked
 //! tokens' sockets closed). They never create a database: one run in the wrong folder would
 //! otherwise print a token or a version that the running hub never sees.
 
 use crate::config::Config;
+use crate::domain::Domain;
 use crate::server;
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
@@ -56,6 +57,18 @@ pub enum Command {
         /// Space to force [default: global_version].
         #[arg(long, default_value = synchub_protocol::DEFAULT_SPACE)]
         space: String,
+        /// Shown to agents and kept in the version history.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Announce a new version with the data of an earlier one to every agent, as forced.
+    Rollback {
+        /// Space to roll back [default: global_version].
+        #[arg(long, default_value = synchub_protocol::DEFAULT_SPACE)]
+        space: String,
+        /// The version whose data the new version gets.
+        #[arg(long)]
+        to_version: u64,
         /// Shown to agents and kept in the version history.
         #[arg(long)]
         reason: Option<String>,
@@ -177,140 +190,177 @@ fn print_first_start(token_file: &std::path::Path, addr: SocketAddr) -> std::io:
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let common = cli.common;
     match cli.command {
-        Command::Init => {
-            let config = load_config(&common)?;
-            if let Some(path) = config.sqlite_path()
-                && path.exists()
-            {
-                println!(
-                    "A hub database exists already at {}; start it with `synchub serve`.",
-                    shown(&path)
-                );
-                return Ok(());
-            }
-            let (store, _) = server::open_parts(&config).await?;
-            if !store.tokens().await?.is_empty() {
-                println!(
-                    "The hub database at {} has tokens already; start it with `synchub serve`.",
-                    crate::config::mask_url_password(&config.database_url())
-                );
-                return Ok(());
-            }
-            let secret =
-                crate::auth::create_token(store.as_ref(), "admin", Role::Admin, None).await?;
-            let token_file = save_admin_token(&config, &secret)?;
-            println!("Created a hub in {}.", shown(&config.data_dir));
-            print_first_start(&token_file, config.listen)?;
-            println!("Start it with `synchub serve` (same folder or --data-dir).");
-            Ok(())
-        }
-        Command::Serve { listen } => {
-            let mut config = load_config(&common)?;
-            if let Some(l) = listen {
-                config.listen = l;
-            }
-            tracing::info!("configuration:\n{}", config.masked());
-            let hub = server::start(config).await.map_err(with_advice)?;
-            if let Some(secret) = &hub.initial_admin_token {
-                let shown = save_admin_token(&hub.state.config, secret)
-                    .map_err(std::io::Error::other)
-                    .and_then(|file| print_first_start(&file, hub.addr));
-                if let Err(e) = shown {
-                    tracing::warn!(
-                        error = %e,
-                        "could not save or print the new admin token; create another with `synchub token create --role admin`"
-                    );
-                }
-            }
-            let stop = hub.shutdown_token();
-            tokio::spawn(async move {
-                shutdown_signal().await;
-                tracing::info!("shutting down: closing sockets with \"going away\"");
-                stop.cancel();
-            });
-            hub.wait().await;
-            Ok(())
-        }
-        Command::Token { action } => {
-            let config = load_config(&common)?;
-            require_database(&config)?;
-            let store = crate::store::open(&config.database_url()).await?;
-            match action {
-                TokenAction::Create { name, role, spaces } => {
-                    anyhow::ensure!(
-                        !name.is_empty() && name.len() <= 128,
-                        "token name must be 1 to 128 bytes"
-                    );
-                    for s in &spaces {
-                        synchub_protocol::validate_space(s)?;
-                    }
-                    let spaces = (!spaces.is_empty()).then_some(spaces.as_slice());
-                    let secret =
-                        crate::auth::create_token(store.as_ref(), &name, role, spaces).await?;
-                    println!("{secret}");
-                }
-                TokenAction::List { json } => {
-                    let tokens = store.tokens().await?;
-                    if json {
-                        let rows: Vec<_> = tokens
-                            .iter()
-                            .map(|t| {
-                                serde_json::json!({
-                                    "name": t.name, "role": t.role, "spaces": t.spaces,
-                                    "created_at": t.created_at, "revoked": t.revoked,
-                                })
-                            })
-                            .collect();
-                        println!("{}", serde_json::to_string_pretty(&rows)?);
-                    } else {
-                        println!(
-                            "{:<24} {:<6} {:<8} {:<26} SPACES",
-                            "NAME", "ROLE", "STATE", "CREATED"
-                        );
-                        for t in tokens {
-                            println!(
-                                "{:<24} {:<6} {:<8} {:<26} {}",
-                                t.name,
-                                t.role.as_str(),
-                                if t.revoked { "revoked" } else { "live" },
-                                t.created_at,
-                                t.spaces.map_or("(all)".into(), |s| s.join(","))
-                            );
-                        }
-                    }
-                }
-                TokenAction::Revoke { name } => {
-                    anyhow::ensure!(
-                        store.revoke_token(&name).await?,
-                        "no live token named {name:?}"
-                    );
-                    eprintln!(
-                        "revoked {name:?}; a running hub closes its connections within a poll interval"
-                    );
-                }
-            }
-            Ok(())
-        }
-        Command::Import(args) => {
-            let config = load_config(&common)?;
-            require_database(&config)?;
-            let source = args.source()?;
-            let state = server::offline_state(config).await?;
-            let head = crate::sources::import(&state, &source).await?;
-            println!("{} is now at version {}", head.space, head.version);
-            Ok(())
-        }
-        Command::ForceSync { space, reason } => {
-            let config = load_config(&common)?;
-            require_database(&config)?;
-            let state = server::offline_state(config).await?;
-            let head = crate::api::commits::force(&state, &space, reason, "cli")
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            println!("{space} is now at version {} (forced)", head.version);
-            Ok(())
+        Command::Init => init(&common).await,
+        Command::Serve { listen } => serve(&common, listen).await,
+        Command::Token { action } => token(&common, action).await,
+        Command::Import(args) => import(&common, args).await,
+        Command::ForceSync { space, reason } => force_sync(&common, space, reason).await,
+        Command::Rollback {
+            space,
+            to_version,
+            reason,
+        } => rollback(&common, space, to_version, reason).await,
+    }
+}
+
+/// `synchub init`: a new hub and its admin token, unless one exists.
+async fn init(common: &Common) -> anyhow::Result<()> {
+    let config = load_config(common)?;
+    if let Some(path) = config.sqlite_path()
+        && path.exists()
+    {
+        println!(
+            "A hub database exists already at {}; start it with `synchub serve`.",
+            shown(&path)
+        );
+        return Ok(());
+    }
+    let (store, _) = server::open_parts(&config).await?;
+    if !store.tokens().await?.is_empty() {
+        println!(
+            "The hub database at {} has tokens already; start it with `synchub serve`.",
+            crate::config::mask_url_password(&config.database_url())
+        );
+        return Ok(());
+    }
+    let secret = crate::auth::create_token(store.as_ref(), "admin", Role::Admin, None).await?;
+    let token_file = save_admin_token(&config, &secret)?;
+    println!("Created a hub in {}.", shown(&config.data_dir));
+    print_first_start(&token_file, config.listen)?;
+    println!("Start it with `synchub serve` (same folder or --data-dir).");
+    Ok(())
+}
+
+/// `synchub serve`: runs the hub until a signal.
+async fn serve(common: &Common, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+    let mut config = load_config(common)?;
+    if let Some(l) = listen {
+        config.listen = l;
+    }
+    tracing::info!("configuration:\n{}", config.masked());
+    let hub = server::start(config).await.map_err(with_advice)?;
+    if let Some(secret) = &hub.initial_admin_token {
+        let shown = save_admin_token(&hub.state.config, secret)
+            .map_err(std::io::Error::other)
+            .and_then(|file| print_first_start(&file, hub.addr));
+        if let Err(e) = shown {
+            tracing::warn!(
+                error = %e,
+                "could not save or print the new admin token; create another with `synchub token create --role admin`"
+            );
         }
     }
+    let stop = hub.shutdown_token();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: closing sockets with \"going away\"");
+        stop.cancel();
+    });
+    hub.wait().await;
+    Ok(())
+}
+
+/// `synchub token …`, on an existing hub's database.
+async fn token(common: &Common, action: TokenAction) -> anyhow::Result<()> {
+    let config = load_config(common)?;
+    require_database(&config)?;
+    let store = crate::store::open(&config.database_url()).await?;
+    match action {
+        TokenAction::Create { name, role, spaces } => {
+            anyhow::ensure!(
+                !name.is_empty() && name.len() <= 128,
+                "token name must be 1 to 128 bytes"
+            );
+            for s in &spaces {
+                synchub_protocol::validate_space(s)?;
+            }
+            let spaces = (!spaces.is_empty()).then_some(spaces.as_slice());
+            let secret = crate::auth::create_token(store.as_ref(), &name, role, spaces).await?;
+            println!("{secret}");
+        }
+        TokenAction::List { json } => print_tokens(store.tokens().await?, json)?,
+        TokenAction::Revoke { name } => {
+            anyhow::ensure!(
+                store.revoke_token(&name).await?,
+                "no live token named {name:?}"
+            );
+            eprintln!(
+                "revoked {name:?}; a running hub closes its connections within a poll interval"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Prints `tokens` as a table, or as JSON with `json`.
+fn print_tokens(tokens: Vec<crate::store::TokenRecord>, json: bool) -> anyhow::Result<()> {
+    if json {
+        let rows: Vec<_> = tokens
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "name": t.name, "role": t.role, "spaces": t.spaces,
+                    "created_at": t.created_at, "revoked": t.revoked,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!(
+            "{:<24} {:<6} {:<8} {:<26} SPACES",
+            "NAME", "ROLE", "STATE", "CREATED"
+        );
+        for t in tokens {
+            println!(
+                "{:<24} {:<6} {:<8} {:<26} {}",
+                t.name,
+                t.role.as_str(),
+                if t.revoked { "revoked" } else { "live" },
+                t.created_at,
+                t.spaces.map_or("(all)".into(), |s| s.join(","))
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `synchub import`: a bucket folder into a space, as one new version.
+async fn import(common: &Common, args: crate::sources::ImportArgs) -> anyhow::Result<()> {
+    let config = load_config(common)?;
+    require_database(&config)?;
+    let source = args.source()?;
+    let domain = Domain::open_existing(config).await?;
+    let head = crate::sources::import(&domain, &source).await?;
+    println!("{} is now at version {}", head.space, head.version);
+    Ok(())
+}
+
+/// `synchub force-sync`, on an existing hub's data.
+async fn force_sync(common: &Common, space: String, reason: Option<String>) -> anyhow::Result<()> {
+    let config = load_config(common)?;
+    require_database(&config)?;
+    let domain = Domain::open_existing(config).await?;
+    let head = crate::versions::force(&domain, &space, reason, "cli").await?;
+    println!("{space} is now at version {} (forced)", head.version);
+    Ok(())
+}
+
+/// `synchub rollback`, on an existing hub's data.
+async fn rollback(
+    common: &Common,
+    space: String,
+    to_version: u64,
+    reason: Option<String>,
+) -> anyhow::Result<()> {
+    let config = load_config(common)?;
+    require_database(&config)?;
+    let domain = Domain::open_existing(config).await?;
+    let head = crate::versions::rollback(&domain, &space, to_version, reason, "cli").await?;
+    println!(
+        "{space} is now at version {} with the data of version {to_version} (forced)",
+        head.version
+    );
+    Ok(())
 }
 
 /// Adds what to do to start-up errors whose fix is not obvious from the cause alone.

@@ -29,7 +29,8 @@ pub struct Config {
     pub reread_interval_ms: u64,
     /// How often the hub pings each WebSocket; a socket silent for three intervals is closed.
     pub ping_interval_ms: u64,
-    /// Name of this replica in `welcome` and logs; default the host name and port.
+    /// Name of this replica in `welcome` and logs; default the host name, the port and a random
+    /// part (see [`crate::server::default_hub_id`]).
     pub hub_id: Option<String>,
     pub limits: Limits,
     /// `[[table_source]]`: spaces fed from PostgreSQL tables and queries (see `sources/`).

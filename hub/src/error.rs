@@ -1,5 +1,10 @@
-//! The API's error type and its one mapping to an HTTP status and a JSON body with a stable
-//! `code` (see `synchub_protocol::codes`).
+//! The hub's error type and its one mapping to a status, a stable `code` (see
+//! `synchub_protocol::codes`) and the message a caller is shown, used by the HTTP API (a JSON
+//! `ApiError` body) and by the socket task (an `error` frame) alike.
+//!
+//! A 503 says why (the database is down, the head kept moving, no data yet): the caller can
+//! act on it by retrying later. Other server errors are logged with their detail and shown as
+//! a generic "internal error", so nothing internal leaks to a client.
 
 use crate::blobs::BlobError;
 use crate::store::StoreError;
@@ -45,7 +50,8 @@ impl HubError {
         }
     }
 
-    fn status_and_code(&self) -> (StatusCode, &'static str) {
+    /// The HTTP status and stable code of this error.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             HubError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
             HubError::Unauthorized => (StatusCode::UNAUTHORIZED, codes::UNAUTHORIZED),
@@ -92,19 +98,43 @@ impl From<BlobError> for HubError {
     }
 }
 
+impl HubError {
+    /// The code and the message a caller is shown, logging what it is not shown: the one
+    /// mapping behind both [`IntoResponse`] and the socket's `error` frames.
+    pub fn code_and_message(&self) -> (&'static str, String) {
+        let (status, code) = self.status_and_code();
+        (code, self.shown_message(status))
+    }
+
+    fn shown_message(&self, status: StatusCode) -> String {
+        if !status.is_server_error() {
+            return self.to_string();
+        }
+        match self {
+            HubError::NoData(m) => m.clone(),
+            HubError::Unavailable(_) => {
+                tracing::warn!(error = %self, "request refused for now");
+                self.to_string()
+            }
+            HubError::Store(StoreError::Database(e))
+                if status == StatusCode::SERVICE_UNAVAILABLE =>
+            {
+                tracing::warn!(error = %e, "database unavailable");
+                format!("database unavailable: {e}")
+            }
+            _ => {
+                tracing::error!(error = %self, "request failed");
+                // Internal details go to the log, not to clients.
+                "internal error; see the hub's log".to_owned()
+            }
+        }
+    }
+}
+
 impl IntoResponse for HubError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        let expected = matches!(self, HubError::NoData(_));
-        if status.is_server_error() && !expected {
-            tracing::error!(error = %self, "request failed");
-        }
-        let message = if status.is_server_error() && !expected {
-            // Internal details go to the log, not to clients.
-            "internal error; see the hub's log".to_owned()
-        } else {
-            self.to_string()
-        };
+        let message = self.shown_message(status);
         let (conflicts, head) = match self {
             HubError::Conflict { paths, head } => (paths, Some(*head)),
             _ => (Vec::new(), None),
@@ -126,3 +156,33 @@ impl IntoResponse for HubError {
 }
 
 pub type ApiResult<T> = Result<T, HubError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_503_says_why_and_other_server_errors_do_not_leak() {
+        let down = HubError::Store(StoreError::Database(sqlx::Error::PoolTimedOut));
+        assert_eq!(down.status_and_code().0, StatusCode::SERVICE_UNAVAILABLE);
+        let (code, message) = down.code_and_message();
+        assert_eq!(code, codes::UNAVAILABLE);
+        assert!(message.starts_with("database unavailable: "), "{message}");
+        let (code, message) =
+            HubError::Unavailable("the head kept moving".into()).code_and_message();
+        assert_eq!(code, codes::UNAVAILABLE);
+        assert!(message.contains("the head kept moving"), "{message}");
+        let corrupt = HubError::Store(StoreError::Corrupt("secret detail".into()));
+        let (code, message) = corrupt.code_and_message();
+        assert_eq!(code, codes::INTERNAL);
+        assert!(!message.contains("secret detail"), "{message}");
+    }
+
+    #[test]
+    fn client_errors_keep_their_code_and_message() {
+        let (code, message) =
+            HubError::Forbidden("token \"pc\" may not use space \"x\"".into()).code_and_message();
+        assert_eq!(code, codes::FORBIDDEN);
+        assert!(message.contains("may not use space"), "{message}");
+    }
+}

@@ -8,13 +8,14 @@
 
 use crate::blobs::{self, BlobError, BlobStore};
 use crate::config::{BlobStoreConfig, Config, ConfigError};
+use crate::domain::Domain;
 use crate::state::AppState;
 use crate::store::{self, Change, StoreError};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
-use synchub_protocol::{Head, Role};
+use synchub_protocol::Role;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -142,24 +143,6 @@ pub async fn open_existing_parts(
     Ok((store, blobs))
 }
 
-/// The hub's state without a server, for command-line tools that act like the hub on an
-/// existing hub's data ([`open_existing_parts`]).
-pub async fn offline_state(config: Config) -> Result<AppState, StartError> {
-    let (store, blobs) = open_existing_parts(&config).await?;
-    let state = AppState::new(
-        config,
-        "cli".into(),
-        store.clone(),
-        blobs,
-        CancellationToken::new(),
-        metrics_handle(),
-    );
-    for head in store.heads().await? {
-        state.heads.publish(head);
-    }
-    Ok(state)
-}
-
 /// Starts a hub: returns once it is listening.
 pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     raise_open_file_limit();
@@ -174,17 +157,15 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         addr: config.listen,
         source,
     })?;
-    let hub_id = config.hub_id.clone().unwrap_or_else(|| {
-        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "hub".into());
-        format!("{host}:{}", addr.port())
-    });
+    let hub_id = config
+        .hub_id
+        .clone()
+        .unwrap_or_else(|| default_hub_id(addr.port()));
     let shutdown = CancellationToken::new();
     let poll = Duration::from_millis(config.poll_interval_ms);
     let state = AppState::new(
-        config,
+        Domain::new(config, store.clone(), blobs),
         hub_id,
-        store.clone(),
-        blobs,
         shutdown.clone(),
         metrics_handle(),
     );
@@ -205,7 +186,7 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         None
     };
     for head in store.heads().await? {
-        publish(&state, head);
+        state.publish(head);
     }
 
     let watcher = tokio::spawn(supervise(state.clone(), poll, shutdown.clone()));
@@ -241,6 +222,21 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         server,
         watcher,
     })
+}
+
+/// The id a hub announces when its configuration names none: the machine's host name (read from
+/// the kernel: `$HOSTNAME` is a shell variable that systemd does not set), the port, and a random
+/// part, so that two replicas never announce the same id, even on hosts that share a name.
+pub fn default_hub_id(port: u16) -> String {
+    let host = ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|p| {
+            let name = std::fs::read_to_string(p).ok()?;
+            let name = name.trim();
+            (!name.is_empty()).then(|| name.to_owned())
+        })
+        .unwrap_or_else(|| "hub".to_owned());
+    format!("{host}:{port}-{:08x}", rand::random::<u32>())
 }
 
 /// Runs the store's watcher and the task that applies what it reports, restarting either when
@@ -318,41 +314,6 @@ impl Dirty {
 
     fn is_empty(&self) -> bool {
         self.spaces.is_empty() && !self.all && !self.tokens
-    }
-}
-
-/// Whether this hub announces `head`: not when it does not serve its space (not in `spaces`),
-/// nor when the space was adopted without any data the hub knows (agents would apply an empty
-/// tree as if it were the data; they stay blocked and `GET …/head` says why).
-fn announced(state: &AppState, head: &Head) -> bool {
-    if !state.config.spaces.contains(&head.space) {
-        tracing::debug!(
-            space = head.space,
-            "not serving a space that is not configured"
-        );
-        return false;
-    }
-    if store::has_no_data(head) {
-        tracing::warn!(
-            space = head.space,
-            version = head.version,
-            "space adopted without data: not announced until a source or a publish fills it \
-             (see docs/MIGRATION.md)"
-        );
-        return false;
-    }
-    true
-}
-
-/// Announces a head this hub made or was told of (it only moves forward; see
-/// [`crate::broadcast::Heads::publish`]).
-pub fn publish(state: &AppState, head: Head) {
-    if !announced(state, &head) {
-        return;
-    }
-    let (space, version, forced) = (head.space.clone(), head.version, head.forced);
-    if state.heads.publish(head) {
-        tracing::info!(space, version, forced, "head moved; broadcasting");
     }
 }
 
@@ -438,7 +399,7 @@ impl Reconciler {
         if self.dirty.all {
             let before = state.heads.snapshot();
             for head in state.store.heads().await? {
-                replace(state, head, &before);
+                state.replace(head, &before);
             }
             self.dirty.all = false;
             self.dirty.spaces.clear();
@@ -446,7 +407,7 @@ impl Reconciler {
         while let Some(space) = self.dirty.spaces.first().cloned() {
             let before = state.heads.snapshot();
             if let Some(head) = state.store.head(&space).await? {
-                replace(state, head, &before);
+                state.replace(head, &before);
             }
             self.dirty.spaces.remove(&space);
         }
@@ -480,34 +441,26 @@ impl RetryBackoff {
     }
 }
 
-/// Applies a head read from the store (see [`crate::broadcast::Heads::replace`]).
-pub fn replace(state: &AppState, head: Head, read_from: &crate::broadcast::Snapshot) {
-    if !announced(state, &head) {
-        return;
-    }
-    let (space, version) = (head.space.clone(), head.version);
-    let before = state.heads.get(&space).map(|p| p.head.version);
-    if state.heads.replace(head, read_from) {
-        let epoch = state.heads.get(&space).map_or(0, |p| p.head.epoch);
-        match before {
-            Some(b) if b >= version => {
-                tracing::warn!(
-                    space,
-                    version,
-                    was = b,
-                    epoch,
-                    "the database holds an older head than this hub knew (restore or failover); following it"
-                )
-            }
-            _ => tracing::info!(space, version, "head moved; broadcasting"),
-        }
-    }
-}
-
 /// Each socket is a file descriptor; the default soft limit (1024) would cap the agents.
 pub fn raise_open_file_limit() {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => tracing::debug!(limit = n, "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_hub_id_names_the_host_and_differs_per_process() {
+        let a = default_hub_id(7070);
+        let b = default_hub_id(7070);
+        assert_ne!(a, b, "two replicas on one port must not share an id");
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        assert!(a.starts_with(host.trim()), "{a}");
+        assert!(a.contains(":7070-"), "{a}");
+        assert!(!a.starts_with(':'), "{a}");
     }
 }

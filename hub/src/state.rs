@@ -1,28 +1,21 @@
 //! The state every request handler and socket task shares.
 
 use crate::auth::{HasTokens, Tokens};
-use crate::blobs::{self, BlobStore};
-use crate::broadcast::Heads;
 use crate::clients::Clients;
-use crate::config::Config;
-use crate::error::HubError;
-use crate::store::Store;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use crate::domain::Domain;
+use std::sync::Arc;
 use std::time::Instant;
-use synchub_protocol::{Manifest, Sha256Hex, codes};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Clone)]
 pub struct AppState(Arc<Inner>);
 
+/// The [`Domain`] (config, store, blobs, heads) plus what only a serving hub has; derefs to the
+/// domain, so `state.store` and `state.heads` read as before.
 pub struct Inner {
-    pub config: Config,
+    pub domain: Domain,
     pub hub_id: String,
-    pub store: Arc<dyn Store>,
-    pub blobs: Arc<dyn BlobStore>,
-    pub heads: Heads,
     pub tokens: Tokens,
     pub clients: Clients,
     /// Cancelled when the hub shuts down: sockets close with "going away".
@@ -30,7 +23,6 @@ pub struct Inner {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// How well the heads keep in step with the database, for `/readyz`.
     pub reconcile: Reconcile,
-    manifests: Mutex<HashMap<Sha256Hex, Arc<Manifest>>>,
 }
 
 /// The watcher and the re-reads that keep the in-memory heads and tokens in step with the
@@ -57,13 +49,17 @@ pub struct ReconcileHealth {
     pub last_error: Option<String>,
 }
 
-/// Parsed manifests kept in memory; they are immutable, so this only bounds memory.
-const MANIFEST_CACHE: usize = 8;
-
 impl std::ops::Deref for AppState {
     type Target = Inner;
     fn deref(&self) -> &Inner {
         &self.0
+    }
+}
+
+impl std::ops::Deref for Inner {
+    type Target = Domain;
+    fn deref(&self) -> &Domain {
+        &self.domain
     }
 }
 
@@ -75,53 +71,19 @@ impl HasTokens for AppState {
 
 impl AppState {
     pub fn new(
-        config: Config,
+        domain: Domain,
         hub_id: String,
-        store: Arc<dyn Store>,
-        blobs: Arc<dyn BlobStore>,
         shutdown: CancellationToken,
         metrics: metrics_exporter_prometheus::PrometheusHandle,
     ) -> Self {
         AppState(Arc::new(Inner {
-            config,
+            domain,
             hub_id,
-            store,
-            blobs,
-            heads: Heads::default(),
             tokens: Tokens::default(),
             clients: Clients::default(),
             shutdown,
             metrics,
             reconcile: Reconcile::default(),
-            manifests: Mutex::new(HashMap::new()),
         }))
-    }
-
-    /// The manifest whose canonical bytes hash to `data_hash`, from the blob store.
-    pub async fn manifest(&self, data_hash: &Sha256Hex) -> Result<Arc<Manifest>, HubError> {
-        if let Some(m) = self.manifests.lock().expect("lock").get(data_hash) {
-            return Ok(m.clone());
-        }
-        let limit = (self.config.limits.max_manifest_entries as u64) * 1400 + 1;
-        let bytes = blobs::get_bytes(self.blobs.as_ref(), data_hash, limit).await?;
-        let manifest = if bytes.is_empty() {
-            Manifest::default()
-        } else {
-            Manifest::from_canonical(&bytes, self.config.limits.max_manifest_entries).map_err(
-                |e| {
-                    HubError::bad_request(
-                        codes::INVALID_MANIFEST,
-                        format!("stored manifest {data_hash} is unreadable: {e}"),
-                    )
-                },
-            )?
-        };
-        let manifest = Arc::new(manifest);
-        let mut cache = self.manifests.lock().expect("lock");
-        if cache.len() >= MANIFEST_CACHE {
-            cache.clear();
-        }
-        cache.insert(data_hash.clone(), manifest.clone());
-        Ok(manifest)
     }
 }

@@ -78,6 +78,7 @@ async fn drain(socket: &mut WebSocket) {
     }
 }
 
+#[tracing::instrument(name = "socket", skip_all, fields(token = %principal.name))]
 async fn run(state: AppState, principal: Principal, mut socket: WebSocket) {
     let Some((client_id, spaces, hostname, agent_version)) =
         receive_hello(&state, &principal, &mut socket).await
@@ -136,7 +137,7 @@ async fn receive_hello(
             return None;
         }
     };
-    let (protocol, client_id, mut spaces, hostname, agent_version) =
+    let (protocol, client_id, spaces, hostname, agent_version) =
         match serde_json::from_str::<AgentFrame>(&text) {
             Ok(AgentFrame::Hello {
                 protocol,
@@ -167,8 +168,24 @@ async fn receive_hello(
         refuse(socket, codes::BAD_REQUEST, msg, close_code::POLICY).await;
         return None;
     }
+    match followed_spaces(state, principal, spaces) {
+        Ok(spaces) => Some((client_id, spaces, hostname, agent_version)),
+        Err((code, msg)) => {
+            refuse(socket, code, msg, close_code::POLICY).await;
+            None
+        }
+    }
+}
+
+/// The spaces a `hello` asks to follow (none: every space the token may read), each checked:
+/// well-formed, allowed to the token and served with data; otherwise the code and message the
+/// socket is refused with.
+fn followed_spaces(
+    state: &AppState,
+    principal: &Principal,
+    mut spaces: Vec<HeldSpace>,
+) -> Result<Vec<HeldSpace>, (&'static str, String)> {
     if spaces.is_empty() {
-        // Follow every space the token may read.
         spaces = state
             .heads
             .snapshot()
@@ -182,34 +199,21 @@ async fn receive_hello(
             .collect();
     }
     for held in &spaces {
-        if let Err(e) = validate_space(&held.space) {
-            refuse(
-                socket,
-                codes::BAD_REQUEST,
-                e.to_string(),
-                close_code::POLICY,
-            )
-            .await;
-            return None;
-        }
+        validate_space(&held.space).map_err(|e| (codes::BAD_REQUEST, e.to_string()))?;
         if !principal.may_use_space(&held.space) {
             let msg = format!("token may not use space {:?}", held.space);
-            refuse(socket, codes::FORBIDDEN, msg, close_code::POLICY).await;
-            return None;
+            return Err((codes::FORBIDDEN, msg));
         }
         if state.heads.get(&held.space).is_none() {
             if state.config.spaces.contains(&held.space) {
                 // Adopted without data: the agent stays blocked and says why.
                 let msg = format!("the hub has no data for space {:?} yet", held.space);
-                refuse(socket, codes::NO_DATA, msg, close_code::POLICY).await;
-                return None;
+                return Err((codes::NO_DATA, msg));
             }
-            let msg = format!("no space named {:?}", held.space);
-            refuse(socket, codes::NOT_FOUND, msg, close_code::POLICY).await;
-            return None;
+            return Err((codes::NOT_FOUND, format!("no space named {:?}", held.space)));
         }
     }
-    Some((client_id, spaces, hostname, agent_version))
+    Ok(spaces)
 }
 
 async fn refuse_read_error(socket: &mut WebSocket, e: axum::Error) {
@@ -370,9 +374,17 @@ async fn handle_frame(
             true
         }
         AgentFrame::Report(report) => {
-            let reply = match crate::api::reports::store_report(state, principal, report).await {
-                Ok((id, _)) => frame(&HubFrame::ReportAck { report_id: id }),
-                Err(e) => error_frame(codes::BAD_REQUEST, e.to_string()),
+            let reply = match crate::reports::store(state, principal, report).await {
+                Ok((id, stored)) => {
+                    if stored == crate::reports::Stored::New {
+                        state.clients.touch();
+                    }
+                    frame(&HubFrame::ReportAck { report_id: id })
+                }
+                Err(e) => {
+                    let (code, message) = e.code_and_message();
+                    error_frame(code, message)
+                }
             };
             socket.send(reply).await.is_ok()
         }

@@ -1,5 +1,5 @@
 //! The `synchub` binary as an admin uses it: `init` and `serve` on the embedded default,
-//! `token` create/list/revoke, `force-sync` beside a running hub, and its errors.
+//! `token` create/list/revoke, `force-sync` and `rollback` beside a running hub, and its errors.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -37,7 +37,7 @@ fn output(c: &mut Command) -> (bool, String, String) {
     )
 }
 
-/// Minimal blocking GET with a bearer token; the status code.
+/// Minimal blocking GETs with a bearer token.
 mod http {
     pub fn blocking_status(url: &str, token: &str) -> u16 {
         synchub_hub::blobs::s3::install_crypto_provider();
@@ -51,6 +51,23 @@ mod http {
                 .unwrap()
                 .status()
                 .as_u16()
+        })
+    }
+
+    /// The default space's head as a running hub at `base_url` serves it.
+    pub fn blocking_head(base_url: &str, token: &str) -> serde_json::Value {
+        synchub_hub::blobs::s3::install_crypto_provider();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            ::reqwest::Client::new()
+                .get(format!("{base_url}/api/v1/spaces/global_version/head"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap()
         })
     }
 }
@@ -337,21 +354,9 @@ fn force_sync_beside_a_running_hub() {
     let (ok, out, err) = run(dir.path(), &["force-sync", "--reason", "fix"]);
     assert!(ok, "{err}");
     assert!(out.contains("version 2"), "{out}");
-    synchub_hub::blobs::s3::install_crypto_provider();
-    let rt = tokio::runtime::Runtime::new().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let head: serde_json::Value = rt.block_on(async {
-            reqwest::Client::new()
-                .get(format!("{}/api/v1/spaces/global_version/head", guard.url))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap()
-        });
+        let head = http::blocking_head(&guard.url, &token);
         if head["version"] == 2 {
             assert_eq!(head["forced"], true);
             assert_eq!(head["reason"], "fix");
@@ -366,6 +371,33 @@ fn force_sync_beside_a_running_hub() {
     let (ok, _, err) = run(dir.path(), &["force-sync", "--space", "nope"]);
     assert!(!ok);
     assert!(err.contains("nope"), "{err}");
+}
+
+#[test]
+fn rollback_beside_a_running_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    init(dir.path());
+    let (ok, out, err) = run(dir.path(), &["force-sync"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("version 2"), "{out}");
+    let (ok, out, err) = run(
+        dir.path(),
+        &["rollback", "--to-version", "1", "--reason", "undo"],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("version 3") && out.contains("version 1"),
+        "{out}"
+    );
+    let token = admin_token(dir.path());
+    let guard = spawn_serve(dir.path(), Stdio::null());
+    let head = http::blocking_head(&guard.url, &token);
+    assert_eq!(head["version"], 3, "{head}");
+    assert_eq!(head["forced"], true, "{head}");
+    assert_eq!(head["reason"], "rollback to version 1: undo", "{head}");
+    let (ok, _, err) = run(dir.path(), &["rollback", "--to-version", "42"]);
+    assert!(!ok);
+    assert!(err.contains("version 42"), "{err}");
 }
 
 #[test]

@@ -155,6 +155,26 @@ impl Browser {
         }
     }
 
+    /// Clicks the element `css` selects, finding it again if the page redrew it meanwhile.
+    pub async fn click(&self, css: &str) -> anyhow::Result<()> {
+        let mut tries = 0;
+        loop {
+            let result = async {
+                self.client
+                    .find(fantoccini::Locator::Css(css))
+                    .await?
+                    .click()
+                    .await
+            }
+            .await;
+            match result {
+                Ok(_) => return Ok(()),
+                Err(e) if tries < 5 && e.to_string().contains("stale element") => tries += 1,
+                Err(e) => return Err(e).with_context(|| format!("clicking {css}")),
+            }
+        }
+    }
+
     /// The text a person reads on the page now.
     pub async fn text(&self) -> anyhow::Result<String> {
         let v = self

@@ -2,7 +2,9 @@
 //! summary counts PCs on the head, behind, downloading and failed; a click on a PC shows its
 //! sync history; the version chart counts the PCs holding each version; sync_log is searched
 //! and paged; "Force sync…" asks for confirmation (Cancel does nothing) and then makes a forced
-//! version; the page fits a phone's width. Screenshots are kept under target/.
+//! version; "Roll back to this…" on a version puts its data back; changes arrive pushed; a new
+//! token is shown once and can be revoked; the page fits a phone's width. Screenshots are kept
+//! under target/.
 
 use anyhow::{Context, ensure};
 use fantoccini::Locator;
@@ -128,9 +130,8 @@ async fn the_dashboard_answers_an_admins_questions_and_forces_a_sync() -> anyhow
     );
 
     // A PC's history.
-    c.find(Locator::Css(&format!("tr[data-client=\"{pc_id}\"]")))
-        .await?
-        .click()
+    browser
+        .click(&format!("tr[data-client=\"{pc_id}\"]"))
         .await?;
     let text = browser
         .wait_text(WAIT, "the PC's history", |t| {
@@ -143,7 +144,7 @@ async fn the_dashboard_answers_an_admins_questions_and_forces_a_sync() -> anyhow
     browser
         .wait_text(WAIT, "paging", |t| t.contains("page 1 of 2 (31 entries)"))
         .await?;
-    c.find(Locator::Id("next")).await?.click().await?;
+    browser.click("#next").await?;
     browser
         .wait_text(WAIT, "page 2", |t| t.contains("page 2 of 2"))
         .await?;
@@ -160,21 +161,21 @@ async fn the_dashboard_answers_an_admins_questions_and_forces_a_sync() -> anyhow
     ensure!(!text.contains("timeout 3"), "{text}");
 
     // Force sync asks first; Cancel does nothing.
-    c.find(Locator::Id("force")).await?.click().await?;
+    browser.click("#force").await?;
     browser
         .wait_text(WAIT, "the confirmation", |t| {
             t.contains("Force every PC to download")
         })
         .await?;
-    c.find(Locator::Id("confirm-cancel")).await?.click().await?;
+    browser.click("#confirm-cancel").await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     ensure!(head(&hub).await?.version == 2, "Cancel forced a sync");
-    c.find(Locator::Id("force")).await?.click().await?;
+    browser.click("#force").await?;
     c.find(Locator::Id("confirm-input"))
         .await?
         .send_keys("new class lists")
         .await?;
-    c.find(Locator::Id("confirm-ok")).await?.click().await?;
+    browser.click("#confirm-ok").await?;
     browser
         .wait_text(WAIT, "the force-sync notice", |t| {
             t.contains("global_version is now at version 3")
@@ -187,6 +188,38 @@ async fn the_dashboard_answers_an_admins_questions_and_forces_a_sync() -> anyhow
         "{forced:?}"
     );
     wait_ready(&agent, 3, WAIT).await?;
+
+    // Roll back to version 1 (before elevi.json) from its row, after a confirmation.
+    browser.click("button[data-rollback=\"1\"]").await?;
+    browser
+        .wait_text(WAIT, "the confirmation", |t| {
+            t.contains("Roll global_version back to version 1?")
+        })
+        .await?;
+    c.find(Locator::Id("confirm-input"))
+        .await?
+        .send_keys("wrong list published")
+        .await?;
+    browser.click("#confirm-ok").await?;
+    browser
+        .wait_text(WAIT, "the rollback notice", |t| {
+            t.contains("global_version is now at version 4, with the data of version 1.")
+        })
+        .await?;
+    let rolled = head(&hub).await?;
+    ensure!(rolled.version == 4 && rolled.forced, "{rolled:?}");
+    ensure!(
+        rolled
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("wrong list published")),
+        "{rolled:?}"
+    );
+    wait_ready(&agent, 4, WAIT).await?;
+    ensure!(
+        !dir.path().join("current/elevi.json").exists(),
+        "the PC still has the file version 1 did not have"
+    );
 
     // A phone: nothing wider than the screen but the tables, which scroll in their section.
     c.set_window_size(390, 844).await?;
@@ -257,13 +290,13 @@ async fn changes_arrive_live_and_a_token_is_shown_once_then_revoked() -> anyhow:
         .await?
         .send_keys("pc-iasi-07")
         .await?;
-    c.find(Locator::Id("token-create")).await?.click().await?;
+    browser.click("#token-create").await?;
     browser
         .wait_text(WAIT, "the confirmation", |t| {
             t.contains("Create an agent token named \"pc-iasi-07\"?")
         })
         .await?;
-    c.find(Locator::Id("confirm-ok")).await?.click().await?;
+    browser.click("#confirm-ok").await?;
     browser
         .wait_text(WAIT, "the new secret", |t| {
             t.contains("Copy this token now")
@@ -288,7 +321,7 @@ async fn changes_arrive_live_and_a_token_is_shown_once_then_revoked() -> anyhow:
         spaces(secret.clone()).await?.is_success(),
         "the new token works"
     );
-    c.find(Locator::Id("token-done")).await?.click().await?;
+    browser.click("#token-done").await?;
     let text = browser.text().await?;
     ensure!(!text.contains(&secret), "secret still shown after Done");
     c.goto(&page).await?;
@@ -304,11 +337,8 @@ async fn changes_arrive_live_and_a_token_is_shown_once_then_revoked() -> anyhow:
     );
 
     // Revoked from its button, after a confirmation: refused at once.
-    c.find(Locator::Css("button[data-revoke=\"pc-iasi-07\"]"))
-        .await?
-        .click()
-        .await?;
-    c.find(Locator::Id("confirm-ok")).await?.click().await?;
+    browser.click("button[data-revoke=\"pc-iasi-07\"]").await?;
+    browser.click("#confirm-ok").await?;
     browser
         .wait_text(WAIT, "the revoked token", |t| {
             t.contains("pc-iasi-07 agent revoked")

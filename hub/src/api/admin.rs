@@ -1,6 +1,6 @@
 //! Admin views of the live system: the agents connected to this replica.
 
-use crate::auth::Principal;
+use crate::auth::AdminToken;
 use crate::error::ApiResult;
 use crate::state::AppState;
 use axum::extract::State;
@@ -9,8 +9,7 @@ use synchub_protocol::ClientInfo;
 /// `GET /clients` (admin): agents connected to this replica, with their last reported state.
 pub async fn clients(
     State(state): State<AppState>,
-    principal: Principal,
+    _admin: AdminToken,
 ) -> ApiResult<axum::Json<Vec<ClientInfo>>> {
-    principal.require_admin()?;
     Ok(axum::Json(state.clients.list()))
 }

@@ -146,19 +146,6 @@ pub async fn put_blob(
         .into_response())
 }
 
-/// Sizes of `hashes` in the blob store, `None` for the missing ones; a few lookups at a time.
-pub async fn sizes(state: &AppState, hashes: &[Sha256Hex]) -> ApiResult<Vec<Option<u64>>> {
-    futures::stream::iter(hashes.iter().cloned())
-        .map(|h| {
-            let blobs = state.blobs.clone();
-            async move { blobs.size(&h).await }
-        })
-        .buffered(16)
-        .try_collect()
-        .await
-        .map_err(HubError::from)
-}
-
 /// `POST /blobs/missing`: which of these the hub lacks.
 pub async fn missing(
     State(state): State<AppState>,
@@ -172,7 +159,7 @@ pub async fn missing(
             state.config.limits.max_manifest_entries
         )));
     }
-    let found = sizes(&state, &list.sha256).await?;
+    let found = state.blob_sizes(&list.sha256).await?;
     let sha256 = list
         .sha256
         .into_iter()
@@ -197,7 +184,7 @@ pub async fn pack(
             limits.max_pack_blobs
         )));
     }
-    let found = sizes(&state, &list.sha256).await?;
+    let found = state.blob_sizes(&list.sha256).await?;
     let missing: Vec<String> = list
         .sha256
         .iter()

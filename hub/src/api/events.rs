@@ -5,7 +5,7 @@
 //! stream ends when the hub shuts down or the token is revoked. Browsers read it with `fetch`
 //! (an `EventSource` cannot send the Authorization header).
 
-use crate::auth::Principal;
+use crate::auth::AdminToken;
 use crate::error::ApiResult;
 use crate::state::AppState;
 use axum::extract::State;
@@ -16,9 +16,8 @@ use tokio_stream::wrappers::WatchStream;
 
 pub async fn events(
     State(state): State<AppState>,
-    principal: Principal,
+    AdminToken(principal): AdminToken,
 ) -> ApiResult<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>> {
-    principal.require_admin()?;
     let heads = WatchStream::from_changes(state.heads.subscribe()).map(|_| "heads");
     let fleet = WatchStream::from_changes(state.clients.subscribe()).map(|_| "fleet");
     let shutdown = state.shutdown.clone().cancelled_owned();

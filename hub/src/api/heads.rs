@@ -1,8 +1,7 @@
 //! Reading where a space is: its head (served from memory with an ETag, the 1-second fallback
 //! check), the manifest of a version, and the version history.
 
-use super::space_name;
-use crate::auth::Principal;
+use crate::auth::{Admin, Principal, Read, SpaceAccess};
 use crate::error::{ApiResult, HubError};
 use crate::state::AppState;
 use axum::body::Body;
@@ -15,12 +14,9 @@ use synchub_protocol::{VersionInfo, codes};
 /// `GET /spaces/{space}/head`: no database query; `304` when `If-None-Match` matches.
 pub async fn head(
     State(state): State<AppState>,
-    principal: Principal,
-    Path(space): Path<String>,
+    SpaceAccess { space, .. }: SpaceAccess<Read>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    space_name(&space)?;
-    principal.require_space(&space)?;
     let published = state.heads.get(&space).ok_or_else(|| {
         if state.config.spaces.contains(&space) {
             HubError::NoData(format!(
@@ -76,11 +72,9 @@ pub async fn spaces(
 /// version's data hash.
 pub async fn manifest(
     State(state): State<AppState>,
-    principal: Principal,
-    Path((space, version)): Path<(String, String)>,
+    SpaceAccess { space, .. }: SpaceAccess<Read>,
+    Path((_, version)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    space_name(&space)?;
-    principal.require_space(&space)?;
     let version: u64 = version.parse().map_err(|_| {
         HubError::bad_request(
             codes::BAD_REQUEST,
@@ -119,12 +113,9 @@ pub struct ListQuery {
 /// `GET /spaces/{space}/versions` (admin): newest first.
 pub async fn versions(
     State(state): State<AppState>,
-    principal: Principal,
-    Path(space): Path<String>,
+    SpaceAccess { space, .. }: SpaceAccess<Admin>,
     Query(q): Query<ListQuery>,
 ) -> ApiResult<axum::Json<Vec<VersionInfo>>> {
-    space_name(&space)?;
-    principal.require_admin()?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     Ok(axum::Json(state.store.versions(&space, limit).await?))
 }

@@ -21,30 +21,38 @@ use synchub_protocol::codes;
 
 pub fn router(state: AppState) -> Router {
     let json_limit = state.config.limits.max_request_bytes;
+    // Who may call what: the extractor each handler takes decides it, before the body is read.
+    //   Principal              any live token
+    //   SpaceAccess<Read>      a token allowed on {space} (agents: their spaces; admins: all)
+    //   SpaceAccess<Publish>   a token allowed to commit to {space}
+    //   SpaceAccess<Admin>     an admin token, {space} well-formed
+    //   AdminToken             an admin token
     let api = Router::new()
-        .route("/ws", get(crate::ws::upgrade))
-        .route("/spaces", get(heads::spaces))
-        .route("/spaces/{space}/head", get(heads::head))
-        .route("/spaces/{space}/versions", get(heads::versions))
+        .route("/ws", get(crate::ws::upgrade)) // Principal; each followed space: Read
+        .route("/spaces", get(heads::spaces)) // Principal; lists the spaces it may Read
+        .route("/spaces/{space}/head", get(heads::head)) // SpaceAccess<Read>
+        .route("/spaces/{space}/versions", get(heads::versions)) // SpaceAccess<Admin>
         .route(
             "/spaces/{space}/versions/{version}/manifest",
-            get(heads::manifest),
+            get(heads::manifest), // SpaceAccess<Read>
         )
-        .route("/spaces/{space}/commits", post(commits::commit))
-        .route("/spaces/{space}/force-sync", post(commits::force_sync))
-        .route("/blobs/pack", post(blobs::pack))
-        .route("/blobs/missing", post(blobs::missing))
+        .route("/spaces/{space}/commits", post(commits::commit)) // SpaceAccess<Publish>
+        .route("/spaces/{space}/force-sync", post(commits::force_sync)) // SpaceAccess<Admin>
+        .route("/spaces/{space}/rollback", post(commits::rollback)) // SpaceAccess<Admin>
+        .route("/blobs/pack", post(blobs::pack)) // Principal
+        .route("/blobs/missing", post(blobs::missing)) // Principal
         .route(
             "/blobs/{sha256}",
-            get(blobs::get_blob)
-                .put(blobs::put_blob)
+            get(blobs::get_blob) // Principal
+                .put(blobs::put_blob) // Principal
                 .layer(DefaultBodyLimit::disable()),
         )
+        // POST: Principal, and Read on the report's space; GET: AdminToken.
         .route("/sync-log", post(reports::post).get(reports::list))
-        .route("/events", get(events::events))
-        .route("/tokens", get(tokens::list).post(tokens::create))
-        .route("/tokens/{name}", axum::routing::delete(tokens::revoke))
-        .route("/clients", get(admin::clients))
+        .route("/events", get(events::events)) // AdminToken
+        .route("/tokens", get(tokens::list).post(tokens::create)) // AdminToken
+        .route("/tokens/{name}", axum::routing::delete(tokens::revoke)) // AdminToken
+        .route("/clients", get(admin::clients)) // AdminToken
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(json_limit));
     Router::new()
@@ -55,6 +63,8 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(axum::middleware::from_fn(count_requests))
+        // A span per request (method, path), so what a handler logs says which request it was.
+        .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }
 
@@ -162,11 +172,4 @@ where
             }
         }
     }
-}
-
-/// Parses a space name from the path, answering 400 for a malformed one.
-pub fn space_name(space: &str) -> Result<&str, HubError> {
-    synchub_protocol::validate_space(space)
-        .map_err(|e| HubError::bad_request(codes::BAD_REQUEST, e.to_string()))?;
-    Ok(space)
 }

@@ -4,7 +4,7 @@
 //! watcher sees the token table change, as with `synchub token` on the command line.
 
 use crate::api::Json;
-use crate::auth::Principal;
+use crate::auth::AdminToken;
 use crate::error::{ApiResult, HubError};
 use crate::state::AppState;
 use axum::extract::{Path, State};
@@ -19,9 +19,8 @@ const MAX_SPACES: usize = 100;
 /// `GET /tokens`
 pub async fn list(
     State(state): State<AppState>,
-    principal: Principal,
+    _admin: AdminToken,
 ) -> ApiResult<axum::Json<Vec<TokenInfo>>> {
-    principal.require_admin()?;
     let tokens = state.store.tokens().await?;
     Ok(axum::Json(
         tokens
@@ -40,10 +39,9 @@ pub async fn list(
 /// `POST /tokens`: 201 with the secret; 409 when a token has that name already.
 pub async fn create(
     State(state): State<AppState>,
-    principal: Principal,
+    AdminToken(principal): AdminToken,
     Json(req): Json<CreateTokenRequest>,
 ) -> ApiResult<(StatusCode, axum::Json<CreatedToken>)> {
-    principal.require_admin()?;
     let name = req.name.trim();
     if name.is_empty() || name.len() > MAX_NAME || name.chars().any(char::is_control) {
         return Err(HubError::bad_request(
@@ -59,7 +57,8 @@ pub async fn create(
             )));
         }
         for s in list {
-            crate::api::space_name(s)?;
+            synchub_protocol::validate_space(s)
+                .map_err(|e| HubError::bad_request(codes::BAD_REQUEST, e.to_string()))?;
         }
     }
     let secret =
@@ -85,10 +84,9 @@ pub async fn create(
 /// this request cannot revoke itself (the page would lock its admin out).
 pub async fn revoke(
     State(state): State<AppState>,
-    principal: Principal,
+    AdminToken(principal): AdminToken,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
-    principal.require_admin()?;
     if name == principal.name {
         return Err(HubError::bad_request(
             codes::BAD_REQUEST,

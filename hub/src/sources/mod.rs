@@ -14,8 +14,11 @@ pub mod tables;
 
 use crate::blobs::{self, BlobError};
 use crate::config::{BucketSource, TableSource};
+use crate::domain::Domain;
+use crate::error::HubError;
 use crate::state::AppState;
 use crate::store::{NewVersion, StoreError};
+use crate::versions::Step;
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -284,7 +287,7 @@ fn announce(state: &AppState, head: Head) {
         forced = head.forced,
         "new version from sources"
     );
-    crate::server::publish(state, head);
+    state.publish(head);
 }
 
 /// The tables and queries of one source as blobs, by path.
@@ -410,50 +413,36 @@ impl ImportArgs {
 /// `synchub import`: copies a bucket folder into `space` (under `source.into`) as one new
 /// version; files of the space that the bucket lacks are kept. Returns the new head, or the
 /// current one when nothing changed.
-pub async fn import(state: &AppState, source: &BucketSource) -> Result<Head, SourceError> {
+pub async fn import(state: &Domain, source: &BucketSource) -> Result<Head, SourceError> {
     let mut mirror = bucket::Mirror::new(source)?;
     let files = mirror
         .sync(state.blobs.as_ref(), state.config.max_blob_bytes())
         .await?;
     let count = files.len();
     let puts: Vec<ManifestEntry> = files.into_values().collect();
-    for _ in 0..MAX_ATTEMPTS {
-        let head = crate::api::commits::current_head(state, &source.space)
-            .await
-            .map_err(|e| SourceError::Invalid(e.to_string()))?;
-        let base = state
-            .manifest(&head.data_hash)
-            .await
-            .map_err(|e| SourceError::Invalid(format!("reading the current manifest: {e}")))?;
-        let next = base
-            .with_changes(&puts, &[])
-            .map_err(|e| SourceError::Invalid(e.to_string()))?;
-        let data_hash = next.data_hash();
-        if data_hash == head.data_hash {
-            return Ok(head);
+    let puts = &puts;
+    let written = crate::versions::write_version(state, &source.space, |head| async move {
+        let base = state.manifest(&head.data_hash).await?;
+        let next = base.with_changes(puts, &[]).map_err(|e| {
+            HubError::bad_request(synchub_protocol::codes::INVALID_MANIFEST, e.to_string())
+        })?;
+        if next.data_hash() == head.data_hash {
+            return Ok(Step::Unchanged(head));
         }
         blobs::put_bytes(state.blobs.as_ref(), next.canonical_bytes().into()).await?;
         let new = NewVersion {
-            data_hash,
+            data_hash: next.data_hash(),
             forced: false,
             reason: Some(format!("imported {count} file(s) from {}", source.url)),
             by: Some("import".to_owned()),
             entries: next.len() as u64,
             bytes: next.total_size(),
         };
-        match state
-            .store
-            .create_version(&source.space, head.version, new)
-            .await
-        {
-            Ok(h) => return Ok(h),
-            Err(StoreError::HeadMoved { .. }) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(SourceError::Invalid(
-        "the head kept moving; try again".into(),
-    ))
+        Ok(Step::Write { on: head, new })
+    })
+    .await
+    .map_err(|e| SourceError::Invalid(e.to_string()))?;
+    Ok(written.head().clone())
 }
 
 #[cfg(test)]
