@@ -30,41 +30,38 @@ use synchub_protocol::{Manifest, Sha256Hex, check_collisions, validate_path};
 
 /// Where things live in a space folder.
 #[derive(Clone, Debug)]
-pub struct Layout {
+pub(crate) struct Layout {
     root: PathBuf,
 }
 
 impl Layout {
-    pub fn new(root: impl Into<PathBuf>) -> Self {
+    pub(crate) fn new(root: impl Into<PathBuf>) -> Self {
         Layout { root: root.into() }
     }
-    pub fn root(&self) -> &Path {
+    pub(crate) fn root(&self) -> &Path {
         &self.root
     }
     /// The link programs read through.
-    pub fn current(&self) -> PathBuf {
+    pub(crate) fn current(&self) -> PathBuf {
         self.root.join("current")
     }
-    pub fn meta(&self) -> PathBuf {
+    pub(crate) fn meta(&self) -> PathBuf {
         self.root.join(".synchub")
     }
-    pub fn trees(&self) -> PathBuf {
+    pub(crate) fn trees(&self) -> PathBuf {
         self.meta().join("trees")
     }
-    pub fn cache_dir(&self) -> PathBuf {
+    pub(crate) fn cache_dir(&self) -> PathBuf {
         self.meta().join("cache")
     }
-    pub fn outbox(&self) -> PathBuf {
-        self.meta().join("outbox")
-    }
-    pub fn kept(&self) -> PathBuf {
+    pub(crate) fn kept(&self) -> PathBuf {
         self.meta().join("kept")
     }
-    pub fn state_file(&self) -> PathBuf {
+    pub(crate) fn state_file(&self) -> PathBuf {
         self.meta().join("state.json")
     }
     /// The file naming the live tree.
-    pub fn live_file(&self) -> PathBuf {
+    pub(crate) fn live_file(&self) -> PathBuf {
         self.meta().join("live")
     }
     fn manifest_file(&self, tree: &str) -> PathBuf {
@@ -74,7 +71,7 @@ impl Layout {
 
 /// The version a space folder holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Held {
+pub(crate) struct Held {
     pub version: u64,
     pub data_hash: Sha256Hex,
     /// Folder name under `trees/`.
@@ -83,20 +80,20 @@ pub struct Held {
 }
 
 impl Held {
-    pub fn tree_path(&self, layout: &Layout) -> PathBuf {
+    pub(crate) fn tree_path(&self, layout: &Layout) -> PathBuf {
         layout.trees().join(&self.tree)
     }
 }
 
 /// `<version>-<first 8 hex of data_hash>`.
-pub fn tree_name(version: u64, data_hash: &Sha256Hex) -> String {
+pub(crate) fn tree_name(version: u64, data_hash: &Sha256Hex) -> String {
     format!("{version}-{}", &data_hash.as_str()[..8])
 }
 
 /// Reads which tree is live, loads its manifest, points `current` at it when a crash left it
 /// elsewhere and deletes every other tree and leftover temp link. `None` when nothing was
 /// ever applied.
-pub fn recover(layout: &Layout) -> Result<Option<Held>> {
+pub(crate) fn recover(layout: &Layout) -> Result<Option<Held>> {
     std::fs::create_dir_all(layout.trees())
         .ctx(|| format!("creating {}", layout.trees().display()))?;
     let held = read_live(layout)?;
@@ -121,7 +118,7 @@ pub fn recover(layout: &Layout) -> Result<Option<Held>> {
 
 /// The live tree without changing anything: the name in `live`, or for a folder written by an
 /// older agent, the tree `current` links to.
-pub fn read_live(layout: &Layout) -> Result<Option<Held>> {
+pub(crate) fn read_live(layout: &Layout) -> Result<Option<Held>> {
     let link = layout.current();
     match std::fs::symlink_metadata(&link) {
         Ok(m) if !is_link(&link, &m) => {
@@ -191,7 +188,7 @@ fn link_points_at(layout: &Layout, tree: &str) -> bool {
 /// Deletes every tree (and its manifest) but `keep`, and stale temp links (links first, so
 /// none is left pointing into a removed tree). A tree a reader holds open on Windows cannot be
 /// removed yet: it stays until a later cleanup.
-pub fn cleanup(layout: &Layout, keep: Option<&str>) {
+pub(crate) fn cleanup(layout: &Layout, keep: Option<&str>) {
     if let Ok(rd) = std::fs::read_dir(layout.meta()) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -222,7 +219,7 @@ pub fn cleanup(layout: &Layout, keep: Option<&str>) {
 }
 
 /// Removes a tree whose files may be read-only.
-pub fn remove_tree(path: &Path) -> std::io::Result<()> {
+pub(crate) fn remove_tree(path: &Path) -> std::io::Result<()> {
     match std::fs::remove_dir_all(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -264,13 +261,13 @@ pub fn walk_files(root: &Path) -> Vec<String> {
 
 /// A tree built and synced, ready to be switched to.
 #[derive(Debug)]
-pub struct Prepared {
+pub(crate) struct Prepared {
     pub held: Held,
 }
 
 /// Builds the tree of `manifest` from the cache under `trees/`, fsyncs it and writes its
 /// manifest beside it. Every blob must be in the cache. `current` is not touched.
-pub fn prepare(
+pub(crate) fn prepare(
     layout: &Layout,
     cache: &Cache,
     manifest: &Manifest,
@@ -359,7 +356,7 @@ pub fn prepare(
 
 /// Copies files of the held tree that its manifest does not list into `kept/<timestamp>/`.
 /// Returns how many were kept.
-pub fn keep_extra_files(layout: &Layout, held: &Held, mode: ExtraFiles) -> Result<usize> {
+pub(crate) fn keep_extra_files(layout: &Layout, held: &Held, mode: ExtraFiles) -> Result<usize> {
     if mode != ExtraFiles::Keep {
         return Ok(0);
     }
@@ -388,7 +385,7 @@ pub fn keep_extra_files(layout: &Layout, held: &Held, mode: ExtraFiles) -> Resul
 
 /// Makes the prepared tree the live one: `live` is replaced atomically (from here on a crash
 /// comes back to the new tree), then `current` is pointed at it.
-pub fn switch(layout: &Layout, prepared: &Prepared) -> Result<()> {
+pub(crate) fn switch(layout: &Layout, prepared: &Prepared) -> Result<()> {
     let tree = &prepared.held.tree;
     write_atomic(&layout.live_file(), format!("{tree}\n").as_bytes())?;
     point_current(layout, tree)?;
@@ -515,7 +512,7 @@ fn copy_new(src: &Path, dest: &Path) -> Result<()> {
 /// Writes a file atomically: a temp file with a unique name beside it, fsync'd, then renamed
 /// over the target (retried while Windows reports the target open by a reader). For
 /// `live`, `state.json` and friends.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = path.with_file_name(format!("{name}.tmp-{}", uuid::Uuid::new_v4().simple()));
@@ -537,7 +534,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// `rename`, retried for up to ~2 s while Windows refuses it because a reader has the target
 /// open without delete sharing (Python's `open` does) or a scanner briefly holds it. On Unix
 /// the first answer stands.
-pub fn rename_retrying(from: &Path, to: &Path) -> std::io::Result<()> {
+pub(crate) fn rename_retrying(from: &Path, to: &Path) -> std::io::Result<()> {
     let mut wait = std::time::Duration::from_millis(5);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     loop {
@@ -747,7 +744,12 @@ mod tests {
         .unwrap();
         assert!(prepare(&layout, &cache, &m2, 3, None).is_err());
         for e in m.entries() {
-            assert!(cache.verify(&e.sha256).unwrap(), "{} intact", e.path);
+            assert_eq!(
+                cache.check(&e.sha256, e.size, true).unwrap(),
+                crate::cache::Cached::Intact,
+                "{} intact",
+                e.path
+            );
         }
         assert!(!layout.current().exists());
     }

@@ -6,14 +6,14 @@ use rand::Rng;
 use std::time::Duration;
 
 #[derive(Clone, Debug)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     base: Duration,
     max: Duration,
     attempt: u32,
 }
 
 impl Backoff {
-    pub fn new(base: Duration, max: Duration) -> Self {
+    pub(crate) fn new(base: Duration, max: Duration) -> Self {
         Backoff {
             base,
             max: max.max(base),
@@ -22,13 +22,13 @@ impl Backoff {
     }
 
     /// The ceiling of the next wait, without jitter.
-    pub fn ceiling(&self) -> Duration {
+    pub(crate) fn ceiling(&self) -> Duration {
         let factor = 1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX);
         self.base.saturating_mul(factor).min(self.max)
     }
 
     /// The next wait (jittered), and counts the attempt.
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let ceiling = self.ceiling();
         self.attempt = self.attempt.saturating_add(1);
         let low = ceiling / 2;
@@ -37,11 +37,11 @@ impl Backoff {
     }
 
     /// After a success: start again from `base`.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.attempt = 0;
     }
 
-    pub fn attempts(&self) -> u32 {
+    pub(crate) fn attempts(&self) -> u32 {
         self.attempt
     }
 }

@@ -4,72 +4,83 @@
 //! hard links; a forced sync re-hashes the entries because a hard-linked file edited in place
 //! changes here too.
 
-use crate::error::{IoContext, Result};
-use sha2::{Digest, Sha256};
+use crate::blob_check::{OnDisk, check_file, hash_file};
+use crate::error::{ClientError, IoContext, Result};
 use std::collections::HashSet;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use synchub_protocol::Sha256Hex;
 
+/// The blob cache of one space.
 #[derive(Clone, Debug)]
-pub struct Cache {
+pub(crate) struct Cache {
     root: PathBuf,
 }
 
 impl Cache {
     /// Opens (creating) the cache under `root`.
-    pub fn open(root: PathBuf) -> Result<Self> {
+    pub(crate) fn open(root: PathBuf) -> Result<Self> {
         std::fs::create_dir_all(root.join("tmp")).ctx(|| format!("creating {}", root.display()))?;
         Ok(Cache { root })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// Where the blob lives.
-    pub fn path(&self, sha256: &Sha256Hex) -> PathBuf {
+    pub(crate) fn path(&self, sha256: &Sha256Hex) -> PathBuf {
         let s = sha256.as_str();
         self.root.join(&s[..2]).join(s)
     }
 
     /// The partial download of a large blob, kept across failures for a ranged resume.
-    pub fn part_path(&self, sha256: &Sha256Hex) -> PathBuf {
+    pub(crate) fn part_path(&self, sha256: &Sha256Hex) -> PathBuf {
         self.root.join("tmp").join(format!("{sha256}.part"))
     }
 
     /// A fresh temp file name for a blob being written.
-    pub fn temp_path(&self) -> PathBuf {
+    pub(crate) fn temp_path(&self) -> PathBuf {
         self.root
             .join("tmp")
             .join(format!("{}.tmp", uuid::Uuid::new_v4().simple()))
     }
 
     /// Whether the blob is present with the expected size (not re-hashed).
-    pub fn has(&self, sha256: &Sha256Hex, size: u64) -> bool {
+    pub(crate) fn has(&self, sha256: &Sha256Hex, size: u64) -> bool {
         std::fs::metadata(self.path(sha256)).is_ok_and(|m| m.is_file() && m.len() == size)
     }
 
-    /// Re-hashes the entry; a wrong one is removed. True when it is present and right.
-    pub fn verify(&self, sha256: &Sha256Hex) -> Result<bool> {
+    /// Whether the blob is there. With `rehash` (a forced sync) its bytes are hashed again and
+    /// a wrong entry (edited in place through a tree link, damaged) is dropped; without, the
+    /// size decides.
+    pub(crate) fn check(&self, sha256: &Sha256Hex, size: u64, rehash: bool) -> Result<Cached> {
         let path = self.path(sha256);
-        match hash_file(&path) {
-            Ok((actual, _)) if &actual == sha256 => Ok(true),
-            Ok(_) => {
+        if !rehash {
+            return Ok(if self.has(sha256, size) {
+                Cached::Intact
+            } else {
+                Cached::Missing
+            });
+        }
+        match check_file(&path, sha256, size).ctx(|| format!("reading {}", path.display()))? {
+            OnDisk::Intact => Ok(Cached::Intact),
+            OnDisk::Missing => Ok(Cached::Missing),
+            OnDisk::Corrupted { .. } => {
                 tracing::warn!(blob = %sha256, "cached blob is corrupted; dropping it");
                 remove_file_forced(&path).ctx(|| format!("removing {}", path.display()))?;
-                Ok(false)
+                Ok(Cached::Dropped)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(crate::ClientError::io(
-                format!("reading {}", path.display()),
-                e,
-            )),
         }
     }
 
+    /// The paths of `manifest` whose blob the cache lacks.
+    pub(crate) fn lacking<'m>(&self, manifest: &'m synchub_protocol::Manifest) -> Vec<&'m str> {
+        manifest
+            .entries()
+            .iter()
+            .filter(|e| !self.has(&e.sha256, e.size))
+            .map(|e| e.path.as_str())
+            .collect()
+    }
+
     /// Moves a checked temp file to the blob's address (fsync'd first).
-    pub fn insert(&self, temp: &Path, sha256: &Sha256Hex) -> Result<()> {
+    pub(crate) fn insert(&self, temp: &Path, sha256: &Sha256Hex) -> Result<()> {
         let dest = self.path(sha256);
         let dir = dest.parent().expect("cache path has a parent");
         std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
@@ -84,7 +95,7 @@ impl Cache {
     /// over a read-only file: keep a right one, replace a wrong one.
     fn place(&self, temp: &Path, sha256: &Sha256Hex, dest: &Path) -> Result<()> {
         if std::fs::symlink_metadata(dest).is_ok() {
-            if hash_file(dest).is_ok_and(|(actual, _)| &actual == sha256) {
+            if hash_file(dest).is_ok_and(|(actual, _)| actual == *sha256) {
                 let _ = std::fs::remove_file(temp);
                 return Ok(());
             }
@@ -96,7 +107,7 @@ impl Cache {
 
     /// Writes checked bytes to a temp file, fsyncs it and moves it to the blob's address: one
     /// blocking call per small blob instead of a trip to the blocking pool per step.
-    pub fn insert_bytes(&self, sha256: &Sha256Hex, bytes: &[u8]) -> Result<()> {
+    pub(crate) fn insert_bytes(&self, sha256: &Sha256Hex, bytes: &[u8]) -> Result<()> {
         use std::io::Write;
         let temp = self.temp_path();
         let written = std::fs::File::create(&temp).and_then(|mut f| {
@@ -105,10 +116,7 @@ impl Cache {
         });
         if let Err(e) = written {
             let _ = std::fs::remove_file(&temp);
-            return Err(crate::ClientError::io(
-                format!("writing {}", temp.display()),
-                e,
-            ));
+            return Err(ClientError::io(format!("writing {}", temp.display()), e));
         }
         let dest = self.path(sha256);
         let dir = dest.parent().expect("cache path has a parent");
@@ -117,7 +125,7 @@ impl Cache {
     }
 
     /// Drops temp files of interrupted writes (not `.part` files: those resume).
-    pub fn clean_temp(&self) {
+    pub(crate) fn clean_temp(&self) {
         if let Ok(rd) = std::fs::read_dir(self.root.join("tmp")) {
             for e in rd.flatten() {
                 if e.file_name().to_string_lossy().ends_with(".tmp") {
@@ -128,7 +136,7 @@ impl Cache {
     }
 
     /// Removes every entry not in `keep`, and stale partial downloads.
-    pub fn prune(&self, keep: &HashSet<Sha256Hex>) {
+    pub(crate) fn prune(&self, keep: &HashSet<Sha256Hex>) {
         let Ok(rd) = std::fs::read_dir(&self.root) else {
             return;
         };
@@ -168,25 +176,18 @@ impl Cache {
     }
 }
 
-/// sha256 and size of a file, read in 256 KiB chunks.
-pub fn hash_file(path: &Path) -> std::io::Result<(Sha256Hex, u64)> {
-    let mut f = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut total = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        total += n as u64;
-    }
-    Ok((Sha256Hex::from_digest(hasher.finalize().into()), total))
+/// What [`Cache::check`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Cached {
+    Intact,
+    /// Not there (or, without a re-hash, not at its size).
+    Missing,
+    /// It was there with other bytes and has been removed: fetch it again.
+    Dropped,
 }
 
 /// Removes a file even when it was made read-only (tree files are).
-pub fn remove_file_forced(path: &Path) -> std::io::Result<()> {
+pub(crate) fn remove_file_forced(path: &Path) -> std::io::Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
             let mut perms = std::fs::metadata(path)?.permissions();
@@ -214,10 +215,12 @@ mod tests {
         cache.insert(&tmp, &sha).unwrap();
         assert!(cache.has(&sha, 5));
         assert!(!cache.has(&sha, 6));
-        assert!(cache.verify(&sha).unwrap());
-        // Corrupt in place (what an edit through a hard link does): verify drops it.
+        assert_eq!(cache.check(&sha, 5, true).unwrap(), Cached::Intact);
+        // Corrupt in place (what an edit through a hard link does): a re-hash drops it.
         std::fs::write(cache.path(&sha), b"HELLO").unwrap();
-        assert!(!cache.verify(&sha).unwrap());
+        assert_eq!(cache.check(&sha, 5, false).unwrap(), Cached::Intact);
+        assert_eq!(cache.check(&sha, 5, true).unwrap(), Cached::Dropped);
+        assert_eq!(cache.check(&sha, 5, true).unwrap(), Cached::Missing);
         assert!(!cache.path(&sha).exists());
         let tmp = cache.temp_path();
         std::fs::write(&tmp, body).unwrap();

@@ -160,7 +160,7 @@ impl AgentConfig {
 }
 
 /// Shows the token as its first 4 characters and a mask.
-pub fn mask_secret(s: &str) -> String {
+pub(crate) fn mask_secret(s: &str) -> String {
     if s.is_empty() {
         return "(none)".into();
     }

@@ -7,77 +7,108 @@
 //! that missed a bump is noticed. While no socket is up, `connected` is false and the fallback
 //! check runs.
 
+use crate::agent::{Agent, Timestamp};
 use crate::backoff::Backoff;
 use crate::error::{ClientError, Result};
 use crate::hub_api::{HeadCheck, HubApi};
-use crate::space::{HeadSource, SpaceShared};
+use crate::space::{HeadSource, Space};
 use crate::state::is_progress_only;
 use futures::{SinkExt, StreamExt};
 use std::sync::Arc;
 use std::time::Duration;
-use synchub_protocol::{AgentFrame, AgentState, HeldSpace, HubFrame, PROTOCOL_VERSION};
+use synchub_protocol::{AgentFrame, AgentState, Head, HeldSpace, HubFrame, PROTOCOL_VERSION};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_stream::wrappers::WatchStream;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-
-/// Everything the connection task needs.
-pub struct ConnectionContext {
-    pub api: HubApi,
-    pub ws_path: String,
-    pub client_id: String,
-    pub hostname: Option<String>,
-    pub spaces: Vec<Arc<SpaceShared>>,
-    pub max_backoff: Duration,
-    /// True while a welcomed socket is up.
-    pub connected: watch::Sender<bool>,
-    /// How often the head is checked over HTTP while the socket is up.
-    pub head_check_interval: Duration,
-    /// Last time a head check answered (shared with the fallback, shown on `/status`).
-    pub last_head_check: watch::Sender<Option<chrono::DateTime<chrono::Utc>>>,
-}
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 /// Progress-only status frames go out at most this often.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
-/// Keeps a socket up until `stop` fires.
-pub async fn run(ctx: Arc<ConnectionContext>, mut stop: watch::Receiver<bool>) {
-    let mut backoff = Backoff::new(Duration::from_millis(250), ctx.max_backoff);
+/// How a socket's life ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SessionEnd {
+    /// It was welcomed and later closed or dropped: the backoff starts over.
+    AfterWelcome,
+    /// It closed before the hub said `welcome`.
+    BeforeWelcome,
+}
+
+/// Keeps a socket up until the agent stops.
+pub(crate) async fn run(agent: Arc<Agent>) {
+    let max_backoff = Duration::from_millis(agent.config.max_backoff_ms);
+    let mut backoff = Backoff::new(Duration::from_millis(250), max_backoff);
     loop {
-        let position = ctx.api.position();
-        let url = ctx.api.ws_url(&ctx.ws_path);
+        let position = agent.api.position();
+        let url = agent.api.ws_url(&agent.config.ws_path);
         let outcome = tokio::select! {
-            r = session(&ctx, &url) => r,
-            _ = stop.changed() => { ctx.connected.send_replace(false); return; }
+            r = session(&agent, &url) => r,
+            _ = agent.stopped() => { agent.connected.send_replace(false); return; }
         };
-        ctx.connected.send_replace(false);
+        agent.connected.send_replace(false);
         match outcome {
-            Ok(true) => {
+            Ok(SessionEnd::AfterWelcome) => {
                 tracing::info!(hub = %url, "socket closed; reconnecting");
                 backoff.reset();
             }
-            Ok(false) => tracing::debug!(hub = %url, "socket closed before welcome"),
+            Ok(SessionEnd::BeforeWelcome) => {
+                tracing::debug!(hub = %url, "socket closed before welcome")
+            }
             Err(e) => tracing::debug!(hub = %url, error = %e, "socket failed"),
         }
-        ctx.api.rotate_from(position);
+        agent.api.rotate_from(position);
         let delay = backoff.next_delay();
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = stop.changed() => return,
+            _ = agent.stopped() => return,
         }
     }
 }
 
-/// One socket's life. `Ok(true)` when it was welcomed (then the backoff restarts).
-async fn session(ctx: &ConnectionContext, url: &str) -> Result<bool> {
+/// Offers heads from the hub to the spaces this agent holds.
+fn offer(agent: &Agent, heads: Vec<Head>, source: HeadSource) {
+    for head in heads {
+        if let Some(space) = agent.held_space(&head.space) {
+            space.offer_head(head, source);
+        }
+    }
+}
+
+/// What this agent holds, for `hello`.
+fn hello(agent: &Agent) -> AgentFrame {
+    AgentFrame::Hello {
+        protocol: PROTOCOL_VERSION,
+        client_id: agent.client_id.clone(),
+        spaces: agent
+            .spaces
+            .iter()
+            .map(|s| {
+                let held = s.held();
+                HeldSpace {
+                    space: s.name.clone(),
+                    version: held.as_ref().map_or(0, |h| h.version),
+                    data_hash: held.map(|h| h.data_hash),
+                }
+            })
+            .collect(),
+        agent_version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+        hostname: agent.hostname.clone(),
+    }
+}
+
+/// Connects, says `hello` and waits for `welcome`; `None` when the socket closed first.
+async fn connect(agent: &Agent, url: &str) -> Result<Option<(Ws, Duration)>> {
     let mut request = url
         .into_client_request()
         .map_err(|e| ClientError::Config(format!("websocket URL {url:?}: {e}")))?;
     request.headers_mut().insert(
         "authorization",
-        format!("Bearer {}", ctx.api.token()).parse().map_err(|_| {
-            ClientError::Config("token has characters a header cannot carry".into())
-        })?,
+        format!("Bearer {}", agent.api.token())
+            .parse()
+            .map_err(|_| {
+                ClientError::Config("token has characters a header cannot carry".into())
+            })?,
     );
     let (mut ws, _) = tokio::time::timeout(
         Duration::from_secs(5),
@@ -86,31 +117,12 @@ async fn session(ctx: &ConnectionContext, url: &str) -> Result<bool> {
     .await
     .map_err(|_| ClientError::Unreachable(format!("{url}: connect timed out")))?
     .map_err(|e| ClientError::Unreachable(format!("{url}: {e}")))?;
-
-    let hello = AgentFrame::Hello {
-        protocol: PROTOCOL_VERSION,
-        client_id: ctx.client_id.clone(),
-        spaces: ctx
-            .spaces
-            .iter()
-            .map(|s| {
-                let held = s.held();
-                HeldSpace {
-                    space: s.name.clone(),
-                    version: held.as_ref().map_or(0, |h| h.0),
-                    data_hash: held.map(|h| h.1),
-                }
-            })
-            .collect(),
-        agent_version: Some(env!("CARGO_PKG_VERSION").to_owned()),
-        hostname: ctx.hostname.clone(),
-    };
-    send(&mut ws, &hello).await?;
+    send(&mut ws, &hello(agent)).await?;
 
     let welcome = tokio::time::timeout(Duration::from_secs(10), next_frame(&mut ws))
         .await
         .map_err(|_| ClientError::Unreachable("no welcome within 10 s".into()))??;
-    let ping_interval = match welcome {
+    match welcome {
         Some(HubFrame::Welcome {
             protocol,
             heads,
@@ -121,30 +133,29 @@ async fn session(ctx: &ConnectionContext, url: &str) -> Result<bool> {
                 tracing::warn!(protocol, "hub speaks another protocol version");
             }
             tracing::info!(hub = %url, hub_id, "connected");
-            for head in heads {
-                if let Some(space) = ctx.spaces.iter().find(|s| s.name == head.space) {
-                    space.offer_head(head, HeadSource::Welcome);
-                }
-            }
-            Duration::from_millis(ping_interval_ms.max(100))
+            offer(agent, heads, HeadSource::Welcome);
+            Ok(Some((ws, Duration::from_millis(ping_interval_ms.max(100)))))
         }
-        Some(HubFrame::Error { code, message }) => {
-            return Err(ClientError::Protocol(format!(
-                "hub refused hello: {code}: {message}"
-            )));
-        }
-        Some(other) => {
-            return Err(ClientError::Protocol(format!(
-                "expected welcome, got {other:?}"
-            )));
-        }
-        None => return Ok(false),
+        Some(HubFrame::Error { code, message }) => Err(ClientError::Protocol(format!(
+            "hub refused hello: {code}: {message}"
+        ))),
+        Some(other) => Err(ClientError::Protocol(format!(
+            "expected welcome, got {other:?}"
+        ))),
+        None => Ok(None),
+    }
+}
+
+/// One socket's life.
+async fn session(agent: &Agent, url: &str) -> Result<SessionEnd> {
+    let Some((mut ws, ping_interval)) = connect(agent, url).await? else {
+        return Ok(SessionEnd::BeforeWelcome);
     };
-    ctx.connected.send_replace(true);
+    agent.connected.send_replace(true);
 
     // Every state change of every space becomes a status frame (the first item of each
     // stream is the current state).
-    let mut states = futures::stream::select_all(ctx.spaces.iter().map(|s| {
+    let mut states = futures::stream::select_all(agent.spaces.iter().map(|s| {
         let name = s.name.clone();
         WatchStream::new(s.state.subscribe()).map(move |state| AgentFrame::Status {
             space: name.clone(),
@@ -152,52 +163,47 @@ async fn session(ctx: &ConnectionContext, url: &str) -> Result<bool> {
         })
     }));
     let _head_checks = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(head_checks(
-        ctx.api.clone(),
-        ctx.spaces.clone(),
-        ctx.head_check_interval,
-        ctx.last_head_check.clone(),
+        agent.api.clone(),
+        agent.spaces.clone(),
+        Duration::from_millis(agent.config.head_check_interval_ms.max(100)),
+        agent.last_head_check.clone(),
     )));
     // Silence is counted from the last frame received: the status frames this agent sends
     // while downloading must not keep a dead socket alive.
     let dead_after = ping_interval * 3;
-    let mut last_received = tokio::time::Instant::now();
-    let mut last_sent: Vec<(String, AgentState, tokio::time::Instant)> = Vec::new();
+    let mut last_received = Instant::now();
+    let mut last_sent: Vec<LastSent> = Vec::new();
     loop {
         tokio::select! {
             frame = tokio::time::timeout_at(last_received + dead_after, next_frame(&mut ws)) => {
                 let frame = match frame {
                     Err(_) => {
                         tracing::warn!(hub = %url, "socket silent for 3 ping intervals; dropping it");
-                        return Ok(true);
+                        return Ok(SessionEnd::AfterWelcome);
                     }
-                    Ok(Err(e)) => { tracing::info!(hub = %url, error = %e, "socket error"); return Ok(true); }
-                    Ok(Ok(None)) => return Ok(true),
+                    Ok(Err(e)) => {
+                        tracing::info!(hub = %url, error = %e, "socket error");
+                        return Ok(SessionEnd::AfterWelcome);
+                    }
+                    Ok(Ok(None)) => return Ok(SessionEnd::AfterWelcome),
                     Ok(Ok(Some(f))) => f,
                 };
-                last_received = tokio::time::Instant::now();
+                last_received = Instant::now();
                 match frame {
                     HubFrame::SyncRequired(head) => {
-                        if let Some(space) = ctx.spaces.iter().find(|s| s.name == head.space) {
-                            tracing::info!(space = %head.space, version = head.version, forced = head.forced, "sync required");
-                            space.offer_head(head, HeadSource::Push);
-                        }
+                        tracing::info!(space = %head.space, version = head.version, forced = head.forced, "sync required");
+                        offer(agent, vec![head], HeadSource::Push);
                     }
                     HubFrame::Ping => send(&mut ws, &AgentFrame::Pong).await?,
                     HubFrame::ReportAck { .. } => {}
-                    HubFrame::Welcome { heads, .. } => {
-                        for head in heads {
-                            if let Some(space) = ctx.spaces.iter().find(|s| s.name == head.space) {
-                                space.offer_head(head, HeadSource::Welcome);
-                            }
-                        }
-                    }
+                    HubFrame::Welcome { heads, .. } => offer(agent, heads, HeadSource::Welcome),
                     HubFrame::Error { code, message } => {
                         tracing::warn!(%code, %message, "hub error frame");
                     }
                 }
             }
             Some(status) = states.next() => {
-                if throttled(&mut last_sent, &status, tokio::time::Instant::now()) {
+                if throttled(&mut last_sent, &status, Instant::now()) {
                     continue;
                 }
                 send(&mut ws, &status).await?
@@ -206,25 +212,33 @@ async fn session(ctx: &ConnectionContext, url: &str) -> Result<bool> {
     }
 }
 
+/// The last status frame sent for a space.
+struct LastSent {
+    space: String,
+    state: AgentState,
+    at: Instant,
+}
+
 /// Whether a status frame is only download progress sent less than [`PROGRESS_EVERY`] after
 /// the previous frame of its space (then it is skipped; the next state change goes out at once).
-fn throttled(
-    last_sent: &mut Vec<(String, AgentState, tokio::time::Instant)>,
-    frame: &AgentFrame,
-    now: tokio::time::Instant,
-) -> bool {
+fn throttled(last_sent: &mut Vec<LastSent>, frame: &AgentFrame, now: Instant) -> bool {
     let AgentFrame::Status { space, state } = frame else {
         return false;
     };
-    match last_sent.iter_mut().find(|(s, _, _)| s == space) {
-        Some((_, last, at)) => {
-            if is_progress_only(last, state) && now.duration_since(*at) < PROGRESS_EVERY {
+    match last_sent.iter_mut().find(|l| l.space == *space) {
+        Some(last) => {
+            if is_progress_only(&last.state, state) && now.duration_since(last.at) < PROGRESS_EVERY
+            {
                 return true;
             }
-            *last = state.clone();
-            *at = now;
+            last.state = state.clone();
+            last.at = now;
         }
-        None => last_sent.push((space.clone(), state.clone(), now)),
+        None => last_sent.push(LastSent {
+            space: space.clone(),
+            state: state.clone(),
+            at: now,
+        }),
     }
     false
 }
@@ -234,12 +248,12 @@ fn throttled(
 /// leave this agent behind for long.
 async fn head_checks(
     api: HubApi,
-    spaces: Vec<Arc<SpaceShared>>,
+    spaces: Vec<Arc<Space>>,
     every: Duration,
-    last_ok: watch::Sender<Option<chrono::DateTime<chrono::Utc>>>,
+    last_ok: watch::Sender<Option<Timestamp>>,
 ) {
     let mut etags: Vec<Option<String>> = vec![None; spaces.len()];
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
@@ -275,10 +289,11 @@ async fn send(ws: &mut Ws, frame: &AgentFrame) -> Result<()> {
 /// The next hub frame; `None` when the socket closed. Control frames are handled here.
 async fn next_frame(ws: &mut Ws) -> Result<Option<HubFrame>> {
     loop {
-        let Some(msg) = ws.next().await else {
-            return Ok(None);
+        let msg = match ws.next().await {
+            None => return Ok(None),
+            Some(Ok(msg)) => msg,
+            Some(Err(e)) => return read_error(e),
         };
-        let msg = msg.map_err(|e| ClientError::Unreachable(e.to_string()))?;
         let text = match msg {
             Message::Text(t) => t.to_string(),
             Message::Binary(b) => String::from_utf8_lossy(&b).into_owned(),
@@ -290,6 +305,22 @@ async fn next_frame(ws: &mut Ws) -> Result<Option<HubFrame>> {
             Ok(f) => return Ok(Some(f)),
             Err(e) => tracing::warn!(error = %e, "ignoring a frame this agent does not know"),
         }
+    }
+}
+
+/// What a failed read means: the socket closed, the connection broke (reset, I/O), or the hub
+/// broke the protocol (a frame too large, not UTF-8, a malformed frame).
+fn read_error(e: WsError) -> Result<Option<HubFrame>> {
+    use tokio_tungstenite::tungstenite::error::ProtocolError;
+    match e {
+        WsError::ConnectionClosed | WsError::AlreadyClosed => Ok(None),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            Err(ClientError::Unreachable(e.to_string()))
+        }
+        WsError::Capacity(_) | WsError::Protocol(_) | WsError::Utf8(_) => Err(
+            ClientError::Protocol(format!("the hub sent a frame this agent refuses: {e}")),
+        ),
+        e => Err(ClientError::Unreachable(e.to_string())),
     }
 }
 
@@ -313,8 +344,37 @@ mod tests {
     }
 
     #[test]
+    fn read_errors_are_told_apart_by_kind() {
+        use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
+        assert!(matches!(read_error(WsError::ConnectionClosed), Ok(None)));
+        let too_large = WsError::Capacity(CapacityError::MessageTooLong {
+            size: 10,
+            max_size: 5,
+        });
+        assert!(matches!(
+            read_error(too_large),
+            Err(ClientError::Protocol(_))
+        ));
+        assert!(matches!(
+            read_error(WsError::Protocol(
+                ProtocolError::ResetWithoutClosingHandshake
+            )),
+            Err(ClientError::Unreachable(_))
+        ));
+        assert!(matches!(
+            read_error(WsError::Protocol(ProtocolError::NonZeroReservedBits)),
+            Err(ClientError::Protocol(_))
+        ));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(matches!(
+            read_error(WsError::Io(reset)),
+            Err(ClientError::Unreachable(_))
+        ));
+    }
+
+    #[test]
     fn progress_frames_go_out_once_a_second_and_other_changes_at_once() {
-        let start = tokio::time::Instant::now();
+        let start = Instant::now();
         let mut last = Vec::new();
         assert!(!throttled(&mut last, &downloading(1), start));
         let mut sent = 0;

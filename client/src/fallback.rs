@@ -2,68 +2,56 @@
 //! HTTP once per interval with `If-None-Match`, so an unchanged head costs the hub a 304 and
 //! a change is seen within about one interval, push or no push.
 
-use crate::hub_api::{HeadCheck, HubApi};
-use crate::space::{HeadSource, SpaceShared};
+use crate::agent::Agent;
+use crate::hub_api::HeadCheck;
+use crate::space::HeadSource;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
 
-pub struct FallbackContext {
-    pub api: HubApi,
-    pub spaces: Vec<Arc<SpaceShared>>,
-    pub interval: Duration,
-    /// The WebSocket is off: this task also rotates hubs on failure.
-    pub only_channel: bool,
-    /// Last time any head answer came back (for the status page).
-    pub last_ok: watch::Sender<Option<chrono::DateTime<chrono::Utc>>>,
-    /// Why the last check failed; cleared by the next answer.
-    pub last_error: watch::Sender<Option<String>>,
-}
-
-impl FallbackContext {
-    fn answered(&self) {
-        self.last_ok.send_replace(Some(chrono::Utc::now()));
-        if self.last_error.send_replace(None).is_some() {
-            tracing::info!(hub = %self.api.hub(), "hub answers again");
-        }
-    }
-
-    /// Logs the first failure of a run at warn level (then debug: this repeats every second).
-    fn failed(&self, space: &str, error: String) {
-        if self.last_error.borrow().is_none() {
-            tracing::warn!(hub = %self.api.hub(), space, %error, "head check failed; retrying every interval");
-        } else {
-            tracing::debug!(space, %error, "head check failed");
-        }
-        self.last_error.send_replace(Some(error));
+/// A head check answered: the hub is reachable again.
+fn answered(agent: &Agent) {
+    agent.last_head_check.send_replace(Some(chrono::Utc::now()));
+    if agent.hub_error.send_replace(None).is_some() {
+        tracing::info!(hub = %agent.api.hub(), "hub answers again");
     }
 }
 
-pub async fn run(
-    ctx: Arc<FallbackContext>,
-    mut connected: watch::Receiver<bool>,
-    mut stop: watch::Receiver<bool>,
-) {
+/// Logs the first failure of a run at warn level (then debug: this repeats every second).
+fn failed(agent: &Agent, space: &str, error: String) {
+    if agent.hub_error.borrow().is_none() {
+        tracing::warn!(hub = %agent.api.hub(), space, %error, "head check failed; retrying every interval");
+    } else {
+        tracing::debug!(space, %error, "head check failed");
+    }
+    agent.hub_error.send_replace(Some(error));
+}
+
+/// Checks the heads while no socket is up, until the agent stops.
+pub(crate) async fn run(agent: Arc<Agent>) {
+    let interval = Duration::from_millis(agent.config.fallback_interval_ms.max(50));
+    // The WebSocket is off: this task also rotates hubs on failure.
+    let only_channel = agent.config.disable_websocket;
+    let mut connected = agent.connected.subscribe();
     let mut etags: HashMap<String, String> = HashMap::new();
     loop {
         if *connected.borrow_and_update() {
             // The socket carries the heads; wait until it goes down.
             etags.clear();
-            ctx.last_error.send_replace(None);
+            agent.hub_error.send_replace(None);
             tokio::select! {
                 r = connected.changed() => if r.is_err() { return },
-                _ = stop.changed() => return,
+                _ = agent.stopped() => return,
             }
             continue;
         }
-        let tick = tokio::time::sleep(ctx.interval);
-        for space in &ctx.spaces {
+        let tick = tokio::time::sleep(interval);
+        for space in &agent.spaces {
             let etag = etags.get(&space.name).map(String::as_str);
-            match ctx.api.head(&space.name, etag).await {
-                Ok(HeadCheck::NotModified) => ctx.answered(),
+            match agent.api.head(&space.name, etag).await {
+                Ok(HeadCheck::NotModified) => answered(&agent),
                 Ok(HeadCheck::Head { head, etag }) => {
-                    ctx.answered();
+                    answered(&agent);
                     match etag {
                         Some(t) => etags.insert(space.name.clone(), t),
                         None => etags.remove(&space.name),
@@ -71,10 +59,10 @@ pub async fn run(
                     space.offer_head(head, HeadSource::Poll);
                 }
                 Err(e) => {
-                    ctx.failed(&space.name, e.to_string());
+                    failed(&agent, &space.name, e.to_string());
                     etags.clear();
-                    if ctx.only_channel {
-                        ctx.api.rotate();
+                    if only_channel {
+                        agent.api.rotate();
                     }
                     break;
                 }
@@ -82,7 +70,7 @@ pub async fn run(
         }
         tokio::select! {
             _ = tick => {}
-            _ = stop.changed() => return,
+            _ = agent.stopped() => return,
         }
     }
 }

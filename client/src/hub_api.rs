@@ -26,6 +26,7 @@ pub fn install_crypto_provider() {
     });
 }
 
+/// The hub's HTTP API, over the configured hub URLs (one in use at a time).
 #[derive(Clone)]
 pub struct HubApi {
     http: reqwest::Client,
@@ -45,7 +46,7 @@ pub enum HeadCheck {
 const MANIFEST_DEADLINE: Duration = Duration::from_secs(120);
 
 /// Idle-read deadline of [`HubApi::new`].
-pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl HubApi {
     pub fn new(hubs: Vec<String>, token: &str) -> Result<Self> {
@@ -87,20 +88,20 @@ impl HubApi {
     }
 
     /// Moves to the next configured hub (after a failed connection).
-    pub fn rotate(&self) {
+    pub(crate) fn rotate(&self) {
         if self.hubs.len() > 1 {
             self.current.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Which hub is in use, for [`HubApi::rotate_from`].
-    pub fn position(&self) -> usize {
+    pub(crate) fn position(&self) -> usize {
         self.current.load(Ordering::Relaxed)
     }
 
     /// Moves to the next hub if the one at `position` is still in use: two tasks that saw the
     /// same hub fail move on once, not twice (which, with two hubs, would land back on it).
-    pub fn rotate_from(&self, position: usize) {
+    pub(crate) fn rotate_from(&self, position: usize) {
         if self.hubs.len() > 1 {
             let _ = self.current.compare_exchange(
                 position,
@@ -116,7 +117,7 @@ impl HubApi {
     }
 
     /// The WebSocket URL of the hub in use, for the route `ws_path`.
-    pub fn ws_url(&self, ws_path: &str) -> String {
+    pub(crate) fn ws_url(&self, ws_path: &str) -> String {
         let hub = self.hub();
         let rest = hub
             .strip_prefix("https://")
@@ -126,7 +127,7 @@ impl HubApi {
         format!("{rest}{ws_path}")
     }
 
-    pub fn token(&self) -> &str {
+    pub(crate) fn token(&self) -> &str {
         &self.token
     }
 
@@ -161,7 +162,7 @@ impl HubApi {
     }
 
     /// The canonical manifest bytes of a version (not yet checked).
-    pub async fn manifest_bytes(&self, space: &str, version: u64) -> Result<bytes::Bytes> {
+    pub(crate) async fn manifest_bytes(&self, space: &str, version: u64) -> Result<bytes::Bytes> {
         let resp = self
             .get(&format!("/spaces/{space}/versions/{version}/manifest"))
             .timeout(MANIFEST_DEADLINE)
@@ -171,7 +172,7 @@ impl HubApi {
     }
 
     /// `GET /blobs/{sha256}` from byte `from` on (a 206 when `from > 0` and the hub honours it).
-    pub async fn blob(&self, sha256: &Sha256Hex, from: u64) -> Result<reqwest::Response> {
+    pub(crate) async fn blob(&self, sha256: &Sha256Hex, from: u64) -> Result<reqwest::Response> {
         let mut req = self.get(&format!("/blobs/{sha256}"));
         if from > 0 {
             req = req.header(RANGE, format!("bytes={from}-"));
@@ -180,7 +181,7 @@ impl HubApi {
     }
 
     /// `POST /blobs/pack`: the response streams the blobs in request order.
-    pub async fn pack(&self, list: &BlobList) -> Result<reqwest::Response> {
+    pub(crate) async fn pack(&self, list: &BlobList) -> Result<reqwest::Response> {
         check(self.post("/blobs/pack").json(list).send().await?).await
     }
 

@@ -7,7 +7,7 @@
 //! only when it does something. It carries the status it was served with, so `?static=1`
 //! renders completely without `/events` (which never ends) for screenshot tools.
 
-use crate::{Inner, SpaceStatus};
+use crate::agent::Agent;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -21,9 +21,9 @@ use std::sync::Arc;
 use tokio_stream::wrappers::WatchStream;
 
 /// Binds `addr` (loopback only) and serves until the client stops.
-pub async fn serve(
+pub(crate) async fn serve(
     addr: SocketAddr,
-    inner: Arc<Inner>,
+    agent: Arc<Agent>,
 ) -> crate::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     if !addr.ip().is_loopback() {
         return Err(crate::ClientError::Config(format!(
@@ -36,12 +36,9 @@ pub async fn serve(
     let bound = listener
         .local_addr()
         .map_err(|e| crate::ClientError::io("local API address", e))?;
-    let mut stop = inner.stop.subscribe();
-    let app = router(inner);
+    let app = router(agent.clone());
     let task = tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
+        let shutdown = async move { agent.stopped().await };
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
@@ -52,59 +49,42 @@ pub async fn serve(
     Ok((bound, task))
 }
 
-pub fn router(inner: Arc<Inner>) -> Router {
+fn router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/", get(page))
         .route("/status", get(status))
         .route("/events", get(events))
         .route("/sync", post(sync_now))
-        .with_state(inner)
+        .with_state(agent)
 }
 
-async fn status(State(inner): State<Arc<Inner>>) -> impl IntoResponse {
-    Json(inner.status())
+async fn status(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
+    Json(agent.status())
 }
 
-async fn sync_now(State(inner): State<Arc<Inner>>) -> impl IntoResponse {
-    for s in &inner.spaces {
+async fn sync_now(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
+    for s in &agent.spaces {
         s.sync_now.notify_one();
     }
-    (StatusCode::ACCEPTED, Json(inner.status()))
+    (StatusCode::ACCEPTED, Json(agent.status()))
 }
 
 async fn events(
-    State(inner): State<Arc<Inner>>,
+    State(agent): State<Arc<Agent>>,
 ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
-    let streams = inner.spaces.iter().map(|s| {
+    let streams = agent.spaces.iter().map(|s| {
         let space = s.clone();
         WatchStream::new(s.state.subscribe()).map(move |state| {
-            let body = SpaceStatus {
-                space: space.name.clone(),
-                allows_use: state.allows_use(),
-                hub_version: space.head.borrow().as_ref().map(|h| h.version),
-                last_error: space.last_error.lock().expect("error lock").clone(),
-                applied_at: applied_at(&space.layout),
-                state,
-            };
             Ok(Event::default()
                 .event("state")
-                .json_data(&body)
+                .json_data(space.status_in(state))
                 .unwrap_or_else(|_| Event::default().data("{}")))
         })
     });
-    let mut stop = inner.stop.subscribe();
     let merged = futures::stream::select_all(streams).take_until(async move {
-        let _ = stop.wait_for(|s| *s).await;
+        agent.stopped().await;
     });
     Sse::new(merged).keep_alive(KeepAlive::default())
-}
-
-/// When the data a space holds was put in place: the time its `current` link was switched.
-pub(crate) fn applied_at(layout: &crate::apply::Layout) -> Option<String> {
-    let modified = std::fs::symlink_metadata(layout.current())
-        .and_then(|m| m.modified())
-        .ok()?;
-    Some(chrono::DateTime::<chrono::Utc>::from(modified).to_rfc3339())
 }
 
 #[derive(serde::Deserialize)]
@@ -115,11 +95,11 @@ struct PageQuery {
 
 /// The block page with the current status (and the display names) inside it, so it renders
 /// at once; `?static=1` leaves out the live updates.
-async fn page(State(inner): State<Arc<Inner>>, Query(q): Query<PageQuery>) -> Html<String> {
+async fn page(State(agent): State<Arc<Agent>>, Query(q): Query<PageQuery>) -> Html<String> {
     let live = !matches!(q.static_view.as_deref(), Some("1" | "true"));
     let initial = serde_json::json!({
-        "status": inner.status(),
-        "names": inner.config.display_names,
+        "status": agent.status(),
+        "names": agent.config.display_names,
         "live": live,
     });
     // Inside <script>: `</` must not close it early.

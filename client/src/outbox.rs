@@ -21,7 +21,7 @@ use synchub_protocol::SyncReport;
 use tokio::sync::Notify;
 
 /// Failed attempts after which a report is set aside.
-pub const POISON_AFTER: u32 = 8;
+pub(crate) const POISON_AFTER: u32 = 8;
 
 #[derive(Clone, Debug)]
 pub struct Outbox {

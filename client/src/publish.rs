@@ -6,7 +6,7 @@
 //! paths lost, so nothing the user made is lost.
 
 use crate::apply::walk_files;
-use crate::cache::hash_file;
+use crate::blob_check::hash_file;
 use crate::download::fetch_manifest;
 use crate::error::{ClientError, IoContext, Result};
 use crate::hub_api::{HeadCheck, HubApi};
@@ -17,7 +17,7 @@ use tokio_util::io::ReaderStream;
 
 /// A local file and the path it gets in the space.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PublishFile {
+pub(crate) struct PublishFile {
     pub local: PathBuf,
     pub remote: String,
     pub size: u64,
@@ -42,7 +42,7 @@ pub struct PublishOutcome {
 
 /// Lists the files to publish: a file goes to `prefix/<file name>`; a folder's files keep
 /// their path below the folder, under `prefix/`. Every remote path is validated.
-pub fn collect(paths: &[PathBuf], prefix: Option<&str>) -> Result<Vec<(PathBuf, String)>> {
+pub(crate) fn collect(paths: &[PathBuf], prefix: Option<&str>) -> Result<Vec<(PathBuf, String)>> {
     let prefix = prefix
         .map(|p| p.trim_matches('/'))
         .filter(|p| !p.is_empty());
@@ -111,7 +111,7 @@ pub async fn publish(
 
 /// The paths a commit deletes: those named (each must be in `current`), and with `mirror`
 /// every path of `current` under `prefix` that is not in `published`. Sorted, no repeats.
-pub fn deletions(
+pub(crate) fn deletions(
     current: Option<&synchub_protocol::Manifest>,
     published: &[String],
     options: &PublishOptions,
@@ -189,7 +189,7 @@ pub async fn publish_with(
         }
     };
     let current = if head.version > 0 {
-        Some(fetch_manifest(api, &head).await?.0)
+        Some(fetch_manifest(api, &head).await?)
     } else {
         None
     };
@@ -312,7 +312,7 @@ pub async fn publish_with(
 }
 
 /// `dir/name.ext` -> `dir/name.conflict-<stamp>.ext`.
-pub fn conflict_copy_path(local: &Path, stamp: &str) -> PathBuf {
+pub(crate) fn conflict_copy_path(local: &Path, stamp: &str) -> PathBuf {
     let stem = local
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())

@@ -12,19 +12,18 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use synchub_protocol::Manifest;
 
 /// Most patterns one agent may give.
-pub const MAX_PATTERNS: usize = 100;
+pub(crate) const MAX_PATTERNS: usize = 100;
 /// Longest pattern.
-pub const MAX_PATTERN_BYTES: usize = 1000;
+pub(crate) const MAX_PATTERN_BYTES: usize = 1000;
 
 #[derive(Clone, Debug)]
-pub struct Selection {
+pub(crate) struct Selection {
     set: GlobSet,
-    patterns: Vec<String>,
 }
 
 impl Selection {
     /// `None` for no patterns: the whole space.
-    pub fn new(patterns: &[String]) -> Result<Option<Selection>> {
+    pub(crate) fn new(patterns: &[String]) -> Result<Option<Selection>> {
         if patterns.is_empty() {
             return Ok(None);
         }
@@ -50,22 +49,15 @@ impl Selection {
         let set = builder
             .build()
             .map_err(|e| ClientError::Config(format!("--include: {e}")))?;
-        Ok(Some(Selection {
-            set,
-            patterns: patterns.to_vec(),
-        }))
+        Ok(Some(Selection { set }))
     }
 
-    pub fn patterns(&self) -> &[String] {
-        &self.patterns
-    }
-
-    pub fn matches(&self, path: &str) -> bool {
+    pub(crate) fn matches(&self, path: &str) -> bool {
         self.set.is_match(path)
     }
 
     /// The entries of `manifest` this agent holds.
-    pub fn narrow(&self, manifest: &Manifest) -> Manifest {
+    pub(crate) fn narrow(&self, manifest: &Manifest) -> Manifest {
         let entries = manifest
             .entries()
             .iter()

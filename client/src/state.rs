@@ -12,7 +12,7 @@ use synchub_protocol::AgentState;
 
 /// What happened, as the space worker sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Event {
+pub(crate) enum Event {
     /// The hub's head equals what the agent holds.
     UpToDate,
     /// The hub has `target`, which differs from what the agent holds.
@@ -54,7 +54,7 @@ pub fn target_of(state: &AgentState) -> Option<u64> {
 }
 
 /// The next state after `event`.
-pub fn transition(state: &AgentState, event: Event) -> AgentState {
+pub(crate) fn transition(state: &AgentState, event: Event) -> AgentState {
     let version = state.version();
     // A progress event before any head change still needs a target; the held version is the
     // only honest answer then.
@@ -99,7 +99,7 @@ pub fn transition(state: &AgentState, event: Event) -> AgentState {
 }
 
 /// Whether a change from `old` to `new` is only download progress (throttled when sent).
-pub fn is_progress_only(old: &AgentState, new: &AgentState) -> bool {
+pub(crate) fn is_progress_only(old: &AgentState, new: &AgentState) -> bool {
     matches!(
         (old, new),
         (

@@ -31,7 +31,7 @@ fn write_set(root: &Path, seed: &str) -> anyhow::Result<()> {
 }
 
 fn read_tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
-    synchub_client::apply::walk_files(root)
+    synchub_client::walk_files(root)
         .into_iter()
         .map(|p| {
             let b = std::fs::read(root.join(&p)).unwrap();
@@ -55,7 +55,7 @@ fn spawn_agent(hub: &TestHub, token: &str, dir: &Path) -> anyhow::Result<Child> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_during_apply_leaves_exactly_one_tree() -> anyhow::Result<()> {
-    synchub_client::hub_api::install_crypto_provider();
+    synchub_client::install_crypto_provider();
     let hub = TestHub::start().await?;
     let token = hub.token("pc", Role::Agent, None).await?;
     let api = HubApi::new(vec![hub.url.clone()], &token)?;
@@ -68,11 +68,10 @@ async fn kill_during_apply_leaves_exactly_one_tree() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
 
     // First version fully applied.
-    let mut version =
-        synchub_client::publish::publish(&api, SPACE, None, &[a.path().to_path_buf()], None)
-            .await?
-            .head
-            .version;
+    let mut version = synchub_client::publish(&api, SPACE, None, &[a.path().to_path_buf()], None)
+        .await?
+        .head
+        .version;
     let mut child = spawn_agent(&hub, &token, dir.path())?;
     wait_for_tree(dir.path(), &tree_a, Duration::from_secs(20)).await?;
     child.kill()?;
@@ -87,7 +86,7 @@ async fn kill_during_apply_leaves_exactly_one_tree() -> anyhow::Result<()> {
         } else {
             (a.path(), &tree_a)
         };
-        version = synchub_client::publish::publish(&api, SPACE, None, &[src.to_path_buf()], None)
+        version = synchub_client::publish(&api, SPACE, None, &[src.to_path_buf()], None)
             .await?
             .head
             .version;

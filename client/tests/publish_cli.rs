@@ -6,8 +6,8 @@
 use anyhow::{Context, ensure};
 use std::path::Path;
 use std::process::Command;
+use synchub_client::HeadCheck;
 use synchub_client::HubApi;
-use synchub_client::hub_api::HeadCheck;
 use synchub_protocol::{Role, SyncLogEntry};
 use synchub_tests::fixtures::http;
 use synchub_tests::hub::TestHub;
@@ -38,7 +38,7 @@ async fn paths(hub: &TestHub, token: &str) -> anyhow::Result<Vec<String>> {
     let HeadCheck::Head { head, .. } = api.head(SPACE, None).await? else {
         anyhow::bail!("304 without an ETag");
     };
-    let (manifest, _) = synchub_client::download::fetch_manifest(&api, &head).await?;
+    let manifest = synchub_client::fetch_manifest(&api, &head).await?;
     Ok(manifest.entries().iter().map(|e| e.path.clone()).collect())
 }
 

@@ -7,6 +7,8 @@
 //! [`blobs::BlobStore`]; [`broadcast`] holds the latest head of every space in memory and
 //! [`ws`] is the task of one agent's socket.
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
 pub mod alerts;
 pub mod api;
 pub mod auth;

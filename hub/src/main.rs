@@ -1,5 +1,7 @@
 //! The `synchub` binary: parse the command line, set up logging, call into the library.
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
 use clap::Parser;
 use synchub_hub::cli::{Cli, run};
 
@@ -16,8 +18,8 @@ async fn main() -> std::process::ExitCode {
     match run(Cli::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            // Our error messages already include their causes; `{:#}` would repeat them.
-            eprintln!("synchub: {e}");
+            // The same style as synchub-agent: `error: ` and the causes, each once.
+            eprintln!("error: {}", synchub_protocol::error_chain(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

@@ -4,8 +4,11 @@
 //! stream format and path validation. No I/O and no async runtime, so both sides (and any other
 //! program that wants to talk to a hub) can depend on it without pulling in a server.
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
 pub mod api;
 pub mod collision;
+pub mod error_chain;
 pub mod frames;
 pub mod hash;
 pub mod manifest;
@@ -14,6 +17,7 @@ pub mod path;
 
 pub use api::*;
 pub use collision::{PathCollision, check_collisions};
+pub use error_chain::error_chain;
 pub use frames::*;
 pub use hash::{HashError, Sha256Hex};
 pub use manifest::{Manifest, ManifestEntry, ManifestError};

@@ -73,7 +73,7 @@ pub async fn commit(
 
 /// An agent of the default space on `hub`, its data in `dir`, local API on a free port.
 pub fn agent_config(hub: &TestHub, token: &str, dir: &Path) -> AgentConfig {
-    synchub_client::hub_api::install_crypto_provider();
+    synchub_client::install_crypto_provider();
     AgentConfig {
         hubs: vec![hub.url.clone()],
         token: token.to_owned(),
@@ -88,7 +88,7 @@ pub fn agent_config(hub: &TestHub, token: &str, dir: &Path) -> AgentConfig {
 
 /// Every file under `root` (following `current`), path -> bytes.
 pub fn read_tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
-    synchub_client::apply::walk_files(root)
+    synchub_client::walk_files(root)
         .into_iter()
         .map(|p| {
             let bytes = std::fs::read(root.join(&p)).expect("read a file of the tree");

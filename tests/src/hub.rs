@@ -303,27 +303,3 @@ impl TestHub {
         .await
     }
 }
-
-/// Runs each named `async fn NAME(backend: Backend) -> anyhow::Result<()>` of the calling file
-/// once per backend, as `sqlite::NAME` and `postgres::NAME`.
-#[macro_export]
-macro_rules! each_backend {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name($crate::hub::Backend::Sqlite).await.unwrap();
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name($crate::hub::Backend::Postgres).await.unwrap();
-                }
-            )*
-        }
-    };
-}

@@ -1267,7 +1267,7 @@ pub async fn publish_set(
 ) -> Result<PublishReport> {
     let api = HubApi::new(vec![hub.url.clone()], &hub.admin_token)?;
     let started = Instant::now();
-    let out = synchub_client::publish::publish(&api, space, None, &[dir.to_path_buf()], None)
+    let out = synchub_client::publish(&api, space, None, &[dir.to_path_buf()], None)
         .await
         .context("publishing")?;
     let secs = started.elapsed().as_secs_f64();

@@ -74,7 +74,7 @@ async fn pump(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_socket_is_replaced_within_seconds() -> anyhow::Result<()> {
-    synchub_client::hub_api::install_crypto_provider();
+    synchub_client::install_crypto_provider();
     let hub = TestHub::start_with(|c| c.ping_interval_ms = 300).await?;
     let token = hub.token("pc", Role::Agent, None).await?;
     let proxy = Proxy::start(hub.config.listen).await?;

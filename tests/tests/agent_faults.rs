@@ -303,7 +303,7 @@ async fn a_newer_head_cancels_a_stalled_sync() -> anyhow::Result<()> {
     let announced = Instant::now();
     let state = tokio::time::timeout(
         Duration::from_secs(3),
-        states.wait_for(|s| synchub_client::state::target_of(s) == Some(v3.version)),
+        states.wait_for(|s| synchub_client::target_of(s) == Some(v3.version)),
     )
     .await
     .context("a newer head must cancel the sync in progress at once")??

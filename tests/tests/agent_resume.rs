@@ -15,7 +15,7 @@ fn blob(seed: u8, len: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partial_download_resumes_with_a_range_request() -> anyhow::Result<()> {
-    synchub_client::hub_api::install_crypto_provider();
+    synchub_client::install_crypto_provider();
     let hub = TestHub::start().await?;
     let token = hub.token("pc", Role::Agent, None).await?;
     let big = blob(1, 3_000_000);

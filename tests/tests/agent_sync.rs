@@ -46,7 +46,7 @@ async fn sync_log(hub: &TestHub, client_id: &str) -> anyhow::Result<Vec<SyncLogE
 }
 
 fn init() {
-    synchub_client::hub_api::install_crypto_provider();
+    synchub_client::install_crypto_provider();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -167,8 +167,7 @@ async fn fallback_delivers_within_two_seconds_without_websocket() -> anyhow::Res
     let api = HubApi::new(vec![hub.url.clone()], &token)?;
     let started = Instant::now();
     let outcome =
-        synchub_client::publish::publish(&api, SPACE, None, &[src.path().join("a.json")], None)
-            .await?;
+        synchub_client::publish(&api, SPACE, None, &[src.path().join("a.json")], None).await?;
     wait_ready(&a1, outcome.head.version, Duration::from_millis(2500)).await?;
     wait_ready(&a2, outcome.head.version, Duration::from_millis(2500)).await?;
     let took = started.elapsed();
@@ -211,7 +210,7 @@ async fn forced_sync_repairs_a_corrupted_file() -> anyhow::Result<()> {
     let mut bad = good.clone();
     bad[10] ^= 0xff;
     std::fs::write(&victim, &bad)?;
-    let report = synchub_client::verify::verify(d.path(), |_, _| {})?;
+    let report = synchub_client::audit_tree(d.path(), |_, _| {})?;
     assert_eq!(report.corrupted, vec!["04320-11149-F/qr_0003.png"]);
 
     let resp = reqwest::Client::new()
@@ -230,7 +229,7 @@ async fn forced_sync_repairs_a_corrupted_file() -> anyhow::Result<()> {
         std::fs::read(d.path().join("current/04320-11149-F/qr_0003.png"))?,
         good
     );
-    assert!(synchub_client::verify::verify(d.path(), |_, _| {})?.is_clean());
+    assert!(synchub_client::audit_tree(d.path(), |_, _| {})?.is_clean());
     // The forced sync is reported as such.
     let deadline = Instant::now() + Duration::from_secs(10);
     while !sync_log(&hub, agent.client_id())
@@ -272,11 +271,10 @@ async fn corrupted_or_truncated_blobs_are_never_applied() -> anyhow::Result<()> 
     let api = HubApi::new(vec![hub.url.clone()], &token)?;
     let src = tempfile::tempdir()?;
     std::fs::write(src.path().join("small.json"), b"{\"v\":1}")?;
-    let v1 =
-        synchub_client::publish::publish(&api, SPACE, None, &[src.path().join("small.json")], None)
-            .await?
-            .head
-            .version;
+    let v1 = synchub_client::publish(&api, SPACE, None, &[src.path().join("small.json")], None)
+        .await?
+        .head
+        .version;
     let d = tempfile::tempdir()?;
     let agent = SyncClient::start(agent_config(&hub, &token, d.path())).await?;
     wait_ready(&agent, v1, Duration::from_secs(10)).await?;
@@ -288,7 +286,7 @@ async fn corrupted_or_truncated_blobs_are_never_applied() -> anyhow::Result<()> 
     // Publish with the agent stopped and damage the blobs in the hub before it starts again,
     // so its first fetch meets them.
     agent.shutdown().await;
-    let v2 = synchub_client::publish::publish(
+    let v2 = synchub_client::publish(
         &api,
         SPACE,
         None,
@@ -450,11 +448,10 @@ async fn read_guard_and_status_block_during_a_sync() -> anyhow::Result<()> {
     assert_eq!(guard.version(), v1);
     std::fs::write(src.path().join("data.json"), b"two")?;
     let api = HubApi::new(vec![hub.url.clone()], &token)?;
-    let v2 =
-        synchub_client::publish::publish(&api, SPACE, None, &[src.path().join("data.json")], None)
-            .await?
-            .head
-            .version;
+    let v2 = synchub_client::publish(&api, SPACE, None, &[src.path().join("data.json")], None)
+        .await?
+        .head
+        .version;
     // The agent blocks new use at once, downloads, then waits for our guard before switching.
     let mut rx = agent.subscribe(None)?;
     tokio::time::timeout(

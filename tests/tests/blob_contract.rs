@@ -1,7 +1,7 @@
 //! The `BlobStore` contract, one suite run against both backends: the filesystem store in a
 //! temporary folder and the S3 store on a fresh bucket of the process's moto server.
 //!
-//! Each contract test is an `async fn(Backend)` below; `contract!` instantiates it once per
+//! Each contract test is an `async fn(Backend)` below; `backend_matrix!` instantiates it once per
 //! backend (`fs::name`, `s3::name`). `large_blob_throughput` is `#[ignore]`d: the benchmark
 //! script runs it with `--ignored --nocapture` (use `--release`) and it prints throughput and
 //! peak RSS rather than asserting them.
@@ -450,28 +450,8 @@ async fn presigned_get(b: Backend) -> anyhow::Result<()> {
     Ok(())
 }
 
-macro_rules! contract {
-    ($($test:ident),* $(,)?) => {
-        mod fs {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() -> anyhow::Result<()> {
-                    super::$test(super::Backend::fs().await?).await
-                }
-            )*
-        }
-        mod s3 {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() -> anyhow::Result<()> {
-                    super::$test(super::Backend::s3().await?).await
-                }
-            )*
-        }
-    };
-}
-
-contract!(
+synchub_tests::backend_matrix!(
+    [fs => Backend::fs().await?, s3 => Backend::s3().await?]
     round_trip,
     empty_blob,
     put_existing,

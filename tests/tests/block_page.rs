@@ -44,11 +44,10 @@ async fn the_block_page_speaks_to_the_office_worker() -> anyhow::Result<()> {
     let api = HubApi::new(vec![hub.url.clone()], &token)?;
     let src = tempfile::tempdir()?;
     std::fs::write(src.path().join("elevi.json"), b"{\"v\":1}")?;
-    let v1 =
-        synchub_client::publish::publish(&api, SPACE, None, &[src.path().join("elevi.json")], None)
-            .await?
-            .head
-            .version;
+    let v1 = synchub_client::publish(&api, SPACE, None, &[src.path().join("elevi.json")], None)
+        .await?
+        .head
+        .version;
     let dir = tempfile::tempdir()?;
     let mut config = agent_config(&hub, &token, dir.path());
     config
@@ -72,8 +71,7 @@ async fn the_block_page_speaks_to_the_office_worker() -> anyhow::Result<()> {
     // A version whose blob is damaged on the hub: the download fails and is retried.
     agent.shutdown().await;
     std::fs::write(src.path().join("elevi.json"), b"{\"v\":2}")?;
-    synchub_client::publish::publish(&api, SPACE, None, &[src.path().join("elevi.json")], None)
-        .await?;
+    synchub_client::publish(&api, SPACE, None, &[src.path().join("elevi.json")], None).await?;
     let sha = Sha256Hex::of(b"{\"v\":2}");
     std::fs::write(fs_blob_path(hub.data_dir(), sha.as_str()), b"{\"v\":X}")?;
     config.client_id = Some(format!("test-agent-{}", uuid::Uuid::new_v4()));

@@ -11,7 +11,7 @@ use synchub_protocol::{
     ApiError, BlobList, CommitResponse, DEFAULT_SPACE, Head, HubFrame, Manifest, Role, Sha256Hex,
     SyncLogEntry, pack,
 };
-use synchub_tests::each_backend;
+use synchub_tests::backend_matrix;
 use synchub_tests::fixtures::{commit, http, put_blob};
 use synchub_tests::hub::{Backend, TestHub, WsAgent, fs_blob_path, ws_connect};
 
@@ -862,7 +862,8 @@ async fn spaces_listing_and_dashboard(backend: Backend) -> anyhow::Result<()> {
     Ok(())
 }
 
-each_backend!(
+backend_matrix!(
+    [sqlite => Backend::Sqlite, postgres => Backend::Postgres]
     spaces_listing_and_dashboard,
     commit_broadcast_and_read_back,
     head_etag_and_304,

@@ -4,7 +4,7 @@
 
 use reqwest::StatusCode;
 use synchub_protocol::{ApiError, DEFAULT_SPACE, Head, Role, codes};
-use synchub_tests::each_backend;
+use synchub_tests::backend_matrix;
 use synchub_tests::fixtures::{commit, http};
 use synchub_tests::hub::{Backend, TestHub};
 
@@ -37,7 +37,7 @@ async fn colliding_commits_are_refused(backend: Backend) -> anyhow::Result<()> {
     assert_eq!(s, StatusCode::CREATED, "{body}");
 
     let nfd_school = "S\u{326}coala/y"; // the NFD spelling of the folder held as NFC
-    let cases: [(&str, Puts); 4] = [
+    let cases: [(&str, Puts<'_>); 4] = [
         (
             "case, in one commit",
             &[("doc/R.txt", b"1"), ("doc/r.txt", b"2")],
@@ -65,4 +65,7 @@ async fn colliding_commits_are_refused(backend: Backend) -> anyhow::Result<()> {
     Ok(())
 }
 
-each_backend!(colliding_commits_are_refused);
+backend_matrix!(
+    [sqlite => Backend::Sqlite, postgres => Backend::Postgres]
+    colliding_commits_are_refused
+);

@@ -32,7 +32,7 @@ const WAIT: Duration = Duration::from_secs(10);
 fn init() {
     synchub_hub::server::raise_open_file_limit();
     synchub_hub::blobs::s3::install_crypto_provider();
-    synchub_client::hub_api::install_crypto_provider();
+    synchub_client::install_crypto_provider();
 }
 
 /// `n` replicas on the database at `url`, sharing one fresh S3 bucket.
@@ -214,7 +214,7 @@ async fn commit_on_one_replica_reaches_agents_on_another() -> anyhow::Result<()>
         }
     }
     let api_a = HubApi::new(vec![a.url.clone()], &token)?;
-    let published = synchub_client::publish::publish(
+    let published = synchub_client::publish(
         &api_a,
         DEFAULT_SPACE,
         Some("qr"),

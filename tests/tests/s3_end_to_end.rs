@@ -25,7 +25,7 @@ const SPACE: &str = synchub_protocol::DEFAULT_SPACE;
 const REDIRECTS: &str = "synchub_blob_redirects_total";
 
 fn init() {
-    synchub_client::hub_api::install_crypto_provider();
+    synchub_client::install_crypto_provider();
 }
 
 /// A hub on SQLite whose blob store is a fresh moto bucket.
@@ -86,7 +86,11 @@ impl Noise {
 /// Writes an object straight into the bucket, behind the hub's back. moto wants a credential
 /// in the request (anonymous writes are refused) but checks no signature.
 async fn put_object(s3: &S3Config, key: &str, body: Vec<u8>) -> anyhow::Result<()> {
-    let url = format!("{}/{}/{key}", s3.endpoint.as_deref().unwrap(), s3.bucket);
+    let url = format!(
+        "{}/{}/{key}",
+        s3.endpoint.as_deref().context("no S3 endpoint")?,
+        s3.bucket
+    );
     let authorization = format!(
         "AWS4-HMAC-SHA256 Credential={}/20260101/{}/s3/aws4_request, \
          SignedHeaders=host, Signature={}",
@@ -108,7 +112,11 @@ async fn put_object(s3: &S3Config, key: &str, body: Vec<u8>) -> anyhow::Result<(
 
 /// Multipart uploads the bucket still has open (started and neither completed nor aborted).
 async fn open_multipart_uploads(s3: &S3Config) -> anyhow::Result<usize> {
-    let url = format!("{}/{}?uploads", s3.endpoint.as_deref().unwrap(), s3.bucket);
+    let url = format!(
+        "{}/{}?uploads",
+        s3.endpoint.as_deref().context("no S3 endpoint")?,
+        s3.bucket
+    );
     let resp = reqwest::Client::builder()
         .no_proxy()
         .build()?
@@ -264,11 +272,10 @@ async fn agent_checks_the_hash_behind_a_redirect() -> anyhow::Result<()> {
     let api = HubApi::new(vec![hub.url.clone()], &token)?;
     let src = tempfile::tempdir()?;
     std::fs::write(src.path().join("small.json"), b"{\"v\":1}")?;
-    let v1 =
-        synchub_client::publish::publish(&api, SPACE, None, &[src.path().join("small.json")], None)
-            .await?
-            .head
-            .version;
+    let v1 = synchub_client::publish(&api, SPACE, None, &[src.path().join("small.json")], None)
+        .await?
+        .head
+        .version;
     let d = tempfile::tempdir()?;
     let agent = SyncClient::start(agent_config(&hub, &token, d.path())).await?;
     wait_ready(&agent, v1, Duration::from_secs(10)).await?;
@@ -280,7 +287,7 @@ async fn agent_checks_the_hash_behind_a_redirect() -> anyhow::Result<()> {
     let large = Noise::bytes(7, 600_000);
     let large_sha = Sha256Hex::of(&large);
     std::fs::write(src.path().join("large.bin"), &large)?;
-    let v2 = synchub_client::publish::publish(
+    let v2 = synchub_client::publish(
         &api,
         SPACE,
         None,

@@ -1,4 +1,4 @@
-//! The `Store` contract, one suite run against both backends: every test in `each_backend!`
+//! The `Store` contract, one suite run against both backends: every test in `backend_matrix!`
 //! runs once on a fresh SQLite file in a temporary folder and once on a fresh database of a
 //! real PostgreSQL cluster (see `synchub_tests::postgres`). "Outside" writes go through a
 //! separate connection, as system 1, a `sqlite3` shell or `synchub token revoke` would make
@@ -184,29 +184,11 @@ fn is_rfc3339_utc(s: &str) -> bool {
         && s[..4].parse::<u32>().is_ok()
 }
 
-/// Runs each named test (an `async fn(Fixture) -> Result<()>`) once per backend.
-macro_rules! each_backend {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() -> anyhow::Result<()> {
-                    super::$name(super::Fixture::new(super::Backend::Sqlite).await?).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() -> anyhow::Result<()> {
-                    super::$name(super::Fixture::new(super::Backend::Postgres).await?).await
-                }
-            )*
-        }
-    };
-}
-
-each_backend!(
+synchub_tests::backend_matrix!(
+    [
+        sqlite => Fixture::new(Backend::Sqlite).await?,
+        postgres => Fixture::new(Backend::Postgres).await?,
+    ]
     ensure_space_creates_version_one,
     ensure_space_adopts_an_existing_row,
     create_version_is_compare_and_swap,

@@ -30,7 +30,7 @@ fn init() {
         .try_init();
     synchub_hub::server::raise_open_file_limit();
     synchub_hub::blobs::s3::install_crypto_provider();
-    synchub_client::hub_api::install_crypto_provider();
+    synchub_client::install_crypto_provider();
 }
 
 /// The old app's rows: 10 cities, 50 institutions, 300 employees, its version row at 7, a row
@@ -263,7 +263,7 @@ async fn the_old_apps_tables_and_bucket_reach_every_pc() -> anyhow::Result<()> {
         .collect();
     assert_eq!(cluj.len(), 2);
     assert_eq!(read_tree(&dirs[2].path().join("current")), cluj);
-    let verified = synchub_client::verify::verify(dirs[2].path(), |_, _| {})?;
+    let verified = synchub_client::audit_tree(dirs[2].path(), |_, _| {})?;
     ensure!(verified.is_clean(), "{verified:?}");
     assert_eq!(
         verified.folders["arhiva"].expected_files, 2,

@@ -146,7 +146,7 @@ async fn an_agent_with_two_urls_finishes_while_the_first_hub_is_stopped() -> any
     let b = HubProcess::spawn(&database, &blobs, &db).await?;
 
     let dir = tempfile::tempdir()?;
-    synchub_client::hub_api::install_crypto_provider();
+    synchub_client::install_crypto_provider();
     let agent = SyncClient::start(synchub_client::AgentConfig {
         hubs: vec![a.url.clone(), b.url.clone()],
         token: token.clone(),

@@ -130,7 +130,7 @@ fn live_tree(dir: &Path) -> Option<PathBuf> {
 }
 
 fn read_tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
-    synchub_client::apply::walk_files(root)
+    synchub_client::walk_files(root)
         .into_iter()
         .filter_map(|p| Some((p.clone(), std::fs::read(root.join(&p)).ok()?)))
         .collect()
@@ -184,7 +184,7 @@ fn files_of(root: &Path) -> BTreeMap<String, Vec<u8>> {
 
 async fn publish(api: &HubApi, src: &Path) -> anyhow::Result<u64> {
     Ok(
-        synchub_client::publish::publish(api, DEFAULT_SPACE, None, &[src.to_path_buf()], None)
+        synchub_client::publish(api, DEFAULT_SPACE, None, &[src.to_path_buf()], None)
             .await?
             .head
             .version,
@@ -218,7 +218,7 @@ async fn commit_exact(
 async fn windows_agent_under_wine() -> anyhow::Result<()> {
     let exe = agent_exe()?;
     let wine = Wine::boot()?;
-    synchub_client::hub_api::install_crypto_provider();
+    synchub_client::install_crypto_provider();
     let hub = TestHub::start().await?;
     let token = hub.token("pc", Role::Agent, None).await?;
     let admin = hub.token("ops", Role::Admin, None).await?;

@@ -3,6 +3,8 @@
 //! on Windows, manages the agent's service (`service install|uninstall|start|stop|run`).
 //! Configuration layers: defaults < `--config agent.toml` < `SYNCHUB_*` env < flags.
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
@@ -267,7 +269,7 @@ async fn main() -> std::process::ExitCode {
                     Some(guard)
                 }
                 Err(e) => {
-                    eprintln!("synchub-agent: cannot open the log folder: {e}");
+                    eprintln!("error: cannot open the log folder: {e}");
                     return std::process::ExitCode::FAILURE;
                 }
             }
@@ -296,7 +298,7 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // One line a person can act on, not a debug dump with a backtrace.
-            eprintln!("synchub-agent: {e:#}");
+            eprintln!("error: {}", synchub_protocol::error_chain(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }
@@ -345,15 +347,14 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     }
     let api = HubApi::new(args.hub.hubs, &token)?;
     let started = Instant::now();
-    let options = synchub_client::publish::PublishOptions {
+    let options = synchub_client::PublishOptions {
         prefix: args.prefix,
         message: args.message,
         mirror: args.mirror,
         deletes: args.deletes,
         reupload: args.reupload,
     };
-    let result =
-        synchub_client::publish::publish_with(&api, &args.space, &args.paths, &options).await;
+    let result = synchub_client::publish_with(&api, &args.space, &args.paths, &options).await;
     // Which token published (the hub names it as the version's author) on which computer,
     // and who sat at it: sync_log must say who changed the data.
     let host = host_name();
@@ -368,7 +369,7 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     let report = synchub_client::upload_report(&client_id, &args.space, user, &result, started);
     match &args.dir {
         Some(dir) => {
-            let outbox = synchub_client::outbox::Outbox::open(dir.join(".synchub").join("outbox"))?;
+            let outbox = synchub_client::Outbox::open(dir.join(".synchub").join("outbox"))?;
             outbox.put(&report)?;
             if let Err(e) = outbox.flush(&api).await {
                 eprintln!("report kept in {} for later: {e}", outbox.dir().display());
@@ -437,41 +438,120 @@ fn login_name() -> Option<String> {
 }
 
 async fn status(addr: SocketAddr, json: bool) -> anyhow::Result<()> {
-    synchub_client::hub_api::install_crypto_provider();
+    synchub_client::install_crypto_provider();
     let url = format!("http://{addr}/status");
-    let resp = reqwest::get(&url)
+    let no_agent = || format!("no agent answers at {addr} (is `synchub-agent run` running?)");
+    let resp = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs(5))
+        .build()?
+        .get(&url)
+        .send()
         .await
-        .with_context(|| format!("no agent answers at {addr} (is `synchub-agent run` running?)"))?;
-    let body: serde_json::Value = resp.json().await?;
+        .with_context(no_agent)?;
+    let body: serde_json::Value = resp.json().await.with_context(no_agent)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&body)?);
         return Ok(());
     }
-    println!(
-        "client {}  hub {} ({})",
-        body["client_id"].as_str().unwrap_or("?"),
-        body["hub"]["url"].as_str().unwrap_or("?"),
-        body["hub"]["mode"].as_str().unwrap_or("?")
+    print!("{}", summary(&body, chrono::Utc::now()));
+    Ok(())
+}
+
+/// `synchub-agent status` for a person: the hub link, then per space one line of columns
+/// (space, state, version held, hub's version, whether programs may use it) and a sentence
+/// saying what is going on and what programs should do.
+fn summary(body: &serde_json::Value, now: chrono::DateTime<chrono::Utc>) -> String {
+    use std::fmt::Write;
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("?").to_owned();
+    let num = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    let mb = |b: u64| format!("{:.1}", b as f64 / 1e6);
+    let ago = |iso: &serde_json::Value| {
+        let at = chrono::DateTime::parse_from_rfc3339(iso.as_str()?).ok()?;
+        let secs = (now - at.with_timezone(&chrono::Utc)).num_seconds().max(0);
+        let when = at.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S");
+        Some(match secs {
+            0..=89 => format!("{when} ({secs} s ago)"),
+            90..=5399 => format!("{when} ({} min ago)", secs / 60),
+            _ => format!("{when} ({} h ago)", secs / 3600),
+        })
+    };
+    let hub = &body["hub"];
+    let mut out = String::new();
+    let link = if hub["connected"].as_bool() == Some(true) {
+        format!("connected ({})", text(&hub["mode"]))
+    } else {
+        match hub["last_error"].as_str() {
+            Some(e) => format!("cannot be reached: {e}"),
+            None => format!("not connected ({})", text(&hub["mode"])),
+        }
+    };
+    let _ = writeln!(
+        out,
+        "client {}  hub {}: {link}",
+        text(&body["client_id"]),
+        text(&hub["url"])
     );
     for s in body["spaces"].as_array().into_iter().flatten() {
-        println!(
-            "{:<20} {:<14} version {:<6} hub {:<6} {}{}",
-            s["space"].as_str().unwrap_or("?"),
-            s["state"].as_str().unwrap_or("?"),
+        let usable = s["allows_use"].as_bool() == Some(true);
+        let _ = writeln!(
+            out,
+            "{:<20} {:<14} version {:<6} hub {:<6} {}",
+            text(&s["space"]),
+            text(&s["state"]),
             s["version"],
             s["hub_version"],
-            if s["allows_use"].as_bool() == Some(true) {
-                "usable"
-            } else {
-                "BLOCKED"
-            },
-            s["last_error"]
-                .as_str()
-                .map(|e| format!("  error: {e}"))
-                .unwrap_or_default()
+            if usable { "usable" } else { "BLOCKED" },
         );
+        let target = num(&s["target"]);
+        let what = match s["state"].as_str().unwrap_or("") {
+            "ready" => match ago(&s["applied_at"]) {
+                Some(t) => format!("Up to date; this data was put in place {t}."),
+                None => "Up to date.".to_owned(),
+            },
+            "starting" => "Comparing the data here with the hub's.".to_owned(),
+            "sync_required" => format!("Version {target} is waiting to be downloaded."),
+            "downloading" => {
+                let (done, total) = (num(&s["bytes_done"]), num(&s["bytes_total"]));
+                let pct = (done * 100).checked_div(total).unwrap_or(0);
+                let rate = num(&s["bytes_per_sec"]);
+                let left = (total.saturating_sub(done))
+                    .checked_div(rate)
+                    .map(|secs| format!(", about {secs} s left"))
+                    .unwrap_or_default();
+                format!(
+                    "Downloading version {target}: {} of {} MB ({pct}%), {} of {} files{left}.",
+                    mb(done),
+                    mb(total),
+                    num(&s["files_done"]),
+                    num(&s["files_total"])
+                )
+            }
+            "verifying" => format!("Checking the files of version {target}."),
+            "applying" => format!("Putting version {target} in place."),
+            "failed" => {
+                let mut t = format!(
+                    "The sync to version {target} failed: {}.",
+                    text(&s["error"])
+                );
+                if let Some(at) = s["retry_at"].as_str()
+                    && let Ok(at) = chrono::DateTime::parse_from_rfc3339(at)
+                {
+                    let secs = (at.with_timezone(&chrono::Utc) - now).num_seconds().max(0);
+                    let _ = write!(t, " Next try in {secs} s (or `POST /sync` now).");
+                }
+                t
+            }
+            other => other.to_owned(),
+        };
+        let rule = if usable {
+            "Programs may use it."
+        } else {
+            "Programs must wait."
+        };
+        let _ = writeln!(out, "  {what} {rule}");
     }
-    Ok(())
+    out
 }
 
 fn verify(dir: PathBuf, json: bool) -> anyhow::Result<()> {
@@ -484,7 +564,7 @@ fn verify(dir: PathBuf, json: bool) -> anyhow::Result<()> {
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} files {elapsed}")
             .expect("template"),
     );
-    let report = synchub_client::verify::verify(&dir, |done, total| {
+    let report = synchub_client::audit_tree(&dir, |done, total| {
         bar.set_length(total);
         bar.set_position(done);
     })?;
@@ -530,4 +610,66 @@ fn verify(dir: PathBuf, json: bool) -> anyhow::Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::summary;
+
+    fn at(iso: &str) -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::parse_from_rfc3339(iso)
+            .unwrap()
+            .with_timezone(&chrono::Utc)
+    }
+
+    #[test]
+    fn the_status_summary_says_what_is_going_on_in_words() {
+        let body = serde_json::json!({
+            "client_id": "pc-cluj-01",
+            "hub": {"url": "http://hub:7070", "mode": "websocket", "connected": true},
+            "spaces": [
+                {"space": "global_version", "state": "ready", "version": 2, "hub_version": 2,
+                 "allows_use": true, "applied_at": "2026-11-26T10:00:00Z"},
+                {"space": "qr", "state": "downloading", "version": 3, "target": 4,
+                 "hub_version": 4, "allows_use": false, "bytes_done": 1_200_000,
+                 "bytes_total": 4_000_000, "files_done": 2, "files_total": 5,
+                 "bytes_per_sec": 700_000},
+                {"space": "arhiva", "state": "failed", "version": 1, "target": 2,
+                 "hub_version": 2, "allows_use": false, "error": "disk full",
+                 "retry_at": "2026-11-26T10:03:12Z"}
+            ]
+        });
+        let text = summary(&body, at("2026-11-26T10:03:00Z"));
+        // The first line per space keeps its columns (scripts read them).
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("global_version       ready          version 2 ")),
+            "{text}"
+        );
+        assert!(
+            text.contains("hub http://hub:7070: connected (websocket)"),
+            "{text}"
+        );
+        assert!(text.contains("(3 min ago). Programs may use it."), "{text}");
+        assert!(
+            text.contains(
+                "Downloading version 4: 1.2 of 4.0 MB (30%), 2 of 5 files, about 4 s left. \
+                 Programs must wait."
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("The sync to version 2 failed: disk full. Next try in 12 s"),
+            "{text}"
+        );
+        let down = serde_json::json!({
+            "client_id": "pc", "spaces": [],
+            "hub": {"url": "http://hub:7070", "mode": "fallback", "connected": false,
+                    "last_error": "connection refused"},
+        });
+        assert!(
+            summary(&down, at("2026-11-26T10:03:00Z"))
+                .contains("hub http://hub:7070: cannot be reached: connection refused")
+        );
+    }
 }

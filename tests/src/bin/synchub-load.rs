@@ -43,7 +43,7 @@ struct Common {
     /// SQLite: the hub's version-row poll interval (ms) [hub default: 250].
     #[arg(long, global = true)]
     poll_ms: Option<u64>,
-    /// More TOML for the hub's configuration file, e.g. '[limits]\nws_buffer_bytes = 1024'.
+    /// More TOML for the hub's configuration file, e.g. `'[limits]\nws_buffer_bytes = 1024'`.
     #[arg(long, global = true)]
     hub_config: Option<String>,
     /// Give up on one run after this many seconds.

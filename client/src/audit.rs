@@ -1,38 +1,50 @@
-//! `synchub-agent verify`: checks the tree `DIR/current` against the manifest of the version
-//! it holds (the copy kept beside the tree), per top folder: files and MB, and the paths that
-//! are missing, extra or corrupted. System 2 ran this check every 30 minutes.
+//! The tree audit behind `synchub-agent verify`: checks the tree `DIR/current` against the
+//! manifest of the version it holds (the copy kept beside the tree), per top folder: files and
+//! MB, and the paths that are missing, extra or corrupted. (The QR app's own sync ran such a
+//! check every 30 minutes; here it is on demand.) It reads only: a running agent may be
+//! building the next tree meanwhile.
 
 use crate::apply::{Layout, walk_files};
-use crate::cache::hash_file;
+use crate::blob_check::{OnDisk, check_file};
 use crate::error::{ClientError, Result};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
+/// One top folder of an audited tree.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct FolderStats {
+    /// Files found (listed or not).
     pub files: u64,
     pub bytes: u64,
     /// Files the manifest lists for this folder.
     pub expected_files: u64,
     pub expected_bytes: u64,
+    /// Listed files that are not there.
     pub missing: u64,
+    /// Files there that the manifest does not list.
     pub extra: u64,
+    /// Listed files with other bytes.
     pub corrupted: u64,
 }
 
+/// What [`audit_tree`] found.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct VerifyReport {
+pub struct TreeAudit {
+    /// The version the folder holds.
     pub version: u64,
+    /// Its data hash (manifest sha256).
     pub data_hash: String,
     /// Keyed by top folder; files at the top level are under `.`.
     pub folders: BTreeMap<String, FolderStats>,
+    /// Paths, as in [`FolderStats`].
     pub missing: Vec<String>,
     pub extra: Vec<String>,
     pub corrupted: Vec<String>,
 }
 
-impl VerifyReport {
+impl TreeAudit {
+    /// Nothing missing, extra or corrupted.
     pub fn is_clean(&self) -> bool {
         self.missing.is_empty() && self.extra.is_empty() && self.corrupted.is_empty()
     }
@@ -45,9 +57,9 @@ fn top_folder(path: &str) -> String {
     }
 }
 
-/// Verifies the space folder `dir`. `on_file` is called once per manifest entry checked
-/// (for a progress bar) with the total first.
-pub fn verify(dir: &Path, mut on_file: impl FnMut(u64, u64)) -> Result<VerifyReport> {
+/// Audits the space folder `dir`. `on_file` is called once per manifest entry checked
+/// (for a progress bar) with the number done and the total.
+pub fn audit_tree(dir: &Path, mut on_file: impl FnMut(u64, u64)) -> Result<TreeAudit> {
     let layout = Layout::new(dir);
     if !layout.meta().is_dir() {
         return Err(ClientError::Config(format!(
@@ -55,16 +67,16 @@ pub fn verify(dir: &Path, mut on_file: impl FnMut(u64, u64)) -> Result<VerifyRep
             dir.display()
         )));
     }
-    // Read-only look: do not clean up trees another running agent may be building.
-    let held = read_only_held(&layout)?;
-    let Some(held) = held else {
+    // `apply::recover` also repairs `current` and deletes stray trees, which is only safe in
+    // the agent itself: this reads the live tree's name and manifest without touching anything.
+    let Some(held) = crate::apply::read_live(&layout)? else {
         return Err(ClientError::Config(format!(
             "{} holds no version yet",
             dir.display()
         )));
     };
     let root = layout.current();
-    let mut report = VerifyReport {
+    let mut report = TreeAudit {
         version: held.version,
         data_hash: held.data_hash.to_string(),
         ..Default::default()
@@ -74,16 +86,19 @@ pub fn verify(dir: &Path, mut on_file: impl FnMut(u64, u64)) -> Result<VerifyRep
         let stats = report.folders.entry(top_folder(&e.path)).or_default();
         stats.expected_files += 1;
         stats.expected_bytes += e.size;
-        match hash_file(&root.join(&e.path)) {
-            Ok((h, n)) => {
+        // A file that cannot be read counts as missing.
+        match check_file(&root.join(&e.path), &e.sha256, e.size).unwrap_or(OnDisk::Missing) {
+            OnDisk::Intact => {
                 stats.files += 1;
-                stats.bytes += n;
-                if h != e.sha256 || n != e.size {
-                    stats.corrupted += 1;
-                    report.corrupted.push(e.path.clone());
-                }
+                stats.bytes += e.size;
             }
-            Err(_) => {
+            OnDisk::Corrupted { size } => {
+                stats.files += 1;
+                stats.bytes += size;
+                stats.corrupted += 1;
+                report.corrupted.push(e.path.clone());
+            }
+            OnDisk::Missing => {
                 stats.missing += 1;
                 report.missing.push(e.path.clone());
             }
@@ -108,12 +123,6 @@ pub fn verify(dir: &Path, mut on_file: impl FnMut(u64, u64)) -> Result<VerifyRep
         }
     }
     Ok(report)
-}
-
-fn read_only_held(layout: &Layout) -> Result<Option<crate::apply::Held>> {
-    // `apply::recover` also repairs `current` and deletes stray trees, which is only safe in
-    // the agent itself: verify reads the live tree's name and manifest without touching anything.
-    crate::apply::read_live(layout)
 }
 
 #[cfg(test)]
@@ -148,7 +157,7 @@ mod tests {
         let m = Manifest::new(entries).unwrap();
         let p = prepare(&layout, &cache, &m, 4, None).unwrap();
         switch(&layout, &p).unwrap();
-        let clean = verify(dir.path(), |_, _| {}).unwrap();
+        let clean = audit_tree(dir.path(), |_, _| {}).unwrap();
         assert!(clean.is_clean());
         assert_eq!(clean.folders["A"].files, 2);
         let tree = p.held.tree_path(&layout);
@@ -156,7 +165,7 @@ mod tests {
         crate::cache::remove_file_forced(&tree.join("B/3.png")).unwrap();
         std::fs::write(tree.join("B/3.png"), b"THREE").unwrap();
         std::fs::write(tree.join("B/extra.png"), b"x").unwrap();
-        let r = verify(dir.path(), |_, _| {}).unwrap();
+        let r = audit_tree(dir.path(), |_, _| {}).unwrap();
         assert_eq!(r.missing, vec!["A/1.png"]);
         assert_eq!(r.corrupted, vec!["B/3.png"]);
         assert_eq!(r.extra, vec!["B/extra.png"]);
