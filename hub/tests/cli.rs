@@ -281,7 +281,7 @@ fn an_address_in_use_is_one_line_with_what_to_do() {
     let (ok, _, err) = run(dir.path(), &["serve", "--listen", addr]);
     assert!(!ok);
     let last = err.lines().last().unwrap_or_default();
-    assert!(last.starts_with("synchub: cannot listen on"), "{err}");
+    assert!(last.starts_with("error: cannot listen on"), "{err}");
     assert!(last.contains("--listen"), "no advice: {err}");
     assert_eq!(err.matches("listens there").count(), 1, "repeated: {err}");
 }

@@ -6,7 +6,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 use std::time::Duration;
 use synchub_protocol::{ApiError, CommitResponse, DEFAULT_SPACE, HubFrame, Role};
-use synchub_tests::each_backend;
+use synchub_tests::backend_matrix;
 use synchub_tests::fixtures::{commit, http};
 use synchub_tests::hub::{Backend, TestHub, WsAgent};
 
@@ -98,7 +98,8 @@ async fn a_refused_socket_report_says_why(backend: Backend) -> anyhow::Result<()
     Ok(())
 }
 
-each_backend!(
+backend_matrix!(
+    [sqlite => Backend::Sqlite, postgres => Backend::Postgres]
     rollback_is_a_forced_head_with_the_old_data,
     a_refused_socket_report_says_why,
 );
