@@ -91,6 +91,19 @@ pub struct PublishOptions {
     /// Upload every listed file's bytes, even those the hub says it has: the hub replaces a
     /// stored copy that fails its hash, so this repairs a blob damaged on the hub's disk.
     pub reupload: bool,
+    /// Told the bytes uploaded so far and the bytes to upload: once before the uploads start
+    /// and after each file (for a progress bar).
+    pub progress: Option<UploadProgress>,
+}
+
+/// A callback for [`PublishOptions::progress`]: `(bytes done, bytes in all)`.
+#[derive(Clone)]
+pub struct UploadProgress(pub std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>);
+
+impl std::fmt::Debug for UploadProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UploadProgress")
+    }
 }
 
 /// Publishes `paths` to `space` as one commit.
@@ -233,13 +246,27 @@ pub async fn publish_with(
         .collect();
     let uploaded = to_upload.len() as u64;
     let bytes_uploaded = to_upload.iter().map(|f| f.size).sum();
+    let done = std::sync::atomic::AtomicU64::new(0);
+    let tell = |n: u64| {
+        if let Some(UploadProgress(progress)) = &options.progress {
+            progress(n, bytes_uploaded);
+        }
+    };
+    tell(0);
     futures::stream::iter(to_upload)
-        .map(|f| async move {
-            let file = tokio::fs::File::open(&f.local)
-                .await
-                .ctx(|| format!("opening {}", f.local.display()))?;
-            let body = reqwest::Body::wrap_stream(ReaderStream::with_capacity(file, 256 * 1024));
-            api.put_blob(&f.sha256, body).await
+        .map(|f| {
+            let (done, tell) = (&done, &tell);
+            async move {
+                let file = tokio::fs::File::open(&f.local)
+                    .await
+                    .ctx(|| format!("opening {}", f.local.display()))?;
+                let body =
+                    reqwest::Body::wrap_stream(ReaderStream::with_capacity(file, 256 * 1024));
+                api.put_blob(&f.sha256, body).await?;
+                let now = done.fetch_add(f.size, std::sync::atomic::Ordering::Relaxed) + f.size;
+                tell(now);
+                Ok::<(), ClientError>(())
+            }
         })
         .buffer_unordered(8)
         .try_collect::<Vec<()>>()

@@ -338,6 +338,42 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// The upload's progress on stderr: a bar on a terminal, else a plain line at most every 2 s
+/// and one at the end (logs and CI keep a readable record).
+fn upload_progress() -> synchub_client::UploadProgress {
+    use std::io::IsTerminal;
+    use std::sync::{Arc, Mutex};
+    if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "uploading {bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+            )
+            .expect("a valid template"),
+        );
+        return synchub_client::UploadProgress(Arc::new(move |done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+            if done >= total {
+                bar.finish_and_clear();
+            }
+        }));
+    }
+    let last = Mutex::new(Instant::now());
+    synchub_client::UploadProgress(Arc::new(move |done, total| {
+        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+        let due = last.elapsed() >= std::time::Duration::from_secs(2);
+        if total > 0 && done > 0 && (due || done >= total) {
+            eprintln!(
+                "uploaded {} of {}",
+                indicatif::HumanBytes(done),
+                indicatif::HumanBytes(total)
+            );
+            *last = Instant::now();
+        }
+    }))
+}
+
 async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     let Some(token) = args.hub.token else {
         bail!("no token: pass --token or set SYNCHUB_TOKEN");
@@ -353,6 +389,7 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
         mirror: args.mirror,
         deletes: args.deletes,
         reupload: args.reupload,
+        progress: Some(upload_progress()),
     };
     let result = synchub_client::publish_with(&api, &args.space, &args.paths, &options).await;
     // Which token published (the hub names it as the version's author) on which computer,
