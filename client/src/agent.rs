@@ -52,10 +52,11 @@ impl Agent {
             Some(id) => id.clone(),
             None => load_or_create_client_id(&meta)?,
         };
-        let api = HubApi::with_read_timeout(
+        let api = HubApi::with_options(
             config.hubs.clone(),
             &config.token,
             Duration::from_millis(config.read_timeout_ms.max(100)),
+            crate::hub_api::tls_config(config.ca_cert.as_deref())?,
         )?;
         let outbox = Outbox::open(meta.join("outbox"))?;
         let mut spaces = Vec::new();

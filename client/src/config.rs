@@ -78,6 +78,9 @@ pub struct AgentConfig {
     /// What the block page calls each space (`global_version = "Date elevi"`); a space
     /// without one is called "the shared data".
     pub display_names: std::collections::BTreeMap<String, String>,
+    /// PEM file of a private certificate authority that signed the hub's certificate, trusted
+    /// besides the system's roots (`https://` and `wss://`).
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl Default for AgentConfig {
@@ -105,6 +108,7 @@ impl Default for AgentConfig {
             read_timeout_ms: 30_000,
             boot_wait_ms: 30_000,
             display_names: std::collections::BTreeMap::new(),
+            ca_cert: None,
         }
     }
 }

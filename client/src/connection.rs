@@ -112,7 +112,12 @@ async fn connect(agent: &Agent, url: &str) -> Result<Option<(Ws, Duration)>> {
     );
     let (mut ws, _) = tokio::time::timeout(
         Duration::from_secs(5),
-        tokio_tungstenite::connect_async(request),
+        tokio_tungstenite::connect_async_tls_with_config(
+            request,
+            None,
+            false,
+            agent.api.tls().map(tokio_tungstenite::Connector::Rustls),
+        ),
     )
     .await
     .map_err(|_| ClientError::Unreachable(format!("{url}: connect timed out")))?

@@ -26,6 +26,35 @@ pub fn install_crypto_provider() {
     });
 }
 
+/// TLS settings trusting the system's roots and the private CA in the PEM file `ca_cert`;
+/// `None` without one (the HTTP client's and WebSocket's defaults, the system's roots, apply).
+pub fn tls_config(ca_cert: Option<&std::path::Path>) -> Result<Option<Arc<rustls::ClientConfig>>> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let Some(path) = ca_cert else {
+        return Ok(None);
+    };
+    install_crypto_provider();
+    let bad = |reason: String| {
+        ClientError::Config(format!("CA certificate {}: {reason}", path.display()))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    let ours = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
+        .map_err(|e| bad(e.to_string()))?;
+    if ours.is_empty() {
+        return Err(bad("no CERTIFICATE block in the file".into()));
+    }
+    for cert in ours {
+        roots.add(cert).map_err(|e| bad(e.to_string()))?;
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Some(Arc::new(config)))
+}
+
 /// The hub's HTTP API, over the configured hub URLs (one in use at a time).
 #[derive(Clone)]
 pub struct HubApi {
@@ -33,6 +62,7 @@ pub struct HubApi {
     hubs: Arc<Vec<String>>,
     current: Arc<AtomicUsize>,
     token: Arc<str>,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Result of a conditional head check.
@@ -46,7 +76,7 @@ pub enum HeadCheck {
 const MANIFEST_DEADLINE: Duration = Duration::from_secs(120);
 
 /// Idle-read deadline of [`HubApi::new`].
-pub(crate) const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl HubApi {
     pub fn new(hubs: Vec<String>, token: &str) -> Result<Self> {
@@ -59,17 +89,30 @@ impl HubApi {
         token: &str,
         read_timeout: Duration,
     ) -> Result<Self> {
+        Self::with_options(hubs, token, read_timeout, None)
+    }
+
+    /// Like [`HubApi::with_read_timeout`], with the TLS settings of [`tls_config`] (`None`:
+    /// the system's roots).
+    pub fn with_options(
+        hubs: Vec<String>,
+        token: &str,
+        read_timeout: Duration,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Self> {
         install_crypto_provider();
         if hubs.is_empty() {
             return Err(ClientError::Config("no hub URL".into()));
         }
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .read_timeout(read_timeout)
             .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()
-            .map_err(ClientError::from)?;
+            .pool_idle_timeout(Duration::from_secs(60));
+        if let Some(tls) = &tls {
+            builder = builder.tls_backend_preconfigured(rustls::ClientConfig::clone(tls));
+        }
+        let http = builder.build().map_err(ClientError::from)?;
         let hubs = hubs
             .into_iter()
             .map(|h| h.trim_end_matches('/').to_owned())
@@ -79,7 +122,13 @@ impl HubApi {
             hubs: Arc::new(hubs),
             current: Arc::new(AtomicUsize::new(0)),
             token: token.into(),
+            tls,
         })
+    }
+
+    /// The TLS settings the WebSocket must use too (`None`: the defaults).
+    pub fn tls(&self) -> Option<Arc<rustls::ClientConfig>> {
+        self.tls.clone()
     }
 
     /// The hub URL in use.
@@ -185,10 +234,19 @@ impl HubApi {
         check(self.post("/blobs/pack").json(list).send().await?).await
     }
 
-    /// `POST /blobs/missing`: which of these the hub lacks.
+    /// `POST /blobs/missing`: which of these the hub lacks, asked in batches of at most
+    /// [`synchub_protocol::MAX_BLOBS_PER_QUERY`] (the hub's bound per request).
     pub async fn missing(&self, list: &BlobList) -> Result<BlobList> {
-        let resp = self.post("/blobs/missing").json(list).send().await?;
-        Ok(check(resp).await?.json().await?)
+        let mut missing = BlobList::default();
+        for batch in list.sha256.chunks(synchub_protocol::MAX_BLOBS_PER_QUERY) {
+            let batch = BlobList {
+                sha256: batch.to_vec(),
+            };
+            let resp = self.post("/blobs/missing").json(&batch).send().await?;
+            let answer: BlobList = check(resp).await?.json().await?;
+            missing.sha256.extend(answer.sha256);
+        }
+        Ok(missing)
     }
 
     /// `PUT /blobs/{sha256}`.

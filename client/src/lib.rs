@@ -62,7 +62,7 @@ pub use audit::{FolderStats, TreeAudit, audit_tree};
 pub use config::{AgentConfig, ExtraFiles, OnFailure};
 pub use download::fetch_manifest;
 pub use error::{ClientError, Result};
-pub use hub_api::{HeadCheck, HubApi, install_crypto_provider};
+pub use hub_api::{DEFAULT_READ_TIMEOUT, HeadCheck, HubApi, install_crypto_provider, tls_config};
 pub use outbox::Outbox;
 pub use publish::{PublishOptions, PublishOutcome, UploadProgress, publish, publish_with};
 pub use report::upload_report;

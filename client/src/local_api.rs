@@ -1,4 +1,5 @@
-//! The agent's local API on 127.0.0.1, for programs and people on this PC: `GET /status`
+//! The agent's local API on 127.0.0.1, for programs and people on this PC (web pages from
+//! elsewhere are refused: see [`local_only`]): `GET /status`
 //! (JSON), `GET /events` (server-sent events, one per state change), `POST /sync` (download
 //! now / retry) and `GET /` (the block page). The page is written for the person at the PC,
 //! in English or Romanian after the browser's language (`?lang=` overrides): plain words,
@@ -55,7 +56,61 @@ fn router(agent: Arc<Agent>) -> Router {
         .route("/status", get(status))
         .route("/events", get(events))
         .route("/sync", post(sync_now))
+        .layer(axum::middleware::from_fn(local_only))
         .with_state(agent)
+}
+
+/// Whether `host` (a `Host` header or the host of an `Origin`) names this machine's loopback:
+/// `127.0.0.1`, `localhost` or `[::1]`, with any port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost") || name == "127.0.0.1" || name == "::1"
+}
+
+/// Keeps web pages out. A page from another site that rebinds its DNS name to 127.0.0.1 still
+/// sends its own name as `Host`: refused, so it cannot read `/status`. A cross-site `POST /sync`
+/// carries the foreign page's `Origin` (browsers always send it on a cross-origin POST and no
+/// script can set it): refused, so no page can start downloads on every PC that opens it.
+/// Programs on the PC (curl, the Python package) send no `Origin` and are not affected.
+async fn local_only(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    match refusal(request.method(), request.headers()) {
+        Some(refused) => refused.into_response(),
+        None => next.run(request).await,
+    }
+}
+
+/// Why [`local_only`] refuses a request with these headers, if it does.
+fn refusal(
+    method: &axum::http::Method,
+    headers: &axum::http::HeaderMap,
+) -> Option<(StatusCode, &'static str)> {
+    use axum::http::header;
+    let value = |name: &str| headers.get(name).map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    if !value(header::HOST.as_str()).is_some_and(is_loopback_host) {
+        return Some((
+            StatusCode::MISDIRECTED_REQUEST,
+            "this API answers only to http://127.0.0.1 or http://localhost\n",
+        ));
+    }
+    if method == axum::http::Method::GET {
+        return None;
+    }
+    let foreign_origin = value(header::ORIGIN.as_str()).is_some_and(|origin| {
+        origin
+            .strip_prefix("http://")
+            .is_none_or(|host| !is_loopback_host(host))
+    });
+    let cross_site = value("sec-fetch-site").is_some_and(|s| s == "cross-site" || s == "same-site");
+    (foreign_origin || cross_site).then_some((
+        StatusCode::FORBIDDEN,
+        "requests from other web sites are refused\n",
+    ))
 }
 
 async fn status(State(agent): State<Arc<Agent>>) -> impl IntoResponse {

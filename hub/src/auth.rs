@@ -87,6 +87,8 @@ pub async fn create_token(
 #[derive(Default)]
 pub struct Tokens {
     by_hash: RwLock<Arc<HashMap<String, Principal>>>,
+    /// Wrong tokens per client address, for the rate limit in [`FailedAuth`].
+    pub failures: FailedAuth,
     /// Reloads run one at a time: two that overlapped could install the older read last, and
     /// a token created in between would look revoked (its sockets closed).
     reloading: tokio::sync::Mutex<()>,
@@ -163,14 +165,71 @@ where
         let secret = value
             .to_str()
             .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
+            .and_then(bearer_secret)
             .ok_or(HubError::Unauthorized)?;
-        state
-            .tokens()
-            .authenticate(secret)
-            .ok_or(HubError::Unauthorized)
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip());
+        let failures = &state.tokens().failures;
+        if let Some(ip) = peer
+            && failures.is_blocked(ip)
+        {
+            return Err(HubError::RateLimited(format!(
+                "too many wrong tokens from {ip}; try again in a minute"
+            )));
+        }
+        let Some(principal) = state.tokens().authenticate(secret) else {
+            if let Some(ip) = peer {
+                failures.note(ip);
+            }
+            return Err(HubError::Unauthorized);
+        };
+        if let Some(connection) = parts.extensions.get::<crate::connections::ConnectionAuth>() {
+            connection.authenticated();
+        }
+        Ok(principal)
     }
+}
+
+/// Wrong tokens an address may send per [`FAILURE_WINDOW`] before its requests with a token
+/// get 429 for the rest of the window. Guessing a 256-bit token is hopeless anyway; this keeps
+/// a scanner from costing the hub work and filling its logs.
+pub const MAX_FAILURES: u32 = 100;
+pub const FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+/// Addresses remembered at most (old windows are dropped first).
+const MAX_TRACKED: usize = 100_000;
+
+/// Wrong tokens per client address in the current window.
+#[derive(Default)]
+pub struct FailedAuth(std::sync::Mutex<HashMap<std::net::IpAddr, (std::time::Instant, u32)>>);
+
+impl FailedAuth {
+    pub fn is_blocked(&self, ip: std::net::IpAddr) -> bool {
+        let map = self.0.lock().expect("lock");
+        map.get(&ip)
+            .is_some_and(|(since, n)| *n >= MAX_FAILURES && since.elapsed() < FAILURE_WINDOW)
+    }
+
+    pub fn note(&self, ip: std::net::IpAddr) {
+        let mut map = self.0.lock().expect("lock");
+        if map.len() >= MAX_TRACKED {
+            map.retain(|_, (since, _)| since.elapsed() < FAILURE_WINDOW);
+        }
+        let entry = map.entry(ip).or_insert((std::time::Instant::now(), 0));
+        if entry.0.elapsed() >= FAILURE_WINDOW {
+            *entry = (std::time::Instant::now(), 0);
+        }
+        entry.1 += 1;
+    }
+}
+
+/// The secret of an `Authorization: Bearer SECRET` value; the scheme is case-insensitive
+/// (RFC 9110), so `bearer` and `BEARER` work too.
+fn bearer_secret(value: &str) -> Option<&str> {
+    let (scheme, secret) = value.trim().split_once(' ')?;
+    let secret = secret.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !secret.is_empty()).then_some(secret)
 }
 
 /// A live admin token: the extractor of admin-only routes that name no space.
@@ -260,6 +319,16 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_secret("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_secret("bearer abc"), Some("abc"));
+        assert_eq!(bearer_secret("BEARER  abc "), Some("abc"));
+        assert_eq!(bearer_secret("Basic abc"), None);
+        assert_eq!(bearer_secret("Bearer "), None);
+        assert_eq!(bearer_secret("Bearerabc"), None);
+    }
 
     #[test]
     fn secrets_are_random_and_hashed() {

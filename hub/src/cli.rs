@@ -1,5 +1,5 @@
 //! The `synchub` command line: `init`, `serve`, `token create|list|revoke`, `force-sync`,
-//! `rollback`, `import`. `init` creates a hub's data folder, database and admin token; `token`,
+//! `rollback`, `import`, `fsck`. `init` creates a hub's data folder, database and admin token; `token`,
 //! `force-sync`, `rollback` and `import` work on an existing hub's database directly, so they run beside a
 //! live hub, which notices their changes through its watcher (new heads are broadcast, revoked
 //! tokens' sockets closed). They never create a database: one run in the wrong folder would
@@ -51,6 +51,17 @@ pub enum Command {
     Token {
         #[command(subcommand)]
         action: TokenAction,
+    },
+    /// Re-hash every stored blob and manifest: report what is corrupt or missing and move
+    /// corrupt blobs aside to `quarantine/` (never deleted). Exits with 1 when anything is
+    /// wrong.
+    Fsck {
+        /// Only report; move nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Announce a new version with the same data to every agent, as forced.
     ForceSync {
@@ -195,6 +206,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token { action } => token(&common, action).await,
         Command::Import(args) => import(&common, args).await,
         Command::ForceSync { space, reason } => force_sync(&common, space, reason).await,
+        Command::Fsck { dry_run, json } => fsck(&common, dry_run, json).await,
         Command::Rollback {
             space,
             to_version,
@@ -361,6 +373,50 @@ async fn rollback(
         head.version
     );
     Ok(())
+}
+
+async fn fsck(common: &Common, dry_run: bool, json: bool) -> anyhow::Result<()> {
+    let config = load_config(common)?;
+    require_database(&config)?;
+    let (store, blobs) = server::open_existing_parts(&config).await?;
+    let report = crate::fsck::fsck(store.as_ref(), blobs.as_ref(), !dry_run).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_fsck(&report);
+    }
+    anyhow::ensure!(
+        report.is_clean(),
+        "{} corrupt blob(s), {} damaged version(s)",
+        report.corrupt.len(),
+        report.damaged_versions.len()
+    );
+    Ok(())
+}
+
+fn print_fsck(report: &crate::fsck::FsckReport) {
+    println!(
+        "checked {} blob(s) ({} bytes) and {} manifest(s)",
+        report.blobs_checked, report.bytes_checked, report.manifests_checked
+    );
+    for c in &report.corrupt {
+        match &c.quarantined_to {
+            Some(to) => println!(
+                "corrupt blob {} (hashes to {}): moved to {to}",
+                c.sha256, c.actual
+            ),
+            None => println!("corrupt blob {} (hashes to {})", c.sha256, c.actual),
+        }
+    }
+    for d in &report.damaged_versions {
+        println!("{} version {}: {}", d.space, d.version, d.problem);
+    }
+    if !report.damaged_versions.is_empty() {
+        println!(
+            "re-publish the files of a damaged version (synchub-agent publish --reupload) to \
+             restore their blobs"
+        );
+    }
 }
 
 /// Adds what to do to start-up errors whose fix is not obvious from the cause alone.

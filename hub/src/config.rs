@@ -32,6 +32,14 @@ pub struct Config {
     /// Name of this replica in `welcome` and logs; default the host name, the port and a random
     /// part (see [`crate::server::default_hub_id`]).
     pub hub_id: Option<String>,
+    /// PEM certificate chain: with `tls_key`, the hub serves `https://` and `wss://` itself.
+    /// Both files are read again on SIGHUP.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert` (keep it readable by the hub's account only).
+    pub tls_key: Option<PathBuf>,
+    /// Serve `/metrics` without a token (a scraper on a private network); default: admin
+    /// tokens only.
+    pub metrics_public: bool,
     pub limits: Limits,
     /// `[[table_source]]`: spaces fed from PostgreSQL tables and queries (see `sources/`).
     pub table_source: Vec<TableSource>,
@@ -153,6 +161,12 @@ pub struct Limits {
     pub ws_buffer_bytes: usize,
     pub max_pack_blobs: usize,
     pub max_pack_bytes: u64,
+    /// A connection that has not sent a whole request head within this long is closed (a
+    /// silent socket, an idle keep-alive one, or headers sent a byte at a time).
+    pub header_read_timeout_ms: u64,
+    /// Connections from one address that have not made an authenticated request yet; more
+    /// are closed at once. 0: no cap.
+    pub max_unauthenticated_per_address: usize,
 }
 
 impl Default for Limits {
@@ -165,6 +179,8 @@ impl Default for Limits {
             ws_buffer_bytes: 1 << 10,
             max_pack_blobs: 10_000,
             max_pack_bytes: 256 << 20,
+            header_read_timeout_ms: 10_000,
+            max_unauthenticated_per_address: 256,
         }
     }
 }
@@ -182,6 +198,9 @@ impl Default for Config {
             reread_interval_ms: 30_000,
             ping_interval_ms: 15_000,
             hub_id: None,
+            tls_cert: None,
+            tls_key: None,
+            metrics_public: false,
             limits: Limits::default(),
             table_source: Vec::new(),
             bucket_source: Vec::new(),
@@ -291,8 +310,18 @@ impl Config {
         Ok(())
     }
 
+    /// The certificate and key files when TLS is configured.
+    pub fn tls_files(&self) -> Option<(&Path, &Path)> {
+        Some((self.tls_cert.as_deref()?, self.tls_key.as_deref()?))
+    }
+
     /// Checks values that cannot work, before anything starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError::Invalid(
+                "tls_cert and tls_key go together: set both (https) or neither (http)".into(),
+            ));
+        }
         for space in &self.spaces {
             synchub_protocol::validate_space(space)
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?;
@@ -314,6 +343,11 @@ impl Config {
         }
         self.validate_sources()?;
         self.alerts.validate()?;
+        if self.limits.header_read_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.header_read_timeout_ms must be above 0".into(),
+            ));
+        }
         if self.limits.ws_buffer_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "limits.ws_buffer_bytes must be at least 1024".into(),
@@ -325,69 +359,85 @@ impl Config {
     /// Sources name configured spaces, valid tables, file names and bucket URLs; table sources
     /// need the PostgreSQL database that holds the tables.
     fn validate_sources(&self) -> Result<(), ConfigError> {
-        let invalid = |m: String| Err(ConfigError::Invalid(m));
         let url = self.database_url();
         let postgres = url.starts_with("postgres://") || url.starts_with("postgresql://");
         let mut fed = std::collections::HashSet::new();
         for t in &self.table_source {
-            if !self.spaces.contains(&t.space) {
-                return invalid(format!(
-                    "table_source space {:?} is not in spaces {:?}",
-                    t.space, self.spaces
-                ));
-            }
-            if !fed.insert(("table", t.space.as_str())) {
-                return invalid(format!("two table_source entries for space {:?}", t.space));
-            }
-            if !postgres {
-                return invalid(format!(
-                    "table_source for {:?} reads tables of the hub's PostgreSQL database: set \
-                     database_url to postgres://...",
+            if !fed.insert(t.space.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "two table_source entries for space {:?}",
                     t.space
-                ));
+                )));
             }
-            if t.tables.is_empty() && t.queries.is_empty() {
-                return invalid(format!("table_source for {:?} names no tables", t.space));
-            }
-            for table in &t.tables {
-                crate::sources::tables::check_table_name(table).map_err(ConfigError::Invalid)?;
-            }
-            for (name, query) in &t.queries {
-                crate::sources::tables::check_file_name(name).map_err(ConfigError::Invalid)?;
-                if query.trim().is_empty() {
-                    return invalid(format!("table_source query {name:?} is empty"));
-                }
-            }
-            if t.debounce_ms > 60_000 {
-                return invalid("table_source debounce_ms is at most 60000".into());
-            }
+            self.validate_table_source(t, postgres)?;
         }
         for b in &self.bucket_source {
-            if !self.spaces.contains(&b.space) {
-                return invalid(format!(
-                    "bucket_source space {:?} is not in spaces {:?}",
-                    b.space, self.spaces
-                ));
+            self.validate_bucket_source(b, postgres)?;
+        }
+        Ok(())
+    }
+
+    /// One `[[table_source]]` entry (duplicates are checked by the caller).
+    fn validate_table_source(&self, t: &TableSource, postgres: bool) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if !self.spaces.contains(&t.space) {
+            return invalid(format!(
+                "table_source space {:?} is not in spaces {:?}",
+                t.space, self.spaces
+            ));
+        }
+        if !postgres {
+            return invalid(format!(
+                "table_source for {:?} reads tables of the hub's PostgreSQL database: set \
+                 database_url to postgres://...",
+                t.space
+            ));
+        }
+        if t.tables.is_empty() && t.queries.is_empty() {
+            return invalid(format!("table_source for {:?} names no tables", t.space));
+        }
+        for table in &t.tables {
+            crate::sources::tables::check_table_name(table).map_err(ConfigError::Invalid)?;
+        }
+        for (name, query) in &t.queries {
+            crate::sources::tables::check_file_name(name).map_err(ConfigError::Invalid)?;
+            if query.trim().is_empty() {
+                return invalid(format!("table_source query {name:?} is empty"));
             }
-            if !postgres {
-                return invalid(format!(
-                    "bucket_source for {:?} needs a PostgreSQL database_url (it follows bumps \
-                     through LISTEN); `synchub import` copies a bucket into any hub",
-                    b.space
-                ));
-            }
-            crate::sources::bucket::BucketUrl::parse(&b.url).map_err(ConfigError::Invalid)?;
-            crate::sources::bucket::check_into(&b.into).map_err(ConfigError::Invalid)?;
-            if b.interval_secs == 0 {
-                return invalid("bucket_source interval_secs must be above 0".into());
-            }
-            if b.access_key_id.is_empty() || b.secret_access_key.is_empty() {
-                return invalid(format!(
-                    "bucket_source {} needs access_key_id and secret_access_key (in the file, \
-                     or SYNCHUB_BUCKET_ACCESS_KEY_ID / SYNCHUB_BUCKET_SECRET_ACCESS_KEY)",
-                    b.url
-                ));
-            }
+        }
+        if t.debounce_ms > 60_000 {
+            return invalid("table_source debounce_ms is at most 60000".into());
+        }
+        Ok(())
+    }
+
+    /// One `[[bucket_source]]` entry.
+    fn validate_bucket_source(&self, b: &BucketSource, postgres: bool) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if !self.spaces.contains(&b.space) {
+            return invalid(format!(
+                "bucket_source space {:?} is not in spaces {:?}",
+                b.space, self.spaces
+            ));
+        }
+        if !postgres {
+            return invalid(format!(
+                "bucket_source for {:?} needs a PostgreSQL database_url (it follows bumps \
+                 through LISTEN); `synchub import` copies a bucket into any hub",
+                b.space
+            ));
+        }
+        crate::sources::bucket::BucketUrl::parse(&b.url).map_err(ConfigError::Invalid)?;
+        crate::sources::bucket::check_into(&b.into).map_err(ConfigError::Invalid)?;
+        if b.interval_secs == 0 {
+            return invalid("bucket_source interval_secs must be above 0".into());
+        }
+        if b.access_key_id.is_empty() || b.secret_access_key.is_empty() {
+            return invalid(format!(
+                "bucket_source {} needs access_key_id and secret_access_key (in the file, \
+                 or SYNCHUB_BUCKET_ACCESS_KEY_ID / SYNCHUB_BUCKET_SECRET_ACCESS_KEY)",
+                b.url
+            ));
         }
         Ok(())
     }

@@ -32,6 +32,9 @@ pub enum HubError {
     RangeNotSatisfiable { size: u64 },
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// Too many wrong tokens from this address: 429 until the window passes.
+    #[error("{0}")]
+    RateLimited(String),
     /// The space is served but the hub holds no data for it yet (adopted without content):
     /// 503 with the reason shown, so agents stay blocked and say why.
     #[error("{0}")]
@@ -65,6 +68,7 @@ impl HubError {
                 codes::RANGE_NOT_SATISFIABLE,
             ),
             HubError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE),
+            HubError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, codes::RATE_LIMITED),
             HubError::NoData(_) => (StatusCode::SERVICE_UNAVAILABLE, codes::NO_DATA),
             HubError::Store(StoreError::NoSuchSpace(_)) => {
                 (StatusCode::NOT_FOUND, codes::NOT_FOUND)
@@ -72,15 +76,44 @@ impl HubError {
             HubError::Store(StoreError::DuplicateToken(_)) => {
                 (StatusCode::CONFLICT, codes::CONFLICT)
             }
+            // Out of disk: nothing was stored, and the caller is told so (507).
+            HubError::Store(e) if db_full(e) => {
+                (StatusCode::INSUFFICIENT_STORAGE, codes::STORAGE_FULL)
+            }
+            HubError::Blob(BlobError::Io(e)) if io_full(e) => {
+                (StatusCode::INSUFFICIENT_STORAGE, codes::STORAGE_FULL)
+            }
             // The database is down or restarting: a retry later will do.
             HubError::Store(StoreError::Database(
                 sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed,
             )) => (StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE),
+            HubError::Blob(BlobError::Corrupt { .. }) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, codes::CORRUPT_DATA)
+            }
             HubError::Store(_) | HubError::Blob(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, codes::INTERNAL)
             }
         }
     }
+}
+
+/// The database could not write for lack of space (SQLite `SQLITE_FULL`, PostgreSQL
+/// `disk_full`).
+fn db_full(e: &StoreError) -> bool {
+    match e {
+        StoreError::Database(sqlx::Error::Io(io)) => io_full(io),
+        StoreError::Database(sqlx::Error::Database(d)) => {
+            matches!(d.code().as_deref(), Some("13" | "53100"))
+        }
+        _ => false,
+    }
+}
+
+fn io_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
 }
 
 impl From<BlobError> for HubError {
@@ -114,6 +147,16 @@ impl HubError {
             HubError::NoData(m) => m.clone(),
             HubError::Unavailable(_) => {
                 tracing::warn!(error = %self, "request refused for now");
+                self.to_string()
+            }
+            _ if status == StatusCode::INSUFFICIENT_STORAGE => {
+                tracing::error!(error = %self, "out of disk space");
+                "the hub's disk is full: nothing was stored; free space on the hub and try again"
+                    .to_owned()
+            }
+            // Says which blob and what to run; the hash is no secret.
+            HubError::Blob(BlobError::Corrupt { .. }) => {
+                tracing::error!(error = %self, "corrupt data in the blob store");
                 self.to_string()
             }
             HubError::Store(StoreError::Database(e))

@@ -33,6 +33,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Blobs(#[from] BlobError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -146,6 +148,11 @@ pub async fn open_existing_parts(
 /// Starts a hub: returns once it is listening.
 pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     raise_open_file_limit();
+    // A certificate that does not load stops the start before anything runs.
+    let tls_certs = match config.tls_files() {
+        Some((cert, key)) => Some(crate::tls::TlsCerts::load(cert, key)?),
+        None => None,
+    };
     let (store, blobs) = open_parts(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -206,14 +213,31 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     });
 
     let app = crate::api::router(state.clone());
+    let (tls, tls_reload) = match tls_certs {
+        Some(certs) => {
+            let reload = crate::tls::reload_on_sighup(certs.clone(), shutdown.clone());
+            (Some(certs.acceptor()), Some(reload))
+        }
+        None => (None, None),
+    };
     let stop = shutdown.clone();
-    let server = tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "server stopped");
+    let limits = crate::connections::ConnectionLimits {
+        header_read_timeout: Duration::from_millis(state.config.limits.header_read_timeout_ms),
+        max_unauthenticated_per_address: state.config.limits.max_unauthenticated_per_address,
+    };
+    let server = tokio::spawn(crate::connections::serve(listener, app, limits, tls, stop));
+    let watcher = tokio::spawn(async move {
+        let _ = watcher.await;
+        if let Some(task) = tls_reload {
+            let _ = task.await;
         }
     });
-    tracing::info!(%addr, hub_id = state.hub_id, store = state.store.backend(), blobs = state.blobs.backend(), "hub listening");
+    let scheme = if state.config.tls_files().is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!(%addr, scheme, hub_id = state.hub_id, store = state.store.backend(), blobs = state.blobs.backend(), "hub listening");
     Ok(RunningHub {
         addr,
         state,

@@ -3,7 +3,7 @@
 use crate::auth::{HasTokens, Tokens};
 use crate::clients::Clients;
 use crate::domain::Domain;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -23,7 +23,14 @@ pub struct Inner {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// How well the heads keep in step with the database, for `/readyz`.
     pub reconcile: Reconcile,
+    /// When a write last failed for a full disk (a 507 was answered); `/readyz` reports it for
+    /// [`STORAGE_FULL_REPORTED`] after.
+    pub storage_full_at: Mutex<Option<Instant>>,
 }
+
+/// How long `/readyz` says "disk full" after a write failed for it: long enough for a probe
+/// to see it, short enough that a freed disk is noticed without a restart.
+pub const STORAGE_FULL_REPORTED: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The watcher and the re-reads that keep the in-memory heads and tokens in step with the
 /// database: set by the hub's supervised tasks, read by `/readyz` (which therefore needs no
@@ -84,6 +91,7 @@ impl AppState {
             shutdown,
             metrics,
             reconcile: Reconcile::default(),
+            storage_full_at: Mutex::new(None),
         }))
     }
 }

@@ -18,8 +18,9 @@ use synchub_protocol::{CommitRequest, Head, Manifest, ManifestError, codes};
 /// compare-and-swap (each retry decides again against the new head).
 const MAX_ATTEMPTS: usize = 5;
 
-/// The longest reason a force-sync or rollback may carry.
-pub const MAX_REASON_BYTES: usize = 1000;
+/// The longest reason a force-sync or rollback may carry (the bound of a commit message too:
+/// both become the head's `reason`, which every frame and listing carries).
+pub const MAX_REASON_BYTES: usize = synchub_protocol::MAX_MESSAGE_LEN;
 
 /// What a write did.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -149,6 +150,9 @@ fn manifest_error(e: ManifestError) -> HubError {
 /// Checks what a commit can be checked for without the store: its size and its paths, so a
 /// hostile commit costs nothing.
 pub fn validate_commit(request: &CommitRequest, max_entries: usize) -> Result<(), HubError> {
+    request
+        .check_bounds()
+        .map_err(|e| HubError::TooLarge(e.to_string()))?;
     let changes = request.puts.len() + request.deletes.len();
     if changes > max_entries {
         return Err(HubError::TooLarge(format!(

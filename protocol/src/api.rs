@@ -273,6 +273,12 @@ pub mod codes {
     pub const FRAME_TOO_LARGE: &str = "frame_too_large";
     pub const MALFORMED_FRAME: &str = "malformed_frame";
     pub const UNAVAILABLE: &str = "unavailable";
+    /// 429: too many wrong tokens from this address; try again after a minute.
+    pub const RATE_LIMITED: &str = "rate_limited";
+    /// 507: the hub's disk (or database) is full; nothing was stored.
+    pub const STORAGE_FULL: &str = "storage_full";
+    /// A stored blob or manifest does not hash to its name (see `synchub fsck`).
+    pub const CORRUPT_DATA: &str = "corrupt_data";
     /// The hub serves the space but holds no data for it yet.
     pub const NO_DATA: &str = "no_data";
     pub const INTERNAL: &str = "internal";

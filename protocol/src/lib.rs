@@ -7,6 +7,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod api;
+pub mod bounds;
 pub mod collision;
 pub mod error_chain;
 pub mod frames;
@@ -16,6 +17,7 @@ pub mod pack;
 pub mod path;
 
 pub use api::*;
+pub use bounds::{BoundError, MAX_BLOBS_PER_QUERY, MAX_MESSAGE_LEN};
 pub use collision::{PathCollision, check_collisions};
 pub use error_chain::error_chain;
 pub use frames::*;

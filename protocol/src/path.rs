@@ -25,6 +25,11 @@ pub enum PathError {
     Backslash(String),
     #[error("path {0:?} contains a control or reserved character")]
     BadCharacter(String),
+    #[error(
+        "path {0:?} contains an invisible character (a bidirectional control or a zero-width \
+         character) that makes it look like another name"
+    )]
+    InvisibleCharacter(String),
     #[error("path {0:?} uses a name Windows reserves (CON, NUL, COM1, CONIN$, ...)")]
     ReservedName(String),
     #[error("path {0:?} has a segment ending in '.' or ' '")]
@@ -39,6 +44,19 @@ pub enum PathError {
 /// digit 0-9 or a superscript ¹ ² ³ (Windows counts those as digits here too).
 const RESERVED: [&str; 6] = ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"];
 const RESERVED_PORTS: [&str; 2] = ["COM", "LPT"];
+
+/// Characters that change how a name is shown without being seen: bidirectional controls
+/// (U+202E makes `exe.txt` read as `txt.exe`) and zero-width ones (two names that look the
+/// same). No file name an office uses needs them.
+fn is_invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{061C}' | '\u{180E}'
+        | '\u{200B}'..='\u{200F}'
+        | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2064}'
+        | '\u{2066}'..='\u{2069}'
+        | '\u{FEFF}')
+}
 
 fn is_reserved(stem: &str) -> bool {
     if RESERVED.iter().any(|r| r.eq_ignore_ascii_case(stem)) {
@@ -76,6 +94,9 @@ pub fn validate_path(path: &str) -> Result<(), PathError> {
     for c in path.chars() {
         if c.is_control() || matches!(c, '<' | '>' | ':' | '"' | '|' | '?' | '*') {
             return Err(PathError::BadCharacter(shown()));
+        }
+        if is_invisible(c) {
+            return Err(PathError::InvisibleCharacter(shown()));
         }
     }
     for segment in path.split('/') {
@@ -154,6 +175,17 @@ mod tests {
             "COM¹",
             "x/LPT³.log",
             "COM² .txt",
+            "conin$.log",
+            "CONOUT$ .txt",
+            "invoice\u{202E}gpj.exe",
+            "a\u{202A}b",
+            "a\u{2066}b",
+            "a\u{200F}b",
+            "zero\u{200B}width",
+            "a\u{200D}b",
+            "\u{FEFF}bom.txt",
+            "soft\u{00AD}hyphen",
+            "word\u{2060}joiner",
             "dir./x",
             "dir /x",
             "a|b",

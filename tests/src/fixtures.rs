@@ -115,6 +115,7 @@ pub async fn wait_ready(
 pub async fn metric(hub: &TestHub, name: &str) -> anyhow::Result<f64> {
     let text = http()
         .get(format!("{}/metrics", hub.url))
+        .bearer_auth(&hub.admin_token)
         .send()
         .await?
         .text()

@@ -19,7 +19,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// A hub running in this test process. Stopped (sockets closed) on [`TestHub::stop`] or drop.
 pub struct TestHub {
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (`https://` with TLS configured)
     pub url: String,
     /// Secret of the admin token the hub created on first start.
     pub admin_token: String,
@@ -71,7 +71,12 @@ impl TestHub {
             .tokens
             .reload(running.state.store.as_ref())
             .await?;
-        let url = format!("http://{}", running.addr);
+        let scheme = if config.tls_files().is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let url = format!("{scheme}://{}", running.addr);
         let mut config = config;
         config.listen = running.addr;
         Ok(TestHub {
@@ -91,7 +96,7 @@ impl TestHub {
         &self.config.data_dir
     }
 
-    /// `ws://127.0.0.1:PORT/api/v1/ws`
+    /// `ws://127.0.0.1:PORT/api/v1/ws` (`wss://` with TLS)
     pub fn ws_url(&self) -> String {
         format!("{}/api/v1/ws", self.url.replacen("http", "ws", 1))
     }

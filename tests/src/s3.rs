@@ -136,15 +136,44 @@ pub async fn test_bucket() -> anyhow::Result<S3Config> {
 }
 
 /// Puts an object into a bucket of the process's moto server (as another program would upload
-/// it; moto does not check signatures).
+/// it). moto refuses anonymous overwrites but checks no signature: a dummy one will do.
 pub async fn put_object(bucket: &str, key: &str, body: &[u8]) -> anyhow::Result<()> {
     let server = tokio::task::spawn_blocking(moto_server).await??;
     crate::fixtures::http()
         .put(format!("{}/{bucket}/{key}", server.endpoint()))
+        .header(reqwest::header::AUTHORIZATION, dummy_authorization())
         .body(body.to_vec())
         .send()
         .await?
         .error_for_status()
         .with_context(|| format!("uploading {key} to moto"))?;
     Ok(())
+}
+
+/// Reads an object of a bucket on the process's moto server; `None` when it is absent.
+pub async fn get_object(bucket: &str, key: &str) -> anyhow::Result<Option<bytes::Bytes>> {
+    let server = tokio::task::spawn_blocking(moto_server).await??;
+    let r = crate::fixtures::http()
+        .get(format!("{}/{bucket}/{key}", server.endpoint()))
+        .header(reqwest::header::AUTHORIZATION, dummy_authorization())
+        .send()
+        .await?;
+    if r.status() == reqwest::StatusCode::NOT_FOUND {
+        return Ok(None);
+    }
+    Ok(Some(
+        r.error_for_status()
+            .with_context(|| format!("reading {key} from moto"))?
+            .bytes()
+            .await?,
+    ))
+}
+
+/// An `Authorization` header moto accepts: it wants a credential but checks no signature.
+fn dummy_authorization() -> String {
+    format!(
+        "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request, \
+         SignedHeaders=host, Signature={}",
+        "0".repeat(64)
+    )
 }

@@ -58,8 +58,38 @@ struct HubArgs {
     /// Hub base URL; repeat for several replicas.
     #[arg(long = "hub", env = "SYNCHUB_HUB", value_delimiter = ',')]
     hubs: Vec<String>,
+    /// The token itself. Prefer `--token-file` or `SYNCHUB_TOKEN`: any user of the computer can
+    /// read a command line in the process list.
     #[arg(long, env = "SYNCHUB_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A file holding the token (one line; readable by the agent's account only).
+    #[arg(long, env = "SYNCHUB_TOKEN_FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
+    /// PEM file of a private CA that signed the hub's certificate (trusted besides the
+    /// system's roots).
+    #[arg(long, env = "SYNCHUB_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+}
+
+impl HubArgs {
+    /// The token from `--token`, `SYNCHUB_TOKEN` or the token file, if any was given.
+    fn token(&self) -> anyhow::Result<Option<String>> {
+        if let Some(t) = &self.token {
+            return Ok(Some(t.clone()));
+        }
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the token file {}", path.display()))?;
+        let token = text.trim();
+        anyhow::ensure!(
+            !token.is_empty() && !token.contains(char::is_whitespace),
+            "the token file {} must hold one token on one line",
+            path.display()
+        );
+        Ok(Some(token.to_owned()))
+    }
 }
 
 #[derive(Args)]
@@ -140,11 +170,14 @@ fn build_config(args: RunArgs) -> anyhow::Result<AgentConfig> {
         Some(path) => AgentConfig::from_toml_file(path)?,
         None => AgentConfig::default(),
     };
+    if let Some(t) = args.hub.token()? {
+        cfg.token = t;
+    }
+    if args.hub.ca_cert.is_some() {
+        cfg.ca_cert = args.hub.ca_cert.clone();
+    }
     if !args.hub.hubs.is_empty() {
         cfg.hubs = args.hub.hubs;
-    }
-    if let Some(t) = args.hub.token {
-        cfg.token = t;
     }
     if !args.spaces.is_empty() {
         cfg.spaces = args.spaces;
@@ -375,13 +408,19 @@ fn upload_progress() -> synchub_client::UploadProgress {
 }
 
 async fn publish(args: PublishArgs) -> anyhow::Result<()> {
-    let Some(token) = args.hub.token else {
-        bail!("no token: pass --token or set SYNCHUB_TOKEN");
+    let Some(token) = args.hub.token()? else {
+        bail!("no token: pass --token-file FILE or set SYNCHUB_TOKEN");
     };
     if args.hub.hubs.is_empty() {
         bail!("no hub: pass --hub URL");
     }
-    let api = HubApi::new(args.hub.hubs, &token)?;
+    let tls = synchub_client::tls_config(args.hub.ca_cert.as_deref())?;
+    let api = HubApi::with_options(
+        args.hub.hubs,
+        &token,
+        synchub_client::DEFAULT_READ_TIMEOUT,
+        tls,
+    )?;
     let started = Instant::now();
     let options = synchub_client::PublishOptions {
         prefix: args.prefix,

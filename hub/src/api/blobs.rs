@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use std::ops::Range;
-use synchub_protocol::{BlobList, Sha256Hex, codes, pack};
+use synchub_protocol::{BlobList, MAX_BLOBS_PER_QUERY, Sha256Hex, codes, pack};
 
 fn parse_hash(s: &str) -> ApiResult<Sha256Hex> {
     s.parse().map_err(|e: synchub_protocol::HashError| {
@@ -37,7 +37,8 @@ fn parse_range(value: Option<&HeaderValue>, size: u64) -> ApiResult<Option<Range
         return Ok(None);
     };
     let range = match (start.parse::<u64>().ok(), end.parse::<u64>().ok()) {
-        (Some(s), Some(e)) if s <= e => s..(e + 1).min(size),
+        // `e` may be u64::MAX ("to the end" from clients that say so): no wrap.
+        (Some(s), Some(e)) if s <= e => s..e.saturating_add(1).min(size),
         (Some(s), None) if end.is_empty() => s..size,
         (None, Some(n)) if start.is_empty() => size.saturating_sub(n)..size,
         _ => return Ok(None),
@@ -90,7 +91,9 @@ pub async fn get_blob(
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(
         header::CACHE_CONTROL,
-        HeaderValue::from_static("public, max-age=31536000, immutable"),
+        // Private: the bytes were read with a token; a shared cache must not serve them to
+        // anyone without one.
+        HeaderValue::from_static("private, max-age=31536000, immutable"),
     );
     h.insert(
         header::ETAG,
@@ -152,11 +155,10 @@ pub async fn missing(
     _principal: Principal,
     Json(list): Json<BlobList>,
 ) -> ApiResult<axum::Json<BlobList>> {
-    if list.sha256.len() > state.config.limits.max_manifest_entries {
+    if list.sha256.len() > MAX_BLOBS_PER_QUERY {
         return Err(HubError::TooLarge(format!(
-            "{} blobs asked about; the limit is {}",
+            "{} blobs asked about; the limit is {MAX_BLOBS_PER_QUERY} per request",
             list.sha256.len(),
-            state.config.limits.max_manifest_entries
         )));
     }
     let found = state.blob_sizes(&list.sha256).await?;
@@ -257,5 +259,13 @@ mod tests {
         assert_eq!(range("items=0-1", 10).unwrap(), None);
         assert!(range("bytes=10-", 10).is_err());
         assert!(range("bytes=20-30", 10).is_err());
+        assert_eq!(
+            range("bytes=0-18446744073709551615", 10).unwrap(),
+            Some(0..10)
+        );
+        assert_eq!(
+            range("bytes=3-18446744073709551615", 10).unwrap(),
+            Some(3..10)
+        );
     }
 }

@@ -1,11 +1,12 @@
 //! Reading where a space is: its head (served from memory with an ETag, the 1-second fallback
 //! check), the manifest of a version, and the version history.
 
+use super::Query;
 use crate::auth::{Admin, Principal, Read, SpaceAccess};
 use crate::error::{ApiResult, HubError};
 use crate::state::AppState;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -97,7 +98,7 @@ pub async fn manifest(
             (header::ETAG, etag),
             (
                 header::CACHE_CONTROL,
-                HeaderValue::from_static("public, max-age=31536000, immutable"),
+                HeaderValue::from_static("private, max-age=31536000, immutable"),
             ),
         ],
         manifest.canonical_bytes(),

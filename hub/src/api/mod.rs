@@ -10,7 +10,7 @@ pub mod reports;
 pub mod tokens;
 
 use crate::error::HubError;
-use crate::state::{AppState, ReconcileHealth};
+use crate::state::{AppState, ReconcileHealth, STORAGE_FULL_REPORTED};
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
@@ -62,10 +62,27 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            note_storage_full,
+        ))
         .layer(axum::middleware::from_fn(count_requests))
         // A span per request (method, path), so what a handler logs says which request it was.
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// Remembers a write that failed for a full disk (507), for `/readyz`.
+async fn note_storage_full(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let response = next.run(request).await;
+    if response.status() == StatusCode::INSUFFICIENT_STORAGE {
+        *state.storage_full_at.lock().expect("lock") = Some(std::time::Instant::now());
+    }
+    response
 }
 
 /// Counts requests by route and status for `/metrics`.
@@ -123,7 +140,18 @@ async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     }
     let h = state.reconcile.health.borrow().clone();
     let age = h.last_reread.map(|t| t.elapsed().as_secs_f64());
-    let problem = if !h.watcher_up || !h.apply_up {
+    let full_since = state
+        .storage_full_at
+        .lock()
+        .expect("lock")
+        .map(|t| t.elapsed())
+        .filter(|since| *since < STORAGE_FULL_REPORTED);
+    let problem = if let Some(since) = full_since {
+        Some(format!(
+            "the hub's disk is full: a write failed for lack of space {:.0} s ago",
+            since.as_secs_f64()
+        ))
+    } else if !h.watcher_up || !h.apply_up {
         Some("the database watcher is not running".to_owned())
     } else if let Some(e) = &h.last_error {
         Some(format!("database: {e}"))
@@ -143,8 +171,16 @@ async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(state): State<AppState>) -> String {
-    state.metrics.render()
+/// Prometheus metrics: for admin tokens, or anyone with `metrics_public = true` (they name
+/// spaces, token names and traffic, which an outsider should not map).
+async fn metrics(
+    State(state): State<AppState>,
+    admin: Result<crate::auth::AdminToken, HubError>,
+) -> Result<String, HubError> {
+    if !state.config.metrics_public {
+        admin?;
+    }
+    Ok(state.metrics.render())
 }
 
 /// Maps axum's JSON body rejections to our error body.
@@ -171,5 +207,27 @@ where
                 }
             }
         }
+    }
+}
+
+/// Maps axum's query-string rejections to our error body (400 `bad_request` in JSON, like
+/// every other error).
+pub struct Query<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for Query<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = HubError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, HubError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(v)| Query(v))
+            .map_err(|rejection| HubError::bad_request(codes::BAD_REQUEST, rejection.body_text()))
     }
 }

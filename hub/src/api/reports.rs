@@ -1,13 +1,13 @@
 //! `sync_log` over HTTP: agents post every sync they made (see [`crate::reports`]); admins list
 //! them.
 
-use super::Json;
+use super::{Json, Query};
 use crate::auth::{AdminToken, Principal};
 use crate::error::{ApiResult, HubError};
 use crate::reports::{self, Stored};
 use crate::state::AppState;
 use crate::store::SyncLogFilter;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Deserialize;
 use synchub_protocol::{SyncLogEntry, SyncReport, codes};

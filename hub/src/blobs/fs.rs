@@ -244,6 +244,20 @@ impl BlobStore for FsBlobStore {
         Ok(None)
     }
 
+    async fn quarantine(&self, hash: &Sha256Hex) -> Result<String, BlobError> {
+        let folder = self.root.join("quarantine");
+        tokio::fs::create_dir_all(&folder).await?;
+        let dest = folder.join(format!(
+            "{hash}-{}",
+            chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ")
+        ));
+        tokio::fs::rename(self.blob_path(hash), &dest)
+            .await
+            .map_err(|e| not_found(hash, e))?;
+        sync_dir(folder).await?;
+        Ok(dest.display().to_string())
+    }
+
     async fn list(&self) -> Result<Vec<Sha256Hex>, BlobError> {
         let root = self.root.clone();
         tokio::task::spawn_blocking(move || list_blocking(&root))

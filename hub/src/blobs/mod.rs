@@ -33,6 +33,12 @@ pub enum BlobError {
     /// The upload stream failed (client went away, body truncated): nothing was stored.
     #[error("upload interrupted: {0}")]
     Interrupted(std::io::Error),
+    /// A stored blob whose bytes do not hash to its name: changed on disk or in the bucket.
+    #[error(
+        "stored blob {hash} is corrupt (its bytes hash to {actual}); run `synchub fsck` to find \
+         and set aside every corrupt blob"
+    )]
+    Corrupt { hash: Sha256Hex, actual: Sha256Hex },
     #[error("blob storage error: {0}")]
     Io(#[from] std::io::Error),
     #[error("object storage error: {0}")]
@@ -78,6 +84,10 @@ pub trait BlobStore: Send + Sync + 'static {
 
     /// Every stored blob's address (for backups); order unspecified.
     async fn list(&self) -> Result<Vec<Sha256Hex>, BlobError>;
+
+    /// Moves a stored blob aside (never deletes it), under `quarantine/` beside the blobs, so
+    /// that it is no longer served or listed but can still be looked at; returns where it went.
+    async fn quarantine(&self, hash: &Sha256Hex) -> Result<String, BlobError>;
 }
 
 /// Hashes and counts an upload while it streams and enforces the size limit: what every
@@ -185,5 +195,15 @@ pub async fn get_bytes(
         return Err(BlobError::TooLarge { limit });
     }
     let chunks: Vec<Bytes> = read.stream.try_collect().await?;
-    Ok(Bytes::from(chunks.concat()))
+    let bytes = Bytes::from(chunks.concat());
+    // Whatever is read whole is checked: one flipped byte in a stored manifest must not become
+    // the base of the next version.
+    let actual = Sha256Hex::of(&bytes);
+    if &actual != hash {
+        return Err(BlobError::Corrupt {
+            hash: hash.clone(),
+            actual,
+        });
+    }
+    Ok(bytes)
 }

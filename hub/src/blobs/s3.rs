@@ -355,6 +355,24 @@ impl BlobStore for S3BlobStore {
         Ok(Some(url.to_string()))
     }
 
+    async fn quarantine(&self, hash: &Sha256Hex) -> Result<String, BlobError> {
+        // Copy, then delete the original: the bytes stay in the bucket, out of the blob folder
+        // (whose listing takes only direct children).
+        let dest = self.prefix.clone().join("quarantine").join(format!(
+            "{hash}-{}",
+            chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ")
+        ));
+        self.store
+            .copy(&self.key(hash), &dest)
+            .await
+            .map_err(|e| Self::map_err(hash, e))?;
+        self.store
+            .delete(&self.key(hash))
+            .await
+            .map_err(|e| Self::map_err(hash, e))?;
+        Ok(dest.to_string())
+    }
+
     async fn list(&self) -> Result<Vec<Sha256Hex>, BlobError> {
         // Only direct children named by a digest: objects under `staging/` are skipped.
         let mut out = Vec::new();

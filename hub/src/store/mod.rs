@@ -7,8 +7,10 @@
 //! `synchub_versions` naming the data hash of its manifest (the manifest bytes live in the blob
 //! store under that hash).
 
+mod dialect;
 pub mod postgres;
 mod rows;
+mod sql;
 pub mod sqlite;
 
 pub use rows::ADOPTED_WITHOUT_DATA_REASON;

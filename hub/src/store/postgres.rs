@@ -6,9 +6,13 @@
 //! (`version::BIGINT`, `last_modified_at::timestamptz`, ...) so their exact types do not matter.
 //! Changes arrive by LISTEN/NOTIFY from triggers: at idle the hub sends no query at all.
 
+use super::dialect::{
+    Conn, Dialect, FedSpaces, HEAD_FROM, INSERT_VERSION, MOVE_HEAD, SET_DATA_HASH, TOKEN_NAMED,
+    bind_data_hash, bind_move, bind_version,
+};
 use super::rows::{
-    HeadPlan, HeadRow, PendingVersion, decode_spaces, encode_spaces, from_db, list_limit,
-    parse_hash, parse_role, parse_timestamp, plan_fed_bump, plan_head, rfc3339, to_db,
+    HeadRow, PendingVersion, decode_spaces, encode_spaces, from_db, list_limit, parse_hash,
+    parse_role, parse_timestamp, rfc3339, to_db,
 };
 use super::*;
 use chrono::{DateTime, Utc};
@@ -25,17 +29,13 @@ const TOKENS_CHANNEL: &str = "synchub_tokens";
 const VERSION_COLUMNS: &str =
     "space, version, data_hash, forced, reason, created_by, created_at, entries, bytes";
 
-/// A `sync_metadata` row with the newest version record of its space (NULLs when none).
-const HEAD_QUERY: &str = "
+/// The `SELECT` list of a head read (see [`HEAD_FROM`]).
+const HEAD_SELECT: &str = "
 SELECT m.sync_key::TEXT AS sync_key, m.version::BIGINT AS row_version,
        m.last_modified_by::TEXT AS row_by,
        COALESCE(m.last_modified_at::timestamptz, m.updated_at::timestamptz) AS row_at,
        v.space, v.version, v.data_hash, v.forced, v.reason, v.created_by, v.created_at,
-       v.entries, v.bytes
-FROM sync_metadata m
-LEFT JOIN synchub_versions v
-       ON v.space = m.sync_key
-      AND v.version = (SELECT MAX(w.version) FROM synchub_versions w WHERE w.space = m.sync_key)";
+       v.entries, v.bytes";
 
 pub struct PostgresStore {
     pool: PgPool,
@@ -43,8 +43,7 @@ pub struct PostgresStore {
     /// How `sync_log` rows are numbered for the API: `id::BIGINT`, or the hub's own
     /// `synchub_seq` column when an adopted table's `id` is not an integer.
     log_id: &'static str,
-    /// Spaces fed by sources (see [`Store::set_fed_spaces`]).
-    fed: std::sync::RwLock<std::collections::HashSet<String>>,
+    fed: FedSpaces,
 }
 
 impl PostgresStore {
@@ -59,7 +58,9 @@ impl PostgresStore {
         .await?;
         let pool = PgPoolOptions::new()
             .max_connections(8)
-            .acquire_timeout(Duration::from_secs(10))
+            // Short: with the database down a request fails in 2 s with 503 and why, instead
+            // of holding the client (and a connection slot) for long.
+            .acquire_timeout(Duration::from_secs(2))
             .connect_with(options.clone())
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
@@ -78,52 +79,36 @@ impl PostgresStore {
         })
     }
 
-    fn is_fed(&self, space: &str) -> bool {
-        self.fed.read().expect("fed lock").contains(space)
-    }
-
-    async fn head_rows(&self, space: Option<&str>) -> Result<Vec<HeadRow>, StoreError> {
-        let rows = match space {
-            Some(space) => {
-                sqlx::query(&format!("{HEAD_QUERY} WHERE m.sync_key = $1"))
-                    .bind(space)
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-            None => {
-                sqlx::query(&format!("{HEAD_QUERY} ORDER BY m.sync_key"))
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-        };
-        rows.iter().map(head_row).collect()
-    }
-
-    /// Resolves one head row, recording a version first when [`plan_head`] asks for it.
-    /// Several replicas may record the same outside bump at once: the insert does nothing for
-    /// all but one, and the re-read serves whichever record won.
-    async fn resolve(&self, mut row: HeadRow) -> Result<Head, StoreError> {
-        for _ in 0..3 {
-            let fed = self.is_fed(&row.space);
-            match plan_head(row, fed)? {
-                HeadPlan::Serve(head) => return Ok(head),
-                HeadPlan::Record(pending) => {
-                    let space = pending.space.clone();
-                    self.record(&pending).await?;
-                    row = self.head_rows(Some(&space)).await?.pop().ok_or_else(|| {
-                        StoreError::Corrupt(format!("sync_metadata row of {space:?} vanished"))
-                    })?;
+    /// Connects a listener, retrying with jittered backoff (counting in `attempt`) until it
+    /// listens; `None` on shutdown.
+    async fn connect_listener(
+        &self,
+        attempt: &mut u32,
+        shutdown: &CancellationToken,
+    ) -> Option<PgListener> {
+        loop {
+            let connected = tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                r = self.listen() => r,
+            };
+            match connected {
+                Ok(listener) => {
+                    if *attempt > 0 {
+                        tracing::info!("postgres listener reconnected");
+                    }
+                    return Some(listener);
+                }
+                Err(e) => {
+                    let pause = backoff(*attempt);
+                    *attempt = attempt.saturating_add(1);
+                    tracing::warn!(error = %e, retry_in = ?pause, "postgres listener cannot connect");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
                 }
             }
         }
-        Err(StoreError::Corrupt(
-            "head kept moving while it was being recorded".into(),
-        ))
-    }
-
-    async fn record(&self, p: &PendingVersion) -> Result<(), StoreError> {
-        insert_version(&self.pool, p).await?;
-        Ok(())
     }
 
     /// A listener on both channels, on a connection of its own (not one of the pool's).
@@ -132,7 +117,9 @@ impl PostgresStore {
             .max_connections(1)
             .max_lifetime(None)
             .idle_timeout(None)
-            .acquire_timeout(Duration::from_secs(10))
+            // Short: with the database down a request fails in 2 s with 503 and why, instead
+            // of holding the client (and a connection slot) for long.
+            .acquire_timeout(Duration::from_secs(2))
             .connect_with(self.options.clone())
             .await?;
         let mut listener = PgListener::connect_with(&pool).await?;
@@ -193,8 +180,43 @@ fn token_from_row(row: &PgRow) -> Result<TokenRecord, StoreError> {
     })
 }
 
-fn is_unique_violation(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+/// Why [`relay_notifications`] returned.
+#[derive(Debug, PartialEq, Eq)]
+enum Relay {
+    /// The listener lost its connection: reconnect.
+    Lost,
+    /// Shutdown, or nobody receives changes any more.
+    Stop,
+}
+
+/// Sends a [`Change`] for every notification until the listener fails or the watch stops.
+async fn relay_notifications(
+    mut listener: PgListener,
+    changes: &mpsc::UnboundedSender<Change>,
+    shutdown: &CancellationToken,
+) -> Relay {
+    loop {
+        let received = tokio::select! {
+            _ = shutdown.cancelled() => return Relay::Stop,
+            _ = changes.closed() => return Relay::Stop,
+            r = listener.try_recv() => r,
+        };
+        let change = match received {
+            Ok(Some(n)) if n.channel() == HEADS_CHANNEL => Change::Space(n.payload().to_owned()),
+            Ok(Some(_)) => Change::Tokens,
+            Ok(None) => {
+                tracing::warn!("postgres listener lost its connection; reconnecting");
+                return Relay::Lost;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "postgres listener failed; reconnecting");
+                return Relay::Lost;
+            }
+        };
+        if changes.send(change).is_err() {
+            return Relay::Stop;
+        }
+    }
 }
 
 /// Pause before the `attempt`th reconnect: 100 ms doubling to 5 s, with ±25 % jitter so that
@@ -205,30 +227,94 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis((base as f64 * jitter) as u64)
 }
 
-/// Records a version once (a second insert of the same number does nothing); returns the rows
-/// inserted, 0 or 1.
-async fn insert_version<'e, E>(executor: E, p: &PendingVersion) -> Result<u64, StoreError>
-where
-    E: sqlx::Executor<'e, Database = sqlx::Postgres>,
-{
-    Ok(sqlx::query(
-        "INSERT INTO synchub_versions
-             (space, version, data_hash, forced, reason, created_by, created_at, entries, bytes)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-         ON CONFLICT (space, version) DO NOTHING",
-    )
-    .bind(&p.space)
-    .bind(to_db(p.version))
-    .bind(p.data_hash.as_str())
-    .bind(p.forced)
-    .bind(&p.reason)
-    .bind(&p.by)
-    .bind(p.at)
-    .bind(to_db(p.entries))
-    .bind(to_db(p.bytes))
-    .execute(executor)
-    .await?
-    .rows_affected())
+#[async_trait]
+impl Dialect for PostgresStore {
+    type Db = Postgres;
+
+    fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    fn fed(&self) -> &FedSpaces {
+        &self.fed
+    }
+
+    async fn head_rows(&self, space: Option<&str>) -> Result<Vec<HeadRow>, StoreError> {
+        let rows = sqlx::query(&format!("{HEAD_SELECT}{HEAD_FROM}"))
+            .bind(space)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(head_row).collect()
+    }
+
+    async fn insert_version(conn: &mut Conn<Self>, p: &PendingVersion) -> Result<u64, sqlx::Error> {
+        let query = bind_version(sqlx::query(INSERT_VERSION), p, p.at);
+        Ok(query.execute(conn).await?.rows_affected())
+    }
+
+    async fn move_head(
+        conn: &mut Conn<Self>,
+        p: &PendingVersion,
+        expected: u64,
+    ) -> Result<u64, sqlx::Error> {
+        let query = bind_move(sqlx::query(MOVE_HEAD), p, expected, p.at);
+        Ok(query.execute(conn).await?.rows_affected())
+    }
+
+    async fn set_data_hash(conn: &mut Conn<Self>, p: &PendingVersion) -> Result<(), sqlx::Error> {
+        bind_data_hash(sqlx::query(SET_DATA_HASH), p)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn insert_space_row(
+        conn: &mut Conn<Self>,
+        space: &str,
+        data_hash: &str,
+        at: DateTime<Utc>,
+    ) -> Result<u64, sqlx::Error> {
+        let inserted = sqlx::query(
+            "INSERT INTO sync_metadata (sync_key, version, data_hash, last_modified_at, updated_at)
+             VALUES ($1, 1, $2, $3, $3)
+             ON CONFLICT (sync_key) DO NOTHING",
+        )
+        .bind(space)
+        .bind(data_hash)
+        .bind(at)
+        .execute(conn)
+        .await?;
+        Ok(inserted.rows_affected())
+    }
+
+    async fn insert_token(
+        &self,
+        name: &str,
+        role: Role,
+        spaces: Option<String>,
+        token_hash: &str,
+    ) -> Result<TokenRecord, StoreError> {
+        let row = sqlx::query(
+            "INSERT INTO synchub_tokens (name, role, spaces, token_hash)
+             VALUES ($1, $2, $3, $4)
+             RETURNING id, name, role, spaces, token_hash, created_at, revoked_at",
+        )
+        .bind(name)
+        .bind(role.as_str())
+        .bind(spaces)
+        .bind(token_hash)
+        .fetch_one(&self.pool)
+        .await?;
+        token_from_row(&row)
+    }
+
+    async fn token_named(&self, name: &str) -> Result<bool, sqlx::Error> {
+        let taken: Option<i64> = sqlx::query_scalar(TOKEN_NAMED)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(taken.is_some())
+    }
 }
 
 #[async_trait]
@@ -238,7 +324,7 @@ impl Store for PostgresStore {
     }
 
     fn set_fed_spaces(&self, spaces: &[String]) {
-        *self.fed.write().expect("fed lock") = spaces.iter().cloned().collect();
+        self.fed.set(spaces);
     }
 
     async fn record_outside_bump(
@@ -246,73 +332,19 @@ impl Store for PostgresStore {
         space: &str,
         content: &NewVersion,
     ) -> Result<Option<Head>, StoreError> {
-        let Some(row) = self.head_rows(Some(space)).await?.pop() else {
-            return Err(StoreError::NoSuchSpace(space.to_owned()));
-        };
-        let Some(p) = plan_fed_bump(row, content)? else {
-            return Ok(None);
-        };
-        let mut tx = self.pool.begin().await?;
-        let inserted = insert_version(&mut *tx, &p).await?;
-        if inserted == 0 {
-            tx.rollback().await?;
-            return Ok(None);
-        }
-        sqlx::query("UPDATE sync_metadata SET data_hash = $1 WHERE sync_key = $2 AND version = $3")
-            .bind(p.data_hash.as_str())
-            .bind(space)
-            .bind(to_db(p.version))
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(Some(p.into_head()))
+        sql::record_outside_bump(self, space, content).await
     }
 
     async fn ensure_space(&self, space: &str) -> Result<Head, StoreError> {
-        // The row and its first (empty) version in one transaction: a new space is empty
-        // data, not a row adopted without data.
-        let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO sync_metadata (sync_key, version, data_hash, last_modified_at, updated_at)
-             VALUES ($1, 1, $2, now(), now())
-             ON CONFLICT (sync_key) DO NOTHING",
-        )
-        .bind(space)
-        .bind(Sha256Hex::empty().as_str())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if inserted > 0 {
-            sqlx::query(
-                "INSERT INTO synchub_versions
-                     (space, version, data_hash, forced, created_at, entries, bytes)
-                 VALUES ($1, 1, $2, false, now(), 0, 0)
-                 ON CONFLICT (space, version) DO NOTHING",
-            )
-            .bind(space)
-            .bind(Sha256Hex::empty().as_str())
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        self.head(space)
-            .await?
-            .ok_or_else(|| StoreError::NoSuchSpace(space.to_owned()))
+        sql::ensure_space(self, space).await
     }
 
     async fn head(&self, space: &str) -> Result<Option<Head>, StoreError> {
-        match self.head_rows(Some(space)).await?.pop() {
-            Some(row) => Ok(Some(self.resolve(row).await?)),
-            None => Ok(None),
-        }
+        sql::head(self, space).await
     }
 
     async fn heads(&self) -> Result<Vec<Head>, StoreError> {
-        let mut heads = Vec::new();
-        for row in self.head_rows(None).await? {
-            heads.push(self.resolve(row).await?);
-        }
-        Ok(heads)
+        sql::heads(self).await
     }
 
     async fn create_version(
@@ -321,79 +353,7 @@ impl Store for PostgresStore {
         expected: u64,
         new: NewVersion,
     ) -> Result<Head, StoreError> {
-        let version = expected + 1;
-        let now = Utc::now();
-        let mut tx = self.pool.begin().await?;
-        // The UPDATE locks the row; a concurrent creator waits, then re-checks the condition
-        // against the committed row and matches nothing. The second alternative lets the hub
-        // move on after someone lowered the row below the newest record.
-        let moved = sqlx::query(
-            "UPDATE sync_metadata
-                SET version = $1, data_hash = $2, last_modified_by = $3,
-                    last_modified_at = $4, updated_at = $4
-              WHERE sync_key = $5
-                AND (version = $6
-                     OR (version < $6 AND $6 = (SELECT MAX(version) FROM synchub_versions
-                                                 WHERE space = $5)))
-                AND NOT EXISTS (SELECT 1 FROM synchub_versions
-                                 WHERE space = $5 AND version > $6)",
-        )
-        .bind(to_db(version))
-        .bind(new.data_hash.as_str())
-        .bind(&new.by)
-        .bind(now)
-        .bind(space)
-        .bind(to_db(expected))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if moved == 1 {
-            let inserted = sqlx::query(
-                "INSERT INTO synchub_versions
-                     (space, version, data_hash, forced, reason, created_by, created_at,
-                      entries, bytes)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            )
-            .bind(space)
-            .bind(to_db(version))
-            .bind(new.data_hash.as_str())
-            .bind(new.forced)
-            .bind(&new.reason)
-            .bind(&new.by)
-            .bind(now)
-            .bind(to_db(new.entries))
-            .bind(to_db(new.bytes))
-            .execute(&mut *tx)
-            .await;
-            match inserted {
-                Ok(_) => {
-                    tx.commit().await?;
-                    return Ok(Head {
-                        space: space.to_owned(),
-                        version,
-                        data_hash: new.data_hash,
-                        forced: new.forced,
-                        reason: new.reason,
-                        by: new.by,
-                        at: rfc3339(now),
-                        epoch: 0,
-                        forced_version: 0,
-                    });
-                }
-                // A record of that number exists already: the head moved after all.
-                Err(e) if is_unique_violation(&e) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        tx.rollback().await?;
-        match self.head(space).await? {
-            Some(head) => Err(StoreError::HeadMoved {
-                space: space.to_owned(),
-                expected,
-                current: head.version,
-            }),
-            None => Err(StoreError::NoSuchSpace(space.to_owned())),
-        }
+        sql::create_version(self, space, expected, new).await
     }
 
     async fn version(&self, space: &str, version: u64) -> Result<Option<Head>, StoreError> {
@@ -511,32 +471,7 @@ impl Store for PostgresStore {
         spaces: Option<&[String]>,
         token_hash: &str,
     ) -> Result<TokenRecord, StoreError> {
-        let result = sqlx::query(
-            "INSERT INTO synchub_tokens (name, role, spaces, token_hash)
-             VALUES ($1, $2, $3, $4)
-             RETURNING id, name, role, spaces, token_hash, created_at, revoked_at",
-        )
-        .bind(name)
-        .bind(role.as_str())
-        .bind(encode_spaces(spaces))
-        .bind(token_hash)
-        .fetch_one(&self.pool)
-        .await;
-        match result {
-            Ok(row) => token_from_row(&row),
-            Err(e) if is_unique_violation(&e) => {
-                let taken: Option<i64> =
-                    sqlx::query_scalar("SELECT id FROM synchub_tokens WHERE name = $1")
-                        .bind(name)
-                        .fetch_optional(&self.pool)
-                        .await?;
-                match taken {
-                    Some(_) => Err(StoreError::DuplicateToken(name.to_owned())),
-                    None => Err(e.into()),
-                }
-            }
-            Err(e) => Err(e.into()),
-        }
+        sql::create_token(self, name, role, encode_spaces(spaces), token_hash).await
     }
 
     async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
@@ -572,52 +507,15 @@ impl Store for PostgresStore {
     ) {
         let mut attempt = 0u32;
         loop {
-            let connected = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = self.listen() => r,
+            let Some(listener) = self.connect_listener(&mut attempt, &shutdown).await else {
+                return;
             };
-            let mut listener = match connected {
-                Ok(listener) => listener,
-                Err(e) => {
-                    let pause = backoff(attempt);
-                    attempt = attempt.saturating_add(1);
-                    tracing::warn!(error = %e, retry_in = ?pause, "postgres listener cannot connect");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(pause) => continue,
-                    }
-                }
-            };
-            if attempt > 0 {
-                tracing::info!("postgres listener reconnected");
-            }
             // Anything may have changed while no one listened: heads and tokens alike.
             if changes.send(Change::All).is_err() || changes.send(Change::Tokens).is_err() {
                 return;
             }
-            loop {
-                let received = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = changes.closed() => return,
-                    r = listener.try_recv() => r,
-                };
-                let change = match received {
-                    Ok(Some(n)) if n.channel() == HEADS_CHANNEL => {
-                        Change::Space(n.payload().to_owned())
-                    }
-                    Ok(Some(_)) => Change::Tokens,
-                    Ok(None) => {
-                        tracing::warn!("postgres listener lost its connection; reconnecting");
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "postgres listener failed; reconnecting");
-                        break;
-                    }
-                };
-                if changes.send(change).is_err() {
-                    return;
-                }
+            if relay_notifications(listener, &changes, &shutdown).await == Relay::Stop {
+                return;
             }
             // Give a restarting server a moment before the first reconnect; later attempts back
             // off from there.

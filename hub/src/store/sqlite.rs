@@ -7,11 +7,16 @@
 //! interval reads every `sync_key, version` and the token change counter, whatever the number of
 //! agents; the hub's own writes wake the poller at once.
 
+use super::dialect::{
+    Conn, Dialect, FedSpaces, HEAD_FROM, INSERT_VERSION, MOVE_HEAD, SET_DATA_HASH, TOKEN_NAMED,
+    bind_data_hash, bind_move, bind_version,
+};
 use super::rows::{
-    HeadPlan, HeadRow, PendingVersion, decode_spaces, encode_spaces, from_db, list_limit,
-    parse_hash, parse_role, parse_timestamp, plan_fed_bump, plan_head, rfc3339, to_db,
+    HeadRow, PendingVersion, decode_spaces, encode_spaces, from_db, list_limit, parse_hash,
+    parse_role, parse_timestamp, rfc3339, to_db,
 };
 use super::*;
+use chrono::DateTime;
 use chrono::Utc;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -26,25 +31,20 @@ use tokio::sync::Notify;
 const VERSION_COLUMNS: &str =
     "space, version, data_hash, forced, reason, created_by, created_at, entries, bytes";
 
-/// A `sync_metadata` row with the newest version record of its space (NULLs when none).
-const HEAD_QUERY: &str = "
+/// The `SELECT` list of a head read (see [`HEAD_FROM`]).
+const HEAD_SELECT: &str = "
 SELECT m.sync_key, CAST(m.version AS INTEGER) AS row_version,
        CAST(m.last_modified_by AS TEXT) AS row_by,
        CAST(COALESCE(m.last_modified_at, m.updated_at) AS TEXT) AS row_at,
        v.space, v.version, v.data_hash, v.forced, v.reason, v.created_by, v.created_at,
-       v.entries, v.bytes
-FROM sync_metadata m
-LEFT JOIN synchub_versions v
-       ON v.space = m.sync_key
-      AND v.version = (SELECT MAX(w.version) FROM synchub_versions w WHERE w.space = m.sync_key)";
+       v.entries, v.bytes";
 
 pub struct SqliteStore {
     pool: SqlitePool,
     /// Poked after the hub's own writes so that the poller reads at once instead of waiting
     /// for the next interval.
     wake: Notify,
-    /// Spaces fed by sources (see [`Store::set_fed_spaces`]).
-    fed: std::sync::RwLock<std::collections::HashSet<String>>,
+    fed: FedSpaces,
 }
 
 impl SqliteStore {
@@ -67,54 +67,6 @@ impl SqliteStore {
             wake: Notify::new(),
             fed: Default::default(),
         })
-    }
-
-    fn is_fed(&self, space: &str) -> bool {
-        self.fed.read().expect("fed lock").contains(space)
-    }
-
-    async fn head_rows(&self, space: Option<&str>) -> Result<Vec<HeadRow>, StoreError> {
-        let rows = match space {
-            Some(space) => {
-                sqlx::query(&format!("{HEAD_QUERY} WHERE m.sync_key = ?1"))
-                    .bind(space)
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-            None => {
-                sqlx::query(&format!("{HEAD_QUERY} ORDER BY m.sync_key"))
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-        };
-        rows.iter().map(head_row).collect()
-    }
-
-    /// Resolves one head row, recording a version first when [`plan_head`] asks for it. Another
-    /// replica or process may record the same version at the same time: the insert does
-    /// nothing then and the re-read serves whichever record won.
-    async fn resolve(&self, mut row: HeadRow) -> Result<Head, StoreError> {
-        for _ in 0..3 {
-            let fed = self.is_fed(&row.space);
-            match plan_head(row, fed)? {
-                HeadPlan::Serve(head) => return Ok(head),
-                HeadPlan::Record(pending) => {
-                    let space = pending.space.clone();
-                    self.record(&pending).await?;
-                    row = self.head_rows(Some(&space)).await?.pop().ok_or_else(|| {
-                        StoreError::Corrupt(format!("sync_metadata row of {space:?} vanished"))
-                    })?;
-                }
-            }
-        }
-        Err(StoreError::Corrupt(
-            "head kept moving while it was being recorded".into(),
-        ))
-    }
-
-    async fn record(&self, p: &PendingVersion) -> Result<(), StoreError> {
-        insert_version(&self.pool, p).await?;
-        Ok(())
     }
 
     /// The poller's one query: every space's version and the token change counter.
@@ -190,34 +142,99 @@ fn token_from_row(row: &SqliteRow) -> Result<TokenRecord, StoreError> {
     })
 }
 
-fn is_unique_violation(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
-}
+#[async_trait]
+impl Dialect for SqliteStore {
+    type Db = Sqlite;
 
-/// Records a version once (a second insert of the same number does nothing); returns the rows
-/// inserted, 0 or 1.
-async fn insert_version<'e, E>(executor: E, p: &PendingVersion) -> Result<u64, StoreError>
-where
-    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
-{
-    Ok(sqlx::query(
-        "INSERT INTO synchub_versions
-             (space, version, data_hash, forced, reason, created_by, created_at, entries, bytes)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-         ON CONFLICT (space, version) DO NOTHING",
-    )
-    .bind(&p.space)
-    .bind(to_db(p.version))
-    .bind(p.data_hash.as_str())
-    .bind(p.forced)
-    .bind(&p.reason)
-    .bind(&p.by)
-    .bind(rfc3339(p.at))
-    .bind(to_db(p.entries))
-    .bind(to_db(p.bytes))
-    .execute(executor)
-    .await?
-    .rows_affected())
+    fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    fn fed(&self) -> &FedSpaces {
+        &self.fed
+    }
+
+    fn wrote(&self) {
+        self.wake.notify_one();
+    }
+
+    async fn head_rows(&self, space: Option<&str>) -> Result<Vec<HeadRow>, StoreError> {
+        let rows = sqlx::query(&format!("{HEAD_SELECT}{HEAD_FROM}"))
+            .bind(space)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(head_row).collect()
+    }
+
+    async fn insert_version(conn: &mut Conn<Self>, p: &PendingVersion) -> Result<u64, sqlx::Error> {
+        let query = bind_version(sqlx::query(INSERT_VERSION), p, rfc3339(p.at));
+        Ok(query.execute(conn).await?.rows_affected())
+    }
+
+    async fn move_head(
+        conn: &mut Conn<Self>,
+        p: &PendingVersion,
+        expected: u64,
+    ) -> Result<u64, sqlx::Error> {
+        let query = bind_move(sqlx::query(MOVE_HEAD), p, expected, rfc3339(p.at));
+        Ok(query.execute(conn).await?.rows_affected())
+    }
+
+    async fn set_data_hash(conn: &mut Conn<Self>, p: &PendingVersion) -> Result<(), sqlx::Error> {
+        bind_data_hash(sqlx::query(SET_DATA_HASH), p)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn insert_space_row(
+        conn: &mut Conn<Self>,
+        space: &str,
+        data_hash: &str,
+        at: DateTime<Utc>,
+    ) -> Result<u64, sqlx::Error> {
+        let inserted = sqlx::query(
+            "INSERT INTO sync_metadata (sync_key, version, data_hash, last_modified_at, updated_at)
+             VALUES (?1, 1, ?2, ?3, ?3)
+             ON CONFLICT (sync_key) DO NOTHING",
+        )
+        .bind(space)
+        .bind(data_hash)
+        .bind(rfc3339(at))
+        .execute(conn)
+        .await?;
+        Ok(inserted.rows_affected())
+    }
+
+    async fn insert_token(
+        &self,
+        name: &str,
+        role: Role,
+        spaces: Option<String>,
+        token_hash: &str,
+    ) -> Result<TokenRecord, StoreError> {
+        let row = sqlx::query(
+            "INSERT INTO synchub_tokens (name, role, spaces, token_hash, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             RETURNING id, name, role, spaces, token_hash, created_at, revoked_at",
+        )
+        .bind(name)
+        .bind(role.as_str())
+        .bind(spaces)
+        .bind(token_hash)
+        .bind(rfc3339(Utc::now()))
+        .fetch_one(&self.pool)
+        .await?;
+        token_from_row(&row)
+    }
+
+    async fn token_named(&self, name: &str) -> Result<bool, sqlx::Error> {
+        let taken: Option<i64> = sqlx::query_scalar(TOKEN_NAMED)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(taken.is_some())
+    }
 }
 
 #[async_trait]
@@ -227,7 +244,7 @@ impl Store for SqliteStore {
     }
 
     fn set_fed_spaces(&self, spaces: &[String]) {
-        *self.fed.write().expect("fed lock") = spaces.iter().cloned().collect();
+        self.fed.set(spaces);
     }
 
     async fn record_outside_bump(
@@ -235,82 +252,19 @@ impl Store for SqliteStore {
         space: &str,
         content: &NewVersion,
     ) -> Result<Option<Head>, StoreError> {
-        let Some(row) = self.head_rows(Some(space)).await?.pop() else {
-            return Err(StoreError::NoSuchSpace(space.to_owned()));
-        };
-        let Some(p) = plan_fed_bump(row, content)? else {
-            return Ok(None);
-        };
-        let mut tx = self.pool.begin().await?;
-        let inserted = insert_version(&mut *tx, &p).await?;
-        if inserted == 0 {
-            tx.rollback().await?;
-            return Ok(None);
-        }
-        sqlx::query("UPDATE sync_metadata SET data_hash = ?1 WHERE sync_key = ?2 AND version = ?3")
-            .bind(p.data_hash.as_str())
-            .bind(space)
-            .bind(to_db(p.version))
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        self.wake.notify_one();
-        Ok(Some(p.into_head()))
+        sql::record_outside_bump(self, space, content).await
     }
 
     async fn ensure_space(&self, space: &str) -> Result<Head, StoreError> {
-        let now = rfc3339(Utc::now());
-        // The row and its first (empty) version in one transaction: a new space is empty
-        // data, not a row adopted without data.
-        let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO sync_metadata (sync_key, version, data_hash, last_modified_at, updated_at)
-             VALUES (?1, 1, ?2, ?3, ?3)
-             ON CONFLICT (sync_key) DO NOTHING",
-        )
-        .bind(space)
-        .bind(Sha256Hex::empty().as_str())
-        .bind(&now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if inserted > 0 {
-            sqlx::query(
-                "INSERT INTO synchub_versions
-                     (space, version, data_hash, forced, created_at, entries, bytes)
-                 VALUES (?1, 1, ?2, 0, ?3, 0, 0)
-                 ON CONFLICT (space, version) DO NOTHING",
-            )
-            .bind(space)
-            .bind(Sha256Hex::empty().as_str())
-            .bind(&now)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        let head = self
-            .head(space)
-            .await?
-            .ok_or_else(|| StoreError::NoSuchSpace(space.to_owned()))?;
-        if inserted > 0 {
-            self.wake.notify_one();
-        }
-        Ok(head)
+        sql::ensure_space(self, space).await
     }
 
     async fn head(&self, space: &str) -> Result<Option<Head>, StoreError> {
-        match self.head_rows(Some(space)).await?.pop() {
-            Some(row) => Ok(Some(self.resolve(row).await?)),
-            None => Ok(None),
-        }
+        sql::head(self, space).await
     }
 
     async fn heads(&self) -> Result<Vec<Head>, StoreError> {
-        let mut heads = Vec::new();
-        for row in self.head_rows(None).await? {
-            heads.push(self.resolve(row).await?);
-        }
-        Ok(heads)
+        sql::heads(self).await
     }
 
     async fn create_version(
@@ -319,81 +273,7 @@ impl Store for SqliteStore {
         expected: u64,
         new: NewVersion,
     ) -> Result<Head, StoreError> {
-        let version = expected + 1;
-        let now = rfc3339(Utc::now());
-        let mut tx = self.pool.begin().await?;
-        // The first statement writes, so SQLite takes the write lock (waiting up to the busy
-        // timeout) before reading: the condition is checked against the latest commit. The
-        // second alternative lets the hub move on after someone lowered the row below the
-        // newest record (the head it serves then is that record).
-        let moved = sqlx::query(
-            "UPDATE sync_metadata
-                SET version = ?1, data_hash = ?2, last_modified_by = ?3,
-                    last_modified_at = ?4, updated_at = ?4
-              WHERE sync_key = ?5
-                AND (version = ?6
-                     OR (version < ?6 AND ?6 = (SELECT MAX(version) FROM synchub_versions
-                                                 WHERE space = ?5)))
-                AND NOT EXISTS (SELECT 1 FROM synchub_versions
-                                 WHERE space = ?5 AND version > ?6)",
-        )
-        .bind(to_db(version))
-        .bind(new.data_hash.as_str())
-        .bind(&new.by)
-        .bind(&now)
-        .bind(space)
-        .bind(to_db(expected))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if moved == 1 {
-            let inserted = sqlx::query(
-                "INSERT INTO synchub_versions
-                     (space, version, data_hash, forced, reason, created_by, created_at,
-                      entries, bytes)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )
-            .bind(space)
-            .bind(to_db(version))
-            .bind(new.data_hash.as_str())
-            .bind(new.forced)
-            .bind(&new.reason)
-            .bind(&new.by)
-            .bind(&now)
-            .bind(to_db(new.entries))
-            .bind(to_db(new.bytes))
-            .execute(&mut *tx)
-            .await;
-            match inserted {
-                Ok(_) => {
-                    tx.commit().await?;
-                    self.wake.notify_one();
-                    return Ok(Head {
-                        space: space.to_owned(),
-                        version,
-                        data_hash: new.data_hash,
-                        forced: new.forced,
-                        reason: new.reason,
-                        by: new.by,
-                        at: now,
-                        epoch: 0,
-                        forced_version: 0,
-                    });
-                }
-                // A record of that number exists already: the head moved after all.
-                Err(e) if is_unique_violation(&e) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        tx.rollback().await?;
-        match self.head(space).await? {
-            Some(head) => Err(StoreError::HeadMoved {
-                space: space.to_owned(),
-                expected,
-                current: head.version,
-            }),
-            None => Err(StoreError::NoSuchSpace(space.to_owned())),
-        }
+        sql::create_version(self, space, expected, new).await
     }
 
     async fn version(&self, space: &str, version: u64) -> Result<Option<Head>, StoreError> {
@@ -507,36 +387,7 @@ impl Store for SqliteStore {
         spaces: Option<&[String]>,
         token_hash: &str,
     ) -> Result<TokenRecord, StoreError> {
-        let result = sqlx::query(
-            "INSERT INTO synchub_tokens (name, role, spaces, token_hash, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5)
-             RETURNING id, name, role, spaces, token_hash, created_at, revoked_at",
-        )
-        .bind(name)
-        .bind(role.as_str())
-        .bind(encode_spaces(spaces))
-        .bind(token_hash)
-        .bind(rfc3339(Utc::now()))
-        .fetch_one(&self.pool)
-        .await;
-        match result {
-            Ok(row) => {
-                self.wake.notify_one();
-                token_from_row(&row)
-            }
-            Err(e) if is_unique_violation(&e) => {
-                let taken: Option<i64> =
-                    sqlx::query_scalar("SELECT id FROM synchub_tokens WHERE name = ?1")
-                        .bind(name)
-                        .fetch_optional(&self.pool)
-                        .await?;
-                match taken {
-                    Some(_) => Err(StoreError::DuplicateToken(name.to_owned())),
-                    None => Err(e.into()),
-                }
-            }
-            Err(e) => Err(e.into()),
-        }
+        sql::create_token(self, name, role, encode_spaces(spaces), token_hash).await
     }
 
     async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
