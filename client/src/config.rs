@@ -81,6 +81,8 @@ pub struct AgentConfig {
     /// PEM file of a private certificate authority that signed the hub's certificate, trusted
     /// besides the system's roots (`https://` and `wss://`).
     pub ca_cert: Option<PathBuf>,
+    /// Two-way folder mode (`[two_way]`, `--two-way`): DIR is the app's own folder.
+    pub two_way: crate::twoway::TwoWayConfig,
 }
 
 impl Default for AgentConfig {
@@ -109,6 +111,7 @@ impl Default for AgentConfig {
             boot_wait_ms: 30_000,
             display_names: std::collections::BTreeMap::new(),
             ca_cert: None,
+            two_way: crate::twoway::TwoWayConfig::default(),
         }
     }
 }
@@ -150,6 +153,10 @@ impl AgentConfig {
             return bad("parallel_downloads must be at least 1".into());
         }
         crate::selection::Selection::new(&self.include)?;
+        self.two_way.validate()?;
+        if self.two_way.enabled && !self.include.is_empty() {
+            return bad("--two-way keeps the whole space in the folder: drop --include".into());
+        }
         Ok(())
     }
 

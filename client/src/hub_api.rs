@@ -288,6 +288,37 @@ impl HubApi {
             .await?;
         check(resp).await.map(drop)
     }
+
+    /// `PUT /spaces/{space}/held/{client_id}`: tells the hub about a held change (again, if
+    /// it already knows it) and returns what an admin decided.
+    pub async fn put_held(
+        &self,
+        space: &str,
+        client_id: &str,
+        change: &synchub_protocol::HeldChange,
+    ) -> Result<synchub_protocol::HeldRecord> {
+        let resp = self
+            .http
+            .put(self.url(&format!("/spaces/{space}/held/{client_id}")))
+            .bearer_auth(&*self.token)
+            .json(change)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await?;
+        Ok(check(resp).await?.json().await?)
+    }
+
+    /// `DELETE /spaces/{space}/held/{client_id}`: the held change was published or rolled back.
+    pub async fn delete_held(&self, space: &str, client_id: &str) -> Result<()> {
+        let resp = self
+            .http
+            .delete(self.url(&format!("/spaces/{space}/held/{client_id}")))
+            .bearer_auth(&*self.token)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await?;
+        check(resp).await.map(drop)
+    }
 }
 
 /// Turns an error status into [`ClientError::Api`] with the hub's JSON body.

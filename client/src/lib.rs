@@ -56,6 +56,7 @@ mod selection;
 pub mod service;
 mod space;
 mod state;
+mod twoway;
 
 pub use apply::walk_files;
 pub use audit::{FolderStats, TreeAudit, audit_tree};
@@ -67,6 +68,7 @@ pub use outbox::Outbox;
 pub use publish::{PublishOptions, PublishOutcome, UploadProgress, publish, publish_with};
 pub use report::upload_report;
 pub use state::target_of;
+pub use twoway::TwoWayConfig;
 
 use agent::Agent;
 use serde::Serialize;
@@ -139,6 +141,9 @@ pub struct SpaceStatus {
     /// When the data held now was put in place (RFC 3339), if any is held.
     #[serde(default)]
     pub applied_at: Option<String>,
+    /// Two-way mode: a local mass change held until an admin approves it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_change: Option<synchub_protocol::HeldChange>,
 }
 
 impl SyncClient {
@@ -148,6 +153,13 @@ impl SyncClient {
         let agent = Arc::new(Agent::new(config)?);
         let mut tasks = Vec::new();
         for space in &agent.spaces {
+            if agent.config.two_way.enabled {
+                tasks.push(tokio::spawn(twoway::supervise(
+                    space.clone(),
+                    agent.clone(),
+                )));
+                continue;
+            }
             tasks.push(tokio::spawn(supervise_worker(space.clone(), agent.clone())));
         }
         if !agent.config.disable_websocket {

@@ -230,47 +230,8 @@ pub async fn publish_with(
     } else {
         changed.iter().collect()
     };
-    let mut wanted: Vec<Sha256Hex> = sent.iter().map(|f| f.sha256.clone()).collect();
-    wanted.sort();
-    wanted.dedup();
-    let missing = if options.reupload {
-        wanted
-    } else {
-        api.missing(&BlobList { sha256: wanted }).await?.sha256
-    };
-    // Upload what the hub lacks (or everything, to repair), a few at a time (the hub checks
-    // every hash).
-    let to_upload: Vec<&PublishFile> = missing
-        .iter()
-        .filter_map(|sha| sent.iter().find(|f| &f.sha256 == sha).copied())
-        .collect();
-    let uploaded = to_upload.len() as u64;
-    let bytes_uploaded = to_upload.iter().map(|f| f.size).sum();
-    let done = std::sync::atomic::AtomicU64::new(0);
-    let tell = |n: u64| {
-        if let Some(UploadProgress(progress)) = &options.progress {
-            progress(n, bytes_uploaded);
-        }
-    };
-    tell(0);
-    futures::stream::iter(to_upload)
-        .map(|f| {
-            let (done, tell) = (&done, &tell);
-            async move {
-                let file = tokio::fs::File::open(&f.local)
-                    .await
-                    .ctx(|| format!("opening {}", f.local.display()))?;
-                let body =
-                    reqwest::Body::wrap_stream(ReaderStream::with_capacity(file, 256 * 1024));
-                api.put_blob(&f.sha256, body).await?;
-                let now = done.fetch_add(f.size, std::sync::atomic::Ordering::Relaxed) + f.size;
-                tell(now);
-                Ok::<(), ClientError>(())
-            }
-        })
-        .buffer_unordered(8)
-        .try_collect::<Vec<()>>()
-        .await?;
+    let (uploaded, bytes_uploaded) =
+        upload_missing(api, &sent, options.reupload, options.progress.as_ref()).await?;
     if changed.is_empty() && deletes.is_empty() {
         // A repair only: the bytes went up, the version stays.
         return Ok(PublishOutcome {
@@ -336,6 +297,60 @@ pub async fn publish_with(
         }
         Err(e) => Err(e),
     }
+}
+
+/// Uploads the blobs of `sent` the hub lacks (all of them with `force`), a few at a time (the
+/// hub checks every hash, so a file changed since it was hashed is refused, never stored
+/// half-done). Returns how many blobs and bytes went up.
+pub(crate) async fn upload_missing(
+    api: &HubApi,
+    sent: &[&PublishFile],
+    force: bool,
+    progress: Option<&UploadProgress>,
+) -> Result<(u64, u64)> {
+    let mut wanted: Vec<Sha256Hex> = sent.iter().map(|f| f.sha256.clone()).collect();
+    wanted.sort();
+    wanted.dedup();
+    let missing = if force {
+        wanted
+    } else {
+        api.missing(&BlobList { sha256: wanted }).await?.sha256
+    };
+    // Owned, so the upload futures borrow nothing (they must be `Send` for any caller).
+    let to_upload: Vec<PublishFile> = missing
+        .iter()
+        .filter_map(|sha| sent.iter().find(|f| &f.sha256 == sha).map(|f| (*f).clone()))
+        .collect();
+    let uploaded = to_upload.len() as u64;
+    let bytes_uploaded = to_upload.iter().map(|f| f.size).sum();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let tell = move |n: u64| {
+        if let Some(UploadProgress(progress)) = progress {
+            progress(n, bytes_uploaded);
+        }
+    };
+    tell(0);
+    futures::stream::iter(to_upload)
+        .map(|f| {
+            let (api, done) = (api.clone(), done.clone());
+            async move {
+                let file = tokio::fs::File::open(&f.local)
+                    .await
+                    .ctx(|| format!("opening {}", f.local.display()))?;
+                let body =
+                    reqwest::Body::wrap_stream(ReaderStream::with_capacity(file, 256 * 1024));
+                api.put_blob(&f.sha256, body).await?;
+                let now = done.fetch_add(f.size, std::sync::atomic::Ordering::Relaxed) + f.size;
+                Ok::<u64, ClientError>(now)
+            }
+        })
+        .buffer_unordered(8)
+        .try_for_each(|now| {
+            tell(now);
+            std::future::ready(Ok(()))
+        })
+        .await?;
+    Ok((uploaded, bytes_uploaded))
 }
 
 /// `dir/name.ext` -> `dir/name.conflict-<stamp>.ext`.

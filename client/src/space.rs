@@ -36,7 +36,7 @@ pub(crate) struct Space {
     /// `POST /sync` and `SyncClient::sync_now`: retry or check now.
     pub sync_now: Notify,
     last_error: Mutex<Option<String>>,
-    progress: Arc<Progress>,
+    pub(crate) progress: Arc<Progress>,
     /// Held while `state.json` is written: one writer at a time, each writing the newest state.
     state_file: Mutex<()>,
 }
@@ -99,7 +99,7 @@ impl Space {
         self.held.lock().expect("held lock").clone()
     }
 
-    fn set_held(&self, held: Option<HeldVersion>) {
+    pub(crate) fn set_held(&self, held: Option<HeldVersion>) {
         *self.held.lock().expect("held lock") = held;
     }
 
@@ -120,6 +120,7 @@ impl Space {
             hub_version: self.head.borrow().as_ref().map(|h| h.version),
             last_error: self.last_error(),
             applied_at: self.applied_at(),
+            held_change: crate::twoway::held_change(&self.layout),
         }
     }
 
@@ -135,7 +136,7 @@ impl Space {
         Some(chrono::DateTime::<chrono::Utc>::from(modified).to_rfc3339())
     }
 
-    fn set(&self, event: Event) {
+    pub(crate) fn set(&self, event: Event) {
         self.state.send_modify(|s| *s = transition(s, event));
         self.write_state_file();
     }

@@ -1,6 +1,6 @@
 //! The `synchub` command line: `init`, `serve`, `token create|list|revoke`, `force-sync`,
-//! `rollback`, `import`, `fsck`. `init` creates a hub's data folder, database and admin token; `token`,
-//! `force-sync`, `rollback` and `import` work on an existing hub's database directly, so they run beside a
+//! `rollback`, `import`, `fsck`, `held`, `approve|reject`. `init` creates a hub's data folder,
+//! database and admin token; the others work on an existing hub's database directly, so they run beside a
 //! live hub, which notices their changes through its watcher (new heads are broadcast, revoked
 //! tokens' sockets closed). They never create a database: one run in the wrong folder would
 //! otherwise print a token or a version that the running hub never sees.
@@ -11,7 +11,7 @@ use crate::server;
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use synchub_protocol::Role;
+use synchub_protocol::{HeldDecision, Role};
 
 #[derive(Parser, Debug)]
 #[command(name = "synchub", version, about = "Realtime push-based sync hub")]
@@ -86,6 +86,25 @@ pub enum Command {
     },
     /// Copy an existing bucket folder (s3://bucket/prefix) into a space as one new version.
     Import(crate::sources::ImportArgs),
+    /// List the local mass changes agents in two-way mode hold for approval.
+    Held {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let an agent publish the mass change it holds.
+    Approve(HeldArgs),
+    /// Make an agent put back the files of the mass change it holds.
+    Reject(HeldArgs),
+}
+
+/// Which held change.
+#[derive(Args, Debug)]
+pub struct HeldArgs {
+    #[arg(long, default_value = synchub_protocol::DEFAULT_SPACE)]
+    pub space: String,
+    /// The agent's client id (as `synchub held` lists it).
+    #[arg(long)]
+    pub client: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -212,6 +231,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             to_version,
             reason,
         } => rollback(&common, space, to_version, reason).await,
+        Command::Held { json } => held(&common, json).await,
+        Command::Approve(args) => decide(&common, args, HeldDecision::Approved).await,
+        Command::Reject(args) => decide(&common, args, HeldDecision::Rejected).await,
     }
 }
 
@@ -390,6 +412,54 @@ async fn fsck(common: &Common, dry_run: bool, json: bool) -> anyhow::Result<()> 
         "{} corrupt blob(s), {} damaged version(s)",
         report.corrupt.len(),
         report.damaged_versions.len()
+    );
+    Ok(())
+}
+
+/// `synchub held`: the held changes and their decisions.
+async fn held(common: &Common, json: bool) -> anyhow::Result<()> {
+    let config = load_config(common)?;
+    require_database(&config)?;
+    let domain = Domain::open_existing(config).await?;
+    let held = crate::held::list(&domain).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&held)?);
+        return Ok(());
+    }
+    if held.is_empty() {
+        println!("no held changes");
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<36} {:<9} {:>8} {:>8} {:>8}  HELD AT",
+        "SPACE", "CLIENT", "DECISION", "DELETES", "REPLACES", "FILES"
+    );
+    for h in held {
+        println!(
+            "{:<20} {:<36} {:<9} {:>8} {:>8} {:>8}  {}",
+            h.space,
+            h.client_id,
+            h.decision.as_str(),
+            h.change.deletes,
+            h.change.replaces,
+            h.change.total,
+            h.change.held_at
+        );
+    }
+    Ok(())
+}
+
+/// `synchub approve|reject`: records the decision; the agent acts on it at its next check.
+async fn decide(common: &Common, args: HeldArgs, decision: HeldDecision) -> anyhow::Result<()> {
+    let config = load_config(common)?;
+    require_database(&config)?;
+    let domain = Domain::open_existing(config).await?;
+    crate::held::decide(&domain, &args.space, &args.client, decision, "cli").await?;
+    println!(
+        "{} {}'s held change in {}; the agent acts on it within a few seconds",
+        decision.as_str(),
+        args.client,
+        args.space
     );
     Ok(())
 }

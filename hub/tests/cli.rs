@@ -1,5 +1,6 @@
 //! The `synchub` binary as an admin uses it: `init` and `serve` on the embedded default,
-//! `token` create/list/revoke, `force-sync` and `rollback` beside a running hub, and its errors.
+//! `token` create/list/revoke, `force-sync` and `rollback` beside a running hub, `held` and
+//! `approve`/`reject` of a two-way agent's held change, and its errors.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -437,4 +438,62 @@ fn an_unreachable_database_says_why_at_once() {
         "took {:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test]
+async fn held_changes_are_listed_approved_and_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    init(dir.path());
+    let url = format!("sqlite://{}", dir.path().join("hub.db").display());
+    let store = synchub_hub::store::open(&url).await.unwrap();
+    let change = synchub_protocol::HeldChange {
+        deletes: 93,
+        replaces: 0,
+        total: 155,
+        sample_deletes: vec!["04310-11100-F/QR_0001.png".into()],
+        sample_replaces: Vec::new(),
+        held_at: "2026-11-26T16:00:00Z".into(),
+    };
+    for client in ["pc-brasov", "pc-iasi"] {
+        store
+            .put_held("global_version", client, &change)
+            .await
+            .unwrap();
+    }
+    let (ok, out, err) = run(dir.path(), &["held"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("pc-brasov") && out.contains("pending") && out.contains("93"),
+        "{out}"
+    );
+    let (ok, out, err) = run(dir.path(), &["approve", "--client", "pc-brasov"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("approved"), "{out}");
+    let (ok, _, err) = run(dir.path(), &["reject", "--client", "pc-iasi"]);
+    assert!(ok, "{err}");
+    let decided: Vec<_> = store
+        .held_changes()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|h| (h.client_id, h.decision, h.decided_by))
+        .collect();
+    use synchub_protocol::HeldDecision::*;
+    assert_eq!(
+        decided,
+        vec![
+            ("pc-brasov".to_owned(), Approved, Some("cli".to_owned())),
+            ("pc-iasi".to_owned(), Rejected, Some("cli".to_owned())),
+        ]
+    );
+    // A decision is made once; the agent asking again does not undo it.
+    let (ok, _, err) = run(dir.path(), &["reject", "--client", "pc-brasov"]);
+    assert!(!ok && err.contains("no pending held change"), "{err}");
+    let again = store
+        .put_held("global_version", "pc-brasov", &change)
+        .await
+        .unwrap();
+    assert_eq!(again.decision, Approved);
+    let (ok, _, err) = run(dir.path(), &["approve", "--client", "nobody"]);
+    assert!(!ok && err.contains("no pending held change"), "{err}");
 }

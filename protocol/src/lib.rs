@@ -12,6 +12,7 @@ pub mod collision;
 pub mod error_chain;
 pub mod frames;
 pub mod hash;
+pub mod held;
 pub mod manifest;
 pub mod pack;
 pub mod path;
@@ -22,6 +23,7 @@ pub use collision::{PathCollision, check_collisions};
 pub use error_chain::error_chain;
 pub use frames::*;
 pub use hash::{HashError, Sha256Hex};
+pub use held::{HeldChange, HeldDecision, HeldRecord};
 pub use manifest::{Manifest, ManifestEntry, ManifestError};
 pub use path::{PathError, validate_path};
 

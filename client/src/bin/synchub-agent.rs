@@ -125,6 +125,11 @@ struct RunArgs {
     /// Hold only these paths: a glob (`arhiva/Cluj/**`) or a folder prefix; repeat for more.
     #[arg(long = "include")]
     include: Vec<String>,
+    /// Two-way folder mode: DIR is the app's own folder; local changes are published and the
+    /// hub's versions merged into it in place (see `[two_way]` in the config for the timings
+    /// and the mass-change guard).
+    #[arg(long, env = "SYNCHUB_TWO_WAY")]
+    two_way: bool,
 }
 
 #[derive(Args)]
@@ -218,6 +223,9 @@ fn build_config(args: RunArgs) -> anyhow::Result<AgentConfig> {
     }
     if !args.include.is_empty() {
         cfg.include = args.include;
+    }
+    if args.two_way {
+        cfg.two_way.enabled = true;
     }
     cfg.validate()?;
     Ok(cfg)
@@ -626,6 +634,19 @@ fn summary(body: &serde_json::Value, now: chrono::DateTime<chrono::Utc>) -> Stri
             "Programs must wait."
         };
         let _ = writeln!(out, "  {what} {rule}");
+        if let Some(h) = s.get("held_change").filter(|h| !h.is_null()) {
+            let _ = writeln!(
+                out,
+                "  HELD: deletes {} and replaces {} of {} files (since {}); waiting for an admin: \
+                 synchub approve|reject --space {} --client {}",
+                h["deletes"],
+                h["replaces"],
+                h["total"],
+                text(&h["held_at"]),
+                text(&s["space"]),
+                text(&body["client_id"])
+            );
+        }
     }
     out
 }

@@ -6,6 +6,7 @@ pub mod blobs;
 pub mod commits;
 pub mod events;
 pub mod heads;
+pub mod held;
 pub mod reports;
 pub mod tokens;
 
@@ -15,7 +16,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use std::time::Duration;
 use synchub_protocol::codes;
 
@@ -53,6 +54,19 @@ pub fn router(state: AppState) -> Router {
         .route("/tokens", get(tokens::list).post(tokens::create)) // AdminToken
         .route("/tokens/{name}", axum::routing::delete(tokens::revoke)) // AdminToken
         .route("/clients", get(admin::clients)) // AdminToken
+        .route("/held", get(held::list)) // AdminToken
+        .route(
+            "/spaces/{space}/held/{client_id}",
+            put(held::put).delete(held::delete), // SpaceAccess<Publish>
+        )
+        .route(
+            "/spaces/{space}/held/{client_id}/approve",
+            post(held::approve), // SpaceAccess<Admin>
+        )
+        .route(
+            "/spaces/{space}/held/{client_id}/reject",
+            post(held::reject), // SpaceAccess<Admin>
+        )
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(json_limit));
     Router::new()

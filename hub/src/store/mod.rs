@@ -8,6 +8,7 @@
 //! store under that hash).
 
 mod dialect;
+mod held;
 pub mod postgres;
 mod rows;
 mod sql;
@@ -18,7 +19,10 @@ pub use rows::ADOPTED_WITHOUT_DATA_REASON;
 use async_trait::async_trait;
 use std::sync::Arc;
 use std::time::Duration;
-use synchub_protocol::{Head, Role, Sha256Hex, SyncLogEntry, SyncReport, VersionInfo};
+use synchub_protocol::{
+    Head, HeldChange, HeldDecision, HeldRecord, Role, Sha256Hex, SyncLogEntry, SyncReport,
+    VersionInfo,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -163,6 +167,30 @@ pub trait Store: Send + Sync + 'static {
 
     /// Marks the token named `name` revoked; false when there is no live token of that name.
     async fn revoke_token(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// Records an agent's held change (see `store/held.rs`), keeping the decision of one
+    /// already recorded; returns it as stored.
+    async fn put_held(
+        &self,
+        space: &str,
+        client_id: &str,
+        change: &HeldChange,
+    ) -> Result<HeldRecord, StoreError>;
+
+    /// Every held change, oldest first (at most 1000).
+    async fn held_changes(&self) -> Result<Vec<HeldRecord>, StoreError>;
+
+    /// Approves or rejects a pending held change; false when there is none.
+    async fn decide_held(
+        &self,
+        space: &str,
+        client_id: &str,
+        decision: HeldDecision,
+        by: &str,
+    ) -> Result<bool, StoreError>;
+
+    /// Forgets a held change (the agent has acted on it).
+    async fn delete_held(&self, space: &str, client_id: &str) -> Result<(), StoreError>;
 
     /// Runs until `shutdown`, sending a [`Change`] whenever a `sync_metadata` row or the token
     /// table changes, whoever changed it. SQLite polls every `poll_interval` (one query per

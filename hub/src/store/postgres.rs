@@ -484,6 +484,33 @@ impl Store for PostgresStore {
         rows.iter().map(token_from_row).collect()
     }
 
+    async fn put_held(
+        &self,
+        space: &str,
+        client_id: &str,
+        change: &synchub_protocol::HeldChange,
+    ) -> Result<synchub_protocol::HeldRecord, StoreError> {
+        super::held::postgres::put(&self.pool, space, client_id, change).await
+    }
+
+    async fn held_changes(&self) -> Result<Vec<synchub_protocol::HeldRecord>, StoreError> {
+        super::held::postgres::list(&self.pool).await
+    }
+
+    async fn decide_held(
+        &self,
+        space: &str,
+        client_id: &str,
+        decision: synchub_protocol::HeldDecision,
+        by: &str,
+    ) -> Result<bool, StoreError> {
+        super::held::postgres::decide(&self.pool, space, client_id, decision, by).await
+    }
+
+    async fn delete_held(&self, space: &str, client_id: &str) -> Result<(), StoreError> {
+        super::held::postgres::delete(&self.pool, space, client_id).await
+    }
+
     async fn revoke_token(&self, name: &str) -> Result<bool, StoreError> {
         let revoked = sqlx::query(
             "UPDATE synchub_tokens SET revoked_at = now() WHERE name = $1 AND revoked_at IS NULL",

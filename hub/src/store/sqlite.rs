@@ -400,6 +400,33 @@ impl Store for SqliteStore {
         rows.iter().map(token_from_row).collect()
     }
 
+    async fn put_held(
+        &self,
+        space: &str,
+        client_id: &str,
+        change: &synchub_protocol::HeldChange,
+    ) -> Result<synchub_protocol::HeldRecord, StoreError> {
+        super::held::sqlite::put(&self.pool, space, client_id, change).await
+    }
+
+    async fn held_changes(&self) -> Result<Vec<synchub_protocol::HeldRecord>, StoreError> {
+        super::held::sqlite::list(&self.pool).await
+    }
+
+    async fn decide_held(
+        &self,
+        space: &str,
+        client_id: &str,
+        decision: synchub_protocol::HeldDecision,
+        by: &str,
+    ) -> Result<bool, StoreError> {
+        super::held::sqlite::decide(&self.pool, space, client_id, decision, by).await
+    }
+
+    async fn delete_held(&self, space: &str, client_id: &str) -> Result<(), StoreError> {
+        super::held::sqlite::delete(&self.pool, space, client_id).await
+    }
+
     async fn revoke_token(&self, name: &str) -> Result<bool, StoreError> {
         let revoked = sqlx::query(
             "UPDATE synchub_tokens SET revoked_at = ?1 WHERE name = ?2 AND revoked_at IS NULL",

@@ -1,0 +1,67 @@
+//! Held changes over HTTP (see [`crate::held`]):
+//!
+//! - `PUT /spaces/{space}/held/{client_id}` (a token that may publish to the space): record
+//!   or refresh; the answer is the stored record with the decision.
+//! - `DELETE /spaces/{space}/held/{client_id}` (the same): the agent acted on it.
+//! - `GET /held` (admin): every held change.
+//! - `POST /spaces/{space}/held/{client_id}/approve|reject` (admin).
+
+use super::Json;
+use crate::auth::{Admin, AdminToken, Publish, SpaceAccess};
+use crate::error::ApiResult;
+use crate::held;
+use crate::state::AppState;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use synchub_protocol::{HeldChange, HeldDecision, HeldRecord};
+
+/// `PUT /spaces/{space}/held/{client_id}`.
+pub async fn put(
+    State(state): State<AppState>,
+    access: SpaceAccess<Publish>,
+    Path((_, client)): Path<(String, String)>,
+    Json(change): Json<HeldChange>,
+) -> ApiResult<axum::Json<HeldRecord>> {
+    let record = held::record(&state, &access.space, &client, &change).await?;
+    Ok(axum::Json(record))
+}
+
+/// `DELETE /spaces/{space}/held/{client_id}`.
+pub async fn delete(
+    State(state): State<AppState>,
+    access: SpaceAccess<Publish>,
+    Path((_, client)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    held::forget(&state, &access.space, &client).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /held` (admin).
+pub async fn list(
+    State(state): State<AppState>,
+    _admin: AdminToken,
+) -> ApiResult<axum::Json<Vec<HeldRecord>>> {
+    Ok(axum::Json(held::list(&state).await?))
+}
+
+/// `POST /spaces/{space}/held/{client_id}/approve`.
+pub async fn approve(
+    State(state): State<AppState>,
+    access: SpaceAccess<Admin>,
+    Path((_, client)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let by = &access.principal.name;
+    held::decide(&state, &access.space, &client, HeldDecision::Approved, by).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /spaces/{space}/held/{client_id}/reject`.
+pub async fn reject(
+    State(state): State<AppState>,
+    access: SpaceAccess<Admin>,
+    Path((_, client)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let by = &access.principal.name;
+    held::decide(&state, &access.space, &client, HeldDecision::Rejected, by).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
