@@ -65,7 +65,7 @@ pub use download::fetch_manifest;
 pub use error::{ClientError, Result};
 pub use hub_api::{DEFAULT_READ_TIMEOUT, HeadCheck, HubApi, install_crypto_provider, tls_config};
 pub use outbox::Outbox;
-pub use publish::{PublishOptions, PublishOutcome, publish, publish_with};
+pub use publish::{PublishOptions, PublishOutcome, UploadProgress, publish, publish_with};
 pub use report::upload_report;
 pub use state::target_of;
 pub use twoway::TwoWayConfig;

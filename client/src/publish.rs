@@ -91,6 +91,19 @@ pub struct PublishOptions {
     /// Upload every listed file's bytes, even those the hub says it has: the hub replaces a
     /// stored copy that fails its hash, so this repairs a blob damaged on the hub's disk.
     pub reupload: bool,
+    /// Told the bytes uploaded so far and the bytes to upload: once before the uploads start
+    /// and after each file (for a progress bar).
+    pub progress: Option<UploadProgress>,
+}
+
+/// A callback for [`PublishOptions::progress`]: `(bytes done, bytes in all)`.
+#[derive(Clone)]
+pub struct UploadProgress(pub std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>);
+
+impl std::fmt::Debug for UploadProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UploadProgress")
+    }
 }
 
 /// Publishes `paths` to `space` as one commit.
@@ -217,7 +230,8 @@ pub async fn publish_with(
     } else {
         changed.iter().collect()
     };
-    let (uploaded, bytes_uploaded) = upload_missing(api, &sent, options.reupload).await?;
+    let (uploaded, bytes_uploaded) =
+        upload_missing(api, &sent, options.reupload, options.progress.as_ref()).await?;
     if changed.is_empty() && deletes.is_empty() {
         // A repair only: the bytes went up, the version stays.
         return Ok(PublishOutcome {
@@ -292,6 +306,7 @@ pub(crate) async fn upload_missing(
     api: &HubApi,
     sent: &[&PublishFile],
     force: bool,
+    progress: Option<&UploadProgress>,
 ) -> Result<(u64, u64)> {
     let mut wanted: Vec<Sha256Hex> = sent.iter().map(|f| f.sha256.clone()).collect();
     wanted.sort();
@@ -308,20 +323,32 @@ pub(crate) async fn upload_missing(
         .collect();
     let uploaded = to_upload.len() as u64;
     let bytes_uploaded = to_upload.iter().map(|f| f.size).sum();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let tell = move |n: u64| {
+        if let Some(UploadProgress(progress)) = progress {
+            progress(n, bytes_uploaded);
+        }
+    };
+    tell(0);
     futures::stream::iter(to_upload)
         .map(|f| {
-            let api = api.clone();
+            let (api, done) = (api.clone(), done.clone());
             async move {
                 let file = tokio::fs::File::open(&f.local)
                     .await
                     .ctx(|| format!("opening {}", f.local.display()))?;
                 let body =
                     reqwest::Body::wrap_stream(ReaderStream::with_capacity(file, 256 * 1024));
-                api.put_blob(&f.sha256, body).await
+                api.put_blob(&f.sha256, body).await?;
+                let now = done.fetch_add(f.size, std::sync::atomic::Ordering::Relaxed) + f.size;
+                Ok::<u64, ClientError>(now)
             }
         })
         .buffer_unordered(8)
-        .try_collect::<Vec<()>>()
+        .try_for_each(|now| {
+            tell(now);
+            std::future::ready(Ok(()))
+        })
         .await?;
     Ok((uploaded, bytes_uploaded))
 }

@@ -1,5 +1,6 @@
 //! The agents connected to this hub replica: who they are and the state each last reported,
 //! for `GET /api/v1/clients` and the dashboard, and to close the sockets of a revoked token.
+//! A change counter tells the dashboard's event stream when to look again.
 
 use dashmap::DashMap;
 use std::sync::Mutex;
@@ -52,6 +53,9 @@ impl Connection {
 pub struct Clients {
     next_id: AtomicU64,
     live: DashMap<u64, std::sync::Arc<Connection>>,
+    /// Bumped when what an admin sees of the fleet changed: an agent connected or left,
+    /// reported a state, or a sync was logged.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Clients {
@@ -60,12 +64,24 @@ impl Clients {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.live.insert(id, conn);
         metrics::gauge!("synchub_connections").set(self.live.len() as f64);
+        self.touch();
         id
     }
 
     pub fn remove(&self, id: u64) {
         self.live.remove(&id);
         metrics::gauge!("synchub_connections").set(self.live.len() as f64);
+        self.touch();
+    }
+
+    /// Says the fleet changed (see [`Clients::subscribe`]).
+    pub fn touch(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Wakes on every [`Clients::touch`] (several close together may wake it once).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     pub fn len(&self) -> usize {

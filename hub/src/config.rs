@@ -45,6 +45,9 @@ pub struct Config {
     pub table_source: Vec<TableSource>,
     /// `[[bucket_source]]`: spaces that mirror a folder of an existing bucket.
     pub bucket_source: Vec<BucketSource>,
+    /// `[alerts]`: webhooks and email when PCs fail or fall behind, the database is lost, and
+    /// a daily summary (see `alerts.rs`).
+    pub alerts: crate::alerts::AlertsConfig,
 }
 
 /// A space fed from tables of the hub's PostgreSQL database: each table (or named query) is
@@ -201,6 +204,7 @@ impl Default for Config {
             limits: Limits::default(),
             table_source: Vec::new(),
             bucket_source: Vec::new(),
+            alerts: crate::alerts::AlertsConfig::default(),
         }
     }
 }
@@ -292,6 +296,7 @@ impl Config {
                 b.secret_access_key = v;
             }
         }
+        self.alerts.apply_env();
         if let BlobStoreConfig::S3(s3) = &mut self.blob_store {
             if let Some(v) = var("SYNCHUB_S3_ACCESS_KEY_ID").or_else(|| var("AWS_ACCESS_KEY_ID")) {
                 s3.access_key_id = v;
@@ -337,6 +342,7 @@ impl Config {
             ));
         }
         self.validate_sources()?;
+        self.alerts.validate()?;
         if self.limits.header_read_timeout_ms == 0 {
             return Err(ConfigError::Invalid(
                 "limits.header_read_timeout_ms must be above 0".into(),
@@ -494,6 +500,7 @@ impl Config {
         for b in &mut shown.bucket_source {
             b.secret_access_key = "***".into();
         }
+        shown.alerts = self.alerts.masked();
         toml::to_string(&shown).unwrap_or_else(|e| format!("(unprintable config: {e})"))
     }
 }

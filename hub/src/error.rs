@@ -73,6 +73,9 @@ impl HubError {
             HubError::Store(StoreError::NoSuchSpace(_)) => {
                 (StatusCode::NOT_FOUND, codes::NOT_FOUND)
             }
+            HubError::Store(StoreError::DuplicateToken(_)) => {
+                (StatusCode::CONFLICT, codes::CONFLICT)
+            }
             // Out of disk: nothing was stored, and the caller is told so (507).
             HubError::Store(e) if db_full(e) => {
                 (StatusCode::INSUFFICIENT_STORAGE, codes::STORAGE_FULL)

@@ -9,6 +9,7 @@
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+pub mod alerts;
 pub mod api;
 pub mod auth;
 pub mod blobs;

@@ -198,9 +198,16 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
 
     let watcher = tokio::spawn(supervise(state.clone(), poll, shutdown.clone()));
     let sources = crate::sources::spawn(state.clone(), shutdown.child_token());
+    let alerts = match crate::alerts::spawn(state.clone(), shutdown.child_token()) {
+        Ok(task) => task,
+        Err(e) => {
+            shutdown.cancel();
+            return Err(e.into());
+        }
+    };
     let watcher = tokio::spawn(async move {
         let _ = watcher.await;
-        if let Some(task) = sources {
+        for task in [sources, alerts].into_iter().flatten() {
             let _ = task.await;
         }
     });

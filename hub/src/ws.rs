@@ -374,11 +374,17 @@ async fn handle_frame(
                 return true;
             }
             conn.set_state(&space, s);
+            state.clients.touch();
             true
         }
         AgentFrame::Report(report) => {
             let reply = match crate::reports::store(state, principal, report).await {
-                Ok((id, _)) => frame(&HubFrame::ReportAck { report_id: id }),
+                Ok((id, stored)) => {
+                    if stored == crate::reports::Stored::New {
+                        state.clients.touch();
+                    }
+                    frame(&HubFrame::ReportAck { report_id: id })
+                }
                 Err(e) => {
                     let (code, message) = e.code_and_message();
                     error_frame(code, message)

@@ -211,6 +211,35 @@ impl std::str::FromStr for Role {
     }
 }
 
+/// A token as `GET /tokens` lists it (never its secret).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub name: String,
+    pub role: Role,
+    /// `None`: every space.
+    pub spaces: Option<Vec<String>>,
+    pub created_at: String,
+    pub revoked: bool,
+}
+
+/// `POST /tokens`: a new token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateTokenRequest {
+    pub name: String,
+    pub role: Role,
+    /// Limit the token to these spaces; absent or empty: every space.
+    #[serde(default)]
+    pub spaces: Option<Vec<String>>,
+}
+
+/// The answer to `POST /tokens`: the only time the secret is shown.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatedToken {
+    pub name: String,
+    pub role: Role,
+    pub secret: String,
+}
+
 /// Every error body: a stable machine-readable `code` and a sentence for people.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {

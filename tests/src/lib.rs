@@ -1,6 +1,7 @@
 //! The test harness: real hubs (`hub`), PostgreSQL clusters (`postgres`), an S3 server
 //! (`s3`), agents and data sets (`fixtures`), a TCP proxy that fails on demand (`proxy`),
-//! headless Chromium (`browser`) and the load generator (`load`), all on loopback; and
+//! headless Chromium (`browser`), a webhook receiver and an SMTP sink for alerts (`sinks`) and
+//! the load generator (`load`), all on loopback; and
 //! [`backend_matrix!`], which runs one suite against every backend.
 
 pub mod browser;
@@ -10,6 +11,7 @@ pub mod load;
 pub mod postgres;
 pub mod proxy;
 pub mod s3;
+pub mod sinks;
 
 /// Runs each named `async fn NAME(setup) -> anyhow::Result<()>` of the calling file once per
 /// backend, as `BACKEND::NAME`: `backend_matrix!([sqlite => Backend::Sqlite, postgres =>

@@ -122,3 +122,83 @@ async fn the_block_page_speaks_to_the_office_worker() -> anyhow::Result<()> {
     hub.stop().await;
     Ok(())
 }
+
+/// The live page (following `/events`), driven over WebDriver: while a download is under way
+/// it blocks with a progress bar and MB done; when the download finishes it says the data is
+/// up to date, without a reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_block_page_goes_from_progress_to_ready() -> anyhow::Result<()> {
+    use synchub_tests::browser::Browser;
+    use synchub_tests::proxy::{Fault, FaultProxy};
+    let hub = TestHub::start().await?;
+    let token = hub.token("pc", Role::Agent, None).await?;
+    // The agent reaches the hub through a proxy that freezes in the middle of the download.
+    let proxy = FaultProxy::start(hub.config.listen).await?;
+    let dir = tempfile::tempdir()?;
+    let mut config = agent_config(&hub, &token, dir.path());
+    config.hubs = vec![proxy.url()];
+    config.read_timeout_ms = 60_000;
+    let agent = SyncClient::start(config).await?;
+    wait_ready(&agent, 1, Duration::from_secs(10)).await?;
+    let browser = Browser::start(900, 600).await?;
+    let page = format!(
+        "http://{}/?lang=en",
+        agent.local_api_addr().context("local API on")?
+    );
+    browser.client.goto(&page).await?;
+    browser
+        .wait_text(Duration::from_secs(10), "ready", |t| {
+            t.contains("Up to date")
+        })
+        .await?;
+
+    let big: Vec<u8> = (0..4_000_000u32).map(|i| (i % 251) as u8).collect();
+    proxy.freeze_after(1_500_000);
+    let (status, _) =
+        synchub_tests::fixtures::commit(&hub, &token, 1, &[("arhiva.bin", &big)], &[]).await?;
+    ensure!(status.is_success(), "commit: {status}");
+    let text = browser
+        .wait_text(Duration::from_secs(15), "the download's progress", |t| {
+            t.contains("Updating the shared data…") && t.contains("of 4.0 MB")
+        })
+        .await?;
+    ensure!(
+        text.contains("Please do not use the program until this finishes."),
+        "{text}"
+    );
+    let bar = browser
+        .client
+        .execute(
+            "const p = document.querySelector('progress'); return p ? [p.value, p.max] : null",
+            vec![],
+        )
+        .await?;
+    ensure!(
+        bar[0].as_f64().is_some_and(|v| v > 0.0) && bar[1].as_f64() == Some(4_000_000.0),
+        "progress bar: {bar}"
+    );
+    browser
+        .screenshot(
+            std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+                .join("block-page-live-downloading.png"),
+        )
+        .await?;
+
+    proxy.set(Fault::Pass);
+    let text = browser
+        .wait_text(Duration::from_secs(30), "ready after the download", |t| {
+            t.contains("Up to date since")
+        })
+        .await?;
+    ensure!(text.contains("You can use the program."), "{text}");
+    ensure!(!text.contains("Updating"), "{text}");
+    browser
+        .screenshot(
+            std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("block-page-live-ready.png"),
+        )
+        .await?;
+    browser.close().await?;
+    agent.shutdown().await;
+    hub.stop().await;
+    Ok(())
+}

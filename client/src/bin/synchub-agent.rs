@@ -379,6 +379,42 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// The upload's progress on stderr: a bar on a terminal, else a plain line at most every 2 s
+/// and one at the end (logs and CI keep a readable record).
+fn upload_progress() -> synchub_client::UploadProgress {
+    use std::io::IsTerminal;
+    use std::sync::{Arc, Mutex};
+    if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "uploading {bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+            )
+            .expect("a valid template"),
+        );
+        return synchub_client::UploadProgress(Arc::new(move |done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+            if done >= total {
+                bar.finish_and_clear();
+            }
+        }));
+    }
+    let last = Mutex::new(Instant::now());
+    synchub_client::UploadProgress(Arc::new(move |done, total| {
+        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+        let due = last.elapsed() >= std::time::Duration::from_secs(2);
+        if total > 0 && done > 0 && (due || done >= total) {
+            eprintln!(
+                "uploaded {} of {}",
+                indicatif::HumanBytes(done),
+                indicatif::HumanBytes(total)
+            );
+            *last = Instant::now();
+        }
+    }))
+}
+
 async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     let Some(token) = args.hub.token()? else {
         bail!("no token: pass --token-file FILE or set SYNCHUB_TOKEN");
@@ -400,6 +436,7 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
         mirror: args.mirror,
         deletes: args.deletes,
         reupload: args.reupload,
+        progress: Some(upload_progress()),
     };
     let result = synchub_client::publish_with(&api, &args.space, &args.paths, &options).await;
     // Which token published (the hub names it as the version's author) on which computer,
@@ -487,52 +524,131 @@ fn login_name() -> Option<String> {
 async fn status(addr: SocketAddr, json: bool) -> anyhow::Result<()> {
     synchub_client::install_crypto_provider();
     let url = format!("http://{addr}/status");
-    let resp = reqwest::get(&url)
+    let no_agent = || format!("no agent answers at {addr} (is `synchub-agent run` running?)");
+    let resp = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs(5))
+        .build()?
+        .get(&url)
+        .send()
         .await
-        .with_context(|| format!("no agent answers at {addr} (is `synchub-agent run` running?)"))?;
-    let body: serde_json::Value = resp.json().await?;
+        .with_context(no_agent)?;
+    let body: serde_json::Value = resp.json().await.with_context(no_agent)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&body)?);
         return Ok(());
     }
-    println!(
-        "client {}  hub {} ({})",
-        body["client_id"].as_str().unwrap_or("?"),
-        body["hub"]["url"].as_str().unwrap_or("?"),
-        body["hub"]["mode"].as_str().unwrap_or("?")
+    print!("{}", summary(&body, chrono::Utc::now()));
+    Ok(())
+}
+
+/// `synchub-agent status` for a person: the hub link, then per space one line of columns
+/// (space, state, version held, hub's version, whether programs may use it) and a sentence
+/// saying what is going on and what programs should do.
+fn summary(body: &serde_json::Value, now: chrono::DateTime<chrono::Utc>) -> String {
+    use std::fmt::Write;
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("?").to_owned();
+    let num = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    let mb = |b: u64| format!("{:.1}", b as f64 / 1e6);
+    let ago = |iso: &serde_json::Value| {
+        let at = chrono::DateTime::parse_from_rfc3339(iso.as_str()?).ok()?;
+        let secs = (now - at.with_timezone(&chrono::Utc)).num_seconds().max(0);
+        let when = at.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S");
+        Some(match secs {
+            0..=89 => format!("{when} ({secs} s ago)"),
+            90..=5399 => format!("{when} ({} min ago)", secs / 60),
+            _ => format!("{when} ({} h ago)", secs / 3600),
+        })
+    };
+    let hub = &body["hub"];
+    let mut out = String::new();
+    let link = if hub["connected"].as_bool() == Some(true) {
+        format!("connected ({})", text(&hub["mode"]))
+    } else {
+        match hub["last_error"].as_str() {
+            Some(e) => format!("cannot be reached: {e}"),
+            None => format!("not connected ({})", text(&hub["mode"])),
+        }
+    };
+    let _ = writeln!(
+        out,
+        "client {}  hub {}: {link}",
+        text(&body["client_id"]),
+        text(&hub["url"])
     );
     for s in body["spaces"].as_array().into_iter().flatten() {
-        println!(
-            "{:<20} {:<14} version {:<6} hub {:<6} {}{}",
-            s["space"].as_str().unwrap_or("?"),
-            s["state"].as_str().unwrap_or("?"),
+        let usable = s["allows_use"].as_bool() == Some(true);
+        let _ = writeln!(
+            out,
+            "{:<20} {:<14} version {:<6} hub {:<6} {}",
+            text(&s["space"]),
+            text(&s["state"]),
             s["version"],
             s["hub_version"],
-            if s["allows_use"].as_bool() == Some(true) {
-                "usable"
-            } else {
-                "BLOCKED"
-            },
-            s["last_error"]
-                .as_str()
-                .map(|e| format!("  error: {e}"))
-                .unwrap_or_default()
+            if usable { "usable" } else { "BLOCKED" },
         );
+        let target = num(&s["target"]);
+        let what = match s["state"].as_str().unwrap_or("") {
+            "ready" => match ago(&s["applied_at"]) {
+                Some(t) => format!("Up to date; this data was put in place {t}."),
+                None => "Up to date.".to_owned(),
+            },
+            "starting" => "Comparing the data here with the hub's.".to_owned(),
+            "sync_required" => format!("Version {target} is waiting to be downloaded."),
+            "downloading" => {
+                let (done, total) = (num(&s["bytes_done"]), num(&s["bytes_total"]));
+                let pct = (done * 100).checked_div(total).unwrap_or(0);
+                let rate = num(&s["bytes_per_sec"]);
+                let left = (total.saturating_sub(done))
+                    .checked_div(rate)
+                    .map(|secs| format!(", about {secs} s left"))
+                    .unwrap_or_default();
+                format!(
+                    "Downloading version {target}: {} of {} MB ({pct}%), {} of {} files{left}.",
+                    mb(done),
+                    mb(total),
+                    num(&s["files_done"]),
+                    num(&s["files_total"])
+                )
+            }
+            "verifying" => format!("Checking the files of version {target}."),
+            "applying" => format!("Putting version {target} in place."),
+            "failed" => {
+                let mut t = format!(
+                    "The sync to version {target} failed: {}.",
+                    text(&s["error"])
+                );
+                if let Some(at) = s["retry_at"].as_str()
+                    && let Ok(at) = chrono::DateTime::parse_from_rfc3339(at)
+                {
+                    let secs = (at.with_timezone(&chrono::Utc) - now).num_seconds().max(0);
+                    let _ = write!(t, " Next try in {secs} s (or `POST /sync` now).");
+                }
+                t
+            }
+            other => other.to_owned(),
+        };
+        let rule = if usable {
+            "Programs may use it."
+        } else {
+            "Programs must wait."
+        };
+        let _ = writeln!(out, "  {what} {rule}");
         if let Some(h) = s.get("held_change").filter(|h| !h.is_null()) {
-            println!(
-                "{:<20} HELD: deletes {} and replaces {} of {} files (since {}); waiting for \
-                 an admin: synchub approve|reject --space {} --client {}",
-                "",
+            let _ = writeln!(
+                out,
+                "  HELD: deletes {} and replaces {} of {} files (since {}); waiting for an admin: \
+                 synchub approve|reject --space {} --client {}",
                 h["deletes"],
                 h["replaces"],
                 h["total"],
-                h["held_at"].as_str().unwrap_or("?"),
-                s["space"].as_str().unwrap_or("?"),
-                body["client_id"].as_str().unwrap_or("?")
+                text(&h["held_at"]),
+                text(&s["space"]),
+                text(&body["client_id"])
             );
         }
     }
-    Ok(())
+    out
 }
 
 fn verify(dir: PathBuf, json: bool) -> anyhow::Result<()> {
@@ -591,4 +707,66 @@ fn verify(dir: PathBuf, json: bool) -> anyhow::Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::summary;
+
+    fn at(iso: &str) -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::parse_from_rfc3339(iso)
+            .unwrap()
+            .with_timezone(&chrono::Utc)
+    }
+
+    #[test]
+    fn the_status_summary_says_what_is_going_on_in_words() {
+        let body = serde_json::json!({
+            "client_id": "pc-cluj-01",
+            "hub": {"url": "http://hub:7070", "mode": "websocket", "connected": true},
+            "spaces": [
+                {"space": "global_version", "state": "ready", "version": 2, "hub_version": 2,
+                 "allows_use": true, "applied_at": "2026-11-26T10:00:00Z"},
+                {"space": "qr", "state": "downloading", "version": 3, "target": 4,
+                 "hub_version": 4, "allows_use": false, "bytes_done": 1_200_000,
+                 "bytes_total": 4_000_000, "files_done": 2, "files_total": 5,
+                 "bytes_per_sec": 700_000},
+                {"space": "arhiva", "state": "failed", "version": 1, "target": 2,
+                 "hub_version": 2, "allows_use": false, "error": "disk full",
+                 "retry_at": "2026-11-26T10:03:12Z"}
+            ]
+        });
+        let text = summary(&body, at("2026-11-26T10:03:00Z"));
+        // The first line per space keeps its columns (scripts read them).
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("global_version       ready          version 2 ")),
+            "{text}"
+        );
+        assert!(
+            text.contains("hub http://hub:7070: connected (websocket)"),
+            "{text}"
+        );
+        assert!(text.contains("(3 min ago). Programs may use it."), "{text}");
+        assert!(
+            text.contains(
+                "Downloading version 4: 1.2 of 4.0 MB (30%), 2 of 5 files, about 4 s left. \
+                 Programs must wait."
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("The sync to version 2 failed: disk full. Next try in 12 s"),
+            "{text}"
+        );
+        let down = serde_json::json!({
+            "client_id": "pc", "spaces": [],
+            "hub": {"url": "http://hub:7070", "mode": "fallback", "connected": false,
+                    "last_error": "connection refused"},
+        });
+        assert!(
+            summary(&down, at("2026-11-26T10:03:00Z"))
+                .contains("hub http://hub:7070: cannot be reached: connection refused")
+        );
+    }
 }

@@ -89,7 +89,7 @@ pub(crate) async fn publish(
         return Ok(round);
     }
     let sent: Vec<&PublishFile> = puts.iter().map(|(f, _)| f).collect();
-    let (uploaded, bytes_uploaded) = upload_missing(&ctx.api, &sent, false).await?;
+    let (uploaded, bytes_uploaded) = upload_missing(&ctx.api, &sent, false, None).await?;
     let request = CommitRequest {
         base_version: base.version,
         puts: puts

@@ -4,9 +4,11 @@
 pub mod admin;
 pub mod blobs;
 pub mod commits;
+pub mod events;
 pub mod heads;
 pub mod held;
 pub mod reports;
+pub mod tokens;
 
 use crate::error::HubError;
 use crate::state::{AppState, ReconcileHealth, STORAGE_FULL_REPORTED};
@@ -48,6 +50,9 @@ pub fn router(state: AppState) -> Router {
         )
         // POST: Principal, and Read on the report's space; GET: AdminToken.
         .route("/sync-log", post(reports::post).get(reports::list))
+        .route("/events", get(events::events)) // AdminToken
+        .route("/tokens", get(tokens::list).post(tokens::create)) // AdminToken
+        .route("/tokens/{name}", axum::routing::delete(tokens::revoke)) // AdminToken
         .route("/clients", get(admin::clients)) // AdminToken
         .route("/held", get(held::list)) // AdminToken
         .route(

@@ -19,6 +19,9 @@ pub async fn post(
     Json(report): Json<SyncReport>,
 ) -> ApiResult<(StatusCode, axum::Json<serde_json::Value>)> {
     let (report_id, stored) = reports::store(&state, &principal, report).await?;
+    if stored == Stored::New {
+        state.clients.touch();
+    }
     let status = match stored {
         Stored::New => StatusCode::CREATED,
         Stored::Duplicate => StatusCode::OK,
