@@ -1,5 +1,5 @@
 //! Small helpers the integration test files share: an HTTP client, uploading and committing
-//! files through a hub's API, an agent configuration pointed at a test hub, reading an agent's
+//! files through a hub's API, reading the default space's head, an agent configuration pointed at a test hub, reading an agent's
 //! tree back, reading a counter from `/metrics`, and finding the cross-built Windows agent.
 
 use crate::hub::TestHub;
@@ -8,7 +8,19 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 use synchub_client::{AgentConfig, SyncClient};
-use synchub_protocol::{CommitRequest, DEFAULT_SPACE, ManifestEntry, Sha256Hex};
+use synchub_protocol::{CommitRequest, DEFAULT_SPACE, Head, ManifestEntry, Sha256Hex};
+
+/// The default space's head as `token` sees it (`GET /spaces/{DEFAULT_SPACE}/head`).
+pub async fn head(hub: &TestHub, token: &str) -> anyhow::Result<Head> {
+    Ok(http()
+        .get(hub.api(&format!("/spaces/{DEFAULT_SPACE}/head")))
+        .bearer_auth(token)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?)
+}
 
 /// A plain HTTP client (the rustls provider installed; no proxy from the environment).
 pub fn http() -> reqwest::Client {

@@ -9,9 +9,9 @@
 use anyhow::{Context, ensure};
 use fantoccini::Locator;
 use std::time::Duration;
-use synchub_protocol::{AgentFrame, AgentState, DEFAULT_SPACE, Head, Role};
+use synchub_protocol::{AgentFrame, AgentState, DEFAULT_SPACE, Role};
 use synchub_tests::browser::Browser;
-use synchub_tests::fixtures::{agent_config, commit, http, wait_ready};
+use synchub_tests::fixtures::{self, agent_config, commit, http, wait_ready};
 use synchub_tests::hub::{TestHub, WsAgent};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -26,16 +26,6 @@ async fn agent_in(hub: &TestHub, name: &str, state: AgentState) -> anyhow::Resul
     };
     a.send_text(serde_json::to_string(&frame)?).await?;
     Ok(a)
-}
-
-async fn head(hub: &TestHub) -> anyhow::Result<Head> {
-    Ok(http()
-        .get(hub.api(&format!("/spaces/{DEFAULT_SPACE}/head")))
-        .bearer_auth(&hub.admin_token)
-        .send()
-        .await?
-        .json()
-        .await?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,7 +159,10 @@ async fn the_dashboard_answers_an_admins_questions_and_forces_a_sync() -> anyhow
         .await?;
     browser.click("#confirm-cancel").await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    ensure!(head(&hub).await?.version == 2, "Cancel forced a sync");
+    ensure!(
+        fixtures::head(&hub, &hub.admin_token).await?.version == 2,
+        "Cancel forced a sync"
+    );
     browser.click("#force").await?;
     c.find(Locator::Id("confirm-input"))
         .await?
@@ -181,7 +174,7 @@ async fn the_dashboard_answers_an_admins_questions_and_forces_a_sync() -> anyhow
             t.contains("global_version is now at version 3")
         })
         .await?;
-    let forced = head(&hub).await?;
+    let forced = fixtures::head(&hub, &hub.admin_token).await?;
     ensure!(forced.version == 3 && forced.forced, "{forced:?}");
     ensure!(
         forced.reason.as_deref() == Some("new class lists"),
@@ -206,7 +199,7 @@ async fn the_dashboard_answers_an_admins_questions_and_forces_a_sync() -> anyhow
             t.contains("global_version is now at version 4, with the data of version 1.")
         })
         .await?;
-    let rolled = head(&hub).await?;
+    let rolled = fixtures::head(&hub, &hub.admin_token).await?;
     ensure!(rolled.version == 4 && rolled.forced, "{rolled:?}");
     ensure!(
         rolled

@@ -12,21 +12,10 @@ use synchub_protocol::{
     SyncLogEntry, pack,
 };
 use synchub_tests::backend_matrix;
-use synchub_tests::fixtures::{commit, http, put_blob};
+use synchub_tests::fixtures::{self, commit, http, put_blob};
 use synchub_tests::hub::{Backend, TestHub, WsAgent, fs_blob_path, ws_connect};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-async fn head(hub: &TestHub, token: &str) -> anyhow::Result<Head> {
-    Ok(http()
-        .get(hub.api(&format!("/spaces/{DEFAULT_SPACE}/head")))
-        .bearer_auth(token)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?)
-}
 
 async fn commit_broadcast_and_read_back(backend: Backend) -> anyhow::Result<()> {
     let hub = TestHub::start_backend(backend).await?;
@@ -35,7 +24,7 @@ async fn commit_broadcast_and_read_back(backend: Backend) -> anyhow::Result<()> 
         .await
         .into_iter()
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let start = head(&hub, &agent).await?;
+    let start = fixtures::head(&hub, &agent).await?;
     assert_eq!(start.version, 1);
     assert_eq!(start.data_hash, Sha256Hex::empty());
     assert_eq!(sockets[0].welcome_heads, vec![start.clone()]);
@@ -255,7 +244,7 @@ async fn outside_sql_bump_is_broadcast_as_forced(backend: Backend) -> anyhow::Re
     assert_eq!(h.data_hash, before.data_hash, "same data, announced again");
     assert_eq!(h.by.as_deref(), Some("old-app"));
     // The HTTP head agrees, and the manifest of the new version is served.
-    assert_eq!(head(&hub, &agent).await?.version, 3);
+    assert_eq!(fixtures::head(&hub, &agent).await?.version, 3);
     let r = http()
         .get(hub.api(&format!("/spaces/{DEFAULT_SPACE}/versions/3/manifest")))
         .bearer_auth(&agent)
@@ -507,7 +496,7 @@ async fn bad_input_is_refused(backend: Backend) -> anyhow::Result<()> {
         .await?;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     assert_eq!(
-        head(&hub, &agent).await?.version,
+        fixtures::head(&hub, &agent).await?.version,
         1,
         "nothing was committed"
     );

@@ -8,10 +8,10 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 use synchub_protocol::{
-    ApiError, CommitRequest, DEFAULT_SPACE, Head, HubFrame, MAX_BLOBS_PER_QUERY, MAX_MESSAGE_LEN,
+    ApiError, CommitRequest, DEFAULT_SPACE, HubFrame, MAX_BLOBS_PER_QUERY, MAX_MESSAGE_LEN,
     ManifestEntry, Role, Sha256Hex, SyncLogEntry,
 };
-use synchub_tests::fixtures::{commit, http, put_blob};
+use synchub_tests::fixtures::{self, commit, http, put_blob};
 use synchub_tests::hub::{TestHub, WsAgent, fs_blob_path, ws_connect};
 use synchub_tests::postgres::PgCluster;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -48,17 +48,6 @@ async fn commit_with_message(
     Ok((r.status(), r.json().await.unwrap_or(Value::Null)))
 }
 
-async fn head(hub: &TestHub, token: &str) -> anyhow::Result<Head> {
-    Ok(http()
-        .get(hub.api(&format!("/spaces/{DEFAULT_SPACE}/head")))
-        .bearer_auth(token)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?)
-}
-
 /// A 1.1 MiB commit message used to become the head's reason and break every agent's socket
 /// (the `sync_required` frame no longer fit); now it is refused and sockets live on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,7 +63,11 @@ async fn commit_message_is_bounded_and_sockets_survive() -> anyhow::Result<()> {
         body["message"].as_str().unwrap_or("").contains("message"),
         "{body}"
     );
-    assert_eq!(head(&hub, &pc).await?.version, 1, "nothing was committed");
+    assert_eq!(
+        fixtures::head(&hub, &pc).await?.version,
+        1,
+        "nothing was committed"
+    );
 
     let longest = "ș".repeat(MAX_MESSAGE_LEN / 2);
     let (status, body) = commit_with_message(&hub, &pc, 1, "a.txt", longest.clone()).await?;
@@ -313,7 +306,7 @@ async fn deceptive_and_device_paths_are_refused() -> anyhow::Result<()> {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{path:?}: {body}");
         assert_eq!(body["code"], "invalid_path", "{path:?}");
     }
-    assert_eq!(head(&hub, &pc).await?.version, 1);
+    assert_eq!(fixtures::head(&hub, &pc).await?.version, 1);
     hub.stop().await;
     Ok(())
 }
@@ -444,7 +437,7 @@ async fn corrupt_manifest_is_never_built_on() -> anyhow::Result<()> {
     let pc = hub.token("pc", Role::Agent, None).await?;
     let (status, body) = commit(&hub, &pc, 1, &[("a.txt", b"a"), ("b.txt", b"b")], &[]).await?;
     assert_eq!(status, StatusCode::CREATED, "{body}");
-    let v2 = head(&hub, &pc).await?;
+    let v2 = fixtures::head(&hub, &pc).await?;
     hub.stop_keep().await;
     let path = fs_blob_path(hub.data_dir(), v2.data_hash.as_str());
     let mut bytes = std::fs::read(&path)?;
@@ -461,7 +454,7 @@ async fn corrupt_manifest_is_never_built_on() -> anyhow::Result<()> {
         "{body}"
     );
     assert_eq!(
-        head(&hub, &pc).await?.version,
+        fixtures::head(&hub, &pc).await?.version,
         2,
         "no version on a corrupt base"
     );

@@ -21,7 +21,7 @@ use synchub_hub::config::BlobStoreConfig;
 use synchub_protocol::{
     CommitResponse, DEFAULT_SPACE, Head, Manifest, Role, Sha256Hex, SyncLogEntry,
 };
-use synchub_tests::fixtures::{agent_config, commit, http, read_tree};
+use synchub_tests::fixtures::{self, agent_config, commit, http, read_tree};
 use synchub_tests::hub::{TestHub, WsAgent};
 use synchub_tests::postgres::{PgCluster, test_database};
 use synchub_tests::s3::test_bucket;
@@ -89,23 +89,12 @@ async fn commit_ok(
     Ok(serde_json::from_value::<CommitResponse>(body)?.head)
 }
 
-async fn http_head(hub: &TestHub, token: &str) -> anyhow::Result<Head> {
-    Ok(http()
-        .get(hub.api(&format!("/spaces/{DEFAULT_SPACE}/head")))
-        .bearer_auth(token)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?)
-}
-
 /// Waits until `hub` serves `version` (a change made through another replica arrives by
 /// NOTIFY, within milliseconds).
 async fn wait_head(hub: &TestHub, token: &str, version: u64) -> anyhow::Result<Head> {
     let deadline = Instant::now() + WAIT;
     loop {
-        let head = http_head(hub, token).await?;
+        let head = fixtures::head(hub, token).await?;
         if head.version >= version {
             return Ok(head);
         }
@@ -164,7 +153,7 @@ async fn commit_on_one_replica_reaches_agents_on_another() -> anyhow::Result<()>
         committed.elapsed()
     );
     assert_eq!(announced, new);
-    assert_eq!(http_head(&b, &token).await?, new);
+    assert_eq!(fixtures::head(&b, &token).await?, new);
 
     // B serves that version: its manifest, and every blob A stored, byte for byte.
     let manifest_bytes = http()
@@ -289,7 +278,7 @@ async fn postgres_restart_loses_no_bump() -> anyhow::Result<()> {
     for hub in &hubs {
         agents.push(connect(hub, &token).await?);
     }
-    let v1 = http_head(&hubs[0], &token).await?;
+    let v1 = fixtures::head(&hubs[0], &token).await?;
 
     let stopping = cluster.clone();
     tokio::task::spawn_blocking(move || stopping.stop()).await??;
@@ -299,7 +288,7 @@ async fn postgres_restart_loses_no_bump() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(3)).await;
     for hub in &hubs {
         // Heads are served from memory and the process is alive.
-        assert_eq!(http_head(hub, &token).await?, v1);
+        assert_eq!(fixtures::head(hub, &token).await?, v1);
         let health = http().get(format!("{}/healthz", hub.url)).send().await?;
         assert_eq!(health.status(), StatusCode::OK);
     }
