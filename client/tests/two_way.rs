@@ -125,16 +125,21 @@ struct Admin {
 }
 
 impl Admin {
-    async fn head(&self) -> anyhow::Result<Head> {
+    /// `GET /api/v1{path}` with the admin token, as JSON.
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         Ok(self
             .http
-            .get(format!("{}/api/v1/spaces/{SPACE}/head", self.hub))
+            .get(format!("{}/api/v1{path}", self.hub))
             .bearer_auth(&self.token)
             .send()
             .await?
             .error_for_status()?
             .json()
             .await?)
+    }
+
+    async fn head(&self) -> anyhow::Result<Head> {
+        self.get_json(&format!("/spaces/{SPACE}/head")).await
     }
 
     async fn manifest(&self, head: &Head) -> anyhow::Result<Manifest> {
@@ -157,30 +162,12 @@ impl Admin {
     }
 
     async fn versions(&self) -> anyhow::Result<Vec<VersionInfo>> {
-        Ok(self
-            .http
-            .get(format!(
-                "{}/api/v1/spaces/{SPACE}/versions?limit=1000",
-                self.hub
-            ))
-            .bearer_auth(&self.token)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?)
+        self.get_json(&format!("/spaces/{SPACE}/versions?limit=1000"))
+            .await
     }
 
     async fn held(&self) -> anyhow::Result<Vec<HeldRecord>> {
-        Ok(self
-            .http
-            .get(format!("{}/api/v1/held", self.hub))
-            .bearer_auth(&self.token)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?)
+        self.get_json("/held").await
     }
 
     async fn decide(&self, client: &str, decision: &str) -> anyhow::Result<()> {
