@@ -77,14 +77,10 @@ pub async fn fsck(
             Err(BlobError::NotFound(_)) => continue,
             Err(e) => return Err(e.into()),
         };
-        let mut hasher = Sha256::new();
-        let mut stream = read.stream;
-        while let Some(chunk) = stream.try_next().await.map_err(BlobError::Io)? {
-            hasher.update(&chunk);
-        }
+        let size = read.size;
+        let actual = content_hash(read).await?;
         report.blobs_checked += 1;
-        report.bytes_checked += read.size;
-        let actual = Sha256Hex::from_digest(hasher.finalize().into());
+        report.bytes_checked += size;
         if actual == hash {
             intact.insert(hash);
             continue;
@@ -125,6 +121,16 @@ pub async fn fsck(
         }
     }
     Ok(report)
+}
+
+/// The SHA-256 of what a blob read really holds.
+async fn content_hash(read: crate::blobs::BlobRead) -> Result<Sha256Hex, BlobError> {
+    let mut hasher = Sha256::new();
+    let mut stream = read.stream;
+    while let Some(chunk) = stream.try_next().await.map_err(BlobError::Io)? {
+        hasher.update(&chunk);
+    }
+    Ok(Sha256Hex::from_digest(hasher.finalize().into()))
 }
 
 /// Why the manifest `data_hash` cannot be used, if it cannot.

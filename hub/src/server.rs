@@ -145,57 +145,47 @@ pub async fn open_existing_parts(
     Ok((store, blobs))
 }
 
-/// Starts a hub: returns once it is listening.
-pub async fn start(config: Config) -> Result<RunningHub, StartError> {
-    raise_open_file_limit();
-    // A certificate that does not load stops the start before anything runs.
-    let tls_certs = match config.tls_files() {
-        Some((cert, key)) => Some(crate::tls::TlsCerts::load(cert, key)?),
-        None => None,
-    };
-    let (store, blobs) = open_parts(&config).await?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Bind {
-        addr: config.listen,
+/// Binds the listening socket; returns it with the address it got (the port may have been 0).
+async fn bind(listen: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
+    let bind_error = |source| StartError::Bind {
+        addr: listen,
         source,
-    })?;
-    let hub_id = config
-        .hub_id
-        .clone()
-        .unwrap_or_else(|| default_hub_id(addr.port()));
-    let shutdown = CancellationToken::new();
-    let poll = Duration::from_millis(config.poll_interval_ms);
-    let state = AppState::new(
-        Domain::new(config, store.clone(), blobs),
-        hub_id,
-        shutdown.clone(),
-        metrics_handle(),
-    );
-
-    state.tokens.reload(store.as_ref()).await?;
-    let initial_admin_token = if state.tokens.is_empty() {
-        let created =
-            match crate::auth::create_token(store.as_ref(), "admin", Role::Admin, None).await {
-                Ok(secret) => Some(secret),
-                // Replicas started together on an empty database: another one made it (and
-                // printed its secret).
-                Err(StoreError::DuplicateToken(_)) => None,
-                Err(e) => return Err(e.into()),
-            };
-        state.tokens.reload(store.as_ref()).await?;
-        created
-    } else {
-        None
     };
-    for head in store.heads().await? {
-        state.publish(head);
-    }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(bind_error)?;
+    let addr = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, addr))
+}
 
+/// Loads the tokens and, on a database without any, creates the first admin token; returns its
+/// secret when this hub made it.
+async fn first_admin_token(
+    state: &AppState,
+    store: &dyn store::Store,
+) -> Result<Option<String>, StartError> {
+    state.tokens.reload(store).await?;
+    if !state.tokens.is_empty() {
+        return Ok(None);
+    }
+    let created = match crate::auth::create_token(store, "admin", Role::Admin, None).await {
+        Ok(secret) => Some(secret),
+        // Replicas started together on an empty database: another one made it (and
+        // printed its secret).
+        Err(StoreError::DuplicateToken(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    state.tokens.reload(store).await?;
+    Ok(created)
+}
+
+/// Starts the version watcher, the external sources and the alerts; the returned task ends
+/// once all of them have stopped.
+fn spawn_background(
+    state: &AppState,
+    poll: Duration,
+    shutdown: &CancellationToken,
+) -> Result<JoinHandle<()>, StartError> {
     let watcher = tokio::spawn(supervise(state.clone(), poll, shutdown.clone()));
     let sources = crate::sources::spawn(state.clone(), shutdown.child_token());
     let alerts = match crate::alerts::spawn(state.clone(), shutdown.child_token()) {
@@ -205,13 +195,22 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
             return Err(e.into());
         }
     };
-    let watcher = tokio::spawn(async move {
+    Ok(tokio::spawn(async move {
         let _ = watcher.await;
         for task in [sources, alerts].into_iter().flatten() {
             let _ = task.await;
         }
-    });
+    }))
+}
 
+/// Starts serving connections on the listener, and, with TLS, reloading the certificate on
+/// SIGHUP; returns both tasks.
+fn spawn_server(
+    listener: tokio::net::TcpListener,
+    state: &AppState,
+    tls_certs: Option<Arc<crate::tls::TlsCerts>>,
+    shutdown: &CancellationToken,
+) -> (JoinHandle<()>, Option<JoinHandle<()>>) {
     let app = crate::api::router(state.clone());
     let (tls, tls_reload) = match tls_certs {
         Some(certs) => {
@@ -226,6 +225,39 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         max_unauthenticated_per_address: state.config.limits.max_unauthenticated_per_address,
     };
     let server = tokio::spawn(crate::connections::serve(listener, app, limits, tls, stop));
+    (server, tls_reload)
+}
+
+/// Starts a hub: returns once it is listening.
+pub async fn start(config: Config) -> Result<RunningHub, StartError> {
+    raise_open_file_limit();
+    // A certificate that does not load stops the start before anything runs.
+    let tls_certs = match config.tls_files() {
+        Some((cert, key)) => Some(crate::tls::TlsCerts::load(cert, key)?),
+        None => None,
+    };
+    let (store, blobs) = open_parts(&config).await?;
+    let (listener, addr) = bind(config.listen).await?;
+    let hub_id = config
+        .hub_id
+        .clone()
+        .unwrap_or_else(|| default_hub_id(addr.port()));
+    let shutdown = CancellationToken::new();
+    let poll = Duration::from_millis(config.poll_interval_ms);
+    let state = AppState::new(
+        Domain::new(config, store.clone(), blobs),
+        hub_id,
+        shutdown.clone(),
+        metrics_handle(),
+    );
+
+    let initial_admin_token = first_admin_token(&state, store.as_ref()).await?;
+    for head in store.heads().await? {
+        state.publish(head);
+    }
+    let watcher = spawn_background(&state, poll, &shutdown)?;
+
+    let (server, tls_reload) = spawn_server(listener, &state, tls_certs, &shutdown);
     let watcher = tokio::spawn(async move {
         let _ = watcher.await;
         if let Some(task) = tls_reload {
@@ -392,27 +424,38 @@ impl Reconciler {
             }
             let rereads_all = self.dirty.all && self.dirty.tokens;
             let result = self.apply().await;
-            let now = std::time::Instant::now();
-            match result {
-                Ok(()) => {
-                    backoff.reset();
-                    self.state.reconcile.health.send_modify(|h| {
-                        h.last_attempt = Some(now);
-                        h.last_error = None;
-                        if rereads_all {
-                            h.last_reread = Some(now);
-                        }
-                    });
-                }
-                Err(e) => {
-                    let delay = backoff.fail();
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
-                        "could not read a database change; kept, and retried");
-                    self.state.reconcile.health.send_modify(|h| {
-                        h.last_attempt = Some(now);
-                        h.last_error = Some(e.to_string());
-                    });
-                }
+            self.report(result, rereads_all, &mut backoff);
+        }
+    }
+
+    /// Records an attempt's outcome in the health the readiness check reads, and on a failure
+    /// when to try again.
+    fn report(
+        &self,
+        result: Result<(), StoreError>,
+        rereads_all: bool,
+        backoff: &mut RetryBackoff,
+    ) {
+        let now = std::time::Instant::now();
+        match result {
+            Ok(()) => {
+                backoff.reset();
+                self.state.reconcile.health.send_modify(|h| {
+                    h.last_attempt = Some(now);
+                    h.last_error = None;
+                    if rereads_all {
+                        h.last_reread = Some(now);
+                    }
+                });
+            }
+            Err(e) => {
+                let delay = backoff.fail();
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
+                    "could not read a database change; kept, and retried");
+                self.state.reconcile.health.send_modify(|h| {
+                    h.last_attempt = Some(now);
+                    h.last_error = Some(e.to_string());
+                });
             }
         }
     }

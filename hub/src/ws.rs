@@ -108,35 +108,41 @@ async fn run(state: AppState, principal: Principal, mut socket: WebSocket) {
     state.clients.remove(id);
 }
 
+/// The first frame, a text within the frame limit read within the hello deadline; otherwise
+/// the socket is refused (or was closed) and there is none.
+async fn first_text_frame(state: &AppState, socket: &mut WebSocket) -> Option<Utf8Bytes> {
+    let first = tokio::time::timeout(HELLO_TIMEOUT, socket.recv()).await;
+    match first {
+        Ok(Some(Ok(Message::Text(text)))) if text.len() > state.config.limits.max_frame_bytes => {
+            let msg = format!("hello of {} bytes is over the frame limit", text.len());
+            refuse(socket, codes::FRAME_TOO_LARGE, msg, close_code::SIZE).await;
+            None
+        }
+        Ok(Some(Ok(Message::Text(text)))) => Some(text),
+        Ok(Some(Ok(_))) => {
+            let msg = "the first frame must be a JSON text `hello`".to_owned();
+            refuse(socket, codes::MALFORMED_FRAME, msg, close_code::POLICY).await;
+            None
+        }
+        Ok(Some(Err(e))) => {
+            refuse_read_error(socket, e).await;
+            None
+        }
+        Ok(None) => None,
+        Err(_) => {
+            let msg = "no hello within 10 s".to_owned();
+            refuse(socket, codes::MALFORMED_FRAME, msg, close_code::POLICY).await;
+            None
+        }
+    }
+}
+
 async fn receive_hello(
     state: &AppState,
     principal: &Principal,
     socket: &mut WebSocket,
 ) -> Option<(String, Vec<HeldSpace>, Option<String>, Option<String>)> {
-    let first = tokio::time::timeout(HELLO_TIMEOUT, socket.recv()).await;
-    let text = match first {
-        Ok(Some(Ok(Message::Text(text)))) if text.len() > state.config.limits.max_frame_bytes => {
-            let msg = format!("hello of {} bytes is over the frame limit", text.len());
-            refuse(socket, codes::FRAME_TOO_LARGE, msg, close_code::SIZE).await;
-            return None;
-        }
-        Ok(Some(Ok(Message::Text(text)))) => text,
-        Ok(Some(Ok(_))) => {
-            let msg = "the first frame must be a JSON text `hello`".to_owned();
-            refuse(socket, codes::MALFORMED_FRAME, msg, close_code::POLICY).await;
-            return None;
-        }
-        Ok(Some(Err(e))) => {
-            refuse_read_error(socket, e).await;
-            return None;
-        }
-        Ok(None) => return None,
-        Err(_) => {
-            let msg = "no hello within 10 s".to_owned();
-            refuse(socket, codes::MALFORMED_FRAME, msg, close_code::POLICY).await;
-            return None;
-        }
-    };
+    let text = first_text_frame(state, socket).await?;
     // Every field of a hello is bounded (see `synchub_protocol::bounds`).
     let hello = serde_json::from_str::<AgentFrame>(&text).and_then(|mut f| {
         f.check_bounds().map_err(serde::de::Error::custom)?;
@@ -225,15 +231,12 @@ async fn refuse_read_error(socket: &mut WebSocket, e: axum::Error) {
     }
 }
 
-async fn serve(
-    state: &AppState,
-    principal: &Principal,
-    conn: &Connection,
-    held: Vec<HeldSpace>,
-    socket: &mut WebSocket,
-) {
-    let mut heads_rx = state.heads.subscribe();
-    let snapshot = heads_rx.borrow_and_update().clone();
+/// The heads the welcome frame carries for the spaces the agent holds, each space once, with
+/// the (space, version) and epoch lists the socket task compares later broadcasts against.
+fn first_heads(
+    held: &[HeldSpace],
+    snapshot: &crate::broadcast::Snapshot,
+) -> (Vec<(String, u64)>, Vec<u64>, Vec<synchub_protocol::Head>) {
     // (space, version last sent): a Vec, as an agent follows one space or a few.
     let mut sent: Vec<(String, u64)> = Vec::with_capacity(held.len());
     // The epoch of each head last sent, beside `sent`: a head of a new epoch goes out even
@@ -247,6 +250,19 @@ async fn serve(
             heads.push(p.head.clone());
         }
     }
+    (sent, sent_epochs, heads)
+}
+
+async fn serve(
+    state: &AppState,
+    principal: &Principal,
+    conn: &Connection,
+    held: Vec<HeldSpace>,
+    socket: &mut WebSocket,
+) {
+    let mut heads_rx = state.heads.subscribe();
+    let snapshot = heads_rx.borrow_and_update().clone();
+    let (mut sent, mut sent_epochs, heads) = first_heads(&held, &snapshot);
     let ping_every = Duration::from_millis(state.config.ping_interval_ms);
     let welcome = HubFrame::Welcome {
         protocol: PROTOCOL_VERSION,
@@ -257,9 +273,7 @@ async fn serve(
     if socket.send(frame(&welcome)).await.is_err() {
         return;
     }
-    let ping: Utf8Bytes = serde_json::to_string(&HubFrame::Ping)
-        .expect("frames serialize")
-        .into();
+    let ping = Utf8Bytes::from(serde_json::to_string(&HubFrame::Ping).expect("frames serialize"));
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
     // Registered once per socket, not looked up in the recorder on every send of a broadcast.
     let fanout_seconds = metrics::histogram!("synchub_fanout_seconds");
@@ -273,46 +287,13 @@ async fn serve(
             changed = heads_rx.changed() => {
                 if changed.is_err() { break; }
                 let snapshot = heads_rx.borrow_and_update().clone();
-                for ((space, version), epoch) in sent.iter_mut().zip(sent_epochs.iter_mut()) {
-                    let Some(p) = snapshot.get(space) else { continue };
-                    if p.head.version > *version || p.head.epoch != *epoch {
-                        *version = p.head.version;
-                        *epoch = p.head.epoch;
-                        if socket.send(Message::Text(p.frame.clone())).await.is_err() {
-                            return;
-                        }
-                        fanout_seconds.record(p.since.elapsed().as_secs_f64());
-                    }
+                if !push_newer_heads(&snapshot, &mut sent, &mut sent_epochs, &fanout_seconds, socket).await {
+                    return;
                 }
             }
             msg = socket.recv() => {
-                match msg {
-                    Some(Ok(Message::Text(text))) if text.len() > state.config.limits.max_frame_bytes => {
-                        let msg = format!(
-                            "frame of {} bytes is over the limit of {}",
-                            text.len(),
-                            state.config.limits.max_frame_bytes
-                        );
-                        refuse(socket, codes::FRAME_TOO_LARGE, msg, close_code::SIZE).await;
-                        return;
-                    }
-                    Some(Ok(Message::Text(text))) => {
-                        last_heard = Instant::now();
-                        if !handle_frame(state, principal, conn, &sent, &text, socket).await {
-                            return;
-                        }
-                    }
-                    Some(Ok(Message::Binary(_))) => {
-                        let msg = "binary frames are not part of the protocol".to_owned();
-                        refuse(socket, codes::MALFORMED_FRAME, msg, close_code::POLICY).await;
-                        return;
-                    }
-                    Some(Ok(Message::Close(_))) | None => return,
-                    Some(Ok(_)) => last_heard = Instant::now(),
-                    Some(Err(e)) => {
-                        refuse_read_error(socket, e).await;
-                        return;
-                    }
+                if !receive(state, principal, conn, &sent, msg, &mut last_heard, socket).await {
+                    return;
                 }
             }
             _ = ticker.tick() => {
@@ -325,19 +306,115 @@ async fn serve(
                 }
             }
             _ = &mut closed => {
-                if state.shutdown.is_cancelled() {
-                    let _ = socket.send(Message::Close(Some(CloseFrame {
-                        code: close_code::AWAY,
-                        reason: "hub shutting down".into(),
-                    }))).await;
-                } else {
-                    let msg = "token revoked".to_owned();
-                    refuse(socket, codes::UNAUTHORIZED, msg, close_code::POLICY).await;
-                }
+                close_ended(state, socket).await;
                 return;
             }
         }
     }
+}
+
+/// Sends every head of a followed space that is newer than the one last sent (or of another
+/// epoch); false when the socket failed.
+async fn push_newer_heads(
+    snapshot: &crate::broadcast::Snapshot,
+    sent: &mut [(String, u64)],
+    sent_epochs: &mut [u64],
+    fanout_seconds: &metrics::Histogram,
+    socket: &mut WebSocket,
+) -> bool {
+    for ((space, version), epoch) in sent.iter_mut().zip(sent_epochs.iter_mut()) {
+        let Some(p) = snapshot.get(space) else {
+            continue;
+        };
+        if p.head.version > *version || p.head.epoch != *epoch {
+            *version = p.head.version;
+            *epoch = p.head.epoch;
+            if socket.send(Message::Text(p.frame.clone())).await.is_err() {
+                return false;
+            }
+            fanout_seconds.record(p.since.elapsed().as_secs_f64());
+        }
+    }
+    true
+}
+
+/// Handles one message read from the socket; false when the socket must close.
+async fn receive(
+    state: &AppState,
+    principal: &Principal,
+    conn: &Connection,
+    sent: &[(String, u64)],
+    msg: Option<Result<Message, axum::Error>>,
+    last_heard: &mut Instant,
+    socket: &mut WebSocket,
+) -> bool {
+    match msg {
+        Some(Ok(Message::Text(text))) if text.len() > state.config.limits.max_frame_bytes => {
+            let msg = format!(
+                "frame of {} bytes is over the limit of {}",
+                text.len(),
+                state.config.limits.max_frame_bytes
+            );
+            refuse(socket, codes::FRAME_TOO_LARGE, msg, close_code::SIZE).await;
+            false
+        }
+        Some(Ok(Message::Text(text))) => {
+            *last_heard = Instant::now();
+            handle_frame(state, principal, conn, sent, &text, socket).await
+        }
+        Some(Ok(Message::Binary(_))) => {
+            let msg = "binary frames are not part of the protocol".to_owned();
+            refuse(socket, codes::MALFORMED_FRAME, msg, close_code::POLICY).await;
+            false
+        }
+        Some(Ok(Message::Close(_))) | None => false,
+        Some(Ok(_)) => {
+            *last_heard = Instant::now();
+            true
+        }
+        Some(Err(e)) => {
+            refuse_read_error(socket, e).await;
+            false
+        }
+    }
+}
+
+/// Closes a socket whose connection was ended: "going away" on shutdown, a refusal when its
+/// token was revoked.
+async fn close_ended(state: &AppState, socket: &mut WebSocket) {
+    if state.shutdown.is_cancelled() {
+        let _ = socket
+            .send(Message::Close(Some(CloseFrame {
+                code: close_code::AWAY,
+                reason: "hub shutting down".into(),
+            })))
+            .await;
+    } else {
+        let msg = "token revoked".to_owned();
+        refuse(socket, codes::UNAUTHORIZED, msg, close_code::POLICY).await;
+    }
+}
+
+/// Stores a sync report and answers with its id or the error; false when the socket failed.
+async fn store_report(
+    state: &AppState,
+    principal: &Principal,
+    report: synchub_protocol::SyncReport,
+    socket: &mut WebSocket,
+) -> bool {
+    let reply = match crate::reports::store(state, principal, report).await {
+        Ok((id, stored)) => {
+            if stored == crate::reports::Stored::New {
+                state.clients.touch();
+            }
+            frame(&HubFrame::ReportAck { report_id: id })
+        }
+        Err(e) => {
+            let (code, message) = e.code_and_message();
+            error_frame(code, message)
+        }
+    };
+    socket.send(reply).await.is_ok()
 }
 
 /// Handles one frame from the agent; false when the socket must close.
@@ -377,21 +454,7 @@ async fn handle_frame(
             state.clients.touch();
             true
         }
-        AgentFrame::Report(report) => {
-            let reply = match crate::reports::store(state, principal, report).await {
-                Ok((id, stored)) => {
-                    if stored == crate::reports::Stored::New {
-                        state.clients.touch();
-                    }
-                    frame(&HubFrame::ReportAck { report_id: id })
-                }
-                Err(e) => {
-                    let (code, message) = e.code_and_message();
-                    error_frame(code, message)
-                }
-            };
-            socket.send(reply).await.is_ok()
-        }
+        AgentFrame::Report(report) => store_report(state, principal, report, socket).await,
         AgentFrame::Hello { .. } => {
             let _ = socket
                 .send(error_frame(

@@ -172,6 +172,28 @@ pub async fn missing(
     Ok(axum::Json(BlobList { sha256 }))
 }
 
+/// Each asked blob with its size; not found when any of them is missing.
+async fn sized_blobs(state: &AppState, sha256: Vec<Sha256Hex>) -> ApiResult<Vec<(Sha256Hex, u64)>> {
+    let found = state.blob_sizes(&sha256).await?;
+    let missing: Vec<String> = sha256
+        .iter()
+        .zip(&found)
+        .filter(|(_, s)| s.is_none())
+        .map(|(h, _)| h.to_string())
+        .collect();
+    if !missing.is_empty() {
+        return Err(HubError::NotFound(format!(
+            "{} blob(s), first {}",
+            missing.len(),
+            missing[0]
+        )));
+    }
+    Ok(sha256
+        .into_iter()
+        .zip(found.into_iter().flatten())
+        .collect())
+}
+
 /// `POST /blobs/pack`: many blobs in one response (format in `synchub_protocol::pack`).
 pub async fn pack(
     State(state): State<AppState>,
@@ -186,26 +208,7 @@ pub async fn pack(
             limits.max_pack_blobs
         )));
     }
-    let found = state.blob_sizes(&list.sha256).await?;
-    let missing: Vec<String> = list
-        .sha256
-        .iter()
-        .zip(&found)
-        .filter(|(_, s)| s.is_none())
-        .map(|(h, _)| h.to_string())
-        .collect();
-    if !missing.is_empty() {
-        return Err(HubError::NotFound(format!(
-            "{} blob(s), first {}",
-            missing.len(),
-            missing[0]
-        )));
-    }
-    let items: Vec<(Sha256Hex, u64)> = list
-        .sha256
-        .into_iter()
-        .zip(found.into_iter().flatten())
-        .collect();
+    let items = sized_blobs(&state, list.sha256).await?;
     let total: u64 = items.iter().map(|(_, s)| s).sum();
     if total > limits.max_pack_bytes {
         return Err(HubError::TooLarge(format!(

@@ -145,20 +145,7 @@ impl Mirror {
                 );
                 continue;
             }
-            let sha256 = match self.known.get(&key) {
-                Some((etag, size, hash)) if *etag == meta.e_tag && *size == meta.size => {
-                    hash.clone()
-                }
-                _ => {
-                    let bytes = self.store.get(&meta.location).await?.bytes().await?;
-                    if bytes.len() as u64 != meta.size {
-                        return Err(SourceError::Invalid(format!(
-                            "object {key} changed while it was read; the next listing retries"
-                        )));
-                    }
-                    blobs::put_bytes(blobs, bytes).await?
-                }
-            };
+            let sha256 = self.copy(blobs, &key, &meta).await?;
             seen.insert(key, (meta.e_tag, meta.size, sha256.clone()));
             entries.insert(
                 path.clone(),
@@ -171,6 +158,29 @@ impl Mirror {
         }
         self.known = seen;
         Ok(entries)
+    }
+
+    /// The hash of an object's content: remembered when its ETag and size are unchanged since
+    /// the last listing, otherwise read from the bucket and copied into the blob store.
+    async fn copy(
+        &self,
+        blobs: &dyn BlobStore,
+        key: &str,
+        meta: &object_store::ObjectMeta,
+    ) -> Result<Sha256Hex, SourceError> {
+        if let Some((etag, size, hash)) = self.known.get(key)
+            && *etag == meta.e_tag
+            && *size == meta.size
+        {
+            return Ok(hash.clone());
+        }
+        let bytes = self.store.get(&meta.location).await?.bytes().await?;
+        if bytes.len() as u64 != meta.size {
+            return Err(SourceError::Invalid(format!(
+                "object {key} changed while it was read; the next listing retries"
+            )));
+        }
+        Ok(blobs::put_bytes(blobs, bytes).await?)
     }
 }
 

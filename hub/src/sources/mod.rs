@@ -143,39 +143,48 @@ async fn run(state: AppState, shutdown: CancellationToken) -> Result<(), SourceE
                 let Some(n) = received? else {
                     return Err(SourceError::Invalid("the LISTEN connection was lost".into()));
                 };
-                let now = Instant::now();
-                for feed in &mut feeds {
-                    if n.channel() == HEADS_CHANNEL && n.payload() == feed.space {
-                        feed.schedule(now);
-                    } else if n.channel() == tables::TABLES_CHANNEL && feed.watches_table(n.payload()) {
-                        let debounce = feed.tables.as_ref().map_or(0, |t| t.debounce_ms);
-                        feed.schedule(now + Duration::from_millis(debounce));
-                    }
-                }
+                schedule_notified(&mut feeds, &n);
             }
-            _ = wait => {
-                let now = Instant::now();
-                for feed in &mut feeds {
-                    if let Some((_, interval)) = &feed.mirror
-                        && feed.next_listing.is_none_or(|t| t <= now)
-                    {
-                        feed.next_listing = Some(now + *interval);
-                        feed.schedule(now);
-                    }
-                    if feed.due.is_some_and(|d| d <= now) {
-                        feed.due = None;
-                        let refreshed = tokio::time::timeout(
-                            REFRESH_DEADLINE,
-                            refresh(&state, &pool, feed),
-                        )
-                        .await
-                        .unwrap_or_else(|_| Err(SourceError::Timeout(feed.space.clone(), REFRESH_DEADLINE)));
-                        if let Err(e) = refreshed {
-                            tracing::warn!(space = feed.space, error = %e, "could not read the sources; retrying in 2 s");
-                            feed.schedule(Instant::now() + Duration::from_secs(2));
-                        }
-                    }
-                }
+            _ = wait => refresh_due(&state, &pool, &mut feeds).await,
+        }
+    }
+}
+
+/// Schedules the feeds a notification concerns: at once for a head change of its space,
+/// after the debounce for a change in one of its tables.
+fn schedule_notified(feeds: &mut [Feed], n: &sqlx::postgres::PgNotification) {
+    let now = Instant::now();
+    for feed in feeds {
+        if n.channel() == HEADS_CHANNEL && n.payload() == feed.space {
+            feed.schedule(now);
+        } else if n.channel() == tables::TABLES_CHANNEL && feed.watches_table(n.payload()) {
+            let debounce = feed.tables.as_ref().map_or(0, |t| t.debounce_ms);
+            feed.schedule(now + Duration::from_millis(debounce));
+        }
+    }
+}
+
+/// Refreshes every feed that is due (a bucket listing falls due on its interval); a failed
+/// refresh is scheduled again in 2 s.
+async fn refresh_due(state: &AppState, pool: &PgPool, feeds: &mut [Feed]) {
+    let now = Instant::now();
+    for feed in feeds {
+        if let Some((_, interval)) = &feed.mirror
+            && feed.next_listing.is_none_or(|t| t <= now)
+        {
+            feed.next_listing = Some(now + *interval);
+            feed.schedule(now);
+        }
+        if feed.due.is_some_and(|d| d <= now) {
+            feed.due = None;
+            let refreshed = tokio::time::timeout(REFRESH_DEADLINE, refresh(state, pool, feed))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(SourceError::Timeout(feed.space.clone(), REFRESH_DEADLINE))
+                });
+            if let Err(e) = refreshed {
+                tracing::warn!(space = feed.space, error = %e, "could not read the sources; retrying in 2 s");
+                feed.schedule(Instant::now() + Duration::from_secs(2));
             }
         }
     }
@@ -209,6 +218,31 @@ fn feeds(config: &crate::config::Config) -> Result<Vec<Feed>, SourceError> {
     Ok(feeds)
 }
 
+/// The space's manifest with the folders its sources own replaced by what the sources hold now.
+async fn read_sources(
+    state: &AppState,
+    pool: &PgPool,
+    feed: &mut Feed,
+    base: &Manifest,
+) -> Result<Manifest, SourceError> {
+    let mut owned = Vec::new();
+    let mut files = BTreeMap::new();
+    if let Some(t) = &feed.tables {
+        owned.push("tables/".to_owned());
+        files.extend(read_tables(state, pool, t).await?);
+    }
+    if let Some((mirror, _)) = &mut feed.mirror {
+        owned.push(mirror.folder().to_owned());
+        files.extend(
+            mirror
+                .sync(state.blobs.as_ref(), state.config.max_blob_bytes())
+                .await?,
+        );
+    }
+    let limit = state.config.limits.max_manifest_entries;
+    replace_owned(base, &owned, files, limit)
+}
+
 /// Reads every source of the space and makes at most one version of what changed.
 async fn refresh(state: &AppState, pool: &PgPool, feed: &mut Feed) -> Result<(), SourceError> {
     for _ in 0..MAX_ATTEMPTS {
@@ -224,26 +258,7 @@ async fn refresh(state: &AppState, pool: &PgPool, feed: &mut Feed) -> Result<(),
             .manifest(&head.data_hash)
             .await
             .map_err(|e| SourceError::Invalid(format!("reading the current manifest: {e}")))?;
-        let mut owned = Vec::new();
-        let mut files = BTreeMap::new();
-        if let Some(t) = &feed.tables {
-            owned.push("tables/".to_owned());
-            files.extend(read_tables(state, pool, t).await?);
-        }
-        if let Some((mirror, _)) = &mut feed.mirror {
-            owned.push(mirror.folder().to_owned());
-            files.extend(
-                mirror
-                    .sync(state.blobs.as_ref(), state.config.max_blob_bytes())
-                    .await?,
-            );
-        }
-        let next = replace_owned(
-            &base,
-            &owned,
-            files,
-            state.config.limits.max_manifest_entries,
-        )?;
+        let next = read_sources(state, pool, feed, &base).await?;
         let content = NewVersion {
             data_hash: next.data_hash(),
             forced: false,
