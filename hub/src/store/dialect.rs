@@ -44,9 +44,6 @@ pub(super) trait Dialect: Send + Sync + 'static {
     /// `row_version`, `row_by` and `row_at`.
     const HEAD_SELECT: &'static str;
 
-    /// `ORDER BY` of a `sync_log` listing, newest first.
-    const SYNC_LOG_ORDER: &'static str;
-
     fn pool(&self) -> &Pool<Self::Db>;
 
     fn fed(&self) -> &FedSpaces;

@@ -177,8 +177,6 @@ SELECT m.sync_key::TEXT AS sync_key, m.version::BIGINT AS row_version,
        m.last_modified_by::TEXT AS row_by,
        COALESCE(m.last_modified_at::timestamptz, m.updated_at::timestamptz) AS row_at";
 
-    const SYNC_LOG_ORDER: &'static str = "13 DESC, 1 DESC";
-
     fn pool(&self) -> &PgPool {
         &self.pool
     }

@@ -121,7 +121,8 @@ impl<D: Run> Store for D {
             }
         }
         params.push(Param::Int(list_limit(filter.limit)));
-        sql += &format!(" ORDER BY {} LIMIT ${}", D::SYNC_LOG_ORDER, params.len());
+        // The select list's `synced_at` and `id` (not the table's columns), newest first.
+        sql += &format!(" ORDER BY synced_at DESC, id DESC LIMIT ${}", params.len());
         let rows = self.fetch(&sql, &params).await?;
         rows.iter().map(log_entry::<D>).collect()
     }

@@ -89,8 +89,6 @@ SELECT m.sync_key, CAST(m.version AS INTEGER) AS row_version,
        CAST(m.last_modified_by AS TEXT) AS row_by,
        CAST(COALESCE(m.last_modified_at, m.updated_at) AS TEXT) AS row_at";
 
-    const SYNC_LOG_ORDER: &'static str = "synced_at DESC, id DESC";
-
     fn pool(&self) -> &SqlitePool {
         &self.pool
     }
