@@ -401,11 +401,12 @@ pub async fn rollback(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use synchub_protocol::{ManifestEntry, Sha256Hex};
 
-    fn entry(path: &str, body: &[u8]) -> ManifestEntry {
+    /// The manifest entry of a file `path` holding `body` (also used by `sources` tests).
+    pub(crate) fn entry(path: &str, body: &[u8]) -> ManifestEntry {
         ManifestEntry {
             path: path.into(),
             size: body.len() as u64,

@@ -24,6 +24,7 @@ use synchub_protocol::{
 use synchub_tests::fixtures::{self, agent_config, commit, http, read_tree};
 use synchub_tests::hub::{TestHub, WsAgent};
 use synchub_tests::postgres::{PgCluster, test_database};
+use synchub_tests::requests::in_default_space;
 use synchub_tests::s3::test_bucket;
 use tokio_util::sync::CancellationToken;
 
@@ -156,17 +157,8 @@ async fn commit_on_one_replica_reaches_agents_on_another() -> anyhow::Result<()>
     assert_eq!(fixtures::head(&b, &token).await?, new);
 
     // B serves that version: its manifest, and every blob A stored, byte for byte.
-    let manifest_bytes = http()
-        .get(b.api(&format!(
-            "/spaces/{DEFAULT_SPACE}/versions/{}/manifest",
-            new.version
-        )))
-        .bearer_auth(&token)
-        .send()
-        .await?
-        .error_for_status()?
-        .bytes()
-        .await?;
+    let manifest_path = in_default_space(&format!("/versions/{}/manifest", new.version));
+    let manifest_bytes = b.get_bytes(&manifest_path, &token).await?;
     assert_eq!(Sha256Hex::of(&manifest_bytes), new.data_hash);
     let manifest = Manifest::from_canonical(&manifest_bytes, 1000)?;
     assert_eq!(manifest.len(), files.len());
@@ -174,9 +166,8 @@ async fn commit_on_one_replica_reaches_agents_on_another() -> anyhow::Result<()>
         let entry = manifest
             .get(path)
             .context("path missing from the manifest")?;
-        let got = http()
-            .get(b.api(&format!("/blobs/{}", entry.sha256)))
-            .bearer_auth(&token)
+        let got = b
+            .get(&format!("/blobs/{}", entry.sha256), &token)
             .send()
             .await?;
         assert_eq!(got.status(), StatusCode::OK, "blob of {path} on B");
@@ -583,11 +574,7 @@ async fn hub_adopts_an_existing_system1_database() -> anyhow::Result<()> {
 
     // The hub knows the row's version but none of its data: it must not announce an empty
     // tree as version 41 (agents would apply it and allow use); the head says why instead.
-    let r = http()
-        .get(hub.api(&format!("/spaces/{DEFAULT_SPACE}/head")))
-        .bearer_auth(&token)
-        .send()
-        .await?;
+    let r = hub.get(&in_default_space("/head"), &token).send().await?;
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     let body = r.text().await?;
     ensure!(body.contains("no data"), "{body}");
@@ -598,13 +585,8 @@ async fn hub_adopts_an_existing_system1_database() -> anyhow::Result<()> {
     );
     ensure!(refused.contains("no_data"), "{refused}");
 
-    let log: Vec<SyncLogEntry> = http()
-        .get(hub.api("/sync-log?limit=100"))
-        .bearer_auth(&hub.admin_token)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
+    let log: Vec<SyncLogEntry> = hub
+        .get_json("/sync-log?limit=100", &hub.admin_token)
         .await?;
     assert_eq!(log.len(), 2, "{log:#?}");
     // Newest first.

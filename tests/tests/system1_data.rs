@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 use synchub_client::SyncClient;
 use synchub_hub::config::{BucketSource, TableSource};
 use synchub_protocol::{DEFAULT_SPACE, Head, Manifest, Role, SyncLogEntry, VersionInfo};
-use synchub_tests::fixtures::{agent_config, http, read_tree, wait_ready};
+use synchub_tests::fixtures::{agent_config, read_tree, wait_ready};
 use synchub_tests::hub::TestHub;
 use synchub_tests::postgres::{SYSTEM1_DATA_TABLES, SYSTEM1_TABLES, test_database};
+use synchub_tests::requests::in_default_space;
 use synchub_tests::s3::{moto_server, put_object, test_bucket};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -126,32 +127,9 @@ async fn dump(conn: &mut sqlx::PgConnection, table: &str) -> anyhow::Result<Vec<
     Ok(format!("[\n{}\n]\n", rows.join(",\n")).into_bytes())
 }
 
-async fn get_json<T: serde::de::DeserializeOwned>(
-    hub: &TestHub,
-    token: &str,
-    path: &str,
-) -> anyhow::Result<T> {
-    Ok(http()
-        .get(hub.api(path))
-        .bearer_auth(token)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?)
-}
-
 async fn manifest(hub: &TestHub, token: &str, version: u64) -> anyhow::Result<Manifest> {
-    let bytes = http()
-        .get(hub.api(&format!(
-            "/spaces/{DEFAULT_SPACE}/versions/{version}/manifest"
-        )))
-        .bearer_auth(token)
-        .send()
-        .await?
-        .error_for_status()?
-        .bytes()
-        .await?;
+    let path = in_default_space(&format!("/versions/{version}/manifest"));
+    let bytes = hub.get_bytes(&path, token).await?;
     Ok(Manifest::from_canonical(&bytes, 100_000)?)
 }
 
@@ -272,36 +250,28 @@ async fn the_old_apps_tables_and_bucket_reach_every_pc() -> anyhow::Result<()> {
 
     // Adoption did not announce version 7 as an empty dataset: the first served version is the
     // sources' content, and the history says so.
-    let head: Head = get_json(&hub, &token, &format!("/spaces/{DEFAULT_SPACE}/head")).await?;
+    let head: Head = hub.get_json(&in_default_space("/head"), &token).await?;
     assert_eq!(head.version, 8);
-    let history: Vec<VersionInfo> = get_json(
-        &hub,
-        &hub.admin_token,
-        &format!("/spaces/{DEFAULT_SPACE}/versions"),
-    )
-    .await?;
+    let history: Vec<VersionInfo> = hub
+        .get_json(&in_default_space("/versions"), &hub.admin_token)
+        .await?;
     assert_eq!(history[0].head.version, 8);
     assert_eq!(history[0].entries, 7, "3 tables and 4 archives");
 
     // Only configured spaces are served; a configured space with no data is not ready data.
-    let spaces: Vec<Head> = get_json(&hub, &token, "/spaces").await?;
+    let spaces: Vec<Head> = hub.get_json("/spaces", &token).await?;
     let names: Vec<_> = spaces.iter().map(|h| h.space.as_str()).collect();
     assert_eq!(
         names,
         [DEFAULT_SPACE],
         "no unconfigured or empty adopted space"
     );
-    let r = http()
-        .get(hub.api("/spaces/old_experiment/head"))
-        .bearer_auth(&token)
+    let r = hub
+        .get("/spaces/old_experiment/head", &token)
         .send()
         .await?;
     assert_eq!(r.status(), reqwest::StatusCode::NOT_FOUND);
-    let r = http()
-        .get(hub.api("/spaces/qr/head"))
-        .bearer_auth(&token)
-        .send()
-        .await?;
+    let r = hub.get("/spaces/qr/head", &token).send().await?;
     assert_eq!(r.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
     let message = r.text().await?;
     ensure!(message.contains("no data"), "{message}");
@@ -358,12 +328,9 @@ async fn the_old_apps_tables_and_bucket_reach_every_pc() -> anyhow::Result<()> {
     }
     // Let the table trigger's debounce and a bucket listing pass: no second version.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let history: Vec<VersionInfo> = get_json(
-        &hub,
-        &hub.admin_token,
-        &format!("/spaces/{DEFAULT_SPACE}/versions"),
-    )
-    .await?;
+    let history: Vec<VersionInfo> = hub
+        .get_json(&in_default_space("/versions"), &hub.admin_token)
+        .await?;
     let versions: Vec<u64> = history.iter().map(|v| v.head.version).collect();
     assert_eq!(
         versions,
@@ -412,12 +379,12 @@ async fn the_old_apps_tables_and_bucket_reach_every_pc() -> anyhow::Result<()> {
     let cluj_id = agents[2].status().client_id.clone();
     let deadline = Instant::now() + WAIT;
     loop {
-        let log: Vec<SyncLogEntry> = get_json(
-            &hub,
-            &hub.admin_token,
-            &format!("/sync-log?space={DEFAULT_SPACE}&limit=1000"),
-        )
-        .await?;
+        let log: Vec<SyncLogEntry> = hub
+            .get_json(
+                &format!("/sync-log?space={DEFAULT_SPACE}&limit=1000"),
+                &hub.admin_token,
+            )
+            .await?;
         let legacy = log.iter().filter(|e| e.space.is_none()).count();
         let cluj_report = log
             .iter()

@@ -482,15 +482,8 @@ pub async fn import(state: &Domain, source: &BucketSource) -> Result<Head, Sourc
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::versions::tests::entry;
     use synchub_protocol::Sha256Hex;
-
-    fn entry(path: &str, body: &[u8]) -> ManifestEntry {
-        ManifestEntry {
-            path: path.into(),
-            size: body.len() as u64,
-            sha256: Sha256Hex::of(body),
-        }
-    }
 
     #[test]
     fn sources_replace_only_their_folders() {
