@@ -1,7 +1,7 @@
-//! The test harness: real hubs (`hub`), PostgreSQL clusters (`postgres`), an S3 server
-//! (`s3`), agents and data sets (`fixtures`), a TCP proxy that fails on demand (`proxy`),
-//! request helpers on a test hub (`requests`), headless Chromium (`browser`), a webhook receiver and an SMTP sink for alerts (`sinks`) and
-//! the load generator (`load`), all on loopback; and
+//! The test harness: real hubs (`hub`) with request helpers (`requests`), PostgreSQL clusters
+//! (`postgres`), an S3 server (`s3`), agents and data sets (`fixtures`), a TCP proxy that fails
+//! on demand (`proxy`), headless Chromium (`browser`), a webhook receiver and an SMTP sink for
+//! alerts (`sinks`) and the load generator (`load`), all on loopback; and
 //! [`backend_matrix!`], which runs one suite against every backend.
 
 pub mod browser;

@@ -3,9 +3,10 @@
 //!
 //! The file is opened in WAL mode (readers never wait for the writer) with a busy timeout, so
 //! other processes (`synchub token revoke`, a `sqlite3` shell, system 1 tooling) may write it
-//! while the hub runs. SQLite has no LISTEN/NOTIFY, so [`Store::watch`] polls: one query per
-//! interval reads every `sync_key, version` and the token change counter, whatever the number of
-//! agents; the hub's own writes wake the poller at once.
+//! while the hub runs. SQLite has no LISTEN/NOTIFY, so [`super::Store::watch`] polls: one
+//! query per interval reads every `sync_key, version` and the token change counter, whatever
+//! the number of agents; the hub's own writes wake the poller at once. Everything else the
+//! store does is in `sql.rs`, shared with PostgreSQL.
 
 use super::dialect::{Dialect, FedSpaces};
 use super::rows::{Stamp, rfc3339};
