@@ -512,6 +512,14 @@ impl Store for PostgresStore {
         super::held::postgres::delete(&self.pool, space, client_id).await
     }
 
+    async fn put_agents(&self, agents: &[synchub_protocol::FleetAgent]) -> Result<(), StoreError> {
+        super::agents::postgres::put(&self.pool, agents).await
+    }
+
+    async fn agents(&self, space: &str) -> Result<Vec<synchub_protocol::FleetAgent>, StoreError> {
+        super::agents::postgres::list(&self.pool, space).await
+    }
+
     async fn revoke_token(&self, name: &str) -> Result<bool, StoreError> {
         let revoked = sqlx::query(
             "UPDATE synchub_tokens SET revoked_at = now() WHERE name = $1 AND revoked_at IS NULL",

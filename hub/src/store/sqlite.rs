@@ -428,6 +428,14 @@ impl Store for SqliteStore {
         super::held::sqlite::delete(&self.pool, space, client_id).await
     }
 
+    async fn put_agents(&self, agents: &[synchub_protocol::FleetAgent]) -> Result<(), StoreError> {
+        super::agents::sqlite::put(&self.pool, agents).await
+    }
+
+    async fn agents(&self, space: &str) -> Result<Vec<synchub_protocol::FleetAgent>, StoreError> {
+        super::agents::sqlite::list(&self.pool, space).await
+    }
+
     async fn revoke_token(&self, name: &str) -> Result<bool, StoreError> {
         let revoked = sqlx::query(
             "UPDATE synchub_tokens SET revoked_at = ?1 WHERE name = ?2 AND revoked_at IS NULL",
