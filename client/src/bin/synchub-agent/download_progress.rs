@@ -72,7 +72,7 @@ async fn follow(
 fn new_bar(space: &str, target: u64) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(0);
     if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{msg} {bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        "{msg} {bar:40} {decimal_bytes}/{decimal_total_bytes} {decimal_bytes_per_sec} {eta}",
     ) {
         bar.set_style(style);
     }
@@ -118,9 +118,9 @@ impl Lines {
                 Some(format!(
                     "downloading {space} version {target}: {} of {} ({files_done} of \
                      {files_total} files, {}/s)",
-                    indicatif::HumanBytes(*bytes_done),
-                    indicatif::HumanBytes(*bytes_total),
-                    indicatif::HumanBytes(*bytes_per_sec)
+                    indicatif::DecimalBytes(*bytes_done),
+                    indicatif::DecimalBytes(*bytes_total),
+                    indicatif::DecimalBytes(*bytes_per_sec)
                 ))
             }
             AgentState::Verifying { .. } | AgentState::Applying { .. } => None,
