@@ -245,7 +245,9 @@ async fn the_dashboard_counts_a_pc_that_went_offline() -> anyhow::Result<()> {
         .client
         .goto(&format!("{}/#token={}", hub.url, hub.admin_token))
         .await?;
-    let card = |id: &str| format!("return document.getElementById('sum-{id}').textContent");
+    let card = |id: &str| {
+        format!("const c = document.getElementById('sum-{id}'); return c ? c.textContent : ''")
+    };
     let text = browser
         .wait_text(WAIT, "the PC connected", |t| t.contains("1 connected"))
         .await?;
