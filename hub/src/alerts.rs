@@ -1,10 +1,11 @@
 //! Alerts where the office already talks: webhooks (Discord, Slack or plain JSON) and email
-//! over SMTP, for a PC failing or behind the head for longer than a threshold, this replica
-//! losing its database, and a daily summary (a held mass change has a kind and a text here;
-//! nothing raises it yet, as changes are not held for approval yet).
+//! over SMTP, for a PC failing or behind the head for longer than a threshold, a mass change
+//! an agent holds for an admin's approval, this replica losing its database, and a daily
+//! summary.
 //!
 //! Two supervised tasks: the watcher looks at the connected agents, the heads and the
-//! database's health every `check_interval_ms` and decides what to say ([`Watcher`], pure
+//! database's health every `check_interval_ms`, and hears at once of each held change this
+//! replica's agents report (`state.held_news`), and decides what to say ([`Watcher`], pure
 //! logic over a [`Fleet`] snapshot, unit-tested below); the sender delivers each alert to every
 //! sink, each send with a deadline and a few retries. Alerts are rate-limited: one per PC
 //! and kind of trouble until it clears (then a "back to normal"), the same PC not again within
@@ -18,7 +19,7 @@ use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
-use synchub_protocol::{AgentState, ClientInfo};
+use synchub_protocol::{AgentState, ClientInfo, HeldRecord};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -231,17 +232,39 @@ pub struct Alert {
     pub at: DateTime<Utc>,
 }
 
-/// The alert for a mass change held for approval: the hook for when changes can be held.
-pub fn held_change(hub: &str, space: &str, version: u64, paths: u64, by: &str) -> Alert {
+/// The alert for a mass change `name` (the PC, as [`pc_name`] writes it) holds for approval.
+pub fn held_change(hub: &str, record: &HeldRecord, name: &str) -> Alert {
+    let c = &record.change;
+    let space = &record.space;
+    let mut what = Vec::new();
+    if c.deletes > 0 {
+        what.push(format!("delete {} files", c.deletes));
+    }
+    if c.replaces > 0 {
+        what.push(format!("replace {} files", c.replaces));
+    }
+    let sample: Vec<&str> = c
+        .sample_deletes
+        .iter()
+        .chain(&c.sample_replaces)
+        .take(5)
+        .map(String::as_str)
+        .collect();
+    let mut text = format!(
+        "{name} would {} of the {} in {space} at once; it holds the change until an admin \
+         approves or rejects it on the dashboard (or with synchub approve|reject).",
+        what.join(" and "),
+        c.total
+    );
+    if !sample.is_empty() {
+        text.push_str(&format!(" For example: {}.", sample.join(", ")));
+    }
     Alert {
         kind: AlertKind::HeldChange,
         hub: hub.to_owned(),
-        subject: format!("{space}@{version}"),
-        title: format!("A change to {space} waits for approval"),
-        text: format!(
-            "{by} changed {paths} paths of {space} at once (version {version}); it is held \
-             until an admin approves or rejects it on the dashboard."
-        ),
+        subject: format!("{}@{space}", record.client_id),
+        title: format!("A mass change to {space} by {name} waits for approval"),
+        text,
         at: Utc::now(),
     }
 }
@@ -254,6 +277,8 @@ pub struct Fleet {
     pub heads: BTreeMap<String, u64>,
     /// Why the last read of the database failed, while it fails.
     pub database_error: Option<String>,
+    /// Held changes waiting for a decision, when they were read (only for the summary).
+    pub held_pending: Option<usize>,
 }
 
 impl Fleet {
@@ -267,6 +292,7 @@ impl Fleet {
                 .map(|(space, p)| (space.clone(), p.head.version))
                 .collect(),
             database_error: state.reconcile.health.borrow().last_error.clone(),
+            held_pending: None,
         }
     }
 }
@@ -361,24 +387,8 @@ impl Watcher {
                         if !episode.alerted && now.duration_since(episode.since) >= self.pc_after {
                             episode.alerted = true;
                             episode.kind = kind;
-                            let minutes = fmt_duration(now.duration_since(episode.since));
-                            let (title, text) = match t {
-                                Trouble::Failing { error } => (
-                                    format!("{name} cannot sync {}", s.space),
-                                    format!(
-                                        "{name} has failed to sync {} for {minutes}: {error}",
-                                        s.space
-                                    ),
-                                ),
-                                Trouble::Behind { holds, head, state } => (
-                                    format!("{name} is behind on {}", s.space),
-                                    format!(
-                                        "{name} holds version {holds} of {} while the head is \
-                                         {head}, for {minutes} (now {state}).",
-                                        s.space
-                                    ),
-                                ),
-                            };
+                            let lasted = now.duration_since(episode.since);
+                            let (title, text) = trouble_words(&name, &s.space, t, lasted);
                             out.push(self.alert(kind, &client.client_id, title, text));
                         }
                     }
@@ -451,26 +461,7 @@ impl Watcher {
 
     /// The daily summary of `fleet`.
     pub fn summary(&self, fleet: &Fleet) -> Alert {
-        let mut on_head = 0;
-        let mut behind = 0;
-        let mut failing = 0;
-        for c in &fleet.clients {
-            let states: Vec<_> = c
-                .spaces
-                .iter()
-                .map(|s| trouble(&s.state, fleet.heads.get(&s.space).copied()))
-                .collect();
-            if states
-                .iter()
-                .any(|t| matches!(t, Some(Trouble::Failing { .. })))
-            {
-                failing += 1;
-            } else if states.iter().any(Option::is_some) {
-                behind += 1;
-            } else {
-                on_head += 1;
-            }
-        }
+        let (on_head, behind, failing) = counts(fleet);
         let heads: Vec<String> = fleet
             .heads
             .iter()
@@ -480,6 +471,9 @@ impl Watcher {
             Some(e) => format!("The database does not answer: {e}."),
             None => "The database answers.".to_owned(),
         };
+        let held = fleet
+            .held_pending
+            .map_or("unknown (not read)".to_owned(), |n| n.to_string());
         let watched: Vec<String> = self
             .pcs
             .values()
@@ -494,7 +488,7 @@ impl Watcher {
             .collect();
         let mut text = format!(
             "PCs connected to hub {}: {}; on the head: {on_head}, behind: {behind}, failing: \
-             {failing}. Heads: {}. {database} Held changes waiting for approval: none.",
+             {failing}. Heads: {}. {database} Held changes waiting for approval: {held}.",
             self.hub,
             fleet.clients.len(),
             if heads.is_empty() {
@@ -596,6 +590,47 @@ fn trouble(state: &AgentState, head: Option<u64>) -> Option<Trouble> {
                 .unwrap_or_default();
             Some(Trouble::Behind { holds, head, state })
         }
+    }
+}
+
+/// PCs on the head, behind and failing (a PC counts once, by its worst space).
+fn counts(fleet: &Fleet) -> (usize, usize, usize) {
+    let (mut on_head, mut behind, mut failing) = (0, 0, 0);
+    for c in &fleet.clients {
+        let states: Vec<_> = c
+            .spaces
+            .iter()
+            .map(|s| trouble(&s.state, fleet.heads.get(&s.space).copied()))
+            .collect();
+        if states
+            .iter()
+            .any(|t| matches!(t, Some(Trouble::Failing { .. })))
+        {
+            failing += 1;
+        } else if states.iter().any(Option::is_some) {
+            behind += 1;
+        } else {
+            on_head += 1;
+        }
+    }
+    (on_head, behind, failing)
+}
+
+/// The title and text of a PC's trouble in `space` that lasted `lasted`.
+fn trouble_words(name: &str, space: &str, t: Trouble, lasted: Duration) -> (String, String) {
+    let minutes = fmt_duration(lasted);
+    match t {
+        Trouble::Failing { error } => (
+            format!("{name} cannot sync {space}"),
+            format!("{name} has failed to sync {space} for {minutes}: {error}"),
+        ),
+        Trouble::Behind { holds, head, state } => (
+            format!("{name} is behind on {space}"),
+            format!(
+                "{name} holds version {holds} of {space} while the head is {head}, for \
+                 {minutes} (now {state})."
+            ),
+        ),
     }
 }
 
@@ -816,6 +851,7 @@ pub fn spawn(
                 .as_deref()
                 .and_then(|t| parse_time(t).ok()),
             next_summary: None,
+            held: state.held_news.subscribe(),
             tx,
             interval: Duration::from_millis(config.check_interval_ms),
             database_check: Duration::from_secs(config.database_after_secs.clamp(1, 10)),
@@ -870,6 +906,8 @@ struct WatchTask {
     watcher: Watcher,
     summary_at: Option<NaiveTime>,
     next_summary: Option<DateTime<Utc>>,
+    /// Held changes as this replica first hears of them.
+    held: tokio::sync::broadcast::Receiver<HeldRecord>,
     tx: mpsc::Sender<Alert>,
     interval: Duration,
     database_check: Duration,
@@ -893,6 +931,17 @@ impl Task for WatchTask {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
+                held = self.held.recv() => {
+                    match held {
+                        Ok(record) => self.on_held(&record),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            tracing::warn!(missed = n, "held changes came faster than alerts; some not alerted");
+                        }
+                        // The hub's state (the sender) is gone: it is shutting down.
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    }
+                    continue;
+                }
                 _ = shutdown.cancelled() => return,
             }
             // The reconciler reads the database only when told of a change or every
@@ -905,17 +954,49 @@ impl Task for WatchTask {
             for alert in self.watcher.check(&fleet, Instant::now()) {
                 self.queue(alert);
             }
-            if let Some(at) = self.summary_at {
-                let now = Utc::now();
-                let next = *self.next_summary.get_or_insert_with(|| next_time(now, at));
-                if now >= next {
-                    self.next_summary = Some(next_time(now + chrono::Duration::seconds(1), at));
-                    let summary = self.watcher.summary(&fleet);
-                    if let Some(a) = self.watcher.admit(summary, Instant::now()) {
-                        self.queue(a);
-                    }
-                }
-            }
+            self.summary_if_due(fleet).await;
+        }
+    }
+}
+
+impl WatchTask {
+    /// A held change: alerted at once (within the rate limit), named as the dashboard names
+    /// the PC when it is connected here.
+    fn on_held(&mut self, record: &HeldRecord) {
+        let name = self
+            .state
+            .clients
+            .list()
+            .iter()
+            .find(|c| c.client_id == record.client_id)
+            .map_or_else(|| record.client_id.clone(), pc_name);
+        let alert = held_change(&self.state.hub_id, record, &name);
+        if let Some(a) = self.watcher.admit(alert, Instant::now()) {
+            self.queue(a);
+        }
+    }
+
+    /// The daily summary, when its time came; it reads the held changes from the database.
+    async fn summary_if_due(&mut self, mut fleet: Fleet) {
+        let Some(at) = self.summary_at else { return };
+        let now = Utc::now();
+        let next = *self.next_summary.get_or_insert_with(|| next_time(now, at));
+        if now < next {
+            return;
+        }
+        self.next_summary = Some(next_time(now + chrono::Duration::seconds(1), at));
+        let held = tokio::time::timeout(SEND_TIMEOUT, self.state.store.held_changes()).await;
+        fleet.held_pending = match held {
+            Ok(Ok(list)) => Some(
+                list.iter()
+                    .filter(|h| h.decision == synchub_protocol::HeldDecision::Pending)
+                    .count(),
+            ),
+            _ => None,
+        };
+        let summary = self.watcher.summary(&fleet);
+        if let Some(a) = self.watcher.admit(summary, Instant::now()) {
+            self.queue(a);
         }
     }
 }
@@ -1000,6 +1081,7 @@ mod tests {
             clients,
             heads: BTreeMap::from([("s".to_owned(), head)]),
             database_error: None,
+            held_pending: Some(0),
         }
     }
 
@@ -1150,6 +1232,40 @@ mod tests {
             .with_timezone(&Utc);
         assert_eq!(next_time(now, at).to_rfc3339(), "2026-11-27T07:30:00+00:00");
         assert!(parse_time("25:00").is_err());
+    }
+
+    #[test]
+    fn a_held_change_says_who_what_and_how_much() {
+        let record = HeldRecord {
+            space: "s".into(),
+            client_id: "c-1".into(),
+            change: synchub_protocol::HeldChange {
+                deletes: 7,
+                replaces: 3,
+                total: 12,
+                sample_deletes: vec!["a.png".into()],
+                sample_replaces: vec!["b.png".into()],
+                held_at: "2026-11-26T08:00:00Z".into(),
+            },
+            decision: synchub_protocol::HeldDecision::Pending,
+            decided_by: None,
+            updated_at: String::new(),
+        };
+        let a = held_change("hub-a", &record, "pc-1 (HOST-1)");
+        assert_eq!(a.kind, AlertKind::HeldChange);
+        assert!(
+            a.text.starts_with(
+                "pc-1 (HOST-1) would delete 7 files and replace 3 files of the 12 in s"
+            ),
+            "{}",
+            a.text
+        );
+        assert!(a.text.contains("For example: a.png, b.png."), "{}", a.text);
+        // Not trouble: a second held change of the same PC is not held back as a repeat.
+        let mut w = Watcher::new("hub-a", &config());
+        let t0 = Instant::now();
+        assert!(w.admit(a.clone(), t0).is_some());
+        assert!(w.admit(a, t0 + Duration::from_secs(1)).is_some());
     }
 
     #[test]

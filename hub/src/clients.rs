@@ -1,11 +1,15 @@
 //! The agents connected to this hub replica: who they are and the state each last reported,
 //! for `GET /api/v1/clients` and the dashboard, and to close the sockets of a revoked token.
-//! A change counter tells the dashboard's event stream when to look again.
+//! A change counter tells the dashboard's event stream when to look again. What is not yet
+//! recorded in the database (an agent whose state changed, one that left) waits in
+//! `unwritten` for the fleet task (`fleet.rs`), which writes it a few seconds later.
 
 use dashmap::DashMap;
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use synchub_protocol::{AgentState, ClientInfo, ClientSpace};
+use std::time::{Duration, Instant};
+use synchub_protocol::{AgentState, ClientInfo, ClientSpace, FleetAgent};
 use tokio_util::sync::CancellationToken;
 
 pub struct Connection {
@@ -16,6 +20,8 @@ pub struct Connection {
     pub agent_version: Option<String>,
     pub connected_at: String,
     pub states: Mutex<Vec<ClientSpace>>,
+    /// When its rows were last handed to the fleet task; `None`: changed since.
+    pub recorded: Mutex<Option<Instant>>,
     /// Cancelled to close this socket: its token was revoked, or (as a child of the hub's
     /// shutdown token) the hub is stopping.
     pub closed: CancellationToken,
@@ -23,6 +29,7 @@ pub struct Connection {
 
 impl Connection {
     pub fn set_state(&self, space: &str, state: AgentState) {
+        *self.recorded.lock().expect("client state lock poisoned") = None;
         let mut states = self.states.lock().expect("client state lock poisoned");
         match states.iter_mut().find(|s| s.space == space) {
             Some(s) => s.state = state,
@@ -31,6 +38,25 @@ impl Connection {
                 state,
             }),
         }
+    }
+
+    /// Its rows for the fleet table, seen now.
+    fn rows(&self, online: bool) -> Vec<FleetAgent> {
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let info = self.info();
+        info.spaces
+            .into_iter()
+            .map(|s| FleetAgent {
+                space: s.space,
+                client_id: info.client_id.clone(),
+                token_name: info.token_name.clone(),
+                hostname: info.hostname.clone(),
+                agent_version: info.agent_version.clone(),
+                state: s.state,
+                last_seen: now.clone(),
+                online,
+            })
+            .collect()
     }
 
     fn info(&self) -> ClientInfo {
@@ -54,9 +80,15 @@ pub struct Clients {
     next_id: AtomicU64,
     live: DashMap<u64, std::sync::Arc<Connection>>,
     /// Bumped when what an admin sees of the fleet changed: an agent connected or left,
-    /// reported a state, or a sync was logged.
+    /// reported a state, a sync was logged, or a held change came, was decided or settled.
     changes: tokio::sync::watch::Sender<u64>,
+    /// Rows for the fleet table not written yet, by space and client id.
+    unwritten: Mutex<BTreeMap<(String, String), FleetAgent>>,
 }
+
+/// Rows waiting for the fleet task, most; past it the oldest changes are lost (the database
+/// has been down for long, and the agents' next changes are queued again).
+const UNWRITTEN_MAX: usize = 100_000;
 
 impl Clients {
     /// Registers a connection; the returned id removes it again.
@@ -69,7 +101,12 @@ impl Clients {
     }
 
     pub fn remove(&self, id: u64) {
-        self.live.remove(&id);
+        // An agent that reconnected already (the old socket ends late) is not offline.
+        if let Some((_, conn)) = self.live.remove(&id)
+            && !self.live.iter().any(|e| e.client_id == conn.client_id)
+        {
+            self.queue(conn.rows(false));
+        }
         metrics::gauge!("synchub_connections").set(self.live.len() as f64);
         self.touch();
     }
@@ -99,6 +136,58 @@ impl Clients {
                 entry.closed.cancel();
             }
         }
+    }
+
+    /// Queues each connected agent whose state changed since it was last queued, or that was
+    /// last queued `heartbeat` ago (its "last seen" stays fresh for other replicas).
+    pub fn queue_changed(&self, heartbeat: Duration) {
+        for entry in self.live.iter() {
+            let due = {
+                let mut recorded = entry.recorded.lock().expect("client state lock poisoned");
+                let due = recorded.is_none_or(|t| t.elapsed() >= heartbeat);
+                if due {
+                    *recorded = Some(Instant::now());
+                }
+                due
+            };
+            if due {
+                self.queue(entry.rows(true));
+            }
+        }
+    }
+
+    fn queue(&self, rows: Vec<FleetAgent>) {
+        let mut unwritten = self.unwritten();
+        if unwritten.len() >= UNWRITTEN_MAX {
+            tracing::warn!("fleet rows not written for long; dropping the queued ones");
+            unwritten.clear();
+        }
+        for row in rows {
+            unwritten.insert((row.space.clone(), row.client_id.clone()), row);
+        }
+    }
+
+    /// The rows waiting to be written.
+    pub fn unwritten_rows(&self) -> Vec<FleetAgent> {
+        self.unwritten().values().cloned().collect()
+    }
+
+    /// Takes `written` off the queue, unless a newer row of the same agent came meanwhile.
+    pub fn mark_written(&self, written: &[FleetAgent]) {
+        let mut unwritten = self.unwritten();
+        for row in written {
+            let key = (row.space.clone(), row.client_id.clone());
+            if unwritten.get(&key) == Some(row) {
+                unwritten.remove(&key);
+            }
+        }
+    }
+
+    /// Only whole rows are ever written in, so a panic elsewhere cannot leave it wrong.
+    fn unwritten(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), FleetAgent>> {
+        self.unwritten
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn list(&self) -> Vec<ClientInfo> {

@@ -48,6 +48,8 @@ pub struct Config {
     /// `[alerts]`: webhooks and email when PCs fail or fall behind, the database is lost, and
     /// a daily summary (see `alerts.rs`).
     pub alerts: crate::alerts::AlertsConfig,
+    /// `[fleet]`: how agents are recorded for the dashboard (see `fleet.rs`).
+    pub fleet: crate::fleet::FleetConfig,
 }
 
 /// A space fed from tables of the hub's PostgreSQL database: each table (or named query) is
@@ -205,6 +207,7 @@ impl Default for Config {
             table_source: Vec::new(),
             bucket_source: Vec::new(),
             alerts: crate::alerts::AlertsConfig::default(),
+            fleet: crate::fleet::FleetConfig::default(),
         }
     }
 }
@@ -343,6 +346,7 @@ impl Config {
         }
         self.validate_sources()?;
         self.alerts.validate()?;
+        self.fleet.validate()?;
         if self.limits.header_read_timeout_ms == 0 {
             return Err(ConfigError::Invalid(
                 "limits.header_read_timeout_ms must be above 0".into(),

@@ -6,10 +6,49 @@
 
 use crate::domain::Domain;
 use crate::error::HubError;
+use std::collections::HashMap;
+use std::sync::Mutex;
 use synchub_protocol::{HeldChange, HeldDecision, HeldRecord, codes};
 
 /// Longest accepted client id, in bytes (as for `sync_log` reports).
 const MAX_CLIENT_ID: usize = 128;
+
+/// Most held changes [`Heard`] remembers; past it, it starts over (at worst an alert twice).
+const HEARD_MAX: usize = 10_000;
+
+/// The held changes this hub replica has heard of, by space and client id, with when the
+/// agent held each. An agent repeats its `PUT` every few seconds while it waits; only the
+/// first of a held change is news for the dashboard's event stream and the alerts.
+#[derive(Default)]
+pub struct Heard(Mutex<HashMap<(String, String), String>>);
+
+impl Heard {
+    /// True the first time this replica hears of `record`'s held change.
+    pub fn first(&self, record: &HeldRecord) -> bool {
+        let mut heard = self.lock();
+        let key = (record.space.clone(), record.client_id.clone());
+        if heard.get(&key) == Some(&record.change.held_at) {
+            return false;
+        }
+        if heard.len() >= HEARD_MAX {
+            heard.clear();
+        }
+        heard.insert(key, record.change.held_at.clone());
+        true
+    }
+
+    /// The agent acted on its held change; a later one is news again.
+    pub fn forget(&self, space: &str, client: &str) {
+        self.lock().remove(&(space.to_owned(), client.to_owned()));
+    }
+
+    /// Only whole entries are ever written, so a panic elsewhere cannot leave it wrong.
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), String>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
 
 /// Checks a client id from a path.
 pub fn client_id(id: &str) -> Result<&str, HubError> {

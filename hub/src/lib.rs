@@ -20,6 +20,7 @@ pub mod config;
 pub mod connections;
 pub mod domain;
 pub mod error;
+pub mod fleet;
 pub mod fsck;
 pub mod held;
 pub mod reports;

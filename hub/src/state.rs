@@ -5,7 +5,8 @@ use crate::clients::Clients;
 use crate::domain::Domain;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use tokio::sync::{Notify, watch};
+use synchub_protocol::HeldRecord;
+use tokio::sync::{Notify, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Clone)]
@@ -26,7 +27,15 @@ pub struct Inner {
     /// When a write last failed for a full disk (a 507 was answered); `/readyz` reports it for
     /// [`STORAGE_FULL_REPORTED`] after.
     pub storage_full_at: Mutex<Option<Instant>>,
+    /// The held changes this replica heard of, so each is news once.
+    pub held_heard: crate::held::Heard,
+    /// Each held change the first time this replica hears of it, for the alerts.
+    pub held_news: broadcast::Sender<HeldRecord>,
 }
+
+/// Held changes queued for the alerts; a held change is rare, so more means something is
+/// wrong and the oldest are dropped.
+const HELD_NEWS: usize = 64;
 
 /// How long `/readyz` says "disk full" after a write failed for it: long enough for a probe
 /// to see it, short enough that a freed disk is noticed without a restart.
@@ -92,6 +101,8 @@ impl AppState {
             metrics,
             reconcile: Reconcile::default(),
             storage_full_at: Mutex::new(None),
+            held_heard: crate::held::Heard::default(),
+            held_news: broadcast::channel(HELD_NEWS).0,
         }))
     }
 }

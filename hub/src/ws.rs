@@ -93,6 +93,7 @@ async fn run(state: AppState, principal: Principal, mut socket: WebSocket) {
         agent_version,
         connected_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         states: Default::default(),
+        recorded: Default::default(),
         closed: state.shutdown.child_token(),
     });
     let id = state.clients.add(conn.clone());

@@ -280,3 +280,84 @@ async fn the_daily_summary_comes_at_its_time() -> anyhow::Result<()> {
     hub.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_mass_change_is_alerted_once_when_the_agent_reports_it() -> anyhow::Result<()> {
+    let hooks = WebhookReceiver::start().await?;
+    let hub = TestHub::start_with(|c| {
+        c.alerts = AlertsConfig {
+            webhook: vec![
+                hook(&hooks, "json", WebhookFormat::Json),
+                hook(&hooks, "discord", WebhookFormat::Discord),
+            ],
+            ..AlertsConfig::default()
+        };
+    })
+    .await?;
+    let pc = hub.token("pc-brasov-03", Role::Agent, None).await?;
+    // Connected, so the alert names the PC as the dashboard does (token and host).
+    let _ws = WsAgent::connect(&hub, &pc, &[DEFAULT_SPACE]).await?;
+    let client = hub
+        .state()
+        .clients
+        .list()
+        .first()
+        .map(|c| c.client_id.clone())
+        .context("the agent is listed")?;
+    let change = synchub_protocol::HeldChange {
+        deletes: 40,
+        replaces: 0,
+        total: 60,
+        sample_deletes: vec!["qr/0001.png".into(), "qr/0002.png".into()],
+        sample_replaces: Vec::new(),
+        held_at: chrono::Utc::now().to_rfc3339(),
+    };
+    // The agent's PUT, as its two-way loop makes it every few seconds while it waits.
+    let put = || {
+        synchub_tests::fixtures::http()
+            .put(hub.api(&format!("/spaces/{DEFAULT_SPACE}/held/{client}")))
+            .bearer_auth(&pc)
+            .json(&change)
+            .send()
+    };
+    let sent = Instant::now();
+    ensure!(put().await?.status().is_success(), "PUT held");
+    let (arrived, (_, json)) = hooks
+        .inbox
+        .wait_for(Duration::from_secs(10), |(name, b)| {
+            name == "json" && kind_is(b, "held_change")
+        })
+        .await?;
+    eprintln!(
+        "held-change alert {} ms after the agent reported it",
+        arrived.duration_since(sent).as_millis()
+    );
+    let text = json["text"].as_str().unwrap_or_default();
+    ensure!(text.contains("pc-brasov-03"), "{json}");
+    ensure!(text.contains("delete 40 files of the 60"), "{json}");
+    ensure!(text.contains("qr/0001.png"), "{json}");
+    let (_, (_, discord)) = hooks
+        .inbox
+        .wait_for(Duration::from_secs(10), |(name, _)| name == "discord")
+        .await?;
+    ensure!(
+        discord["content"]
+            .as_str()
+            .is_some_and(|c| c.contains("waits for approval")),
+        "{discord}"
+    );
+    // The agent's refreshes of the same held change are not news.
+    for _ in 0..3 {
+        ensure!(put().await?.status().is_success(), "PUT held again");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let held_alerts = hooks
+        .inbox
+        .all()
+        .iter()
+        .filter(|(_, (n, b))| n == "json" && kind_is(b, "held_change"))
+        .count();
+    ensure!(held_alerts == 1, "{held_alerts} alerts for one held change");
+    hub.stop().await;
+    Ok(())
+}

@@ -5,6 +5,9 @@
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+#[path = "synchub-agent/download_progress.rs"]
+mod download_progress;
+
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
@@ -358,9 +361,14 @@ fn init_stderr_logging() {
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = build_config(args)?;
     tracing::info!("configuration:\n{cfg}");
+    let spaces = cfg.spaces.clone();
     let client = SyncClient::start(cfg).await?;
+    let progress = download_progress::spawn(&client, &spaces)?;
     shutdown_signal().await;
     tracing::info!("stopping");
+    for task in progress {
+        task.abort();
+    }
     client.shutdown().await;
     Ok(())
 }

@@ -1,10 +1,12 @@
-//! Admin views of the live system: the agents connected to this replica.
+//! Admin views of the live system: the agents connected to this replica, and the fleet as
+//! recorded (every agent heard from, per space; see [`crate::fleet`]).
 
 use crate::auth::AdminToken;
 use crate::error::ApiResult;
 use crate::state::AppState;
 use axum::extract::State;
-use synchub_protocol::ClientInfo;
+use serde::Deserialize;
+use synchub_protocol::{ClientInfo, FleetView, codes};
 
 /// `GET /clients` (admin): agents connected to this replica, with their last reported state.
 pub async fn clients(
@@ -12,4 +14,24 @@ pub async fn clients(
     _admin: AdminToken,
 ) -> ApiResult<axum::Json<Vec<ClientInfo>>> {
     Ok(axum::Json(state.clients.list()))
+}
+
+#[derive(Deserialize)]
+pub struct FleetQuery {
+    space: Option<String>,
+}
+
+/// `GET /fleet?space=` (admin; the default space when none is named): every agent recorded
+/// for the space, online ones first, and the summary's counts.
+pub async fn fleet(
+    State(state): State<AppState>,
+    _admin: AdminToken,
+    super::Query(q): super::Query<FleetQuery>,
+) -> ApiResult<axum::Json<FleetView>> {
+    let space = q
+        .space
+        .unwrap_or_else(|| synchub_protocol::DEFAULT_SPACE.to_owned());
+    synchub_protocol::validate_space(&space)
+        .map_err(|e| crate::error::HubError::bad_request(codes::BAD_REQUEST, e.to_string()))?;
+    Ok(axum::Json(crate::fleet::view(&state, &space).await?))
 }

@@ -1,7 +1,7 @@
 //! `GET /events` (admin): server-sent events that tell the dashboard when to look again, so it
 //! updates within a moment of a change instead of polling. One `event: changed` with
 //! `data: heads` when a head moved and `data: fleet` when an agent connected, left, reported a
-//! state or a sync was logged; several changes close together may come as one event. The
+//! state, a sync was logged or a held change came, was decided or was settled; several changes close together may come as one event. The
 //! stream ends when the hub shuts down or the token is revoked. Browsers read it with `fetch`
 //! (an `EventSource` cannot send the Authorization header).
 

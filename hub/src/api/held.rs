@@ -5,6 +5,9 @@
 //! - `DELETE /spaces/{space}/held/{client_id}` (the same): the agent acted on it.
 //! - `GET /held` (admin): every held change.
 //! - `POST /spaces/{space}/held/{client_id}/approve|reject` (admin).
+//!
+//! A held change this replica hears of for the first time, a decision and a deletion tell the
+//! dashboard's event stream; the first also goes to the alerts.
 
 use super::Json;
 use crate::auth::{Admin, AdminToken, Publish, SpaceAccess};
@@ -23,6 +26,11 @@ pub async fn put(
     Json(change): Json<HeldChange>,
 ) -> ApiResult<axum::Json<HeldRecord>> {
     let record = held::record(&state, &access.space, &client, &change).await?;
+    if record.decision == HeldDecision::Pending && state.held_heard.first(&record) {
+        state.clients.touch();
+        // No receiver (alerts off) is fine.
+        let _ = state.held_news.send(record.clone());
+    }
     Ok(axum::Json(record))
 }
 
@@ -33,6 +41,8 @@ pub async fn delete(
     Path((_, client)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
     held::forget(&state, &access.space, &client).await?;
+    state.held_heard.forget(&access.space, &client);
+    state.clients.touch();
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -52,6 +62,7 @@ pub async fn approve(
 ) -> ApiResult<StatusCode> {
     let by = &access.principal.name;
     held::decide(&state, &access.space, &client, HeldDecision::Approved, by).await?;
+    state.clients.touch();
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -63,5 +74,6 @@ pub async fn reject(
 ) -> ApiResult<StatusCode> {
     let by = &access.principal.name;
     held::decide(&state, &access.space, &client, HeldDecision::Rejected, by).await?;
+    state.clients.touch();
     Ok(StatusCode::NO_CONTENT)
 }

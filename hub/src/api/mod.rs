@@ -54,6 +54,7 @@ pub fn router(state: AppState) -> Router {
         .route("/tokens", get(tokens::list).post(tokens::create)) // AdminToken
         .route("/tokens/{name}", axum::routing::delete(tokens::revoke)) // AdminToken
         .route("/clients", get(admin::clients)) // AdminToken
+        .route("/fleet", get(admin::fleet)) // AdminToken
         .route("/held", get(held::list)) // AdminToken
         .route(
             "/spaces/{space}/held/{client_id}",

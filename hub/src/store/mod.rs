@@ -7,6 +7,7 @@
 //! `synchub_versions` naming the data hash of its manifest (the manifest bytes live in the blob
 //! store under that hash).
 
+mod agents;
 mod dialect;
 mod held;
 pub mod postgres;
@@ -14,6 +15,7 @@ mod rows;
 mod sql;
 pub mod sqlite;
 
+pub use agents::MAX_AGENTS;
 pub use rows::ADOPTED_WITHOUT_DATA_REASON;
 
 use async_trait::async_trait;
@@ -194,6 +196,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Forgets a held change (the agent has acted on it).
     async fn delete_held(&self, space: &str, client_id: &str) -> Result<(), StoreError>;
+
+    /// Records agents as last heard of, one row per space and client id (inserted or
+    /// replaced; `online` is kept as whether the agent was connected then). See `fleet.rs`.
+    async fn put_agents(&self, agents: &[synchub_protocol::FleetAgent]) -> Result<(), StoreError>;
+
+    /// The recorded agents of `space`, last seen newest first (at most [`MAX_AGENTS`]).
+    async fn agents(&self, space: &str) -> Result<Vec<synchub_protocol::FleetAgent>, StoreError>;
 
     /// Runs until `shutdown`, sending a [`Change`] whenever a `sync_metadata` row or the token
     /// table changes, whoever changed it. SQLite polls every `poll_interval` (one query per

@@ -13,7 +13,7 @@ use super::rows::{
     HeadPlan, HeadRow, PendingVersion, decode_spaces, encode_spaces, from_db, list_limit,
     parse_hash, parse_role, parse_timestamp, plan_fed_bump, plan_head, to_db,
 };
-use super::{Change, NewVersion, Store, StoreError, SyncLogFilter, TokenRecord, held};
+use super::{Change, NewVersion, Store, StoreError, SyncLogFilter, TokenRecord, agents, held};
 use async_trait::async_trait;
 use chrono::Utc;
 use std::sync::Arc;
@@ -204,6 +204,14 @@ impl<D: Run> Store for D {
 
     async fn delete_held(&self, space: &str, client_id: &str) -> Result<(), StoreError> {
         held::delete(self, space, client_id).await
+    }
+
+    async fn put_agents(&self, rows: &[synchub_protocol::FleetAgent]) -> Result<(), StoreError> {
+        agents::put(self, rows).await
+    }
+
+    async fn agents(&self, space: &str) -> Result<Vec<synchub_protocol::FleetAgent>, StoreError> {
+        agents::list(self, space).await
     }
 
     async fn watch(
