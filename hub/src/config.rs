@@ -48,6 +48,10 @@ pub struct Config {
     /// `[alerts]`: webhooks and email when PCs fail or fall behind, the database is lost, and
     /// a daily summary (see `alerts.rs`).
     pub alerts: crate::alerts::AlertsConfig,
+    /// `[retention]`: versions each space keeps and `sync_log` history (see `gc.rs`).
+    pub retention: crate::gc::RetentionConfig,
+    /// `[gc]`: the garbage collector's schedule and safety margins.
+    pub gc: crate::gc::GcConfig,
 }
 
 /// A space fed from tables of the hub's PostgreSQL database: each table (or named query) is
@@ -205,6 +209,8 @@ impl Default for Config {
             table_source: Vec::new(),
             bucket_source: Vec::new(),
             alerts: crate::alerts::AlertsConfig::default(),
+            retention: crate::gc::RetentionConfig::default(),
+            gc: crate::gc::GcConfig::default(),
         }
     }
 }
@@ -343,6 +349,8 @@ impl Config {
         }
         self.validate_sources()?;
         self.alerts.validate()?;
+        self.retention.validate().map_err(ConfigError::Invalid)?;
+        self.gc.validate().map_err(ConfigError::Invalid)?;
         if self.limits.header_read_timeout_ms == 0 {
             return Err(ConfigError::Invalid(
                 "limits.header_read_timeout_ms must be above 0".into(),

@@ -21,6 +21,7 @@ pub mod connections;
 pub mod domain;
 pub mod error;
 pub mod fsck;
+pub mod gc;
 pub mod held;
 pub mod reports;
 pub mod server;

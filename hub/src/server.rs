@@ -179,8 +179,8 @@ async fn first_admin_token(
     Ok(created)
 }
 
-/// Starts the version watcher, the external sources and the alerts; the returned task ends
-/// once all of them have stopped.
+/// Starts the version watcher, the external sources, the alerts and the scheduled garbage
+/// collection; the returned task ends once all of them have stopped.
 fn spawn_background(
     state: &AppState,
     poll: Duration,
@@ -195,9 +195,10 @@ fn spawn_background(
             return Err(e.into());
         }
     };
+    let gc = crate::gc::spawn(state.clone(), shutdown.child_token());
     Ok(tokio::spawn(async move {
         let _ = watcher.await;
-        for task in [sources, alerts].into_iter().flatten() {
+        for task in [sources, alerts, gc].into_iter().flatten() {
             let _ = task.await;
         }
     }))

@@ -8,12 +8,14 @@
 //! store under that hash).
 
 mod dialect;
+mod gc;
 mod held;
 pub mod postgres;
 mod rows;
 mod sql;
 pub mod sqlite;
 
+pub use gc::{DoomedBlob, GcStore};
 pub use rows::ADOPTED_WITHOUT_DATA_REASON;
 
 use async_trait::async_trait;
@@ -99,7 +101,7 @@ pub fn has_no_data(head: &Head) -> bool {
 }
 
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: GcStore + Send + Sync + 'static {
     /// Short name for logs: "sqlite" or "postgres".
     fn backend(&self) -> &'static str;
 
