@@ -111,7 +111,7 @@ impl Default for GcConfig {
         GcConfig {
             every_secs: 6 * 3600,
             grace_secs: 3600,
-            settle_secs: 30,
+            settle_secs: 300,
         }
     }
 }

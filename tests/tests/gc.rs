@@ -214,6 +214,15 @@ async fn a_commit_in_flight_stays_intact(stack: Stack) -> anyhow::Result<()> {
     // An agent that was told the hub has "x body" commits it as a new file meanwhile.
     let (status, body) = commit_existing(&hub, &pc, 4, "z.txt", b"x body").await?;
     assert_eq!(status, StatusCode::CREATED, "{body}");
+    // While the sweep still waits: the commit took its blob off the doomed list (so the sweep
+    // cannot delete it even if its second mark misses the new version); the other stays.
+    let doomed: Vec<_> = hub.state().store.doomed_blobs().await?;
+    assert!(!sweep.is_finished(), "the sweep is still waiting");
+    assert!(
+        !doomed.iter().any(|d| d.hash == x),
+        "x body is still doomed"
+    );
+    assert!(doomed.iter().any(|d| d.hash == Sha256Hex::of(b"w body")));
 
     let report = sweep.await??;
     assert!(report.spared >= 1, "{report:?}");
