@@ -1,6 +1,7 @@
 //! Retention and garbage collection on SQLite + filesystem blobs and on PostgreSQL + S3 (moto):
 //! a collection deletes exactly the blobs only expired versions named (never a blob younger
-//! than the grace period), a dry run deletes nothing and counts the same, a commit that names an
+//! than the grace period) and keeps `sync_log` to its age and row bounds, a dry run deletes
+//! nothing and counts the same, a commit that names an
 //! unreferenced blob while the sweep waits keeps it, and a commit naming a blob the sweep is
 //! deleting is refused as missing it.
 
@@ -9,7 +10,11 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 use synchub_hub::config::BlobStoreConfig;
 use synchub_hub::gc::{GcOptions, collect};
-use synchub_protocol::{CommitRequest, DEFAULT_SPACE, ManifestEntry, Role, Sha256Hex, codes};
+use synchub_hub::store::SyncLogFilter;
+use synchub_protocol::{
+    CommitRequest, DEFAULT_SPACE, ManifestEntry, Role, Sha256Hex, SyncReport, SyncStatus, SyncType,
+    codes,
+};
 use synchub_tests::backend_matrix;
 use synchub_tests::fixtures::{commit, http, put_blob};
 use synchub_tests::hub::TestHub;
@@ -253,8 +258,82 @@ async fn a_commit_naming_a_blob_being_deleted_is_refused(stack: Stack) -> anyhow
     Ok(())
 }
 
+/// A report of the default space written `days_ago` days ago.
+fn report(id: &str, days_ago: i64) -> SyncReport {
+    SyncReport {
+        report_id: id.to_owned(),
+        client_id: "pc".to_owned(),
+        space: DEFAULT_SPACE.to_owned(),
+        sync_type: SyncType::Download,
+        status: SyncStatus::Success,
+        version: Some(1),
+        items_synced: 1,
+        items_total: Some(1),
+        bytes: 1,
+        duration_ms: 1,
+        error_message: None,
+        user: None,
+        synced_at: Some(
+            (chrono::Utc::now() - chrono::Duration::days(days_ago))
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        ),
+    }
+}
+
+async fn sync_log_keeps_only_recent_rows_up_to_the_cap(stack: Stack) -> anyhow::Result<()> {
+    let hub = start(stack).await?;
+    let store = &hub.state().store;
+    // sync_log_days = 90, sync_log_rows = 3 (below): two rows too old, then six recent ones.
+    for (id, days) in [("old-1", 200), ("old-2", 91), ("a", 5), ("b", 4), ("c", 3)] {
+        store.insert_report(&report(id, days)).await?;
+    }
+    for (id, days) in [("d", 2), ("e", 1), ("f", 0)] {
+        store.insert_report(&report(id, days)).await?;
+    }
+    let mut state_config = hub.state().config.clone();
+    state_config.retention.sync_log_rows = 3;
+    let domain = synchub_hub::domain::Domain::new(
+        state_config,
+        hub.state().store.clone(),
+        hub.state().blobs.clone(),
+    );
+    let dry = collect(
+        &domain,
+        &GcOptions {
+            dry_run: true,
+            space: None,
+        },
+    )
+    .await?;
+    assert_eq!(dry.sync_log_rows_deleted, None);
+    assert_eq!(
+        store.sync_log(&log_filter()).await?.len(),
+        8,
+        "a dry run deletes no row"
+    );
+    let report = collect(&domain, &GcOptions::default()).await?;
+    let left: Vec<_> = store
+        .sync_log(&log_filter())
+        .await?
+        .into_iter()
+        .filter_map(|e| e.report_id)
+        .collect();
+    assert_eq!(left, vec!["f", "e", "d"], "the newest 3 rows, newest first");
+    assert_eq!(report.sync_log_rows_deleted, Some(5));
+    hub.stop().await;
+    Ok(())
+}
+
+fn log_filter() -> SyncLogFilter {
+    SyncLogFilter {
+        limit: 100,
+        ..SyncLogFilter::default()
+    }
+}
+
 backend_matrix!(
     [sqlite_fs => Stack::SqliteFs, postgres_s3 => Stack::PostgresS3]
+    sync_log_keeps_only_recent_rows_up_to_the_cap,
     gc_frees_exactly_the_blobs_of_expired_versions,
     a_commit_in_flight_stays_intact,
     a_commit_naming_a_blob_being_deleted_is_refused,

@@ -3,15 +3,14 @@
 //! through which a commit and a sweep running at the same time agree on who wins a blob.
 //!
 //! The statements are the same text in both dialects (`$N` parameters, Unix milliseconds as
-//! BIGINT), so one implementation is written once and stamped on each backend by a macro; only
-//! the `sync_log` age cut-off differs (TEXT timestamps in SQLite, `timestamptz` in PostgreSQL).
+//! BIGINT; the `sync_log` cut-off is a [`Param::Time`], bound as each backend stores time), so
+//! they are written once over [`Run`].
 
 use super::StoreError;
-use super::dialect::Dialect;
-use super::postgres::PostgresStore;
-use super::sqlite::SqliteStore;
+use super::dialect::{Param, Row, Run};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use std::collections::HashSet;
 use synchub_protocol::Sha256Hex;
 
 /// A blob on the doomed list.
@@ -62,10 +61,11 @@ DELETE FROM synchub_versions
  WHERE space = $1 AND version = $2
    AND version < (SELECT MAX(version) FROM synchub_versions WHERE space = $1)";
 
-/// Rows older than the newest `$1` rows' oldest (by time).
+/// Every row not among the newest `$1` (by time): the (`$1` + 1)th newest and older. Rows
+/// written at the same instant as that one go too, so at most `$1` stay.
 const PRUNE_LOG_ROWS: &str = "
 DELETE FROM sync_log
- WHERE synced_at < (SELECT synced_at FROM sync_log
+ WHERE synced_at <= (SELECT synced_at FROM sync_log
                      WHERE synced_at IS NOT NULL
                      ORDER BY synced_at DESC LIMIT 1 OFFSET $1)";
 
@@ -85,136 +85,93 @@ UPDATE synchub_gc_doomed SET deleting = TRUE
 
 const FORGET: &str = "DELETE FROM synchub_gc_doomed WHERE sha256 = $1";
 
-fn parse_doomed(sha256: String, doomed_at: i64, deleting: bool) -> Result<DoomedBlob, StoreError> {
+fn doomed_from_row<D: Run>(row: &Row<D>) -> Result<DoomedBlob, StoreError> {
+    let sha256 = D::text(row, "sha256")?;
     let hash = sha256
         .parse()
         .map_err(|_| StoreError::Corrupt(format!("synchub_gc_doomed holds {sha256:?}")))?;
     Ok(DoomedBlob {
         hash,
-        doomed_at,
-        deleting,
+        doomed_at: D::int(row, "doomed_at")?,
+        deleting: D::flag(row, "deleting")?,
     })
 }
 
-/// Implements [`GcStore`] for a backend; `$cutoff` turns the `sync_log` age cut-off into the
-/// backend's timestamp value.
-macro_rules! gc_store {
-    ($store:ty, $cutoff:expr) => {
-        #[async_trait]
-        impl GcStore for $store {
-            async fn delete_versions(
-                &self,
-                space: &str,
-                versions: &[u64],
-            ) -> Result<u64, StoreError> {
-                let mut tx = Dialect::pool(self).begin().await?;
-                let mut deleted = 0;
-                for v in versions {
-                    deleted += sqlx::query(DELETE_VERSION)
-                        .bind(space)
-                        .bind(super::rows::to_db(*v))
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected();
-                }
-                tx.commit().await?;
-                Ok(deleted)
-            }
-
-            async fn prune_sync_log(
-                &self,
-                before: DateTime<Utc>,
-                keep_rows: u64,
-            ) -> Result<u64, StoreError> {
-                let by_age = sqlx::query(PRUNE_LOG_AGE)
-                    .bind($cutoff(before))
-                    .execute(Dialect::pool(self))
-                    .await?
-                    .rows_affected();
-                let by_count = sqlx::query(PRUNE_LOG_ROWS)
-                    .bind(super::rows::to_db(keep_rows))
-                    .execute(Dialect::pool(self))
-                    .await?
-                    .rows_affected();
-                Ok(by_age + by_count)
-            }
-
-            async fn doom_blobs(&self, hashes: &[Sha256Hex], at_ms: i64) -> Result<(), StoreError> {
-                let mut tx = Dialect::pool(self).begin().await?;
-                for hash in hashes {
-                    sqlx::query(DOOM)
-                        .bind(hash.as_str())
-                        .bind(at_ms)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                tx.commit().await?;
-                Ok(())
-            }
-
-            async fn doomed_blobs(&self) -> Result<Vec<DoomedBlob>, StoreError> {
-                let rows: Vec<(String, i64, bool)> = sqlx::query_as(DOOMED)
-                    .fetch_all(Dialect::pool(self))
-                    .await?;
-                rows.into_iter()
-                    .map(|(h, at, deleting)| parse_doomed(h, at, deleting))
-                    .collect()
-            }
-
-            async fn spare_blobs(
-                &self,
-                hashes: &[Sha256Hex],
-            ) -> Result<Vec<Sha256Hex>, StoreError> {
-                // The list is empty but between a sweep's listing and its end: read it whole
-                // and write only for the blobs on it.
-                let doomed = self.doomed_blobs().await?;
-                if doomed.is_empty() {
-                    return Ok(Vec::new());
-                }
-                let wanted: std::collections::HashSet<&Sha256Hex> = hashes.iter().collect();
-                let mut tx = Dialect::pool(self).begin().await?;
-                for d in doomed.iter().filter(|d| wanted.contains(&d.hash)) {
-                    sqlx::query(SPARE)
-                        .bind(d.hash.as_str())
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                let deleting: Vec<(String,)> =
-                    sqlx::query_as("SELECT sha256 FROM synchub_gc_doomed WHERE deleting")
-                        .fetch_all(&mut *tx)
-                        .await?;
-                tx.commit().await?;
-                Ok(deleting
-                    .into_iter()
-                    .filter_map(|(h,)| h.parse::<Sha256Hex>().ok())
-                    .filter(|h| wanted.contains(h))
-                    .collect())
-            }
-
-            async fn start_deleting(
-                &self,
-                hash: &Sha256Hex,
-                doomed_by_ms: i64,
-            ) -> Result<bool, StoreError> {
-                let marked = sqlx::query(START_DELETING)
-                    .bind(hash.as_str())
-                    .bind(doomed_by_ms)
-                    .execute(Dialect::pool(self))
-                    .await?
-                    .rows_affected();
-                Ok(marked == 1)
-            }
-
-            async fn forget_doomed(&self, hash: &Sha256Hex) -> Result<(), StoreError> {
-                sqlx::query(FORGET)
-                    .bind(hash.as_str())
-                    .execute(Dialect::pool(self))
-                    .await?;
-                Ok(())
-            }
+#[async_trait]
+impl<D: Run> GcStore for D {
+    async fn delete_versions(&self, space: &str, versions: &[u64]) -> Result<u64, StoreError> {
+        let mut tx = self.pool().begin().await?;
+        let mut deleted = 0;
+        for v in versions {
+            let params = [Param::Text(space), Param::Int(super::rows::to_db(*v))];
+            deleted += D::execute_on(&mut *tx, DELETE_VERSION, &params).await?;
         }
-    };
-}
+        tx.commit().await?;
+        Ok(deleted)
+    }
 
-gc_store!(SqliteStore, super::rows::rfc3339);
-gc_store!(PostgresStore, std::convert::identity::<DateTime<Utc>>);
+    async fn prune_sync_log(
+        &self,
+        before: DateTime<Utc>,
+        keep_rows: u64,
+    ) -> Result<u64, StoreError> {
+        let by_age = self.execute(PRUNE_LOG_AGE, &[Param::Time(before)]).await?;
+        let keep = Param::Int(super::rows::to_db(keep_rows));
+        let by_count = self.execute(PRUNE_LOG_ROWS, &[keep]).await?;
+        Ok(by_age + by_count)
+    }
+
+    async fn doom_blobs(&self, hashes: &[Sha256Hex], at_ms: i64) -> Result<(), StoreError> {
+        let mut tx = self.pool().begin().await?;
+        for hash in hashes {
+            let params = [Param::Text(hash.as_str()), Param::Int(at_ms)];
+            D::execute_on(&mut *tx, DOOM, &params).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn doomed_blobs(&self) -> Result<Vec<DoomedBlob>, StoreError> {
+        let rows = self.fetch(DOOMED, &[]).await?;
+        rows.iter().map(doomed_from_row::<D>).collect()
+    }
+
+    async fn spare_blobs(&self, hashes: &[Sha256Hex]) -> Result<Vec<Sha256Hex>, StoreError> {
+        // The list is empty but between a sweep's listing and its end: read it whole and
+        // write only for the blobs on it.
+        let doomed = self.doomed_blobs().await?;
+        let wanted: HashSet<&Sha256Hex> = hashes.iter().collect();
+        let on_list: Vec<&DoomedBlob> =
+            doomed.iter().filter(|d| wanted.contains(&d.hash)).collect();
+        if on_list.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.pool().begin().await?;
+        for d in &on_list {
+            D::execute_on(&mut *tx, SPARE, &[Param::Text(d.hash.as_str())]).await?;
+        }
+        tx.commit().await?;
+        // Read after the deletes: a row marked `deleting` meanwhile is seen (and refused).
+        Ok(self
+            .doomed_blobs()
+            .await?
+            .into_iter()
+            .filter(|d| d.deleting && wanted.contains(&d.hash))
+            .map(|d| d.hash)
+            .collect())
+    }
+
+    async fn start_deleting(
+        &self,
+        hash: &Sha256Hex,
+        doomed_by_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let params = [Param::Text(hash.as_str()), Param::Int(doomed_by_ms)];
+        Ok(self.execute(START_DELETING, &params).await? == 1)
+    }
+
+    async fn forget_doomed(&self, hash: &Sha256Hex) -> Result<(), StoreError> {
+        self.execute(FORGET, &[Param::Text(hash.as_str())]).await?;
+        Ok(())
+    }
+}
