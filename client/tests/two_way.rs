@@ -5,7 +5,8 @@
 //! the others apply (and the time from a PNG written on one PC to its appearance on the others
 //! is measured); two PCs edit the same file at once; a file is written slowly, held open for
 //! 2 s; one PC deletes 60 % of the tree, which is held until an admin approves it, and another
-//! does the same, which an admin rejects (the files come back there). After every
+//! does the same, which an admin rejects (the files come back there); last an admin rolls back
+//! to the version before the approved delete and every folder becomes that tree. After every
 //! phase each folder must equal the hub's head byte for byte, and at the end every write ever
 //! made must still exist, at its path or as a conflict copy.
 //!
@@ -164,6 +165,21 @@ impl Admin {
     async fn versions(&self) -> anyhow::Result<Vec<VersionInfo>> {
         self.get_json(&format!("/spaces/{SPACE}/versions?limit=1000"))
             .await
+    }
+
+    /// `POST …/rollback` to version `to`; the new head.
+    async fn rollback(&self, to: u64) -> anyhow::Result<Head> {
+        let created: serde_json::Value = self
+            .http
+            .post(format!("{}/api/v1/spaces/{SPACE}/rollback", self.hub))
+            .bearer_auth(&self.token)
+            .json(&serde_json::json!({ "to_version": to, "reason": "test rollback" }))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(serde_json::from_value(created["head"].clone())?)
     }
 
     async fn held(&self) -> anyhow::Result<Vec<HeldRecord>> {
@@ -427,6 +443,7 @@ async fn three_pcs_keep_one_folder(backend: Backend, s3: bool) -> anyhow::Result
 
     // 4. One PC deletes 60 % of the tree: held until approved, then it reaches the others.
     let before = admin.head().await?;
+    let before_mass_delete = before.version;
     let victims = remove_folders(&pcs[2], &tree, 60)?;
     let deleted: BTreeSet<Sha256Hex> = victims.iter().map(|v| tree[v].clone()).collect();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -537,6 +554,35 @@ async fn three_pcs_keep_one_folder(backend: Backend, s3: bool) -> anyhow::Result
             "{pc}'s write to {rel} is lost"
         );
     }
+    // 6. An admin rolls back to the version before the approved mass delete: every PC's
+    //    folder ends as that version's tree (the deleted range folders come back).
+    let target = admin
+        .versions()
+        .await?
+        .into_iter()
+        .find(|v| v.head.version == before_mass_delete)
+        .context("the version before the mass delete is listed")?;
+    let want: BTreeMap<String, Sha256Hex> = admin
+        .manifest(&target.head)
+        .await?
+        .entries()
+        .iter()
+        .map(|e| (e.path.clone(), e.sha256.clone()))
+        .collect();
+    let rolled = admin.rollback(before_mass_delete).await?;
+    ensure!(rolled.forced, "a rollback is announced as forced");
+    let tree = converged(&admin, &all, Duration::from_secs(60)).await?;
+    ensure!(
+        tree == want,
+        "after the rollback the head is not version {before_mass_delete}'s tree"
+    );
+    ensure!(
+        victims
+            .iter()
+            .all(|v| pcs.iter().all(|pc| pc.folder().join(v).is_file())),
+        "a rolled-back file is missing on a PC"
+    );
+
     for pc in pcs {
         drop(pc);
     }

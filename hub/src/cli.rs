@@ -63,6 +63,21 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Delete the version records retention lets go (`[retention]`), the blobs no kept
+    /// version names (older than `[gc] grace_secs`) and old `sync_log` rows; prints what was
+    /// (or, with --dry-run, would be) freed.
+    Gc {
+        /// Only count what would be freed; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Expire only this space's versions (blobs are shared: every space's kept versions
+        /// protect theirs).
+        #[arg(long)]
+        space: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Announce a new version with the same data to every agent, as forced.
     ForceSync {
         /// Space to force [default: global_version].
@@ -226,6 +241,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Import(args) => import(&common, args).await,
         Command::ForceSync { space, reason } => force_sync(&common, space, reason).await,
         Command::Fsck { dry_run, json } => fsck(&common, dry_run, json).await,
+        Command::Gc {
+            dry_run,
+            space,
+            json,
+        } => gc(&common, crate::gc::GcOptions { dry_run, space }, json).await,
         Command::Rollback {
             space,
             to_version,
@@ -413,6 +433,47 @@ async fn fsck(common: &Common, dry_run: bool, json: bool) -> anyhow::Result<()> 
         report.corrupt.len(),
         report.damaged_versions.len()
     );
+    Ok(())
+}
+
+/// `synchub gc`, on an existing hub's data (the hub may be running).
+async fn gc(common: &Common, options: crate::gc::GcOptions, json: bool) -> anyhow::Result<()> {
+    let config = load_config(common)?;
+    require_database(&config)?;
+    let domain = Domain::open_existing(config).await?;
+    if let Some(space) = &options.space {
+        anyhow::ensure!(
+            domain.store.head(space).await?.is_some(),
+            "no space named {space:?}"
+        );
+    }
+    let report = crate::gc::collect(&domain, &options).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let (verb, would) = if report.dry_run {
+        ("would free", "would expire")
+    } else {
+        ("freed", "expired")
+    };
+    for (space, versions) in &report.expired_versions {
+        println!("{space}: {would} {} version(s)", versions.len());
+    }
+    println!(
+        "{verb} {} blob(s), {} bytes; kept {} unreferenced blob(s) younger than the grace period",
+        report.blobs_freed, report.bytes_freed, report.young_unreferenced
+    );
+    if report.spared > 0 {
+        println!(
+            "{} blob(s) named again while the sweep waited: kept",
+            report.spared
+        );
+    }
+    match report.sync_log_rows_deleted {
+        Some(n) => println!("deleted {n} old sync_log row(s)"),
+        None => println!("sync_log rows are not counted in a dry run"),
+    }
     Ok(())
 }
 

@@ -50,6 +50,10 @@ pub struct Config {
     pub alerts: crate::alerts::AlertsConfig,
     /// `[fleet]`: how agents are recorded for the dashboard (see `fleet.rs`).
     pub fleet: crate::fleet::FleetConfig,
+    /// `[retention]`: versions each space keeps and `sync_log` history (see `gc.rs`).
+    pub retention: crate::gc::RetentionConfig,
+    /// `[gc]`: the garbage collector's schedule and safety margins.
+    pub gc: crate::gc::GcConfig,
 }
 
 /// A space fed from tables of the hub's PostgreSQL database: each table (or named query) is
@@ -208,6 +212,8 @@ impl Default for Config {
             bucket_source: Vec::new(),
             alerts: crate::alerts::AlertsConfig::default(),
             fleet: crate::fleet::FleetConfig::default(),
+            retention: crate::gc::RetentionConfig::default(),
+            gc: crate::gc::GcConfig::default(),
         }
     }
 }
@@ -347,6 +353,8 @@ impl Config {
         self.validate_sources()?;
         self.alerts.validate()?;
         self.fleet.validate()?;
+        self.retention.validate().map_err(ConfigError::Invalid)?;
+        self.gc.validate().map_err(ConfigError::Invalid)?;
         if self.limits.header_read_timeout_ms == 0 {
             return Err(ConfigError::Invalid(
                 "limits.header_read_timeout_ms must be above 0".into(),

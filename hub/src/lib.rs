@@ -22,6 +22,7 @@ pub mod domain;
 pub mod error;
 pub mod fleet;
 pub mod fsck;
+pub mod gc;
 pub mod held;
 pub mod reports;
 pub mod server;

@@ -295,6 +295,9 @@ pub async fn commit(
 ) -> Result<Written, HubError> {
     let max_entries = domain.config.limits.max_manifest_entries;
     validate_commit(request, max_entries)?;
+    // Off the collector's doomed list before they are checked (see `gc.rs`).
+    let hashes: Vec<_> = request.puts.iter().map(|p| p.sha256.clone()).collect();
+    let spared_at = crate::gc::spare(domain, &hashes).await?;
     check_blobs(domain, request).await?;
     let written = write_version(domain, space, |head| async move {
         let (head, base) = commit_base(domain, space, head, request.base_version).await?;
@@ -302,8 +305,12 @@ pub async fn commit(
         match plan_commit(&base, &head, &head_manifest, request, max_entries)? {
             Plan::Unchanged => Ok(Step::Unchanged(head)),
             Plan::Next(next) => {
-                crate::blobs::put_bytes(domain.blobs.as_ref(), next.canonical_bytes().into())
-                    .await?;
+                let manifest =
+                    crate::blobs::put_bytes(domain.blobs.as_ref(), next.canonical_bytes().into())
+                        .await?;
+                // The same tree may exist as an old, unreferenced manifest blob.
+                crate::gc::spare(domain, std::slice::from_ref(&manifest)).await?;
+                crate::gc::check_window(domain, spared_at)?;
                 let new = NewVersion {
                     data_hash: next.data_hash(),
                     forced: false,

@@ -7,7 +7,7 @@
 //! future) removes the temporary file. A root belongs to one hub process: `new` deletes what
 //! an earlier process left in `tmp/`.
 
-use super::{BlobError, BlobRead, BlobStore, ByteStream, UploadCheck};
+use super::{BlobError, BlobRead, BlobStore, ByteStream, StoredBlob, UploadCheck};
 use async_trait::async_trait;
 use futures::StreamExt;
 use std::io::{ErrorKind, SeekFrom};
@@ -258,16 +258,27 @@ impl BlobStore for FsBlobStore {
         Ok(dest.display().to_string())
     }
 
-    async fn list(&self) -> Result<Vec<Sha256Hex>, BlobError> {
+    async fn list_stored(&self) -> Result<Vec<StoredBlob>, BlobError> {
         let root = self.root.clone();
         tokio::task::spawn_blocking(move || list_blocking(&root))
             .await
             .map_err(std::io::Error::other)?
     }
+
+    async fn delete(&self, hash: &Sha256Hex) -> Result<bool, BlobError> {
+        let path = self.blob_path(hash);
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+        sync_dir(path.parent().expect("blob path has folders").to_path_buf()).await?;
+        Ok(true)
+    }
 }
 
 /// Walks `root/ab/cd/`; anything else (tmp/, stray files) is not a blob and is skipped.
-fn list_blocking(root: &Path) -> Result<Vec<Sha256Hex>, BlobError> {
+fn list_blocking(root: &Path) -> Result<Vec<StoredBlob>, BlobError> {
     fn is_byte_dir(entry: &std::fs::DirEntry) -> bool {
         let name = entry.file_name();
         let name = name.to_string_lossy();
@@ -288,13 +299,24 @@ fn list_blocking(root: &Path) -> Result<Vec<Sha256Hex>, BlobError> {
             }
             for blob in std::fs::read_dir(second.path())? {
                 let blob = blob?;
-                if let Some(hash) = blob
+                let Some(hash) = blob
                     .file_name()
                     .to_str()
                     .and_then(|n| n.parse::<Sha256Hex>().ok())
-                {
-                    out.push(hash);
-                }
+                else {
+                    continue;
+                };
+                let meta = match blob.metadata() {
+                    Ok(meta) => meta,
+                    // Deleted since the folder was read (a sweep elsewhere).
+                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                out.push(StoredBlob {
+                    hash,
+                    size: meta.len(),
+                    modified: meta.modified()?.into(),
+                });
             }
         }
     }
@@ -324,6 +346,8 @@ mod tests {
         let store = FsBlobStore::new(dir.path().to_path_buf()).unwrap();
         assert_eq!(std::fs::read_dir(store.tmp_dir()).unwrap().count(), 0);
         assert_eq!(std::fs::read(&blob).unwrap(), b"abc");
-        assert_eq!(list_blocking(dir.path()).unwrap(), vec![hash]);
+        let listed = list_blocking(dir.path()).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!((&listed[0].hash, listed[0].size), (&hash, 3));
     }
 }

@@ -45,6 +45,15 @@ pub enum BlobError {
     ObjectStore(#[from] object_store::Error),
 }
 
+/// A blob as a listing sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredBlob {
+    pub hash: Sha256Hex,
+    pub size: u64,
+    /// When its bytes were last written (file mtime, object last-modified).
+    pub modified: chrono::DateTime<chrono::Utc>,
+}
+
 /// A blob being read: its full size and a stream of the requested range.
 pub struct BlobRead {
     pub size: u64,
@@ -83,7 +92,22 @@ pub trait BlobStore: Send + Sync + 'static {
     ) -> Result<Option<String>, BlobError>;
 
     /// Every stored blob's address (for backups); order unspecified.
-    async fn list(&self) -> Result<Vec<Sha256Hex>, BlobError>;
+    async fn list(&self) -> Result<Vec<Sha256Hex>, BlobError> {
+        Ok(self
+            .list_stored()
+            .await?
+            .into_iter()
+            .map(|b| b.hash)
+            .collect())
+    }
+
+    /// Every stored blob with its size and when it was written (for the garbage collector,
+    /// which spares young blobs); order unspecified.
+    async fn list_stored(&self) -> Result<Vec<StoredBlob>, BlobError>;
+
+    /// Deletes a stored blob for good (the garbage collector's sweep); false when it was not
+    /// there.
+    async fn delete(&self, hash: &Sha256Hex) -> Result<bool, BlobError>;
 
     /// Moves a stored blob aside (never deletes it), under `quarantine/` beside the blobs, so
     /// that it is no longer served or listed but can still be looked at; returns where it went.

@@ -8,7 +8,7 @@
 //! completed only when the digest matches, then copied to its key and the staging object
 //! deleted. A mismatch, an oversize or interrupted body aborts the multipart upload.
 
-use super::{BlobError, BlobRead, BlobStore, ByteStream, UploadCheck};
+use super::{BlobError, BlobRead, BlobStore, ByteStream, StoredBlob, UploadCheck};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
@@ -373,7 +373,18 @@ impl BlobStore for S3BlobStore {
         Ok(dest.to_string())
     }
 
-    async fn list(&self) -> Result<Vec<Sha256Hex>, BlobError> {
+    async fn delete(&self, hash: &Sha256Hex) -> Result<bool, BlobError> {
+        // S3 deletes answer success for a missing key too: ask first, for an honest count.
+        if self.size(hash).await?.is_none() {
+            return Ok(false);
+        }
+        match self.store.delete(&self.key(hash)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(true),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn list_stored(&self) -> Result<Vec<StoredBlob>, BlobError> {
         // Only direct children named by a digest: objects under `staging/` are skipped.
         let mut out = Vec::new();
         let mut objects = self.store.list(Some(&self.prefix));
@@ -385,7 +396,11 @@ impl BlobStore for S3BlobStore {
             if let (Some(name), None) = (rest.next(), rest.next())
                 && let Ok(hash) = name.as_ref().parse::<Sha256Hex>()
             {
-                out.push(hash);
+                out.push(StoredBlob {
+                    hash,
+                    size: meta.size,
+                    modified: meta.last_modified,
+                });
             }
         }
         Ok(out)

@@ -9,6 +9,7 @@
 
 mod agents;
 mod dialect;
+mod gc;
 mod held;
 pub mod postgres;
 mod rows;
@@ -16,6 +17,7 @@ mod sql;
 pub mod sqlite;
 
 pub use agents::MAX_AGENTS;
+pub use gc::{DoomedBlob, GcStore};
 pub use rows::ADOPTED_WITHOUT_DATA_REASON;
 
 use async_trait::async_trait;
@@ -101,7 +103,7 @@ pub fn has_no_data(head: &Head) -> bool {
 }
 
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: GcStore + Send + Sync + 'static {
     /// Short name for logs: "sqlite" or "postgres".
     fn backend(&self) -> &'static str;
 
