@@ -129,7 +129,10 @@ impl ManifestDelta {
                     .map_err(|e| malformed(n, &e.to_string()))?;
                 puts.extend(entry.entries().iter().cloned());
             } else {
-                return Err(malformed(n, "expected '+ <sha256> <size> <path>' or '- <path>'"));
+                return Err(malformed(
+                    n,
+                    "expected '+ <sha256> <size> <path>' or '- <path>'",
+                ));
             }
         }
         Ok(ManifestDelta {
@@ -195,7 +198,11 @@ mod tests {
         let (old, new) = pair();
         let delta = ManifestDelta::between(&old, &new);
         assert_eq!(
-            delta.puts.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(),
+            delta
+                .puts
+                .iter()
+                .map(|e| e.path.as_str())
+                .collect::<Vec<_>>(),
             vec!["b b/c.json", "e.json"]
         );
         assert_eq!(delta.deletes, vec!["d.png"]);
@@ -214,7 +221,10 @@ mod tests {
         assert_eq!(lines[0], "synchub-manifest-delta 1");
         assert_eq!(lines[1], format!("from {}", old.data_hash()));
         assert_eq!(lines[2], format!("to {}", new.data_hash()));
-        assert_eq!(lines[3], format!("+ {} 7 b b/c.json", Sha256Hex::of(b"changed")));
+        assert_eq!(
+            lines[3],
+            format!("+ {} 7 b b/c.json", Sha256Hex::of(b"changed"))
+        );
         assert_eq!(lines[5], "- d.png");
         assert_eq!(lines.len(), 6);
     }
