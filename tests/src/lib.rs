@@ -1,6 +1,6 @@
 //! The test harness: real hubs (`hub`), PostgreSQL clusters (`postgres`), an S3 server
 //! (`s3`), agents and data sets (`fixtures`), a TCP proxy that fails on demand (`proxy`),
-//! headless Chromium (`browser`), a webhook receiver and an SMTP sink for alerts (`sinks`) and
+//! request helpers on a test hub (`requests`), headless Chromium (`browser`), a webhook receiver and an SMTP sink for alerts (`sinks`) and
 //! the load generator (`load`), all on loopback; and
 //! [`backend_matrix!`], which runs one suite against every backend.
 
@@ -10,6 +10,7 @@ pub mod hub;
 pub mod load;
 pub mod postgres;
 pub mod proxy;
+pub mod requests;
 pub mod s3;
 pub mod sinks;
 

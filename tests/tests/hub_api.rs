@@ -14,6 +14,7 @@ use synchub_protocol::{
 use synchub_tests::backend_matrix;
 use synchub_tests::fixtures::{self, commit, http, put_blob};
 use synchub_tests::hub::{Backend, TestHub, WsAgent, fs_blob_path, ws_connect};
+use synchub_tests::requests::{in_default_space, refusal};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -54,13 +55,8 @@ async fn commit_broadcast_and_read_back(backend: Backend) -> anyhow::Result<()> 
     }
 
     // The manifest hashes to the announced data_hash and names every file.
-    let bytes = http()
-        .get(hub.api(&format!("/spaces/{DEFAULT_SPACE}/versions/2/manifest")))
-        .bearer_auth(&agent)
-        .send()
-        .await?
-        .error_for_status()?
-        .bytes()
+    let bytes = hub
+        .get_bytes(&in_default_space("/versions/2/manifest"), &agent)
         .await?;
     assert_eq!(Sha256Hex::of(&bytes), new.head.data_hash);
     let manifest = Manifest::from_canonical(&bytes, 1000)?;
@@ -69,9 +65,8 @@ async fn commit_broadcast_and_read_back(backend: Backend) -> anyhow::Result<()> 
     // Every blob reads back byte for byte, one by one and in one pack.
     for (path, body) in &files {
         let e = manifest.get(path).context("path missing")?;
-        let got = http()
-            .get(hub.api(&format!("/blobs/{}", e.sha256)))
-            .bearer_auth(&agent)
+        let got = hub
+            .get(&format!("/blobs/{}", e.sha256), &agent)
             .send()
             .await?;
         assert_eq!(got.status(), StatusCode::OK);
@@ -89,10 +84,8 @@ async fn commit_broadcast_and_read_back(backend: Backend) -> anyhow::Result<()> 
             .map(|e| e.sha256.clone())
             .collect(),
     };
-    let packed = http()
-        .post(hub.api("/blobs/pack"))
-        .bearer_auth(&agent)
-        .json(&list)
+    let packed = hub
+        .post("/blobs/pack", &agent, &list)
         .send()
         .await?
         .error_for_status()?
@@ -111,9 +104,9 @@ async fn commit_broadcast_and_read_back(backend: Backend) -> anyhow::Result<()> 
 
     // Range reads for resume.
     let big = manifest.get("arhiva/big.bin").unwrap();
-    let part = http()
-        .get(hub.api(&format!("/blobs/{}", big.sha256)))
-        .bearer_auth(&agent)
+    let big_blob = format!("/blobs/{}", big.sha256);
+    let part = hub
+        .get(&big_blob, &agent)
         .header("range", "bytes=299990-")
         .send()
         .await?;
@@ -123,9 +116,8 @@ async fn commit_broadcast_and_read_back(backend: Backend) -> anyhow::Result<()> 
         "bytes 299990-299999/300000"
     );
     assert_eq!(part.bytes().await?.len(), 10);
-    let beyond = http()
-        .get(hub.api(&format!("/blobs/{}", big.sha256)))
-        .bearer_auth(&agent)
+    let beyond = hub
+        .get(&big_blob, &agent)
         .header("range", "bytes=300000-")
         .send()
         .await?;
@@ -140,13 +132,8 @@ async fn commit_broadcast_and_read_back(backend: Backend) -> anyhow::Result<()> 
     assert_eq!(body["head"]["version"], 3);
 
     // Versions are listed for admins, newest first.
-    let versions: Vec<Value> = http()
-        .get(hub.api(&format!("/spaces/{DEFAULT_SPACE}/versions")))
-        .bearer_auth(&hub.admin_token)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
+    let versions: Vec<Value> = hub
+        .get_json(&in_default_space("/versions"), &hub.admin_token)
         .await?;
     assert_eq!(versions[0]["version"], 3);
     assert_eq!(versions.len(), 3);
@@ -157,20 +144,18 @@ async fn commit_broadcast_and_read_back(backend: Backend) -> anyhow::Result<()> 
 async fn head_etag_and_304(backend: Backend) -> anyhow::Result<()> {
     let hub = TestHub::start_backend(backend).await?;
     let agent = hub.token("pc", Role::Agent, None).await?;
-    let url = hub.api(&format!("/spaces/{DEFAULT_SPACE}/head"));
-    let first = http().get(&url).bearer_auth(&agent).send().await?;
+    let head = in_default_space("/head");
+    let first = hub.get(&head, &agent).send().await?;
     let etag = first.headers()["etag"].clone();
-    let again = http()
-        .get(&url)
-        .bearer_auth(&agent)
+    let again = hub
+        .get(&head, &agent)
         .header("if-none-match", etag.clone())
         .send()
         .await?;
     assert_eq!(again.status(), StatusCode::NOT_MODIFIED);
     commit(&hub, &agent, 1, &[("a.txt", b"a")], &[]).await?;
-    let moved = http()
-        .get(&url)
-        .bearer_auth(&agent)
+    let moved = hub
+        .get(&head, &agent)
         .header("if-none-match", etag)
         .send()
         .await?;
@@ -189,19 +174,14 @@ async fn force_sync_reaches_every_socket(backend: Backend) -> anyhow::Result<()>
         sockets.push(WsAgent::connect(&hub, &agent, &[DEFAULT_SPACE]).await?);
     }
     // An agent may not force.
-    let r = http()
-        .post(hub.api(&format!("/spaces/{DEFAULT_SPACE}/force-sync")))
-        .bearer_auth(&agent)
-        .json(&json!({"reason": "x"}))
+    let force = in_default_space("/force-sync");
+    let r = hub
+        .post(&force, &agent, &json!({"reason": "x"}))
         .send()
         .await?;
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
-    let r = http()
-        .post(hub.api(&format!("/spaces/{DEFAULT_SPACE}/force-sync")))
-        .bearer_auth(&hub.admin_token)
-        .json(&json!({"reason": "score sheets reset"}))
-        .send()
-        .await?;
+    let reset = json!({"reason": "score sheets reset"});
+    let r = hub.post(&force, &hub.admin_token, &reset).send().await?;
     assert_eq!(r.status(), StatusCode::CREATED);
     for s in &mut sockets {
         let h = s.next_sync_required(WAIT).await?;
@@ -245,9 +225,8 @@ async fn outside_sql_bump_is_broadcast_as_forced(backend: Backend) -> anyhow::Re
     assert_eq!(h.by.as_deref(), Some("old-app"));
     // The HTTP head agrees, and the manifest of the new version is served.
     assert_eq!(fixtures::head(&hub, &agent).await?.version, 3);
-    let r = http()
-        .get(hub.api(&format!("/spaces/{DEFAULT_SPACE}/versions/3/manifest")))
-        .bearer_auth(&agent)
+    let r = hub
+        .get(&in_default_space("/versions/3/manifest"), &agent)
         .send()
         .await?;
     assert_eq!(r.status(), StatusCode::OK);
@@ -277,26 +256,14 @@ async fn auth_matrix(backend: Backend) -> anyhow::Result<()> {
         .await?;
     let h = Sha256Hex::of(b"x");
     let routes: Vec<(reqwest::Method, String)> = vec![
+        (reqwest::Method::GET, in_default_space("/head")),
         (
             reqwest::Method::GET,
-            format!("/spaces/{DEFAULT_SPACE}/head"),
+            in_default_space("/versions/1/manifest"),
         ),
-        (
-            reqwest::Method::GET,
-            format!("/spaces/{DEFAULT_SPACE}/versions/1/manifest"),
-        ),
-        (
-            reqwest::Method::GET,
-            format!("/spaces/{DEFAULT_SPACE}/versions"),
-        ),
-        (
-            reqwest::Method::POST,
-            format!("/spaces/{DEFAULT_SPACE}/commits"),
-        ),
-        (
-            reqwest::Method::POST,
-            format!("/spaces/{DEFAULT_SPACE}/force-sync"),
-        ),
+        (reqwest::Method::GET, in_default_space("/versions")),
+        (reqwest::Method::POST, in_default_space("/commits")),
+        (reqwest::Method::POST, in_default_space("/force-sync")),
         (reqwest::Method::GET, format!("/blobs/{h}")),
         (reqwest::Method::PUT, format!("/blobs/{h}")),
         (reqwest::Method::POST, "/blobs/pack".into()),
@@ -323,28 +290,19 @@ async fn auth_matrix(backend: Backend) -> anyhow::Result<()> {
     }
     // Admin-only routes refuse an agent token.
     for (method, path) in [
-        (
-            reqwest::Method::GET,
-            format!("/spaces/{DEFAULT_SPACE}/versions"),
-        ),
-        (
-            reqwest::Method::POST,
-            format!("/spaces/{DEFAULT_SPACE}/force-sync"),
-        ),
+        (reqwest::Method::GET, in_default_space("/versions")),
+        (reqwest::Method::POST, in_default_space("/force-sync")),
         (reqwest::Method::GET, "/sync-log".to_string()),
         (reqwest::Method::GET, "/clients".to_string()),
     ] {
-        let r = http()
-            .request(method.clone(), hub.api(&path))
-            .bearer_auth(&agent)
-            .json(&json!({}))
-            .send()
-            .await?;
-        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{method} {path}");
-        assert_eq!(r.json::<ApiError>().await?.code, "forbidden");
-        let r = http()
-            .request(method.clone(), hub.api(&path))
-            .bearer_auth(&hub.admin_token)
+        let as_agent = hub.request(method.clone(), &path, &agent).json(&json!({}));
+        assert_eq!(
+            refusal(as_agent).await?,
+            (StatusCode::FORBIDDEN, "forbidden".into()),
+            "{method} {path}"
+        );
+        let r = hub
+            .request(method.clone(), &path, &hub.admin_token)
             .json(&json!({}))
             .send()
             .await?;
@@ -355,11 +313,7 @@ async fn auth_matrix(backend: Backend) -> anyhow::Result<()> {
         );
     }
     // A token limited to another space.
-    let r = http()
-        .get(hub.api(&format!("/spaces/{DEFAULT_SPACE}/head")))
-        .bearer_auth(&limited)
-        .send()
-        .await?;
+    let r = hub.get(&in_default_space("/head"), &limited).send().await?;
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     let (status, body) = commit(&hub, &limited, 1, &[("a", b"a")], &[]).await?;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
@@ -386,11 +340,7 @@ async fn auth_matrix(backend: Backend) -> anyhow::Result<()> {
             .iter()
             .any(|f| matches!(f, HubFrame::Error { code, .. } if code == "unauthorized"))
     );
-    let r = http()
-        .get(hub.api(&format!("/spaces/{DEFAULT_SPACE}/head")))
-        .bearer_auth(&agent)
-        .send()
-        .await?;
+    let r = hub.get(&in_default_space("/head"), &agent).send().await?;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     hub.stop().await;
     Ok(())
@@ -412,7 +362,8 @@ async fn revoke_from_another_process_closes_sockets(backend: Backend) -> anyhow:
 async fn bad_input_is_refused(backend: Backend) -> anyhow::Result<()> {
     let hub = TestHub::start_backend(backend).await?;
     let agent = hub.token("pc", Role::Agent, None).await?;
-    let commits = hub.api(&format!("/spaces/{DEFAULT_SPACE}/commits"));
+    let commits = in_default_space("/commits");
+    let post_commit = |body: &Value| hub.post(&commits, &agent, body);
     let good = put_blob(&hub, &agent, b"hello").await?;
 
     // Hostile and malformed paths: 400 invalid_path, nothing committed.
@@ -427,19 +378,13 @@ async fn bad_input_is_refused(backend: Backend) -> anyhow::Result<()> {
         "",
     ] {
         let req = json!({"base_version": 1, "puts": [{"path": path, "size": 5, "sha256": good}]});
-        let r = http()
-            .post(&commits)
-            .bearer_auth(&agent)
-            .json(&req)
-            .send()
-            .await?;
-        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{path:?}");
-        assert_eq!(r.json::<ApiError>().await?.code, "invalid_path", "{path:?}");
+        assert_eq!(
+            refusal(post_commit(&req)).await?,
+            (StatusCode::BAD_REQUEST, "invalid_path".into()),
+            "{path:?}"
+        );
     }
-    let r = http()
-        .post(&commits)
-        .bearer_auth(&agent)
-        .json(&json!({"base_version": 1, "deletes": ["../x"]}))
+    let r = post_commit(&json!({"base_version": 1, "deletes": ["../x"]}))
         .send()
         .await?;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
@@ -450,50 +395,31 @@ async fn bad_input_is_refused(backend: Backend) -> anyhow::Result<()> {
         "{\"base_version\": \"one\"}",
         "{\"base_version\": 1, \"puts\": [{\"path\": \"a\", \"size\": 1, \"sha256\": \"zz\"}]}",
     ] {
-        let r = http()
-            .post(&commits)
-            .bearer_auth(&agent)
+        let raw = hub
+            .request(reqwest::Method::POST, &commits, &agent)
             .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await?;
-        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{body}");
-        assert_eq!(r.json::<ApiError>().await?.code, "bad_request");
+            .body(body);
+        assert_eq!(
+            refusal(raw).await?,
+            (StatusCode::BAD_REQUEST, "bad_request".into()),
+            "{body}"
+        );
     }
     // Duplicate paths, a size that lies, a blob never uploaded.
     let dup = json!({"base_version": 1, "puts": [
         {"path": "a", "size": 5, "sha256": good}, {"path": "a", "size": 5, "sha256": good}]});
-    let r = http()
-        .post(&commits)
-        .bearer_auth(&agent)
-        .json(&dup)
-        .send()
-        .await?;
+    let r = post_commit(&dup).send().await?;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     let lie = json!({"base_version": 1, "puts": [{"path": "a", "size": 6, "sha256": good}]});
-    let r = http()
-        .post(&commits)
-        .bearer_auth(&agent)
-        .json(&lie)
-        .send()
-        .await?;
+    let r = post_commit(&lie).send().await?;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     let absent = json!({"base_version": 1, "puts": [{"path": "a", "size": 1, "sha256": Sha256Hex::of(b"never")}]});
-    let r = http()
-        .post(&commits)
-        .bearer_auth(&agent)
-        .json(&absent)
-        .send()
-        .await?;
-    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
-    assert_eq!(r.json::<ApiError>().await?.code, "missing_blobs");
+    assert_eq!(
+        refusal(post_commit(&absent)).await?,
+        (StatusCode::BAD_REQUEST, "missing_blobs".into())
+    );
     // Base versions that do not exist.
-    let r = http()
-        .post(&commits)
-        .bearer_auth(&agent)
-        .json(&json!({"base_version": 99}))
-        .send()
-        .await?;
+    let r = post_commit(&json!({"base_version": 99})).send().await?;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     assert_eq!(
         fixtures::head(&hub, &agent).await?.version,
@@ -503,29 +429,20 @@ async fn bad_input_is_refused(backend: Backend) -> anyhow::Result<()> {
 
     // Bad hashes in URLs: 400 invalid_hash.
     for bad in ["zz", "..%2F..%2Fetc%2Fpasswd", &"A".repeat(64)] {
-        let r = http()
-            .get(hub.api(&format!("/blobs/{bad}")))
-            .bearer_auth(&agent)
-            .send()
-            .await?;
-        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{bad}");
-        assert_eq!(r.json::<ApiError>().await?.code, "invalid_hash");
+        assert_eq!(
+            refusal(hub.get(&format!("/blobs/{bad}"), &agent)).await?,
+            (StatusCode::BAD_REQUEST, "invalid_hash".into()),
+            "{bad}"
+        );
     }
     // A blob whose bytes do not match: 422, nothing stored.
     let claimed = Sha256Hex::of(b"the real bytes");
-    let r = http()
-        .put(hub.api(&format!("/blobs/{claimed}")))
-        .bearer_auth(&agent)
-        .body("other bytes")
-        .send()
-        .await?;
-    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
-    assert_eq!(r.json::<ApiError>().await?.code, "hash_mismatch");
-    let r = http()
-        .get(hub.api(&format!("/blobs/{claimed}")))
-        .bearer_auth(&agent)
-        .send()
-        .await?;
+    let claimed_blob = format!("/blobs/{claimed}");
+    assert_eq!(
+        refusal(hub.put(&claimed_blob, &agent, "other bytes")).await?,
+        (StatusCode::UNPROCESSABLE_ENTITY, "hash_mismatch".into())
+    );
+    let r = hub.get(&claimed_blob, &agent).send().await?;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     assert!(!fs_blob_path(hub.data_dir(), claimed.as_str()).exists());
 
@@ -543,11 +460,7 @@ async fn bad_input_is_refused(backend: Backend) -> anyhow::Result<()> {
     tcp.shutdown().await?;
     drop(tcp);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let r = http()
-        .get(hub.api(&format!("/blobs/{hash}")))
-        .bearer_auth(&agent)
-        .send()
-        .await?;
+    let r = hub.get(&format!("/blobs/{hash}"), &agent).send().await?;
     assert_eq!(
         r.status(),
         StatusCode::NOT_FOUND,
@@ -557,41 +470,27 @@ async fn bad_input_is_refused(backend: Backend) -> anyhow::Result<()> {
     // Unknown space, version and route: 404 with a code.
     for path in [
         "/spaces/nope/head".to_string(),
-        format!("/spaces/{DEFAULT_SPACE}/versions/42/manifest"),
+        in_default_space("/versions/42/manifest"),
         "/no/such/route".to_string(),
         format!("/blobs/{}", Sha256Hex::of(b"absent")),
     ] {
-        let r = http()
-            .get(hub.api(&path))
-            .bearer_auth(&agent)
-            .send()
-            .await?;
-        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{path}");
-        assert_eq!(r.json::<ApiError>().await?.code, "not_found");
+        assert_eq!(
+            refusal(hub.get(&path, &agent)).await?,
+            (StatusCode::NOT_FOUND, "not_found".into()),
+            "{path}"
+        );
     }
-    let r = http()
-        .get(hub.api("/spaces/..%2F..%2Fetc/head"))
-        .bearer_auth(&agent)
-        .send()
-        .await?;
+    let r = hub.get("/spaces/..%2F..%2Fetc/head", &agent).send().await?;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     // A pack naming a missing blob.
-    let r = http()
-        .post(hub.api("/blobs/pack"))
-        .bearer_auth(&agent)
-        .json(&BlobList {
-            sha256: vec![good.clone(), Sha256Hex::of(b"absent")],
-        })
-        .send()
-        .await?;
+    let some_absent = BlobList {
+        sha256: vec![good.clone(), Sha256Hex::of(b"absent")],
+    };
+    let r = hub.post("/blobs/pack", &agent, &some_absent).send().await?;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     // /blobs/missing answers which are absent.
-    let r: BlobList = http()
-        .post(hub.api("/blobs/missing"))
-        .bearer_auth(&agent)
-        .json(&BlobList {
-            sha256: vec![good.clone(), Sha256Hex::of(b"absent")],
-        })
+    let r: BlobList = hub
+        .post("/blobs/missing", &agent, &some_absent)
         .send()
         .await?
         .json()
@@ -619,12 +518,8 @@ async fn conflicting_commit_gets_409(backend: Backend) -> anyhow::Result<()> {
     // PC 2 touching only other paths on the old base is merged onto the head.
     let (s, body) = commit(&hub, &agent, 2, &[("c.txt", b"x")], &["b.txt"]).await?;
     assert_eq!(s, StatusCode::CREATED, "{body}");
-    let manifest = http()
-        .get(hub.api(&format!("/spaces/{DEFAULT_SPACE}/versions/4/manifest")))
-        .bearer_auth(&agent)
-        .send()
-        .await?
-        .bytes()
+    let manifest = hub
+        .get_bytes(&in_default_space("/versions/4/manifest"), &agent)
         .await?;
     let m = Manifest::from_canonical(&manifest, 100)?;
     let paths: Vec<&str> = m.entries().iter().map(|e| e.path.as_str()).collect();
@@ -642,11 +537,7 @@ async fn sync_log_reports(backend: Backend) -> anyhow::Result<()> {
                "sync_type": "download", "status": status, "version": 2, "items_synced": 508,
                "bytes": 2_500_000, "duration_ms": 420, "user": "ana"})
     };
-    let post = |body: Value| {
-        let agent = agent.clone();
-        let url = hub.api("/sync-log");
-        async move { http().post(url).bearer_auth(agent).json(&body).send().await }
-    };
+    let post = |body: Value| hub.post("/sync-log", &agent, &body).send();
     assert_eq!(
         post(report("r1", "success")).await?.status(),
         StatusCode::CREATED
@@ -683,29 +574,14 @@ async fn sync_log_reports(backend: Backend) -> anyhow::Result<()> {
             "{bad}"
         );
     }
-    let list = |q: &str| {
-        let url = hub.api(&format!("/sync-log{q}"));
-        let token = hub.admin_token.clone();
-        async move {
-            anyhow::Ok(
-                http()
-                    .get(url)
-                    .bearer_auth(token)
-                    .send()
-                    .await?
-                    .error_for_status()?
-                    .json::<Vec<SyncLogEntry>>()
-                    .await?,
-            )
-        }
-    };
-    let all = list("").await?;
+    let list = |path| hub.get_json::<Vec<SyncLogEntry>>(path, &hub.admin_token);
+    let all = list("/sync-log").await?;
     assert_eq!(all.len(), 3);
     assert_eq!(all[0].report_id.as_deref(), Some("r3"), "newest first");
-    let failed = list("?status=failed").await?;
+    let failed = list("/sync-log?status=failed").await?;
     assert_eq!(failed.len(), 1);
     assert!(failed[0].error_message.as_ref().unwrap().len() <= 4000);
-    let pc1 = list("?client_id=pc-1").await?;
+    let pc1 = list("/sync-log?client_id=pc-1").await?;
     assert_eq!(pc1.len(), 2);
     assert_eq!(pc1[1].items_synced, Some(508));
     assert_eq!(pc1[1].user.as_deref(), Some("ana"));
@@ -781,13 +657,7 @@ async fn status_frames_show_in_clients_listing(backend: Backend) -> anyhow::Resu
     .await?;
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let clients: Vec<Value> = http()
-            .get(hub.api("/clients"))
-            .bearer_auth(&hub.admin_token)
-            .send()
-            .await?
-            .json()
-            .await?;
+        let clients: Vec<Value> = hub.get_json("/clients", &hub.admin_token).await?;
         if clients.len() == 1 && clients[0]["spaces"][0]["state"] == "downloading" {
             assert_eq!(clients[0]["spaces"][0]["files_total"], 508);
             assert_eq!(clients[0]["token_name"], "pc");
@@ -820,23 +690,10 @@ async fn spaces_listing_and_dashboard(backend: Backend) -> anyhow::Result<()> {
     let limited = hub
         .token("qr-only", Role::Agent, Some(vec!["qr".into()]))
         .await?;
-    let list = |token: String| {
-        let url = hub.api("/spaces");
-        async move {
-            anyhow::Ok(
-                http()
-                    .get(url)
-                    .bearer_auth(token)
-                    .send()
-                    .await?
-                    .json::<Vec<Head>>()
-                    .await?,
-            )
-        }
-    };
-    let all: Vec<String> = list(agent).await?.into_iter().map(|h| h.space).collect();
+    let list = |token| hub.get_json::<Vec<Head>>("/spaces", token);
+    let all: Vec<String> = list(&agent).await?.into_iter().map(|h| h.space).collect();
     assert_eq!(all, vec!["global_version", "qr"]);
-    let qr: Vec<String> = list(limited).await?.into_iter().map(|h| h.space).collect();
+    let qr: Vec<String> = list(&limited).await?.into_iter().map(|h| h.space).collect();
     assert_eq!(qr, vec!["qr"]);
     let page = http().get(format!("{}/", hub.url)).send().await?;
     assert_eq!(page.status(), StatusCode::OK);
@@ -878,32 +735,23 @@ async fn oversized_blob_and_body_get_413() -> anyhow::Result<()> {
     .await?;
     let agent = hub.token("pc", Role::Agent, None).await?;
     let body = vec![0u8; 5000];
-    let r = http()
-        .put(hub.api(&format!("/blobs/{}", Sha256Hex::of(&body))))
-        .bearer_auth(&agent)
-        .body(body.clone())
-        .send()
-        .await?;
-    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
-    assert_eq!(r.json::<ApiError>().await?.code, "too_large");
+    let blob = format!("/blobs/{}", Sha256Hex::of(&body));
+    assert_eq!(
+        refusal(hub.put(&blob, &agent, body.clone())).await?,
+        (StatusCode::PAYLOAD_TOO_LARGE, "too_large".into())
+    );
     // Chunked (no Content-Length): the limit is enforced while streaming.
     let stream = futures::stream::iter((0..5).map(|_| Ok::<_, std::io::Error>(vec![0u8; 1000])));
-    let r = http()
-        .put(hub.api(&format!("/blobs/{}", Sha256Hex::of(&body))))
-        .bearer_auth(&agent)
-        .body(reqwest::Body::wrap_stream(stream))
+    let r = hub
+        .put(&blob, &agent, reqwest::Body::wrap_stream(stream))
         .send()
         .await?;
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
     let big_commit = json!({"base_version": 1, "message": "x".repeat(5000)});
-    let r = http()
-        .post(hub.api(&format!("/spaces/{DEFAULT_SPACE}/commits")))
-        .bearer_auth(&agent)
-        .json(&big_commit)
-        .send()
-        .await?;
-    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
-    assert_eq!(r.json::<ApiError>().await?.code, "too_large");
+    assert_eq!(
+        refusal(hub.post(&in_default_space("/commits"), &agent, &big_commit)).await?,
+        (StatusCode::PAYLOAD_TOO_LARGE, "too_large".into())
+    );
     hub.stop().await;
     Ok(())
 }

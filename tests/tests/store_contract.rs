@@ -190,6 +190,7 @@ synchub_tests::backend_matrix!(
         postgres => Fixture::new(Backend::Postgres).await?,
     ]
     ensure_space_creates_version_one,
+    sync_log_is_newest_first_whoever_reported,
     ensure_space_adopts_an_existing_row,
     create_version_is_compare_and_swap,
     concurrent_creators_exactly_one_wins,
@@ -525,6 +526,24 @@ async fn tokens_create_list_revoke(f: Fixture) -> Result<()> {
         ),
         "a revoked token's name stays taken"
     );
+    Ok(())
+}
+
+/// The order of the log is the time of the syncs, not who made them: a late report of an
+/// early sync by a user sorting last is listed last.
+async fn sync_log_is_newest_first_whoever_reported(f: Fixture) -> Result<()> {
+    for (id, user, at) in [
+        ("noon", "4242", "2026-11-24T12:00:00Z"),
+        ("one", "1000", "2026-11-24T13:00:00Z"),
+        ("morning", "9999", "2026-11-24T08:00:00Z"),
+    ] {
+        let mut r = report(id, "pc-1", "qr", SyncStatus::Success, at);
+        r.user = Some(user.to_owned());
+        assert!(f.store.insert_report(&r).await?);
+    }
+    let log = f.store.sync_log(&SyncLogFilter::default()).await?;
+    let ids: Vec<_> = log.iter().filter_map(|e| e.report_id.as_deref()).collect();
+    assert_eq!(ids, ["one", "noon", "morning"]);
     Ok(())
 }
 

@@ -1,28 +1,48 @@
-//! The narrow layer where the two SQL backends differ: each implements [`Dialect`] with the
-//! statements whose text or value types are its own (casts, timestamps as TEXT or
-//! `timestamptz`, `now()`), and `sql.rs` writes the orchestration (head reads, version
-//! creation, outside bumps, token names) once over it.
+//! The narrow layer where the two SQL backends differ, and the one place that runs statements
+//! for both. Each backend implements [`Dialect`]: its pool, how it stores a timestamp
+//! (`timestamptz`, or RFC 3339 TEXT), the `SELECT` lists whose casts are its own, and how it
+//! watches for changes. [`Run`] binds [`Param`]s, runs statements and reads columns for every
+//! dialect, written once; `sql.rs` writes the store itself over it.
 //!
-//! Statement text both backends accept (`$N` parameters work in SQLite too) lives here once,
-//! with generic binders for its parameters; the timestamp is the one value whose type differs.
+//! Statement text both backends accept (`$N` parameters work in SQLite too) lives here once.
 
-use super::rows::{HeadRow, PendingVersion, to_db};
-use super::{StoreError, TokenRecord};
+use super::Change;
+use super::rows::Stamp;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::query::Query;
-use sqlx::{Database, Encode, Pool, Type};
+use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row as _, Type};
 use std::collections::HashSet;
-use std::sync::RwLock;
-use synchub_protocol::{Role, SyncReport};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// A database connection of the dialect's backend (a transaction derefs to one).
 pub(super) type Conn<D> = <<D as Dialect>::Db as Database>::Connection;
+/// A result row of the dialect's backend.
+pub(super) type Row<D> = <<D as Dialect>::Db as Database>::Row;
+type Statement<'q, D> =
+    Query<'q, <D as Dialect>::Db, <<D as Dialect>::Db as Database>::Arguments<'q>>;
 
-/// The statements each backend writes in its own SQL; everything else is in `sql.rs`.
+/// What each backend does its own way; everything else is in `sql.rs`.
 #[async_trait]
 pub(super) trait Dialect: Send + Sync + 'static {
     type Db: Database;
+
+    /// How the backend stores a timestamp.
+    type Time: for<'q> Encode<'q, Self::Db>
+        + for<'r> Decode<'r, Self::Db>
+        + Type<Self::Db>
+        + Send
+        + 'static;
+
+    /// Short name for logs: "sqlite" or "postgres".
+    const NAME: &'static str;
+
+    /// The start of a head read's `SELECT` list (see [`HEAD_NEWEST`]): the row's `sync_key`,
+    /// `row_version`, `row_by` and `row_at`.
+    const HEAD_SELECT: &'static str;
 
     fn pool(&self) -> &Pool<Self::Db>;
 
@@ -31,50 +51,142 @@ pub(super) trait Dialect: Send + Sync + 'static {
     /// Called after the hub's own committed write: a backend that polls looks at once.
     fn wrote(&self) {}
 
-    /// `sync_metadata` rows joined with their newest version record: `space`'s, or every row
-    /// ordered by space when `None`.
-    async fn head_rows(&self, space: Option<&str>) -> Result<Vec<HeadRow>, StoreError>;
+    /// A timestamp as the backend stores it.
+    fn store_time(at: DateTime<Utc>) -> Self::Time;
 
-    /// Records a version once: 1 when inserted, 0 when a record of that number exists.
-    async fn insert_version(conn: &mut Conn<Self>, p: &PendingVersion) -> Result<u64, sqlx::Error>;
+    /// A stored timestamp as read back.
+    fn read_time(stored: Self::Time) -> Stamp;
 
-    /// Moves `p.space`'s row to `p` if its head is still `expected` (see [`MOVE_HEAD`]); the
-    /// rows moved, 0 or 1.
-    async fn move_head(
+    /// The number of rows a statement changed.
+    fn rows_changed(done: <Self::Db as Database>::QueryResult) -> u64;
+
+    /// `SELECT ... FROM sync_log WHERE 1 = 1` with the columns `sql.rs` reads from a
+    /// `sync_log` row, cast as the backend's (possibly adopted) table needs.
+    fn sync_log_select(&self) -> String;
+
+    /// See [`super::Store::watch`].
+    async fn watch(
+        self: Arc<Self>,
+        poll_interval: Duration,
+        changes: mpsc::UnboundedSender<Change>,
+        shutdown: CancellationToken,
+    );
+}
+
+/// A value bound to a statement parameter; a [`Param::Time`] is bound as the dialect stores
+/// timestamps.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Param<'q> {
+    Text(&'q str),
+    MaybeText(Option<&'q str>),
+    Int(i64),
+    MaybeInt(Option<i64>),
+    Flag(bool),
+    Time(DateTime<Utc>),
+}
+
+/// Runs statements and reads columns for any [`Dialect`] whose database binds and reads the
+/// value types of [`Param`]; implemented once, for every such dialect, below.
+#[async_trait]
+pub(super) trait Run: Dialect {
+    /// The rows `sql` returns, run on the pool.
+    async fn fetch(&self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row<Self>>, sqlx::Error>;
+
+    /// Runs `sql` on the pool: the number of rows it changed.
+    async fn execute(&self, sql: &str, params: &[Param<'_>]) -> Result<u64, sqlx::Error>;
+
+    /// Runs `sql` on `conn` (a transaction's): the number of rows it changed.
+    async fn execute_on(
         conn: &mut Conn<Self>,
-        p: &PendingVersion,
-        expected: u64,
+        sql: &str,
+        params: &[Param<'_>],
     ) -> Result<u64, sqlx::Error>;
 
-    /// Writes `p`'s data hash into its space's row if the row is still at `p`'s version.
-    async fn set_data_hash(conn: &mut Conn<Self>, p: &PendingVersion) -> Result<(), sqlx::Error>;
+    fn text(row: &Row<Self>, column: &str) -> Result<String, sqlx::Error>;
+    fn maybe_text(row: &Row<Self>, column: &str) -> Result<Option<String>, sqlx::Error>;
+    fn int(row: &Row<Self>, column: &str) -> Result<i64, sqlx::Error>;
+    fn maybe_int(row: &Row<Self>, column: &str) -> Result<Option<i64>, sqlx::Error>;
+    fn flag(row: &Row<Self>, column: &str) -> Result<bool, sqlx::Error>;
+    fn time(row: &Row<Self>, column: &str) -> Result<Option<Stamp>, sqlx::Error>;
+}
 
-    /// Inserts a new space's row at version 1 with `data_hash`; 0 when the row exists.
-    async fn insert_space_row(
+#[async_trait]
+impl<D: Dialect> Run for D
+where
+    for<'c> &'c mut Conn<D>: Executor<'c, Database = D::Db>,
+    for<'c> &'c Pool<D::Db>: Executor<'c, Database = D::Db>,
+    for<'q> <D::Db as Database>::Arguments<'q>: IntoArguments<'q, D::Db>,
+    for<'q> &'q str: Encode<'q, D::Db> + Type<D::Db> + ColumnIndex<Row<D>>,
+    for<'q> Option<&'q str>: Encode<'q, D::Db> + Type<D::Db>,
+    for<'q> i64: Encode<'q, D::Db> + Decode<'q, D::Db> + Type<D::Db>,
+    for<'q> Option<i64>: Encode<'q, D::Db>,
+    for<'q> bool: Encode<'q, D::Db> + Decode<'q, D::Db> + Type<D::Db>,
+    for<'r> String: Decode<'r, D::Db> + Type<D::Db>,
+{
+    async fn fetch(&self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row<Self>>, sqlx::Error> {
+        statement::<D>(sql, params).fetch_all(self.pool()).await
+    }
+
+    async fn execute(&self, sql: &str, params: &[Param<'_>]) -> Result<u64, sqlx::Error> {
+        let done = statement::<D>(sql, params).execute(self.pool()).await?;
+        Ok(D::rows_changed(done))
+    }
+
+    async fn execute_on(
         conn: &mut Conn<Self>,
-        space: &str,
-        data_hash: &str,
-        at: DateTime<Utc>,
-    ) -> Result<u64, sqlx::Error>;
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<u64, sqlx::Error> {
+        let done = statement::<D>(sql, params).execute(conn).await?;
+        Ok(D::rows_changed(done))
+    }
 
-    /// Inserts a token row and returns it as stored.
-    async fn insert_token(
-        &self,
-        name: &str,
-        role: Role,
-        spaces: Option<String>,
-        token_hash: &str,
-    ) -> Result<TokenRecord, StoreError>;
+    fn text(row: &Row<Self>, column: &str) -> Result<String, sqlx::Error> {
+        row.try_get(column)
+    }
 
-    /// True when a token (live or revoked) is named `name`.
-    async fn token_named(&self, name: &str) -> Result<bool, sqlx::Error>;
+    fn maybe_text(row: &Row<Self>, column: &str) -> Result<Option<String>, sqlx::Error> {
+        row.try_get(column)
+    }
 
-    /// Inserts a `sync_log` row unless one with its `report_id` exists; true when inserted.
-    async fn insert_report(
-        conn: &mut Conn<Self>,
-        report: &SyncReport,
-        now: DateTime<Utc>,
-    ) -> Result<bool, sqlx::Error>;
+    fn int(row: &Row<Self>, column: &str) -> Result<i64, sqlx::Error> {
+        row.try_get(column)
+    }
+
+    fn maybe_int(row: &Row<Self>, column: &str) -> Result<Option<i64>, sqlx::Error> {
+        row.try_get(column)
+    }
+
+    fn flag(row: &Row<Self>, column: &str) -> Result<bool, sqlx::Error> {
+        row.try_get(column)
+    }
+
+    fn time(row: &Row<Self>, column: &str) -> Result<Option<Stamp>, sqlx::Error> {
+        let stored: Option<D::Time> = row.try_get(column)?;
+        Ok(stored.map(D::read_time))
+    }
+}
+
+/// `sql` with `params` bound in order.
+fn statement<'q, D>(sql: &'q str, params: &[Param<'q>]) -> Statement<'q, D>
+where
+    D: Dialect,
+    for<'a> &'a str: Encode<'a, D::Db> + Type<D::Db>,
+    for<'a> Option<&'a str>: Encode<'a, D::Db> + Type<D::Db>,
+    for<'a> i64: Encode<'a, D::Db> + Type<D::Db>,
+    for<'a> Option<i64>: Encode<'a, D::Db>,
+    for<'a> bool: Encode<'a, D::Db> + Type<D::Db>,
+{
+    params
+        .iter()
+        .fold(sqlx::query(sql), |query, param| match *param {
+            Param::Text(v) => query.bind(v),
+            Param::MaybeText(v) => query.bind(v),
+            Param::Int(v) => query.bind(v),
+            Param::MaybeInt(v) => query.bind(v),
+            Param::Flag(v) => query.bind(v),
+            Param::Time(v) => query.bind(D::store_time(v)),
+        })
 }
 
 /// Spaces fed by sources (see [`super::Store::set_fed_spaces`]).
@@ -99,10 +211,11 @@ impl FedSpaces {
     }
 }
 
-/// A `sync_metadata` row joined with the newest version record of its space (NULLs when
-/// none); each backend prepends its own `SELECT` list (`HEAD_QUERY` there). `$1` NULL: every
-/// row.
-pub(super) const HEAD_FROM: &str = "
+/// After the dialect's [`Dialect::HEAD_SELECT`]: the newest version record of the row's space
+/// (NULLs when none) and the join. `$1` NULL: every row.
+pub(super) const HEAD_NEWEST: &str = ",
+       v.space, v.version, v.data_hash, v.forced, v.reason, v.created_by, v.created_at,
+       v.entries, v.bytes
 FROM sync_metadata m
 LEFT JOIN synchub_versions v
        ON v.space = m.sync_key
@@ -110,18 +223,17 @@ LEFT JOIN synchub_versions v
 WHERE CAST($1 AS TEXT) IS NULL OR m.sync_key = $1
 ORDER BY m.sync_key";
 
-/// Bound by [`bind_version`].
 pub(super) const INSERT_VERSION: &str = "
 INSERT INTO synchub_versions
      (space, version, data_hash, forced, reason, created_by, created_at, entries, bytes)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
 ON CONFLICT (space, version) DO NOTHING";
 
-/// Bound by [`bind_move`]. Only if the head is still `$6`; the second alternative lets the hub
-/// move on after someone lowered the row below the newest record (the head it serves then is
-/// that record). On PostgreSQL the UPDATE locks the row, so a concurrent creator waits and then
-/// matches nothing; on SQLite the first statement of the transaction writes, so the write lock
-/// is taken before the condition is read against the latest commit.
+/// Only if the head is still `$6`; the second alternative lets the hub move on after someone
+/// lowered the row below the newest record (the head it serves then is that record). On
+/// PostgreSQL the UPDATE locks the row, so a concurrent creator waits and then matches
+/// nothing; on SQLite the first statement of the transaction writes, so the write lock is
+/// taken before the condition is read against the latest commit.
 pub(super) const MOVE_HEAD: &str = "
 UPDATE sync_metadata
    SET version = $1, data_hash = $2, last_modified_by = $3,
@@ -136,69 +248,37 @@ UPDATE sync_metadata
 pub(super) const SET_DATA_HASH: &str =
     "UPDATE sync_metadata SET data_hash = $1 WHERE sync_key = $2 AND version = $3";
 
+pub(super) const INSERT_SPACE_ROW: &str = "
+INSERT INTO sync_metadata (sync_key, version, data_hash, last_modified_at, updated_at)
+VALUES ($1, 1, $2, $3, $3)
+ON CONFLICT (sync_key) DO NOTHING";
+
+pub(super) const VERSION: &str = "
+SELECT space, version, data_hash, forced, reason, created_by, created_at, entries, bytes
+  FROM synchub_versions WHERE space = $1 AND version = $2";
+
+pub(super) const VERSIONS: &str = "
+SELECT space, version, data_hash, forced, reason, created_by, created_at, entries, bytes
+  FROM synchub_versions WHERE space = $1
+ ORDER BY version DESC LIMIT $2";
+
+pub(super) const INSERT_REPORT: &str = "
+INSERT INTO sync_log
+     (report_id, client_id, space, sync_type, status, version, items_synced, bytes,
+      duration_ms, error_message, discord_id, synced_at, created_at, items_total)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+ON CONFLICT (report_id) DO NOTHING";
+
+pub(super) const INSERT_TOKEN: &str = "
+INSERT INTO synchub_tokens (name, role, spaces, token_hash, created_at)
+VALUES ($1, $2, $3, $4, $5)
+RETURNING id, name, role, spaces, token_hash, created_at, revoked_at";
+
+pub(super) const TOKENS: &str = "
+SELECT id, name, role, spaces, token_hash, created_at, revoked_at
+  FROM synchub_tokens ORDER BY id";
+
 pub(super) const TOKEN_NAMED: &str = "SELECT id FROM synchub_tokens WHERE name = $1";
 
-/// Binds [`INSERT_VERSION`]'s parameters; `at` is `p.at` in the backend's timestamp type.
-pub(super) fn bind_version<'q, DB, T>(
-    query: Query<'q, DB, DB::Arguments<'q>>,
-    p: &'q PendingVersion,
-    at: T,
-) -> Query<'q, DB, DB::Arguments<'q>>
-where
-    DB: Database,
-    T: 'q + Encode<'q, DB> + Type<DB>,
-    &'q str: Encode<'q, DB> + Type<DB>,
-    Option<&'q str>: Encode<'q, DB> + Type<DB>,
-    i64: Encode<'q, DB> + Type<DB>,
-    bool: Encode<'q, DB> + Type<DB>,
-{
-    query
-        .bind(p.space.as_str())
-        .bind(to_db(p.version))
-        .bind(p.data_hash.as_str())
-        .bind(p.forced)
-        .bind(p.reason.as_deref())
-        .bind(p.by.as_deref())
-        .bind(at)
-        .bind(to_db(p.entries))
-        .bind(to_db(p.bytes))
-}
-
-/// Binds [`MOVE_HEAD`]'s parameters; `at` is `p.at` in the backend's timestamp type.
-pub(super) fn bind_move<'q, DB, T>(
-    query: Query<'q, DB, DB::Arguments<'q>>,
-    p: &'q PendingVersion,
-    expected: u64,
-    at: T,
-) -> Query<'q, DB, DB::Arguments<'q>>
-where
-    DB: Database,
-    T: 'q + Encode<'q, DB> + Type<DB>,
-    &'q str: Encode<'q, DB> + Type<DB>,
-    Option<&'q str>: Encode<'q, DB> + Type<DB>,
-    i64: Encode<'q, DB> + Type<DB>,
-{
-    query
-        .bind(to_db(p.version))
-        .bind(p.data_hash.as_str())
-        .bind(p.by.as_deref())
-        .bind(at)
-        .bind(p.space.as_str())
-        .bind(to_db(expected))
-}
-
-/// Binds [`SET_DATA_HASH`]'s parameters.
-pub(super) fn bind_data_hash<'q, DB>(
-    query: Query<'q, DB, DB::Arguments<'q>>,
-    p: &'q PendingVersion,
-) -> Query<'q, DB, DB::Arguments<'q>>
-where
-    DB: Database,
-    &'q str: Encode<'q, DB> + Type<DB>,
-    i64: Encode<'q, DB> + Type<DB>,
-{
-    query
-        .bind(p.data_hash.as_str())
-        .bind(p.space.as_str())
-        .bind(to_db(p.version))
-}
+pub(super) const REVOKE_TOKEN: &str =
+    "UPDATE synchub_tokens SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL";

@@ -47,6 +47,40 @@ pub(crate) fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
     None
 }
 
+/// A timestamp as read from the database: a time, or text in no format [`parse_timestamp`]
+/// knows (written by another program), kept as it is stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Stamp {
+    At(DateTime<Utc>),
+    Text(String),
+}
+
+impl Stamp {
+    /// Reads a timestamp stored as text.
+    pub fn parse(text: String) -> Stamp {
+        match parse_timestamp(&text) {
+            Some(at) => Stamp::At(at),
+            None => Stamp::Text(text),
+        }
+    }
+
+    /// The time, when it is one.
+    pub fn at(self) -> Option<DateTime<Utc>> {
+        match self {
+            Stamp::At(at) => Some(at),
+            Stamp::Text(_) => None,
+        }
+    }
+
+    /// As the API shows it: RFC 3339 (see [`rfc3339`]), or the stored text.
+    pub fn shown(self) -> String {
+        match self {
+            Stamp::At(at) => rfc3339(at),
+            Stamp::Text(text) => text,
+        }
+    }
+}
+
 /// A count from the API into a BIGINT column (saturating: nobody syncs 2^63 bytes).
 pub(crate) fn to_db(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
@@ -364,6 +398,12 @@ mod tests {
         let t = parse_timestamp("2026-11-24T12:00:00.5+02:00").unwrap();
         assert_eq!(rfc3339(t), "2026-11-24T10:00:00.500Z");
         assert!(parse_timestamp("yesterday").is_none());
+        assert_eq!(
+            Stamp::parse("2026-11-24 10:00:00".into()).shown(),
+            "2026-11-24T10:00:00.000Z"
+        );
+        assert_eq!(Stamp::parse("yesterday".into()).shown(), "yesterday");
+        assert_eq!(Stamp::parse("yesterday".into()).at(), None);
         let spaces = vec!["a".to_owned(), "b".to_owned()];
         let enc = encode_spaces(Some(&spaces));
         assert_eq!(decode_spaces(enc).unwrap(), Some(spaces.clone()));
