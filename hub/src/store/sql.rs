@@ -83,27 +83,33 @@ impl<D: Run> Store for D {
         rows.iter().map(version_info::<D>).collect()
     }
 
-    async fn insert_report(&self, report: &SyncReport) -> Result<bool, StoreError> {
+    async fn insert_reports(&self, reports: &[SyncReport]) -> Result<Vec<bool>, StoreError> {
+        // One transaction: a batch costs one commit (one fsync) however many rows it has.
         let now = Utc::now();
-        let synced_at = report.synced_at.as_deref().and_then(parse_timestamp);
-        let params = [
-            Param::Text(&report.report_id),
-            Param::Text(&report.client_id),
-            Param::Text(&report.space),
-            Param::Text(report.sync_type.as_str()),
-            Param::Text(report.status.as_str()),
-            Param::MaybeInt(report.version.map(to_db)),
-            Param::Int(to_db(report.items_synced)),
-            Param::Int(to_db(report.bytes)),
-            Param::Int(to_db(report.duration_ms)),
-            Param::MaybeText(report.error_message.as_deref()),
-            Param::MaybeText(report.user.as_deref()),
-            Param::Time(synced_at.unwrap_or(now)),
-            Param::Time(now),
-            Param::MaybeInt(report.items_total.map(to_db)),
-        ];
-        let inserted = self.execute(INSERT_REPORT, &params).await?;
-        Ok(inserted == 1)
+        let mut tx = self.pool().begin().await?;
+        let mut stored = Vec::with_capacity(reports.len());
+        for report in reports {
+            let synced_at = report.synced_at.as_deref().and_then(parse_timestamp);
+            let params = [
+                Param::Text(&report.report_id),
+                Param::Text(&report.client_id),
+                Param::Text(&report.space),
+                Param::Text(report.sync_type.as_str()),
+                Param::Text(report.status.as_str()),
+                Param::MaybeInt(report.version.map(to_db)),
+                Param::Int(to_db(report.items_synced)),
+                Param::Int(to_db(report.bytes)),
+                Param::Int(to_db(report.duration_ms)),
+                Param::MaybeText(report.error_message.as_deref()),
+                Param::MaybeText(report.user.as_deref()),
+                Param::Time(synced_at.unwrap_or(now)),
+                Param::Time(now),
+                Param::MaybeInt(report.items_total.map(to_db)),
+            ];
+            stored.push(D::execute_on(&mut *tx, INSERT_REPORT, &params).await? == 1);
+        }
+        tx.commit().await?;
+        Ok(stored)
     }
 
     async fn sync_log(&self, filter: &SyncLogFilter) -> Result<Vec<SyncLogEntry>, StoreError> {

@@ -1,0 +1,73 @@
+//! Packs under a herd: a pack of small and large blobs comes back whole and in order, and the
+//! small blobs, once read and checked, are served from memory (a herd asking for the same
+//! changed files does not read them from disk again).
+
+use anyhow::ensure;
+use synchub_protocol::{BlobList, Sha256Hex, pack};
+use synchub_tests::fixtures::{http, put_blob};
+use synchub_tests::hub::{TestHub, fs_blob_path};
+
+/// `POST /blobs/pack`, parsed: each blob's hash and bytes, in the order sent.
+async fn get_pack(
+    hub: &TestHub,
+    hashes: &[Sha256Hex],
+) -> anyhow::Result<Vec<(Sha256Hex, Vec<u8>)>> {
+    let resp = http()
+        .post(hub.api("/blobs/pack"))
+        .bearer_auth(&hub.admin_token)
+        .json(&BlobList {
+            sha256: hashes.to_vec(),
+        })
+        .send()
+        .await?;
+    ensure!(resp.status().is_success(), "pack: {}", resp.status());
+    let body = resp.bytes().await?;
+    let mut rest = &body[..];
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        let end = rest
+            .iter()
+            .position(|b| *b == b'\n')
+            .ok_or_else(|| anyhow::anyhow!("pack header without a line break"))?;
+        let (hash, size) = pack::parse_header(&rest[..end])?;
+        let size = usize::try_from(size)?;
+        ensure!(rest.len() > end + size, "pack cut short");
+        out.push((hash, rest[end + 1..end + 1 + size].to_vec()));
+        rest = &rest[end + 1 + size..];
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pack_comes_whole_and_small_blobs_are_served_from_memory() -> anyhow::Result<()> {
+    let hub = TestHub::start().await?;
+    let bodies: Vec<Vec<u8>> = vec![
+        b"{\"a\":1}".to_vec(),
+        (0..200_000u32).map(|i| (i % 253) as u8).collect(), // over the 64 KiB of hot blobs
+        b"{\"b\":2}".to_vec(),
+    ];
+    let mut hashes = Vec::new();
+    for b in &bodies {
+        hashes.push(put_blob(&hub, &hub.admin_token, b).await?);
+    }
+    let first = get_pack(&hub, &hashes).await?;
+    assert_eq!(first.len(), 3);
+    for ((hash, bytes), (asked, body)) in first.iter().zip(hashes.iter().zip(&bodies)) {
+        assert_eq!(hash, asked);
+        assert!(bytes == body, "blob {hash} differs");
+    }
+
+    // The small blobs were read and checked once and are now served from memory: bytes
+    // changed on disk behind the hub's back (same size) are not read again.
+    let path = fs_blob_path(hub.data_dir(), hashes[0].as_str());
+    let mut perms = std::fs::metadata(&path)?.permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(&path, perms)?;
+    std::fs::write(&path, b"{\"a\":9}")?;
+    let again = get_pack(&hub, &[hashes[0].clone(), hashes[2].clone()]).await?;
+    assert_eq!(again[0].1, bodies[0]);
+    assert_eq!(again[1].1, bodies[2]);
+    hub.stop().await;
+    Ok(())
+}
