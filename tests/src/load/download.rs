@@ -39,10 +39,10 @@ impl DataSet {
 }
 
 /// A fast deterministic byte stream: incompressible like PNGs, without a crypto RNG's cost.
-struct Noise(u64);
+pub(super) struct Noise(pub(super) u64);
 
 impl Noise {
-    fn fill(&mut self, buf: &mut [u8]) {
+    pub(super) fn fill(&mut self, buf: &mut [u8]) {
         for chunk in buf.chunks_mut(8) {
             // xorshift64*
             self.0 ^= self.0 >> 12;

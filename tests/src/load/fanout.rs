@@ -2,7 +2,10 @@
 //! outside SQL UPDATE), and when each socket got each `sync_required`; plus the hub's RSS per
 //! connection.
 
-use super::{Arrival, Figures, Hub, median, open_agent, percentile, read_agent, self_rss_kib};
+use super::{
+    Arrival, Figures, Hub, holding_nothing, median, open_agent, percentile, read_agent,
+    self_rss_kib,
+};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use futures::StreamExt;
 use serde::Serialize;
@@ -98,6 +101,9 @@ pub struct BumpStats {
     pub max_ms: f64,
     /// Per round: when the last socket had it; the median over rounds.
     pub last_ms_median: f64,
+    /// The hub's CPU from just before a bump until every socket had it, per delivered frame
+    /// (µs), over all rounds; it includes making the bump (a commit, a force-sync).
+    pub hub_cpu_us_per_frame: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -128,6 +134,9 @@ impl FanoutReport {
             f.insert(format!("{k}.p99_ms"), b.p99_ms);
             f.insert(format!("{k}.max_ms"), b.max_ms);
             f.insert(format!("{k}.last_ms"), b.last_ms_median);
+            if let Some(us) = b.hub_cpu_us_per_frame {
+                f.insert(format!("{k}.hub_cpu_us_per_frame"), us);
+            }
         }
         f
     }
@@ -151,7 +160,7 @@ impl std::fmt::Display for FanoutReport {
             write!(
                 f,
                 "\n  {:<6} delivered {}/{} missing {}  p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  \
-                 max {:.2} ms  last (median of {} rounds) {:.2} ms",
+                 max {:.2} ms  last (median of {} rounds) {:.2} ms  hub CPU {} µs/frame",
                 b.kind.name(),
                 b.delivered,
                 b.expected,
@@ -161,7 +170,9 @@ impl std::fmt::Display for FanoutReport {
                 b.p99_ms,
                 b.max_ms,
                 b.rounds,
-                b.last_ms_median
+                b.last_ms_median,
+                b.hub_cpu_us_per_frame
+                    .map_or("?".to_owned(), |us| format!("{us:.1}"))
             )?;
         }
         Ok(())
@@ -308,7 +319,7 @@ pub async fn fanout(hub: &Hub, opts: &FanoutOptions) -> Result<FanoutReport> {
                 let mut last = None;
                 // A busy listen queue can refuse a handshake now and then: retry a few times.
                 for attempt in 0..5u64 {
-                    match open_agent(url, token, space, i).await {
+                    match open_agent(url, token, holding_nothing(space), i).await {
                         Ok(s) => return Ok((i, s)),
                         Err(e) => last = Some(e),
                     }
@@ -373,6 +384,8 @@ pub async fn fanout(hub: &Hub, opts: &FanoutOptions) -> Result<FanoutReport> {
     }
     let n = opts.connections;
     let mut latencies: BTreeMap<&'static str, (Vec<f64>, Vec<f64>, usize)> = BTreeMap::new();
+    // Hub CPU seconds per kind, summed over rounds (None once a reading failed).
+    let mut cpu: BTreeMap<&'static str, Option<f64>> = BTreeMap::new();
     let mut version = hub.head(&space).await?.version;
     for _round in 0..opts.rounds {
         for &kind in &kinds {
@@ -381,6 +394,7 @@ pub async fn fanout(hub: &Hub, opts: &FanoutOptions) -> Result<FanoutReport> {
             let target = version + 1;
             let mut arrived: Vec<Option<Instant>> = vec![None; n];
             let mut count = 0usize;
+            let cpu0 = hub.cpu_secs();
             let t0 = Instant::now();
             bumper
                 .bump(kind, version)
@@ -400,6 +414,9 @@ pub async fn fanout(hub: &Hub, opts: &FanoutOptions) -> Result<FanoutReport> {
                     Ok(None) | Err(_) => break,
                 }
             }
+            let used = cpu0.zip(hub.cpu_secs()).map(|(a, b)| b - a);
+            let total = cpu.entry(kind.name()).or_insert(Some(0.0));
+            *total = total.zip(used).map(|(t, u)| t + u);
             version = target;
             let entry = latencies.entry(kind.name()).or_default();
             let mut last: f64 = 0.0;
@@ -435,6 +452,12 @@ pub async fn fanout(hub: &Hub, opts: &FanoutOptions) -> Result<FanoutReport> {
                 p99_ms: percentile(&all, 99.0),
                 max_ms: all.last().copied().unwrap_or(0.0),
                 last_ms_median: median(&mut lasts),
+                hub_cpu_us_per_frame: cpu
+                    .get(k.name())
+                    .copied()
+                    .flatten()
+                    .filter(|_| delivered > 0)
+                    .map(|secs| secs * 1e6 / delivered as f64),
             }
         })
         .collect();

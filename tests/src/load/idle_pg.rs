@@ -1,7 +1,7 @@
 //! PostgreSQL at idle: with agents connected and nothing changing, how many transactions per
 //! second the hub's database sees.
 
-use super::{Arrival, Hub, open_agent, read_agent};
+use super::{Arrival, Hub, holding_nothing, open_agent, read_agent};
 use crate::postgres::PgCluster;
 use anyhow::{Result, anyhow};
 use futures::StreamExt;
@@ -84,7 +84,7 @@ pub async fn idle_pg(
     let sockets: Vec<_> = futures::stream::iter(0..agents)
         .map(|i| {
             let (ws, token) = (&ws, &hub.agent_token);
-            async move { open_agent(ws, token, DEFAULT_SPACE, i).await }
+            async move { open_agent(ws, token, holding_nothing(DEFAULT_SPACE), i).await }
         })
         .buffer_unordered(200)
         .collect()

@@ -5,19 +5,24 @@
 //! One module per scenario: [`fanout`] (N sockets, R rounds of head bumps: force-sync, commit,
 //! outside SQL UPDATE; per-socket arrival times and hub RSS per connection), [`fallback`]
 //! (head checks per second, 304 and 200), [`download`] (one agent: cold and warm cache, with
-//! the data sets and [`publish_set`]) and [`idle_pg`] (PostgreSQL transactions per second with
-//! agents connected and idle). This module holds what they share: the hub process under test,
+//! the data sets and [`publish_set`]), [`idle_pg`] (PostgreSQL transactions per second with
+//! agents connected and idle) and [`herd`] (N simulated agents syncing at once after a bump,
+//! and the old way: every PC reading the dataset from PostgreSQL). This module holds what they share: the hub process under test,
 //! agent sockets, percentiles, and [`Figures`], which the binary turns into median (min, max)
 //! over several runs.
 
 mod download;
 mod fallback;
 mod fanout;
+mod floor;
+mod herd;
 mod idle_pg;
 
 pub use download::*;
 pub use fallback::*;
 pub use fanout::*;
+pub use floor::*;
+pub use herd::*;
 pub use idle_pg::*;
 
 use crate::postgres::PgCluster;
@@ -320,6 +325,11 @@ impl Hub {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
     }
 
+    /// The hub's user + system CPU so far, seconds, when its pid is known.
+    pub fn cpu_secs(&self) -> Option<f64> {
+        proc_cpu_secs(self.pid?)
+    }
+
     /// The head of `space`, read over HTTP.
     pub async fn head(&self, space: &str) -> Result<Head> {
         let r = reqwest::Client::new()
@@ -360,8 +370,8 @@ fn small_ws_config() -> WebSocketConfig {
         .max_frame_size(Some(1 << 20))
 }
 
-/// One agent socket: bearer token, `hello` for `space` (holding nothing), then `welcome`.
-async fn open_agent(url: &str, token: &str, space: &str, id: usize) -> Result<Socket> {
+/// One agent socket: bearer token, `hello` saying it holds `held`, then `welcome`.
+async fn open_agent(url: &str, token: &str, held: HeldSpace, id: usize) -> Result<Socket> {
     let mut request = url.into_client_request()?;
     request.headers_mut().insert(
         "authorization",
@@ -373,11 +383,7 @@ async fn open_agent(url: &str, token: &str, space: &str, id: usize) -> Result<So
     let hello = AgentFrame::Hello {
         protocol: PROTOCOL_VERSION,
         client_id: format!("load-{id}"),
-        spaces: vec![HeldSpace {
-            space: space.to_owned(),
-            version: 0,
-            data_hash: None,
-        }],
+        spaces: vec![held],
         agent_version: Some("synchub-load".into()),
         hostname: None,
     };
@@ -461,6 +467,42 @@ fn median(values: &mut [f64]) -> f64 {
     }
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
+}
+
+/// A space held at version 0 with no data: what the fan-out sockets say they hold.
+fn holding_nothing(space: &str) -> HeldSpace {
+    HeldSpace {
+        space: space.to_owned(),
+        version: 0,
+        data_hash: None,
+    }
+}
+
+/// The hub's `[blob_store]` section for a bucket of the test S3 server.
+pub fn s3_blob_store_config(b: &synchub_hub::blobs::s3::S3Config) -> String {
+    format!(
+        "[blob_store]\nkind = \"s3\"\nendpoint = {:?}\nregion = {:?}\nbucket = {:?}\n\
+         prefix = {:?}\naccess_key_id = {:?}\nsecret_access_key = {:?}\npath_style = true\n\
+         allow_http = true\n",
+        b.endpoint.clone().unwrap_or_default(),
+        b.region,
+        b.bucket,
+        b.prefix,
+        b.access_key_id,
+        b.secret_access_key
+    )
+}
+
+/// A process's user + system CPU so far, seconds (`/proc/PID/stat`, in clock ticks of
+/// 1/100 s: Linux's `USER_HZ` on the architectures this runs on).
+pub fn proc_cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 /// The process's own RSS, KiB.
