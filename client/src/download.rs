@@ -1,8 +1,9 @@
 //! Downloading a version into the cache: the manifest first (its sha256 must equal the
-//! announced `data_hash` before it is even parsed), then only the blobs the cache lacks, in
-//! parallel: small ones in packs (one request for hundreds of files), large ones one by one
-//! with a ranged resume of a partial file. Every byte passes a [`BlobCheck`] before it enters
-//! the cache, so a wrong or truncated body never reaches a tree.
+//! announced `data_hash` before it is even parsed; when a version is held, only the delta from
+//! it is fetched and the manifest rebuilt from it is checked the same way), then only the blobs
+//! the cache lacks, in parallel: small ones in packs (one request for hundreds of files), large
+//! ones one by one with a ranged resume of a partial file. Every byte passes a [`BlobCheck`]
+//! before it enters the cache, so a wrong or truncated body never reaches a tree.
 
 use crate::blob_check::BlobCheck;
 use crate::cache::{Cache, Cached};
@@ -14,7 +15,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
-use synchub_protocol::{BlobList, Head, Manifest, Sha256Hex, pack};
+use synchub_protocol::{BlobList, Head, Manifest, ManifestDelta, Sha256Hex, pack};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio_util::io::StreamReader;
 
@@ -102,6 +103,60 @@ pub async fn fetch_manifest(api: &HubApi, head: &Head) -> Result<Manifest> {
     let bytes = api.manifest_bytes(&head.space, head.version).await?;
     BlobCheck::manifest(head).whole(&bytes)?;
     Ok(Manifest::from_canonical(&bytes, MAX_MANIFEST_ENTRIES)?)
+}
+
+/// Like [`fetch_manifest`], asking only for the changes since `base` (a version held whole,
+/// with its manifest): the full manifest is rebuilt from them and must hash to the head's
+/// `data_hash`. Any error or mismatch on that way falls back to the full manifest.
+pub(crate) async fn fetch_manifest_since(
+    api: &HubApi,
+    head: &Head,
+    base: Option<(u64, &Manifest)>,
+) -> Result<Manifest> {
+    let Some((from, base)) = base.filter(|(v, _)| *v != head.version) else {
+        return fetch_manifest(api, head).await;
+    };
+    if head.data_hash == Sha256Hex::empty() {
+        return Ok(Manifest::default());
+    }
+    let rebuilt = match api.manifest_since(&head.space, head.version, from).await {
+        Ok((true, delta)) => {
+            let (base, head) = (base.clone(), head.clone());
+            tokio::task::spawn_blocking(move || rebuild(&delta, &base, &head))
+                .await
+                .map_err(|e| ClientError::Protocol(format!("manifest delta: {e}")))
+                .and_then(|r| r)
+        }
+        Ok((false, bytes)) => {
+            // The hub had no delta for this base and sent the whole manifest.
+            BlobCheck::manifest(head).whole(&bytes)?;
+            return Ok(Manifest::from_canonical(&bytes, MAX_MANIFEST_ENTRIES)?);
+        }
+        Err(e) => Err(e),
+    };
+    match rebuilt {
+        Ok(manifest) => Ok(manifest),
+        Err(error) => {
+            tracing::warn!(space = head.space, version = head.version, from, %error,
+                "manifest delta not usable; fetching the whole manifest");
+            fetch_manifest(api, head).await
+        }
+    }
+}
+
+/// The manifest of `head` from `base` and an encoded delta, checked against `data_hash`.
+fn rebuild(delta: &[u8], base: &Manifest, head: &Head) -> Result<Manifest> {
+    let delta = ManifestDelta::parse(delta, MAX_MANIFEST_ENTRIES)
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    if delta.to != head.data_hash {
+        return Err(ClientError::Protocol(format!(
+            "manifest delta leads to {}, not the announced {}",
+            delta.to, head.data_hash
+        )));
+    }
+    delta
+        .apply(base)
+        .map_err(|e| ClientError::Protocol(e.to_string()))
 }
 
 /// The distinct blobs of a manifest, first occurrence order.

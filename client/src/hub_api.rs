@@ -212,12 +212,31 @@ impl HubApi {
 
     /// The canonical manifest bytes of a version (not yet checked).
     pub(crate) async fn manifest_bytes(&self, space: &str, version: u64) -> Result<bytes::Bytes> {
-        let resp = self
+        let req = self
             .get(&format!("/spaces/{space}/versions/{version}/manifest"))
-            .timeout(MANIFEST_DEADLINE)
-            .send()
-            .await?;
-        Ok(check(resp).await?.bytes().await?)
+            .timeout(MANIFEST_DEADLINE);
+        Ok(self.send_admitted(req).await?.bytes().await?)
+    }
+
+    /// The manifest of `version` as a delta from version `from` when the hub answers with one
+    /// (`Ok((true, bytes))`), else the full canonical bytes (`Ok((false, bytes))`); unchecked.
+    pub(crate) async fn manifest_since(
+        &self,
+        space: &str,
+        version: u64,
+        from: u64,
+    ) -> Result<(bool, bytes::Bytes)> {
+        let req = self
+            .get(&format!(
+                "/spaces/{space}/versions/{version}/manifest?from={from}"
+            ))
+            .timeout(MANIFEST_DEADLINE);
+        let resp = self.send_admitted(req).await?;
+        let delta = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes() == synchub_protocol::DELTA_CONTENT_TYPE.as_bytes());
+        Ok((delta, resp.bytes().await?))
     }
 
     /// `GET /blobs/{sha256}` from byte `from` on (a 206 when `from > 0` and the hub honours it).
@@ -226,12 +245,35 @@ impl HubApi {
         if from > 0 {
             req = req.header(RANGE, format!("bytes={from}-"));
         }
-        check(req.send().await?).await
+        self.send_admitted(req).await
     }
 
     /// `POST /blobs/pack`: the response streams the blobs in request order.
     pub(crate) async fn pack(&self, list: &BlobList) -> Result<reqwest::Response> {
-        check(self.post("/blobs/pack").json(list).send().await?).await
+        self.send_admitted(self.post("/blobs/pack").json(list))
+            .await
+    }
+
+    /// Sends a download request; while the hub answers 503 or 429 with `Retry-After` (it
+    /// serves as many downloads as it may), waits that long plus up to as long again at random
+    /// (so refused agents do not come back together) and asks again: being put off is not a
+    /// failure. Gives the refusal as an error only after [`MAX_BUSY_WAIT`] in all.
+    async fn send_admitted(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+        let started = std::time::Instant::now();
+        loop {
+            let attempt = req.try_clone().ok_or_else(|| {
+                ClientError::Protocol("a download request cannot be repeated".into())
+            })?;
+            let resp = attempt.send().await?;
+            match retry_after(&resp) {
+                Some(wait) if started.elapsed() + wait <= MAX_BUSY_WAIT => {
+                    tracing::debug!(url = %resp.url(), wait_ms = wait.as_millis() as u64,
+                        "hub busy; asking again after its Retry-After");
+                    tokio::time::sleep(wait).await;
+                }
+                _ => return check(resp).await,
+            }
+        }
     }
 
     /// `POST /blobs/missing`: which of these the hub lacks, asked in batches of at most
@@ -322,6 +364,30 @@ impl HubApi {
 }
 
 /// Turns an error status into [`ClientError::Api`] with the hub's JSON body.
+/// How long in all a download may be put off by a busy hub before it counts as failed.
+const MAX_BUSY_WAIT: Duration = Duration::from_secs(600);
+
+/// For a 503 or 429 with `Retry-After: <seconds>`: how long to wait, with jitter (the delay
+/// plus up to as much again; at least 100 ms, at most a minute before the jitter).
+fn retry_after(resp: &reqwest::Response) -> Option<Duration> {
+    if !matches!(
+        resp.status(),
+        StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
+    ) {
+        return None;
+    }
+    let secs: u64 = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let base = Duration::from_secs(secs.min(60)).max(Duration::from_millis(100));
+    Some(base + base.mul_f64(rand::random::<f64>()))
+}
+
 async fn check(resp: reqwest::Response) -> Result<reqwest::Response> {
     let status = resp.status();
     if status.is_success() {

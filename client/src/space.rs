@@ -506,9 +506,13 @@ async fn sync_once(
     // Until the new tree is prepared, a newer head stops this sync (nothing is applied).
     let superseded = space.superseded(head);
     tokio::pin!(superseded);
+    // A held tree is a delta's base only when it is whole (not narrowed by a selection).
+    let delta_base = held
+        .filter(|_| agent.selection.is_none())
+        .map(|h| (h.version, &h.manifest));
     // The whole manifest's hash is checked against the head here, before any narrowing.
     let manifest = tokio::select! {
-        r = download::fetch_manifest(&agent.api, head) => r?,
+        r = download::fetch_manifest_since(&agent.api, head, delta_base) => r?,
         _ = &mut superseded => return Err(ClientError::Superseded),
     };
     let manifest = match &agent.selection {

@@ -167,6 +167,18 @@ pub struct Limits {
     /// Connections from one address that have not made an authenticated request yet; more
     /// are closed at once. 0: no cap.
     pub max_unauthenticated_per_address: usize,
+    /// Memory for canonical manifests served from memory (deltas get a quarter more).
+    pub manifest_cache_bytes: u64,
+    /// Memory for small blobs kept to serve packs from (0: none).
+    pub hot_blob_cache_bytes: u64,
+    /// Largest blob kept there.
+    pub hot_blob_max_bytes: u64,
+    /// Manifest, pack and blob downloads served at once; more are answered 503 `busy` with
+    /// `Retry-After` (see `admission.rs`). 0: no bound.
+    pub max_concurrent_downloads: usize,
+    /// Sync reports waiting to be written; more are answered 503 `busy` with `Retry-After`
+    /// (the agent's outbox sends them again).
+    pub max_queued_reports: usize,
 }
 
 impl Default for Limits {
@@ -181,6 +193,11 @@ impl Default for Limits {
             max_pack_bytes: 256 << 20,
             header_read_timeout_ms: 10_000,
             max_unauthenticated_per_address: 256,
+            manifest_cache_bytes: 64 << 20,
+            hot_blob_cache_bytes: 64 << 20,
+            hot_blob_max_bytes: 64 << 10,
+            max_concurrent_downloads: 64,
+            max_queued_reports: 10_000,
         }
     }
 }

@@ -1,5 +1,5 @@
 //! What the hub's operations work on, without HTTP: the configuration, the store, the blob
-//! store, the in-memory heads and a small cache of parsed manifests.
+//! store, the in-memory heads and the manifest caches ([`crate::manifests`]).
 //!
 //! [`crate::versions`] and [`crate::reports`] are written over a [`Domain`]; the HTTP handlers
 //! and the socket task reach it through [`crate::state::AppState`] (which derefs to it), and the
@@ -10,30 +10,44 @@ use crate::blobs::{self, BlobStore};
 use crate::broadcast::{Heads, Snapshot};
 use crate::config::Config;
 use crate::error::HubError;
+use crate::manifests::Manifests;
 use crate::store::{self, Store};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use synchub_protocol::{Head, Manifest, Sha256Hex, codes};
-
-/// Parsed manifests kept in memory; they are immutable, so this only bounds memory.
-const MANIFEST_CACHE: usize = 8;
+use std::sync::Arc;
+use synchub_protocol::{Head, Manifest, Sha256Hex};
 
 pub struct Domain {
     pub config: Config,
     pub store: Arc<dyn Store>,
     pub blobs: Arc<dyn BlobStore>,
     pub heads: Heads,
-    manifests: Mutex<HashMap<Sha256Hex, Arc<Manifest>>>,
+    pub manifests: Manifests,
+    /// Small blobs served from memory in packs.
+    pub hot_blobs: blobs::HotBlobs,
+    /// Where sync reports go to be stored in batches.
+    pub reports: crate::reports::ReportWriter,
 }
 
 impl Domain {
+    /// Starts the report writer: call inside a tokio runtime.
     pub fn new(config: Config, store: Arc<dyn Store>, blobs: Arc<dyn BlobStore>) -> Self {
+        let manifests = Manifests::new(
+            config.limits.manifest_cache_bytes,
+            config.limits.max_manifest_entries,
+        );
+        let hot_blobs = blobs::HotBlobs::new(
+            config.limits.hot_blob_cache_bytes,
+            config.limits.hot_blob_max_bytes,
+        );
+        let reports =
+            crate::reports::ReportWriter::spawn(store.clone(), config.limits.max_queued_reports);
         Domain {
             config,
             store,
             blobs,
             heads: Heads::default(),
-            manifests: Mutex::new(HashMap::new()),
+            manifests,
+            hot_blobs,
+            reports,
         }
     }
 
@@ -48,32 +62,27 @@ impl Domain {
         Ok(domain)
     }
 
-    /// The manifest whose canonical bytes hash to `data_hash`, from the blob store.
+    /// The manifest whose canonical bytes hash to `data_hash`, from the blob store (cached).
     pub async fn manifest(&self, data_hash: &Sha256Hex) -> Result<Arc<Manifest>, HubError> {
-        if let Some(m) = self.cache().get(data_hash) {
-            return Ok(m.clone());
+        self.manifests.parsed(&self.blobs, data_hash).await
+    }
+
+    /// The data hash of `version` of `space`: the head's when it is the current version (no
+    /// query), otherwise read once from the store and kept.
+    pub async fn version_hash(&self, space: &str, version: u64) -> Result<Sha256Hex, HubError> {
+        if let Some(published) = self.heads.get(space)
+            && published.head.version == version
+        {
+            return Ok(published.head.data_hash.clone());
         }
-        let limit = (self.config.limits.max_manifest_entries as u64) * 1400 + 1;
-        let bytes = blobs::get_bytes(self.blobs.as_ref(), data_hash, limit).await?;
-        let manifest = if bytes.is_empty() {
-            Manifest::default()
-        } else {
-            Manifest::from_canonical(&bytes, self.config.limits.max_manifest_entries).map_err(
-                |e| {
-                    HubError::bad_request(
-                        codes::INVALID_MANIFEST,
-                        format!("stored manifest {data_hash} is unreadable: {e}"),
-                    )
-                },
-            )?
+        let store = self.store.clone();
+        let read = async move {
+            Ok(store
+                .version(space, version)
+                .await?
+                .map(|head| head.data_hash))
         };
-        let manifest = Arc::new(manifest);
-        let mut cache = self.cache();
-        if cache.len() >= MANIFEST_CACHE {
-            cache.clear();
-        }
-        cache.insert(data_hash.clone(), manifest.clone());
-        Ok(manifest)
+        self.manifests.version_hash(space, version, read).await
     }
 
     /// Sizes of `hashes` in the blob store, `None` for the missing ones; a few lookups at a
@@ -89,13 +98,6 @@ impl Domain {
             .try_collect()
             .await
             .map_err(HubError::from)
-    }
-
-    /// The cache holds only immutable values, so a panic elsewhere cannot leave it wrong.
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<Sha256Hex, Arc<Manifest>>> {
-        self.manifests
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Whether this hub announces `head`: not when it does not serve its space (not in
@@ -144,6 +146,7 @@ impl Domain {
             let epoch = self.heads.get(&space).map_or(0, |p| p.head.epoch);
             match before {
                 Some(b) if b >= version => {
+                    self.manifests.forget_versions();
                     tracing::warn!(
                         space,
                         version,

@@ -39,6 +39,9 @@ pub enum HubError {
     /// 503 with the reason shown, so agents stay blocked and say why.
     #[error("{0}")]
     NoData(String),
+    /// Over the bound of concurrent downloads: 503 with `Retry-After`, not a failure.
+    #[error("the hub is serving as many downloads as it may; try again in {retry_after_secs} s")]
+    Busy { retry_after_secs: u64 },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -70,6 +73,7 @@ impl HubError {
             HubError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE),
             HubError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, codes::RATE_LIMITED),
             HubError::NoData(_) => (StatusCode::SERVICE_UNAVAILABLE, codes::NO_DATA),
+            HubError::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, codes::BUSY),
             HubError::Store(StoreError::NoSuchSpace(_)) => {
                 (StatusCode::NOT_FOUND, codes::NOT_FOUND)
             }
@@ -145,6 +149,8 @@ impl HubError {
         }
         match self {
             HubError::NoData(m) => m.clone(),
+            // Expected in a rush; counted in `synchub_downloads_refused_total`, not logged.
+            HubError::Busy { .. } => self.to_string(),
             HubError::Unavailable(_) => {
                 tracing::warn!(error = %self, "request refused for now");
                 self.to_string()
@@ -178,6 +184,10 @@ impl IntoResponse for HubError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
         let message = self.shown_message(status);
+        let retry_after = match &self {
+            HubError::Busy { retry_after_secs } => Some(HeaderValue::from(*retry_after_secs)),
+            _ => None,
+        };
         let (conflicts, head) = match self {
             HubError::Conflict { paths, head } => (paths, Some(*head)),
             _ => (Vec::new(), None),
@@ -189,6 +199,9 @@ impl IntoResponse for HubError {
             head,
         };
         let mut response = (status, axum::Json(body)).into_response();
+        if let Some(value) = retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
         if status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()

@@ -9,6 +9,7 @@
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+pub mod admission;
 pub mod alerts;
 pub mod api;
 pub mod auth;
@@ -22,6 +23,7 @@ pub mod domain;
 pub mod error;
 pub mod fsck;
 pub mod held;
+pub mod manifests;
 pub mod reports;
 pub mod server;
 pub mod sources;

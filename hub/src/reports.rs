@@ -1,11 +1,21 @@
 //! Sync reports: every sync an agent made goes to `sync_log`, once (idempotent by report id).
 //! Called by `POST /api/v1/sync-log` and by the socket task for a `report` frame alike.
+//!
+//! After a bump a whole fleet reports within seconds, in the middle of its downloads. The
+//! reports are therefore written by one [`ReportWriter`] task in batches: it takes every report
+//! waiting (up to [`BATCH_ROWS`]) into one transaction, so a thousand reports cost a few commits
+//! instead of a thousand. A report is acknowledged only after its batch committed; over a
+//! bounded queue the hub answers 503 `busy` with `Retry-After` and the agent's outbox retries.
 
 use crate::auth::Principal;
 use crate::domain::Domain;
 use crate::error::HubError;
+use crate::store::Store;
+use futures::FutureExt;
+use std::sync::Arc;
 use synchub_protocol::bounds::MAX_CLOCK_SKEW_SECS;
 use synchub_protocol::{SyncReport, codes};
+use tokio::sync::{mpsc, oneshot};
 
 /// Whether a report was stored now or had been stored before under its id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,9 +50,103 @@ pub async fn store(
             report.synced_at = Some(now.to_rfc3339());
         }
     }
-    if !domain.store.insert_report(&report).await? {
+    if !domain.reports.write(report.clone()).await? {
         return Ok((report.report_id, Stored::Duplicate));
     }
     metrics::counter!("synchub_reports_total", "status" => report.status.as_str()).increment(1);
     Ok((report.report_id, Stored::New))
+}
+
+/// Reports written in one transaction at most.
+pub const BATCH_ROWS: usize = 500;
+
+/// A report waiting for its batch, and who is told once it is stored.
+struct Queued {
+    report: SyncReport,
+    done: oneshot::Sender<Result<bool, String>>,
+}
+
+/// The queue of reports to store and the task that writes them in batches; the task ends once
+/// every `ReportWriter` is dropped and the queue is written.
+#[derive(Clone)]
+pub struct ReportWriter {
+    tx: mpsc::Sender<Queued>,
+}
+
+impl ReportWriter {
+    /// Starts the writer over `store` with room for `queue` reports waiting (must run inside a
+    /// tokio runtime).
+    pub fn spawn(store: Arc<dyn Store>, queue: usize) -> Self {
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        tokio::spawn(write_batches(store, rx));
+        ReportWriter { tx }
+    }
+
+    /// Stores `report` with the next batch; true when stored now, false when a report with its
+    /// id was stored before. `Busy` when the queue is full, `Unavailable` when the batch failed.
+    pub async fn write(&self, report: SyncReport) -> Result<bool, HubError> {
+        let (done, stored) = oneshot::channel();
+        self.tx
+            .try_send(Queued { report, done })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    metrics::counter!("synchub_reports_refused_total").increment(1);
+                    HubError::Busy {
+                        retry_after_secs: crate::admission::RETRY_AFTER_SECS,
+                    }
+                }
+                mpsc::error::TrySendError::Closed(_) => {
+                    HubError::Unavailable("the report writer has stopped".into())
+                }
+            })?;
+        stored
+            .await
+            .map_err(|_| HubError::Unavailable("the report was not stored; send it again".into()))?
+            .map_err(HubError::Unavailable)
+    }
+}
+
+/// Takes every report waiting (up to [`BATCH_ROWS`]) and writes them in one transaction, until
+/// the queue is closed and empty. A batch that fails is written again one report at a time, so
+/// one bad row fails alone; a panic fails only its batch (its reporters are told and retry).
+async fn write_batches(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Queued>) {
+    let mut batch = Vec::with_capacity(BATCH_ROWS);
+    while rx.recv_many(&mut batch, BATCH_ROWS).await > 0 {
+        let queued = std::mem::take(&mut batch);
+        let written = std::panic::AssertUnwindSafe(write_batch(store.as_ref(), queued))
+            .catch_unwind()
+            .await;
+        if written.is_err() {
+            tracing::error!("writing a batch of sync reports panicked; its reporters retry");
+        }
+    }
+}
+
+async fn write_batch(store: &dyn Store, queued: Vec<Queued>) {
+    let reports: Vec<SyncReport> = queued.iter().map(|q| q.report.clone()).collect();
+    metrics::histogram!("synchub_report_batch_rows").record(reports.len() as f64);
+    match store.insert_reports(&reports).await {
+        Ok(stored) => {
+            for (q, stored) in queued.into_iter().zip(stored) {
+                let _ = q.done.send(Ok(stored));
+            }
+        }
+        Err(e) if queued.len() > 1 => {
+            tracing::warn!(error = %e, rows = queued.len(),
+                "a batch of sync reports failed; writing them one at a time");
+            for q in queued {
+                let stored = store
+                    .insert_reports(std::slice::from_ref(&q.report))
+                    .await
+                    .map(|s| s.first().copied().unwrap_or(false))
+                    .map_err(|e| format!("storing the report failed: {e}"));
+                let _ = q.done.send(stored);
+            }
+        }
+        Err(e) => {
+            for q in queued {
+                let _ = q.done.send(Err(format!("storing the report failed: {e}")));
+            }
+        }
+    }
 }

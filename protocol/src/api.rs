@@ -281,5 +281,8 @@ pub mod codes {
     pub const CORRUPT_DATA: &str = "corrupt_data";
     /// The hub serves the space but holds no data for it yet.
     pub const NO_DATA: &str = "no_data";
+    /// 503 with `Retry-After`: the hub serves as many downloads as it may at once; ask again
+    /// after that many seconds (not a failure).
+    pub const BUSY: &str = "busy";
     pub const INTERNAL: &str = "internal";
 }

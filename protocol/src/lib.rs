@@ -9,6 +9,7 @@
 pub mod api;
 pub mod bounds;
 pub mod collision;
+pub mod delta;
 pub mod error_chain;
 pub mod frames;
 pub mod hash;
@@ -20,6 +21,7 @@ pub mod path;
 pub use api::*;
 pub use bounds::{BoundError, MAX_BLOBS_PER_QUERY, MAX_MESSAGE_LEN};
 pub use collision::{PathCollision, check_collisions};
+pub use delta::{DELTA_CONTENT_TYPE, DeltaError, ManifestDelta};
 pub use error_chain::error_chain;
 pub use frames::*;
 pub use hash::{HashError, Sha256Hex};

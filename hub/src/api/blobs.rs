@@ -10,7 +10,6 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use std::ops::Range;
 use synchub_protocol::{BlobList, MAX_BLOBS_PER_QUERY, Sha256Hex, codes, pack};
@@ -217,23 +216,10 @@ pub async fn pack(
         )));
     }
     metrics::counter!("synchub_blob_bytes_sent_total").increment(total);
-    let blobs = state.blobs.clone();
-    let body = futures::stream::iter(items)
-        .then(move |(hash, size)| {
-            let blobs = blobs.clone();
-            async move {
-                let header = Bytes::from(pack::encode_header(&hash, size));
-                match blobs.get(&hash, None).await {
-                    Ok(read) => futures::stream::once(async { Ok(header) })
-                        .chain(read.stream)
-                        .boxed(),
-                    Err(e) => {
-                        futures::stream::once(async move { Err(std::io::Error::other(e)) }).boxed()
-                    }
-                }
-            }
-        })
-        .flatten();
+    let body = state
+        .blobs
+        .clone()
+        .read_pack(items, state.hot_blobs.clone());
     Ok((
         [(
             header::CONTENT_TYPE,

@@ -10,7 +10,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use synchub_protocol::{VersionInfo, codes};
+use synchub_protocol::{DELTA_CONTENT_TYPE, Sha256Hex, VersionInfo, codes};
 
 /// `GET /spaces/{space}/head`: no database query; `304` when `If-None-Match` matches.
 pub async fn head(
@@ -69,26 +69,68 @@ pub async fn spaces(
     axum::Json(heads)
 }
 
-/// `GET /spaces/{space}/versions/{version}/manifest`: the canonical bytes, whose sha256 is the
-/// version's data hash.
-pub async fn manifest(
-    State(state): State<AppState>,
-    SpaceAccess { space, .. }: SpaceAccess<Read>,
-    Path((_, version)): Path<(String, String)>,
-) -> ApiResult<Response> {
-    let version: u64 = version.parse().map_err(|_| {
+#[derive(Deserialize)]
+pub struct ManifestQuery {
+    /// A version the asker holds: answer with the delta from it when the hub knows it.
+    from: Option<u64>,
+}
+
+fn parse_version(version: &str) -> ApiResult<u64> {
+    version.parse().map_err(|_| {
         HubError::bad_request(
             codes::BAD_REQUEST,
             format!("version {version:?} is not a number"),
         )
-    })?;
-    let head = state
-        .store
-        .version(&space, version)
-        .await?
-        .ok_or_else(|| HubError::NotFound(format!("version {version} of space {space:?}")))?;
-    let manifest = state.manifest(&head.data_hash).await?;
-    let etag = HeaderValue::from_str(&format!("\"{}\"", head.data_hash)).expect("hex is valid");
+    })
+}
+
+/// `GET /spaces/{space}/versions/{version}/manifest[?from=V]`: the canonical bytes, whose
+/// sha256 is the version's data hash, from memory (a presigned redirect when the blob store is
+/// S3 and downloads are presigned); with `from`, the delta from version `V` instead when the
+/// hub knows that version and the delta is the smaller answer (see
+/// `synchub_protocol::delta`). The `Content-Type` says which of the two it is.
+pub async fn manifest(
+    State(state): State<AppState>,
+    SpaceAccess { space, .. }: SpaceAccess<Read>,
+    Path((_, version)): Path<(String, String)>,
+    Query(q): Query<ManifestQuery>,
+) -> ApiResult<Response> {
+    let version = parse_version(&version)?;
+    let data_hash = state.version_hash(&space, version).await?;
+    let immutable = HeaderValue::from_static("private, max-age=31536000, immutable");
+    if let Some(from) = q.from
+        && let Some(delta) = manifest_delta(&state, &space, from, &data_hash).await?
+    {
+        metrics::counter!("synchub_manifest_deltas_total").increment(1);
+        return Ok((
+            [
+                (
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(DELTA_CONTENT_TYPE),
+                ),
+                (header::CACHE_CONTROL, immutable),
+            ],
+            delta,
+        )
+            .into_response());
+    }
+    if state.config.presign_downloads
+        && data_hash != Sha256Hex::empty()
+        && let Some(url) = state
+            .blobs
+            .presigned_get(&data_hash, state.config.presign_ttl())
+            .await?
+    {
+        let location = HeaderValue::from_str(&url)
+            .map_err(|_| HubError::Unavailable("presigned URL is not a valid header".into()))?;
+        return Ok((
+            StatusCode::TEMPORARY_REDIRECT,
+            [(header::LOCATION, location)],
+        )
+            .into_response());
+    }
+    let bytes = state.manifests.canonical(&state.blobs, &data_hash).await?;
+    let etag = HeaderValue::from_str(&format!("\"{data_hash}\"")).expect("hex is valid");
     Ok((
         [
             (
@@ -96,14 +138,29 @@ pub async fn manifest(
                 HeaderValue::from_static("text/plain; charset=utf-8"),
             ),
             (header::ETAG, etag),
-            (
-                header::CACHE_CONTROL,
-                HeaderValue::from_static("private, max-age=31536000, immutable"),
-            ),
+            (header::CACHE_CONTROL, immutable),
         ],
-        manifest.canonical_bytes(),
+        bytes,
     )
         .into_response())
+}
+
+/// The delta from version `from` to the manifest `to`; `None` when the hub does not know that
+/// version or the full manifest is no larger (the asker then gets the full manifest).
+async fn manifest_delta(
+    state: &AppState,
+    space: &str,
+    from: u64,
+    to: &Sha256Hex,
+) -> ApiResult<Option<bytes::Bytes>> {
+    let from_hash = match state.version_hash(space, from).await {
+        Ok(hash) => hash,
+        Err(HubError::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let delta = state.manifests.delta(&state.blobs, &from_hash, to).await?;
+    let full = state.manifests.canonical(&state.blobs, to).await?;
+    Ok((delta.len() < full.len()).then_some(delta))
 }
 
 #[derive(Deserialize)]

@@ -28,6 +28,10 @@ pub fn router(state: AppState) -> Router {
     //   SpaceAccess<Publish>   a token allowed to commit to {space}
     //   SpaceAccess<Admin>     an admin token, {space} well-formed
     //   AdminToken             an admin token
+    // Downloads past the bound are refused at once with 503 and Retry-After (admission.rs);
+    // the layer is put on the download routes only (and on GET of a blob, not PUT).
+    let downloads = crate::admission::Downloads::new(state.config.limits.max_concurrent_downloads);
+    let admit = axum::middleware::from_fn_with_state(downloads, crate::admission::admit);
     let api = Router::new()
         .route("/ws", get(crate::ws::upgrade)) // Principal; each followed space: Read
         .route("/spaces", get(heads::spaces)) // Principal; lists the spaces it may Read
@@ -35,16 +39,17 @@ pub fn router(state: AppState) -> Router {
         .route("/spaces/{space}/versions", get(heads::versions)) // SpaceAccess<Admin>
         .route(
             "/spaces/{space}/versions/{version}/manifest",
-            get(heads::manifest), // SpaceAccess<Read>
+            get(heads::manifest).route_layer(admit.clone()), // SpaceAccess<Read>
         )
         .route("/spaces/{space}/commits", post(commits::commit)) // SpaceAccess<Publish>
         .route("/spaces/{space}/force-sync", post(commits::force_sync)) // SpaceAccess<Admin>
         .route("/spaces/{space}/rollback", post(commits::rollback)) // SpaceAccess<Admin>
-        .route("/blobs/pack", post(blobs::pack)) // Principal
+        .route("/blobs/pack", post(blobs::pack).route_layer(admit.clone())) // Principal
         .route("/blobs/missing", post(blobs::missing)) // Principal
         .route(
             "/blobs/{sha256}",
             get(blobs::get_blob) // Principal
+                .route_layer(admit)
                 .put(blobs::put_blob) // Principal
                 .layer(DefaultBodyLimit::disable()),
         )

@@ -7,12 +7,14 @@
 //! future) removes the temporary file. A root belongs to one hub process: `new` deletes what
 //! an earlier process left in `tmp/`.
 
-use super::{BlobError, BlobRead, BlobStore, ByteStream, UploadCheck};
+use super::{BlobError, BlobRead, BlobStore, ByteStream, HotBlobs, UploadCheck};
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures::StreamExt;
 use std::io::{ErrorKind, SeekFrom};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use synchub_protocol::Sha256Hex;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
@@ -107,6 +109,56 @@ impl FsBlobStore {
         file.sync_all().await?;
         drop(file);
         Ok((temp, size))
+    }
+}
+
+/// Chunks a pack's reading task may be ahead of the socket.
+const PACK_CHUNKS_AHEAD: usize = 16;
+
+type PackSender = tokio::sync::mpsc::Sender<std::io::Result<Bytes>>;
+
+impl FsBlobStore {
+    /// Sends one blob of a pack (blocking): from `hot`, or read whole and kept there when
+    /// small, or streamed in chunks. Ok when the client went away (nothing more to do).
+    fn send_blob(
+        &self,
+        hash: &Sha256Hex,
+        size: u64,
+        hot: &HotBlobs,
+        tx: &PackSender,
+    ) -> Result<(), BlobError> {
+        use std::io::Read;
+        if let Some(bytes) = hot.get(hash, size) {
+            let _ = tx.blocking_send(Ok(bytes));
+            return Ok(());
+        }
+        let file = std::fs::File::open(self.blob_path(hash)).map_err(|e| not_found(hash, e))?;
+        let actual = file.metadata()?.len();
+        if actual != size {
+            return Err(BlobError::BadRange {
+                start: 0,
+                end: size,
+                size: actual,
+            });
+        }
+        let mut file = file.take(size);
+        if hot.takes(size) {
+            let mut bytes = Vec::with_capacity(size as usize);
+            file.read_to_end(&mut bytes)?;
+            let _ = tx.blocking_send(Ok(hot.put_checked(hash, Bytes::from(bytes))?));
+            return Ok(());
+        }
+        loop {
+            let mut chunk = vec![0; READ_CHUNK];
+            let n = file.read(&mut chunk)?;
+            if n == 0 {
+                return Ok(());
+            }
+            chunk.truncate(n);
+            if tx.blocking_send(Ok(Bytes::from(chunk))).is_err() {
+                return Ok(());
+            }
+        }
     }
 }
 
@@ -256,6 +308,26 @@ impl BlobStore for FsBlobStore {
             .map_err(|e| not_found(hash, e))?;
         sync_dir(folder).await?;
         Ok(dest.display().to_string())
+    }
+
+    /// One blocking task reads the whole pack with plain file reads and hands the bytes over a
+    /// short channel: a few hundred small files cost one hand-off, not several `tokio::fs` trips
+    /// each. The task ends when the pack is read or the client goes away.
+    fn read_pack(self: Arc<Self>, items: Vec<(Sha256Hex, u64)>, hot: HotBlobs) -> ByteStream {
+        let (tx, rx) = tokio::sync::mpsc::channel(PACK_CHUNKS_AHEAD);
+        tokio::task::spawn_blocking(move || {
+            for (hash, size) in items {
+                let header = Bytes::from(synchub_protocol::pack::encode_header(&hash, size));
+                if tx.blocking_send(Ok(header)).is_err() {
+                    return;
+                }
+                if let Err(e) = self.send_blob(&hash, size, &hot, &tx) {
+                    let _ = tx.blocking_send(Err(std::io::Error::other(e)));
+                    return;
+                }
+            }
+        });
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
     }
 
     async fn list(&self) -> Result<Vec<Sha256Hex>, BlobError> {

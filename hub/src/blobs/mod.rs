@@ -12,8 +12,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::Duration;
-use synchub_protocol::Sha256Hex;
+use synchub_protocol::{Sha256Hex, pack};
 
 pub type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
 
@@ -88,6 +89,104 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Moves a stored blob aside (never deletes it), under `quarantine/` beside the blobs, so
     /// that it is no longer served or listed but can still be looked at; returns where it went.
     async fn quarantine(&self, hash: &Sha256Hex) -> Result<String, BlobError>;
+
+    /// The body of a pack of `items` (hash and size, sizes known to the caller): each blob
+    /// after its header, in order (format in `synchub_protocol::pack`). Small blobs come from
+    /// `hot` when it has them and are put there after a read. By default up to
+    /// [`PACK_READS_IN_FLIGHT`] reads are started ahead of the one being sent (an object
+    /// store's round trips overlap); the filesystem reads a whole pack in one blocking task.
+    fn read_pack(self: Arc<Self>, items: Vec<(Sha256Hex, u64)>, hot: HotBlobs) -> ByteStream {
+        use futures::StreamExt;
+        futures::stream::iter(items)
+            .map(move |(hash, size)| {
+                let (store, hot) = (self.clone(), hot.clone());
+                async move {
+                    let header = Ok(Bytes::from(pack::encode_header(&hash, size)));
+                    let small = match hot.get(&hash, size) {
+                        Some(bytes) => Ok(Some(bytes)),
+                        None if hot.takes(size) => get_bytes(store.as_ref(), &hash, size)
+                            .await
+                            .map(|bytes| Some(hot.put(&hash, bytes))),
+                        None => Ok(None),
+                    };
+                    match small {
+                        Ok(Some(bytes)) => futures::stream::iter([header, Ok(bytes)]).boxed(),
+                        Ok(None) => match store.get(&hash, None).await {
+                            Ok(read) => futures::stream::once(async { header })
+                                .chain(read.stream)
+                                .boxed(),
+                            Err(e) => failed(e),
+                        },
+                        Err(e) => failed(e),
+                    }
+                }
+            })
+            .buffered(PACK_READS_IN_FLIGHT)
+            .flatten()
+            .boxed()
+    }
+}
+
+/// Reads a pack keeps started ahead of the blob being sent (see [`BlobStore::read_pack`]).
+pub const PACK_READS_IN_FLIGHT: usize = 8;
+
+/// A pack body that fails with `e` (the client sees a truncated pack and retries).
+fn failed(e: BlobError) -> ByteStream {
+    use futures::StreamExt;
+    futures::stream::once(async move { Err(std::io::Error::other(e)) }).boxed()
+}
+
+/// Small blobs kept in memory because many agents ask for the same ones at once after a bump.
+/// Only bytes that hashed to their address are put here. Cheap to clone (one shared cache).
+#[derive(Clone)]
+pub struct HotBlobs {
+    cache: moka::sync::Cache<Sha256Hex, Bytes>,
+    max_blob: u64,
+}
+
+impl HotBlobs {
+    /// At most `bytes` in all, each blob at most `max_blob` bytes; `bytes == 0` keeps nothing.
+    pub fn new(bytes: u64, max_blob: u64) -> Self {
+        HotBlobs {
+            cache: moka::sync::Cache::builder()
+                .max_capacity(bytes)
+                .weigher(|_: &Sha256Hex, b: &Bytes| u32::try_from(b.len()).unwrap_or(u32::MAX))
+                .build(),
+            max_blob: if bytes == 0 { 0 } else { max_blob },
+        }
+    }
+
+    /// Whether a blob of `size` bytes is kept once read.
+    pub fn takes(&self, size: u64) -> bool {
+        size <= self.max_blob
+    }
+
+    /// The blob's bytes, when held and of the expected `size`.
+    pub fn get(&self, hash: &Sha256Hex, size: u64) -> Option<Bytes> {
+        if !self.takes(size) {
+            return None;
+        }
+        self.cache.get(hash).filter(|b| b.len() as u64 == size)
+    }
+
+    /// Keeps bytes already checked against `hash`; returns them.
+    fn put(&self, hash: &Sha256Hex, bytes: Bytes) -> Bytes {
+        self.cache.insert(hash.clone(), bytes.clone());
+        bytes
+    }
+
+    /// Keeps `bytes` read from `hash` if they hash to it (checked here, on the caller's
+    /// thread: call it from a blocking task).
+    pub(crate) fn put_checked(&self, hash: &Sha256Hex, bytes: Bytes) -> Result<Bytes, BlobError> {
+        let actual = Sha256Hex::of(&bytes);
+        if &actual != hash {
+            return Err(BlobError::Corrupt {
+                hash: hash.clone(),
+                actual,
+            });
+        }
+        Ok(self.put(hash, bytes))
+    }
 }
 
 /// Hashes and counts an upload while it streams and enforces the size limit: what every
@@ -184,8 +283,8 @@ pub async fn put_bytes(store: &dyn BlobStore, bytes: Bytes) -> Result<Sha256Hex,
 }
 
 /// Reads a whole blob into memory (manifests), refusing one over `limit` bytes.
-pub async fn get_bytes(
-    store: &dyn BlobStore,
+pub async fn get_bytes<S: BlobStore + ?Sized>(
+    store: &S,
     hash: &Sha256Hex,
     limit: u64,
 ) -> Result<Bytes, BlobError> {
@@ -198,7 +297,13 @@ pub async fn get_bytes(
     let bytes = Bytes::from(chunks.concat());
     // Whatever is read whole is checked: one flipped byte in a stored manifest must not become
     // the base of the next version.
-    let actual = Sha256Hex::of(&bytes);
+    let actual = {
+        // Hashing a large manifest takes milliseconds: not on the async workers.
+        let bytes = bytes.clone();
+        tokio::task::spawn_blocking(move || Sha256Hex::of(&bytes))
+            .await
+            .map_err(std::io::Error::other)?
+    };
     if &actual != hash {
         return Err(BlobError::Corrupt {
             hash: hash.clone(),

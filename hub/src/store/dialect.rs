@@ -14,7 +14,7 @@ use sqlx::query::Query;
 use sqlx::{Database, Encode, Pool, Type};
 use std::collections::HashSet;
 use std::sync::RwLock;
-use synchub_protocol::Role;
+use synchub_protocol::{Role, SyncReport};
 
 /// A database connection of the dialect's backend (a transaction derefs to one).
 pub(super) type Conn<D> = <<D as Dialect>::Db as Database>::Connection;
@@ -68,6 +68,13 @@ pub(super) trait Dialect: Send + Sync + 'static {
 
     /// True when a token (live or revoked) is named `name`.
     async fn token_named(&self, name: &str) -> Result<bool, sqlx::Error>;
+
+    /// Inserts a `sync_log` row unless one with its `report_id` exists; true when inserted.
+    async fn insert_report(
+        conn: &mut Conn<Self>,
+        report: &SyncReport,
+        now: DateTime<Utc>,
+    ) -> Result<bool, sqlx::Error>;
 }
 
 /// Spaces fed by sources (see [`super::Store::set_fed_spaces`]).

@@ -151,7 +151,14 @@ pub trait Store: Send + Sync + 'static {
     async fn versions(&self, space: &str, limit: u32) -> Result<Vec<VersionInfo>, StoreError>;
 
     /// Stores a report in `sync_log` unless one with its `report_id` exists; true when stored.
-    async fn insert_report(&self, report: &SyncReport) -> Result<bool, StoreError>;
+    async fn insert_report(&self, report: &SyncReport) -> Result<bool, StoreError> {
+        let stored = self.insert_reports(std::slice::from_ref(report)).await?;
+        Ok(stored.first().copied().unwrap_or(false))
+    }
+
+    /// [`Store::insert_report`] for each of `reports`, all in one transaction (nothing stored
+    /// when it fails); whether each was stored, in order.
+    async fn insert_reports(&self, reports: &[SyncReport]) -> Result<Vec<bool>, StoreError>;
 
     /// `sync_log` rows, newest first.
     async fn sync_log(&self, filter: &SyncLogFilter) -> Result<Vec<SyncLogEntry>, StoreError>;

@@ -1,13 +1,14 @@
 //! What the SQLite and PostgreSQL stores do the same way, written once over a [`Dialect`]:
 //! resolving head reads (recording an outside bump first when the row is ahead), creating a
 //! version with compare-and-swap, recording a fed space's outside bump, creating a space, and
-//! telling a duplicate token name from other failures. Each backend's `Store` impl calls these.
+//! telling a duplicate token name from other failures, and writing a batch of sync reports in
+//! one transaction. Each backend's `Store` impl calls these.
 
 use super::dialect::Dialect;
 use super::rows::{HeadPlan, HeadRow, PendingVersion, plan_fed_bump, plan_head};
 use super::{NewVersion, StoreError, TokenRecord};
 use chrono::Utc;
-use synchub_protocol::{Head, Role, Sha256Hex};
+use synchub_protocol::{Head, Role, Sha256Hex, SyncReport};
 
 /// The current head of `space`, or `None` when it has no `sync_metadata` row.
 pub(super) async fn head<D: Dialect>(d: &D, space: &str) -> Result<Option<Head>, StoreError> {
@@ -180,4 +181,20 @@ pub(super) async fn create_token<D: Dialect>(
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+/// See [`super::Store::insert_reports`]: every report in one transaction, so a batch costs one
+/// commit (one fsync) however many rows it has.
+pub(super) async fn insert_reports<D: Dialect>(
+    d: &D,
+    reports: &[SyncReport],
+) -> Result<Vec<bool>, StoreError> {
+    let now = Utc::now();
+    let mut tx = d.pool().begin().await?;
+    let mut stored = Vec::with_capacity(reports.len());
+    for report in reports {
+        stored.push(D::insert_report(&mut *tx, report, now).await?);
+    }
+    tx.commit().await?;
+    Ok(stored)
 }

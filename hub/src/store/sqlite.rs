@@ -154,6 +154,43 @@ impl Dialect for SqliteStore {
         &self.fed
     }
 
+    async fn insert_report(
+        conn: &mut Conn<Self>,
+        report: &SyncReport,
+        now: DateTime<Utc>,
+    ) -> Result<bool, sqlx::Error> {
+        let synced_at = report
+            .synced_at
+            .as_deref()
+            .and_then(parse_timestamp)
+            .unwrap_or(now);
+        let inserted = sqlx::query(
+            "INSERT INTO sync_log
+                 (report_id, client_id, space, sync_type, status, version, items_synced, bytes,
+                  duration_ms, error_message, discord_id, synced_at, created_at, items_total)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+             ON CONFLICT (report_id) DO NOTHING",
+        )
+        .bind(&report.report_id)
+        .bind(&report.client_id)
+        .bind(&report.space)
+        .bind(report.sync_type.as_str())
+        .bind(report.status.as_str())
+        .bind(report.version.map(to_db))
+        .bind(to_db(report.items_synced))
+        .bind(to_db(report.bytes))
+        .bind(to_db(report.duration_ms))
+        .bind(&report.error_message)
+        .bind(&report.user)
+        .bind(rfc3339(synced_at))
+        .bind(rfc3339(now))
+        .bind(report.items_total.map(to_db))
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        Ok(inserted == 1)
+    }
+
     fn wrote(&self) {
         self.wake.notify_one();
     }
@@ -301,38 +338,8 @@ impl Store for SqliteStore {
         rows.iter().map(|r| version_from_row(r, 0)).collect()
     }
 
-    async fn insert_report(&self, report: &SyncReport) -> Result<bool, StoreError> {
-        let now = Utc::now();
-        let synced_at = report
-            .synced_at
-            .as_deref()
-            .and_then(parse_timestamp)
-            .unwrap_or(now);
-        let inserted = sqlx::query(
-            "INSERT INTO sync_log
-                 (report_id, client_id, space, sync_type, status, version, items_synced, bytes,
-                  duration_ms, error_message, discord_id, synced_at, created_at, items_total)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
-             ON CONFLICT (report_id) DO NOTHING",
-        )
-        .bind(&report.report_id)
-        .bind(&report.client_id)
-        .bind(&report.space)
-        .bind(report.sync_type.as_str())
-        .bind(report.status.as_str())
-        .bind(report.version.map(to_db))
-        .bind(to_db(report.items_synced))
-        .bind(to_db(report.bytes))
-        .bind(to_db(report.duration_ms))
-        .bind(&report.error_message)
-        .bind(&report.user)
-        .bind(rfc3339(synced_at))
-        .bind(rfc3339(now))
-        .bind(report.items_total.map(to_db))
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(inserted == 1)
+    async fn insert_reports(&self, reports: &[SyncReport]) -> Result<Vec<bool>, StoreError> {
+        sql::insert_reports(self, reports).await
     }
 
     async fn sync_log(&self, filter: &SyncLogFilter) -> Result<Vec<SyncLogEntry>, StoreError> {

@@ -1,0 +1,96 @@
+//! Admission instead of a stampede: a hub bounded to one download at a time answers the others
+//! `503 busy` with `Retry-After` at once, and agents that are put off keep waiting (never
+//! reported as failed) and all end with the right tree once the slot frees.
+
+use anyhow::ensure;
+use std::time::Duration;
+use synchub_client::SyncClient;
+use synchub_protocol::{AgentState, DEFAULT_SPACE, Role, Sha256Hex};
+use synchub_tests::fixtures::{agent_config, commit, http, metric, read_tree, wait_ready};
+use synchub_tests::hub::TestHub;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agents_put_off_by_a_busy_hub_wait_and_all_converge() -> anyhow::Result<()> {
+    let hub = TestHub::start_with(|c| c.limits.max_concurrent_downloads = 1).await?;
+    // A blob larger than the loopback socket buffers: a reader that stops reading holds the
+    // one download slot for as long as it likes.
+    let big: Vec<u8> = (0..32u32 << 20).map(|i| (i % 251) as u8).collect();
+    let small: Vec<(String, Vec<u8>)> = (0..30)
+        .map(|i| {
+            (
+                format!("arhiva/{i:02}.json"),
+                format!("{{\"n\":{i}}}").into_bytes(),
+            )
+        })
+        .collect();
+    let mut files: Vec<(&str, &[u8])> = small
+        .iter()
+        .map(|(p, b)| (p.as_str(), b.as_slice()))
+        .collect();
+    files.push(("big.bin", &big));
+    let (status, body) = commit(&hub, &hub.admin_token, 1, &files, &[]).await?;
+    ensure!(status.is_success(), "commit: {status} {body}");
+
+    let held = http()
+        .get(hub.api(&format!("/blobs/{}", Sha256Hex::of(&big))))
+        .bearer_auth(&hub.admin_token)
+        .send()
+        .await?;
+    ensure!(
+        held.status().is_success(),
+        "holding download: {}",
+        held.status()
+    );
+    // The slot is taken: the next download is refused at once, with Retry-After.
+    let refused = http()
+        .get(hub.api(&format!("/spaces/{DEFAULT_SPACE}/versions/2/manifest")))
+        .bearer_auth(&hub.admin_token)
+        .send()
+        .await?;
+    assert_eq!(refused.status(), 503);
+    assert_eq!(
+        refused
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    assert!(refused.text().await?.contains("\"busy\""));
+
+    let token = hub.token("pcs", Role::Agent, None).await?;
+    let dirs: Vec<tempfile::TempDir> = (0..6).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut agents = Vec::new();
+    for d in &dirs {
+        agents.push(SyncClient::start(agent_config(&hub, &token, d.path())).await?);
+    }
+    // For a while every agent is put off; none of them calls that a failure.
+    let refused_before = metric(&hub, "synchub_downloads_refused_total").await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let refused_since = metric(&hub, "synchub_downloads_refused_total").await? - refused_before;
+    assert!(
+        refused_since >= agents.len() as f64,
+        "only {refused_since} downloads were refused while the slot was held"
+    );
+    for a in &agents {
+        let state = a.state(None)?;
+        assert!(
+            !matches!(state, AgentState::Failed { .. }),
+            "an agent put off by a busy hub reports {state:?}"
+        );
+    }
+
+    drop(held);
+    for a in &agents {
+        wait_ready(a, 2, Duration::from_secs(60)).await?;
+    }
+    for d in &dirs {
+        let tree = read_tree(&d.path().join("current"));
+        assert_eq!(tree.len(), 31);
+        assert!(tree["big.bin"] == big, "big.bin differs");
+    }
+    for a in agents {
+        a.shutdown().await;
+    }
+    hub.stop().await;
+    Ok(())
+}
