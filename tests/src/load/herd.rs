@@ -1,7 +1,9 @@
 //! Herd: N simulated agents that hold the QR set, and one bump that sends all of them to the
 //! hub at once. Each agent does over the network what the real agent does: `hello` /
-//! `welcome`, then on `sync_required` a `downloading` status frame, the manifest (its sha256
-//! checked against the announced `data_hash` before it is parsed), one pack of the blobs it
+//! `welcome`, then on `sync_required` a `downloading` status frame, the manifest as a delta
+//! from the version it holds (`?from=V`, rebuilt and checked against the announced
+//! `data_hash`; the full manifest, hash checked before parsing, when the hub sends that
+//! instead or the delta does not check out), one pack of the blobs it
 //! lacks (each blob's sha256 checked), a `ready` status frame and a `sync_log` report. Nothing
 //! is written to disk, and a forced sync's local re-hash (work on each PC, not on the hub) is
 //! left out. Answers 429 and 503 are honoured by waiting `Retry-After`, as the agent does.
@@ -27,8 +29,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use synchub_client::HubApi;
 use synchub_protocol::{
-    AgentFrame, AgentState, BlobList, CommitRequest, DEFAULT_SPACE, Head, HeldSpace, HubFrame,
-    Manifest, ManifestEntry, Sha256Hex, SyncReport, SyncStatus, SyncType, pack,
+    AgentFrame, AgentState, BlobList, CommitRequest, DEFAULT_SPACE, DELTA_CONTENT_TYPE, Head,
+    HeldSpace, HubFrame, Manifest, ManifestDelta, ManifestEntry, Sha256Hex, SyncReport, SyncStatus,
+    SyncType, pack,
 };
 use tokio::sync::{Semaphore, mpsc};
 use tokio_tungstenite::tungstenite::Message;
@@ -229,15 +232,29 @@ impl Shared {
     /// Sends `make()` until it is answered 2xx: 429/503 wait `Retry-After` (1 s when absent),
     /// other failures back off; the body, or an error once the attempts are spent.
     async fn request(&self, make: impl Fn() -> reqwest::RequestBuilder) -> Result<bytes::Bytes> {
+        Ok(self.request_typed(make).await?.1)
+    }
+
+    /// Like [`Shared::request`], with whether the answer is a manifest delta.
+    async fn request_typed(
+        &self,
+        make: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<(bool, bytes::Bytes)> {
         let mut last = String::new();
         for attempt in 0..ATTEMPTS {
             let sent = {
                 let _permit = self.permits.acquire().await?;
                 match make().timeout(REQUEST_DEADLINE).send().await {
-                    Ok(r) if r.status().is_success() => match r.bytes().await {
-                        Ok(b) => Ok(b),
-                        Err(e) => Err((None, e.to_string())),
-                    },
+                    Ok(r) if r.status().is_success() => {
+                        let delta = r
+                            .headers()
+                            .get(reqwest::header::CONTENT_TYPE)
+                            .is_some_and(|v| v.as_bytes() == DELTA_CONTENT_TYPE.as_bytes());
+                        match r.bytes().await {
+                            Ok(b) => Ok((delta, b)),
+                            Err(e) => Err((None, e.to_string())),
+                        }
+                    }
                     Ok(r) => {
                         let wait = r
                             .headers()
@@ -250,9 +267,9 @@ impl Shared {
                 }
             };
             match sent {
-                Ok(b) => {
+                Ok((delta, b)) => {
                     self.bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
-                    return Ok(b);
+                    return Ok((delta, b));
                 }
                 Err((Some((429 | 503, wait)), why)) => {
                     self.throttled.fetch_add(1, Ordering::Relaxed);
@@ -276,8 +293,33 @@ impl Shared {
         bail!("request failed for good: {last}")
     }
 
-    /// The manifest of `head`, its hash checked before parsing; one shared copy per hash.
-    async fn manifest(&self, head: &Head) -> Result<Arc<Manifest>> {
+    /// The manifest of `head`: a delta from `held` (version and manifest) when the hub sends
+    /// one and it checks out, else the whole manifest, its hash checked before parsing; one
+    /// shared copy per hash.
+    async fn manifest(&self, head: &Head, held: Option<(u64, &Manifest)>) -> Result<Arc<Manifest>> {
+        if let Some((version, base)) = held {
+            let url = format!(
+                "{}/spaces/{}/versions/{}/manifest?from={version}",
+                self.api, head.space, head.version
+            );
+            let (delta, bytes) = self
+                .request_typed(|| self.http.get(&url).bearer_auth(&self.token))
+                .await?;
+            let rebuilt = if delta {
+                ManifestDelta::parse(&bytes, MAX_MANIFEST_ENTRIES)
+                    .ok()
+                    .filter(|d| d.to == head.data_hash)
+                    .and_then(|d| d.apply(base).ok())
+            } else if Sha256Hex::of(&bytes) == head.data_hash {
+                Manifest::from_canonical(&bytes, MAX_MANIFEST_ENTRIES).ok()
+            } else {
+                None
+            };
+            if let Some(m) = rebuilt {
+                return self.share(head, m);
+            }
+            // Not usable: the whole manifest, as the agent falls back to.
+        }
         let url = format!(
             "{}/spaces/{}/versions/{}/manifest",
             self.api, head.space, head.version
@@ -290,6 +332,11 @@ impl Shared {
             bail!("manifest of v{} does not match its data_hash", head.version);
         }
         let parsed = Manifest::from_canonical(&bytes, MAX_MANIFEST_ENTRIES)?;
+        self.share(head, parsed)
+    }
+
+    /// The one shared copy of the manifest of `head.data_hash`.
+    fn share(&self, head: &Head, parsed: Manifest) -> Result<Arc<Manifest>> {
         let mut known = self.manifests.lock().map_err(|_| anyhow!("poisoned"))?;
         Ok(known
             .entry(head.data_hash.clone())
@@ -418,7 +465,7 @@ async fn run_agent(
         if socket.send(status(downloading)).await.is_err() {
             break;
         }
-        let Ok((manifest, fetched, changed)) = sync(&shared, &head, &holds.1).await else {
+        let Ok((manifest, fetched, changed)) = sync(&shared, &head, holds.0, &holds.1).await else {
             continue;
         };
         let _ = done.send(Held {
@@ -458,8 +505,13 @@ async fn run_agent(
 
 /// The manifest of `head` and the blobs of it that `held` lacks; returns the manifest, the
 /// bytes fetched and the number of paths that changed.
-async fn sync(shared: &Shared, head: &Head, held: &Manifest) -> Result<(Arc<Manifest>, u64, u64)> {
-    let manifest = shared.manifest(head).await?;
+async fn sync(
+    shared: &Shared,
+    head: &Head,
+    held_version: u64,
+    held: &Manifest,
+) -> Result<(Arc<Manifest>, u64, u64)> {
+    let manifest = shared.manifest(head, Some((held_version, held))).await?;
     let have: HashSet<&Sha256Hex> = held.entries().iter().map(|e| &e.sha256).collect();
     let mut seen = HashSet::new();
     let need: Vec<(Sha256Hex, u64)> = manifest
@@ -571,7 +623,7 @@ pub async fn herd(hub: &Hub, opts: &HerdOptions, work: &Path) -> Result<HerdRepo
         reports: AtomicU64::new(0),
         manifests: Mutex::new(HashMap::new()),
     });
-    let mut manifest = shared.manifest(&head).await?;
+    let mut manifest = shared.manifest(&head, None).await?;
 
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Held>();
     let stop = CancellationToken::new();
@@ -705,7 +757,7 @@ async fn run_cases(
             failed: shared.failed.load(Ordering::Relaxed) - failed0,
         });
         let head = hub.head(DEFAULT_SPACE).await?;
-        *manifest = shared.manifest(&head).await?;
+        *manifest = shared.manifest(&head, None).await?;
         // Let stragglers' status frames and the hub's queues settle between cases.
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
