@@ -247,3 +247,23 @@ async fn write_loop_floor() {
     assert!(r.server_cpu_us_per_frame.is_some(), "{r:?}");
     assert!(r.frame_bytes > 100, "{r:?}");
 }
+
+/// The old way at a small size: every client reads every file of the QR set from PostgreSQL,
+/// each file's hash checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_way_postgres() {
+    let cluster = tokio::task::spawn_blocking(synchub_tests::postgres::PgCluster::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let r = load::old_way(&cluster, 5, work.path()).await.unwrap();
+    println!("{r}");
+    assert_eq!(r.files, 508);
+    assert_eq!(r.failed, 0, "{r:?}");
+    assert!(
+        r.bytes >= 5 * 2_400_000,
+        "every client read the whole set: {r:?}"
+    );
+    assert!(r.p50_ms > 0.0 && r.p50_ms <= r.last_ms, "{r:?}");
+}
