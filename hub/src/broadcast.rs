@@ -4,15 +4,28 @@
 //! snapshot once, with each head's `sync_required` frame and HTTP body already serialized, so a
 //! broadcast to 10,000 sockets serializes nothing per socket and queues nothing per socket: a
 //! slow agent only ever sees the newest head.
+//!
+//! The fan-out: every socket task registers its socket and hands over its write half. After a
+//! bump one task walks the registered sockets and hands the frame to each write half without
+//! waiting (a WebSocket header and one `write` to the kernel per socket; TLS encrypts there
+//! too), so no socket task is woken for a bump. A socket whose write half is busy (its own
+//! task is writing) or whose kernel buffer is full is left to its task, which is woken to
+//! finish the write and send whatever is newest.
 
-use axum::extract::ws::Utf8Bytes;
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
 use axum::http::HeaderValue;
 use bytes::Bytes;
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use futures::Sink;
+use futures::stream::SplitSink;
+use metrics::Histogram;
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 use synchub_protocol::{Head, HubFrame};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 /// One head, ready to send.
 #[derive(Debug)]
@@ -87,15 +100,17 @@ fn successor(current: Option<&Head>, mut head: Head, authoritative: bool) -> Opt
 /// spaces up after each broadcast: comparing short names is cheaper than hashing them.
 pub type Snapshot = Arc<BTreeMap<String, Arc<Published>>>;
 
-/// The heads every connection and request reads.
+/// The heads every connection and request reads, and the sockets they are fanned out to.
 pub struct Heads {
     tx: watch::Sender<Snapshot>,
+    registry: Arc<Registry>,
 }
 
 impl Default for Heads {
     fn default() -> Self {
         Heads {
             tx: watch::Sender::new(Arc::new(BTreeMap::new())),
+            registry: Arc::default(),
         }
     }
 }
@@ -143,8 +158,38 @@ impl Heads {
         });
         if sent {
             metrics::counter!("synchub_broadcasts_total").increment(1);
+            self.fan_out();
         }
         sent
+    }
+
+    /// Writes the current heads to every registered socket, in a task of its own.
+    fn fan_out(&self) {
+        let snapshot = self.snapshot();
+        let registry = self.registry.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(fan_out(registry, snapshot));
+            }
+            // No runtime (a tool publishing outside one): each socket task sends for itself.
+            Err(_) => {
+                for socket in registry.sockets().values() {
+                    socket.wake.notify_one();
+                }
+            }
+        }
+    }
+
+    /// Registers a socket for the fan-out; it stays registered until the result is dropped.
+    pub fn register(&self) -> Registration {
+        let id = self.registry.next.fetch_add(1, Ordering::Relaxed);
+        let socket = Arc::new(FanoutSocket::default());
+        self.registry.sockets().insert(id, socket.clone());
+        Registration {
+            id,
+            registry: self.registry.clone(),
+            socket,
+        }
     }
 
     pub fn get(&self, space: &str) -> Option<Arc<Published>> {
@@ -158,6 +203,192 @@ impl Heads {
     pub fn subscribe(&self) -> watch::Receiver<Snapshot> {
         self.tx.subscribe()
     }
+}
+
+/// A socket's write half, shared between its socket task and the fan-out.
+pub type SocketSink = SplitSink<WebSocket, Message>;
+
+/// The head of one followed space last sent to a socket.
+#[derive(Clone, Debug)]
+pub struct Sent {
+    pub space: String,
+    pub version: u64,
+    /// A head of a new epoch goes out even when its version is lower (a restored database).
+    pub epoch: u64,
+}
+
+impl Sent {
+    /// The frame to send when `snapshot` holds a head of this space the socket has not had.
+    fn newer<'a>(&self, snapshot: &'a Snapshot) -> Option<&'a Arc<Published>> {
+        snapshot
+            .get(&self.space)
+            .filter(|p| p.head.version > self.version || p.head.epoch != self.epoch)
+    }
+}
+
+/// What a socket holds for the fan-out: its write half (absent while its own task is writing)
+/// and the heads it was sent.
+#[derive(Default)]
+struct Outgoing {
+    sink: Option<SocketSink>,
+    sent: Vec<Sent>,
+    /// A frame was handed to the sink but the kernel took only part of it: the socket task
+    /// must flush before anything else is written inline.
+    unflushed: bool,
+}
+
+/// One registered socket: the fan-out writes to it inline, or wakes its task to do so.
+#[derive(Default)]
+pub struct FanoutSocket {
+    out: Mutex<Outgoing>,
+    wake: Notify,
+}
+
+impl FanoutSocket {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Outgoing> {
+        // Nothing panics under this lock; a poisoned one still holds consistent data.
+        self.out.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands the write half to the fan-out, with the heads the welcome carried.
+    pub fn attach(&self, sink: SocketSink, sent: Vec<Sent>) {
+        let mut out = self.lock();
+        out.sink = Some(sink);
+        out.sent = sent;
+    }
+
+    /// Resolves when the fan-out could not write a bump inline (the write half was busy or
+    /// the kernel buffer full): the socket task must call [`FanoutSocket::catch_up`].
+    pub async fn woken(&self) {
+        self.wake.notified().await;
+    }
+
+    /// Takes the write half for a write of the socket's own (a welcome, a ping, an answer),
+    /// with the frames of every head newer than what was sent, marked as sent: the caller
+    /// writes those first, then its own frame, then gives the half back with
+    /// [`FanoutSocket::give_back`].
+    pub fn take(&self, snapshot: &Snapshot) -> Option<(SocketSink, Vec<Arc<Published>>)> {
+        let mut out = self.lock();
+        let sink = out.sink.take()?;
+        out.unflushed = false;
+        let mut frames = Vec::new();
+        for sent in &mut out.sent {
+            if let Some(p) = sent.newer(snapshot) {
+                sent.version = p.head.version;
+                sent.epoch = p.head.epoch;
+                frames.push(p.clone());
+            }
+        }
+        Some((sink, frames))
+    }
+
+    pub fn give_back(&self, sink: SocketSink) {
+        self.lock().sink = Some(sink);
+    }
+
+    /// The spaces this socket follows (for checking an agent's `status` frames).
+    pub fn follows(&self, space: &str) -> bool {
+        self.lock().sent.iter().any(|s| s.space == space)
+    }
+
+    /// Writes the newer heads of `snapshot` without waiting: true when they are all in the
+    /// kernel's buffer, false when the socket task must finish (write half busy, a write that
+    /// would block, an error it will see itself).
+    fn write_inline(&self, snapshot: &Snapshot, cx: &mut Context<'_>, fanout: &Histogram) -> bool {
+        let mut out = self.lock();
+        let Outgoing {
+            sink,
+            sent,
+            unflushed,
+        } = &mut *out;
+        let Some(sink) = sink.as_mut() else {
+            return false;
+        };
+        if *unflushed {
+            return false;
+        }
+        let mut wrote = false;
+        for s in sent.iter_mut() {
+            let Some(p) = s.newer(snapshot) else {
+                continue;
+            };
+            if !matches!(Pin::new(&mut *sink).poll_ready(cx), Poll::Ready(Ok(()))) {
+                return false;
+            }
+            if Pin::new(&mut *sink)
+                .start_send(Message::Text(p.frame.clone()))
+                .is_err()
+            {
+                return false;
+            }
+            s.version = p.head.version;
+            s.epoch = p.head.epoch;
+            wrote = true;
+            fanout.record(p.since.elapsed().as_secs_f64());
+        }
+        if !wrote {
+            return true;
+        }
+        match Pin::new(sink).poll_flush(cx) {
+            Poll::Ready(Ok(())) => true,
+            _ => {
+                *unflushed = true;
+                false
+            }
+        }
+    }
+}
+
+/// Every socket that follows heads, for the fan-out.
+#[derive(Default)]
+struct Registry {
+    next: AtomicU64,
+    sockets: Mutex<HashMap<u64, Arc<FanoutSocket>>>,
+}
+
+impl Registry {
+    fn sockets(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<FanoutSocket>>> {
+        self.sockets.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A socket's place in the fan-out; leaving it (on drop) unregisters the socket.
+pub struct Registration {
+    id: u64,
+    registry: Arc<Registry>,
+    pub socket: Arc<FanoutSocket>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry.sockets().remove(&self.id);
+    }
+}
+
+/// Sockets written between two yields of the fan-out, so other tasks on its worker run too.
+const FANOUT_BATCH: usize = 512;
+
+/// Writes `snapshot`'s newer heads to every registered socket inline: per socket one write
+/// of bytes serialized once, and no task woken unless its write cannot complete at once.
+async fn fan_out(registry: Arc<Registry>, snapshot: Snapshot) {
+    let sockets: Vec<Arc<FanoutSocket>> = registry.sockets().values().cloned().collect();
+    let fanout = metrics::histogram!("synchub_fanout_seconds");
+    let mut inline = 0u64;
+    for batch in sockets.chunks(FANOUT_BATCH) {
+        {
+            let mut cx = Context::from_waker(Waker::noop());
+            for socket in batch {
+                if socket.write_inline(&snapshot, &mut cx, &fanout) {
+                    inline += 1;
+                } else {
+                    socket.wake.notify_one();
+                }
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+    metrics::counter!("synchub_fanout_inline_total").increment(inline);
+    metrics::counter!("synchub_fanout_deferred_total").increment(sockets.len() as u64 - inline);
 }
 
 #[cfg(test)]

@@ -1,17 +1,23 @@
 //! The socket task: one per connected agent, at `GET /api/v1/ws`.
 //!
-//! After the agent's `hello` the hub answers `welcome` with the current heads, then waits on
-//! three things: a new heads snapshot (send `sync_required` for each followed space that moved),
-//! a frame from the agent (`status`, `report`, `pong`), and the ping timer. The frames sent on a
-//! bump were serialized once, in [`crate::broadcast`]. Buffers are set small and explicitly so
-//! that an idle socket costs a few KiB.
+//! After the agent's `hello` the hub registers the socket with the fan-out in
+//! [`crate::broadcast`], which gets its write half, answers `welcome` with the current heads,
+//! then waits on four things: a frame from the agent (`status`, `report`, `pong`), the ping
+//! timer, the end of the connection, and a wake-up from the fan-out. A bump is written to the
+//! socket by the fan-out itself, without waking this task; only when that write cannot finish
+//! at once (the kernel buffer is full, or this task is writing) does the fan-out wake the task
+//! to send it. Buffers are set small and explicitly so that an idle socket costs a few KiB.
 
 use crate::auth::Principal;
+use crate::broadcast::{FanoutSocket, Heads, Sent};
 use crate::clients::Connection;
 use crate::state::AppState;
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
 use axum::response::Response;
+use futures::stream::SplitStream;
+use futures::{SinkExt, StreamExt};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use synchub_protocol::{AgentFrame, HeldSpace, HubFrame, PROTOCOL_VERSION, codes, validate_space};
@@ -21,6 +27,65 @@ const HARD_LIMIT_FACTOR: usize = 16;
 
 /// How long an agent has to say `hello` after the upgrade.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sending and receiving frames: on the whole socket before `hello`, on [`Split`] after.
+trait Frames {
+    fn send(&mut self, msg: Message) -> impl Future<Output = Result<(), axum::Error>> + Send;
+    fn recv(&mut self) -> impl Future<Output = Option<Result<Message, axum::Error>>> + Send;
+}
+
+impl Frames for WebSocket {
+    fn send(&mut self, msg: Message) -> impl Future<Output = Result<(), axum::Error>> + Send {
+        WebSocket::send(self, msg)
+    }
+
+    fn recv(&mut self) -> impl Future<Output = Option<Result<Message, axum::Error>>> + Send {
+        WebSocket::recv(self)
+    }
+}
+
+/// A socket after `hello`: the read half here, the write half with the fan-out, taken back
+/// for each write of this task's own.
+struct Split<'a> {
+    stream: SplitStream<WebSocket>,
+    fan: &'a FanoutSocket,
+    heads: &'a Heads,
+    fanout_seconds: &'a metrics::Histogram,
+}
+
+impl Split<'_> {
+    /// Writes the heads the fan-out could not, then `msg` if any, and flushes.
+    async fn write(&mut self, msg: Option<Message>) -> Result<(), axum::Error> {
+        let snapshot = self.heads.snapshot();
+        let (mut sink, frames) = self
+            .fan
+            .take(&snapshot)
+            .ok_or_else(|| axum::Error::new("the socket's write half is missing"))?;
+        let written = async {
+            for p in &frames {
+                sink.feed(Message::Text(p.frame.clone())).await?;
+                self.fanout_seconds.record(p.since.elapsed().as_secs_f64());
+            }
+            if let Some(msg) = msg {
+                sink.feed(msg).await?;
+            }
+            sink.flush().await
+        }
+        .await;
+        self.fan.give_back(sink);
+        written
+    }
+}
+
+impl Frames for Split<'_> {
+    fn send(&mut self, msg: Message) -> impl Future<Output = Result<(), axum::Error>> + Send {
+        self.write(Some(msg))
+    }
+
+    fn recv(&mut self) -> impl Future<Output = Option<Result<Message, axum::Error>>> + Send {
+        self.stream.next()
+    }
+}
 
 pub async fn upgrade(
     State(state): State<AppState>,
@@ -51,7 +116,7 @@ fn error_frame(code: &str, message: impl Into<String>) -> Message {
 }
 
 /// Sends an `error` frame, then a close with `close_code`; the agent is done for.
-async fn refuse(socket: &mut WebSocket, code: &str, message: String, close: u16) {
+async fn refuse(socket: &mut impl Frames, code: &str, message: String, close: u16) {
     tracing::debug!(code, message, "closing socket");
     let _ = socket.send(error_frame(code, message.clone())).await;
     let reason: String = message.chars().take(100).collect();
@@ -67,7 +132,7 @@ async fn refuse(socket: &mut WebSocket, code: &str, message: String, close: u16)
 /// Reads what the agent still sends for a moment before the socket is dropped: closing a TCP
 /// socket with unread bytes sends a reset, which would discard our error and close frames
 /// before the agent reads them.
-async fn drain(socket: &mut WebSocket) {
+async fn drain(socket: &mut impl Frames) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
     while let Ok(Some(next)) = tokio::time::timeout_at(deadline, socket.recv()).await {
         match next {
@@ -105,7 +170,7 @@ async fn run(state: AppState, principal: Principal, mut socket: WebSocket) {
         state.clients.remove(id);
         return;
     }
-    serve(&state, &principal, &conn, spaces, &mut socket).await;
+    serve(&state, &principal, &conn, spaces, socket).await;
     state.clients.remove(id);
 }
 
@@ -222,7 +287,7 @@ fn followed_spaces(
     Ok(spaces)
 }
 
-async fn refuse_read_error(socket: &mut WebSocket, e: axum::Error) {
+async fn refuse_read_error(socket: &mut impl Frames, e: axum::Error) {
     let e = e.into_inner();
     if let Some(tungstenite::Error::Capacity(_)) = e.downcast_ref::<tungstenite::Error>() {
         let msg = "frame larger than the hub's limit".to_owned();
@@ -232,26 +297,26 @@ async fn refuse_read_error(socket: &mut WebSocket, e: axum::Error) {
     }
 }
 
-/// The heads the welcome frame carries for the spaces the agent holds, each space once, with
-/// the (space, version) and epoch lists the socket task compares later broadcasts against.
+/// The heads the welcome frame carries for the spaces the agent holds, each space once, and
+/// the list the fan-out compares later broadcasts against (a Vec: an agent follows one space
+/// or a few).
 fn first_heads(
     held: &[HeldSpace],
     snapshot: &crate::broadcast::Snapshot,
-) -> (Vec<(String, u64)>, Vec<u64>, Vec<synchub_protocol::Head>) {
-    // (space, version last sent): a Vec, as an agent follows one space or a few.
-    let mut sent: Vec<(String, u64)> = Vec::with_capacity(held.len());
-    // The epoch of each head last sent, beside `sent`: a head of a new epoch goes out even
-    // when its version is lower (the database was restored).
-    let mut sent_epochs: Vec<u64> = Vec::with_capacity(held.len());
+) -> (Vec<Sent>, Vec<synchub_protocol::Head>) {
+    let mut sent: Vec<Sent> = Vec::with_capacity(held.len());
     let mut heads = Vec::with_capacity(held.len());
     for p in held.iter().filter_map(|h| snapshot.get(&h.space)) {
-        if !sent.iter().any(|(s, _)| *s == p.head.space) {
-            sent.push((p.head.space.clone(), p.head.version));
-            sent_epochs.push(p.head.epoch);
+        if !sent.iter().any(|s| s.space == p.head.space) {
+            sent.push(Sent {
+                space: p.head.space.clone(),
+                version: p.head.version,
+                epoch: p.head.epoch,
+            });
             heads.push(p.head.clone());
         }
     }
-    (sent, sent_epochs, heads)
+    (sent, heads)
 }
 
 async fn serve(
@@ -259,11 +324,14 @@ async fn serve(
     principal: &Principal,
     conn: &Connection,
     held: Vec<HeldSpace>,
-    socket: &mut WebSocket,
+    socket: WebSocket,
 ) {
-    let mut heads_rx = state.heads.subscribe();
-    let snapshot = heads_rx.borrow_and_update().clone();
-    let (mut sent, mut sent_epochs, heads) = first_heads(&held, &snapshot);
+    // Registered before the heads are read: a bump after the read reaches this socket, by the
+    // fan-out or, while the write half is not attached yet, by waking this task.
+    let registration = state.heads.register();
+    let snapshot = state.heads.snapshot();
+    let (sent, heads) = first_heads(&held, &snapshot);
+    let followed: Vec<(String, u64)> = sent.iter().map(|s| (s.space.clone(), s.version)).collect();
     let ping_every = Duration::from_millis(state.config.ping_interval_ms);
     let welcome = HubFrame::Welcome {
         protocol: PROTOCOL_VERSION,
@@ -271,13 +339,21 @@ async fn serve(
         heads,
         ping_interval_ms: state.config.ping_interval_ms,
     };
+    let (sink, stream) = socket.split();
+    registration.socket.attach(sink, sent);
+    // Registered once per socket, not looked up in the recorder on every send of a broadcast.
+    let fanout_seconds = metrics::histogram!("synchub_fanout_seconds");
+    let mut socket = Split {
+        stream,
+        fan: &registration.socket,
+        heads: &state.heads,
+        fanout_seconds: &fanout_seconds,
+    };
     if socket.send(frame(&welcome)).await.is_err() {
         return;
     }
     let ping = Utf8Bytes::from(serde_json::to_string(&HubFrame::Ping).expect("frames serialize"));
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
-    // Registered once per socket, not looked up in the recorder on every send of a broadcast.
-    let fanout_seconds = metrics::histogram!("synchub_fanout_seconds");
     let mut last_heard = Instant::now();
     // Made once, not on every turn of the loop: re-registering 10,000 waiters on shared
     // cancellation tokens after every broadcast showed in profiles.
@@ -285,15 +361,13 @@ async fn serve(
     tokio::pin!(closed);
     loop {
         tokio::select! {
-            changed = heads_rx.changed() => {
-                if changed.is_err() { break; }
-                let snapshot = heads_rx.borrow_and_update().clone();
-                if !push_newer_heads(&snapshot, &mut sent, &mut sent_epochs, &fanout_seconds, socket).await {
+            () = registration.socket.woken() => {
+                if socket.write(None).await.is_err() {
                     return;
                 }
             }
             msg = socket.recv() => {
-                if !receive(state, principal, conn, &sent, msg, &mut last_heard, socket).await {
+                if !receive(state, principal, conn, &followed, msg, &mut last_heard, &mut socket).await {
                     return;
                 }
             }
@@ -307,36 +381,11 @@ async fn serve(
                 }
             }
             _ = &mut closed => {
-                close_ended(state, socket).await;
+                close_ended(state, &mut socket).await;
                 return;
             }
         }
     }
-}
-
-/// Sends every head of a followed space that is newer than the one last sent (or of another
-/// epoch); false when the socket failed.
-async fn push_newer_heads(
-    snapshot: &crate::broadcast::Snapshot,
-    sent: &mut [(String, u64)],
-    sent_epochs: &mut [u64],
-    fanout_seconds: &metrics::Histogram,
-    socket: &mut WebSocket,
-) -> bool {
-    for ((space, version), epoch) in sent.iter_mut().zip(sent_epochs.iter_mut()) {
-        let Some(p) = snapshot.get(space) else {
-            continue;
-        };
-        if p.head.version > *version || p.head.epoch != *epoch {
-            *version = p.head.version;
-            *epoch = p.head.epoch;
-            if socket.send(Message::Text(p.frame.clone())).await.is_err() {
-                return false;
-            }
-            fanout_seconds.record(p.since.elapsed().as_secs_f64());
-        }
-    }
-    true
 }
 
 /// Handles one message read from the socket; false when the socket must close.
@@ -347,7 +396,7 @@ async fn receive(
     sent: &[(String, u64)],
     msg: Option<Result<Message, axum::Error>>,
     last_heard: &mut Instant,
-    socket: &mut WebSocket,
+    socket: &mut impl Frames,
 ) -> bool {
     match msg {
         Some(Ok(Message::Text(text))) if text.len() > state.config.limits.max_frame_bytes => {
@@ -382,7 +431,7 @@ async fn receive(
 
 /// Closes a socket whose connection was ended: "going away" on shutdown, a refusal when its
 /// token was revoked.
-async fn close_ended(state: &AppState, socket: &mut WebSocket) {
+async fn close_ended(state: &AppState, socket: &mut impl Frames) {
     if state.shutdown.is_cancelled() {
         let _ = socket
             .send(Message::Close(Some(CloseFrame {
@@ -401,7 +450,7 @@ async fn store_report(
     state: &AppState,
     principal: &Principal,
     report: synchub_protocol::SyncReport,
-    socket: &mut WebSocket,
+    socket: &mut impl Frames,
 ) -> bool {
     let reply = match crate::reports::store(state, principal, report).await {
         Ok((id, stored)) => {
@@ -425,7 +474,7 @@ async fn handle_frame(
     conn: &Connection,
     followed: &[(String, u64)],
     text: &str,
-    socket: &mut WebSocket,
+    socket: &mut impl Frames,
 ) -> bool {
     let frame_in = match serde_json::from_str::<AgentFrame>(text) {
         Ok(mut f) => {

@@ -156,3 +156,114 @@ async fn idle_postgres() {
         );
     }
 }
+
+/// The herd at a small size: every simulated agent holds every new version (manifest hash
+/// and every blob's hash checked), its report is stored, and nothing failed for good; a 1-file
+/// bump moves a manifest delta and one blob per agent, a 50-file bump 49 blobs more.
+async fn herd_smoke(
+    postgres: bool,
+    s3: bool,
+    agents: usize,
+    case_timeout: Duration,
+) -> anyhow::Result<()> {
+    synchub_hub::server::raise_open_file_limit();
+    let mut spawn = spawn_options(postgres);
+    if s3 {
+        let bucket = synchub_tests::s3::test_bucket().await?;
+        spawn.extra_config = Some(load::s3_blob_store_config(&bucket));
+    }
+    let hub = Hub::spawn(&spawn).await?;
+    let work = tempfile::tempdir()?;
+    let opts = load::HerdOptions {
+        agents,
+        connect_concurrency: 25,
+        case_timeout,
+        ..Default::default()
+    };
+    let report = load::herd(&hub, &opts, work.path()).await;
+    let tail = hub.log_tail();
+    hub.stop().await;
+    let report = report.map_err(|e| e.context(format!("hub log: {tail}")))?;
+    println!("{report}");
+    assert_eq!(report.set_files, 508, "the QR set");
+    assert_eq!(report.cases.len(), 3);
+    for (c, case) in report.cases.iter().zip(load::HerdCase::ALL) {
+        assert_eq!(c.case, case);
+        assert_eq!(
+            c.converged, agents,
+            "{case:?}: every agent holds the new version"
+        );
+        assert_eq!(c.reports, agents as u64, "{case:?}: every report is stored");
+        assert_eq!(c.failed, 0, "{case:?}: {c:?}");
+        assert!(
+            c.p50_ms > 0.0 && c.p50_ms <= c.p99_ms && c.p99_ms <= c.last_ms,
+            "{c:?}"
+        );
+        assert!(
+            c.hub_cpu_secs.is_some() && c.hub_peak_rss_kib.is_some(),
+            "{c:?}"
+        );
+        assert!(c.bytes > 0, "{c:?}");
+    }
+    let (one, fifty) = (&report.cases[0], &report.cases[1]);
+    // One blob of 4-6 KB per agent, and a manifest delta rather than the ~45 KB manifest.
+    assert!(
+        one.bytes >= agents as u64 * 4000 && one.bytes < agents as u64 * 20_000,
+        "{one:?}"
+    );
+    assert!(
+        fifty.bytes >= one.bytes + agents as u64 * 49 * 4000,
+        "50 changed files move 49 more blobs per agent: {one:?} {fifty:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn herd_sqlite_fs() {
+    herd_smoke(false, false, 50, Duration::from_secs(60))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn herd_postgres_s3() {
+    // Few agents: the hub reads a pack's blobs from S3 one after the other, and moto answers
+    // a few dozen reads per second, so 50 changed files cost each agent seconds.
+    herd_smoke(true, true, 5, Duration::from_secs(180))
+        .await
+        .unwrap();
+}
+
+/// The write-loop floor at a small size: every connection gets every frame, and the server's
+/// CPU per frame is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_loop_floor() {
+    let r = load::write_loop_floor(env!("CARGO_BIN_EXE_synchub-load").into(), 50, 2)
+        .await
+        .unwrap();
+    println!("{r}");
+    assert!(r.p50_ms > 0.0 && r.p50_ms <= r.p99_ms, "{r:?}");
+    assert!(r.last_ms_median >= r.p50_ms, "{r:?}");
+    assert!(r.server_cpu_us_per_frame.is_some(), "{r:?}");
+    assert!(r.frame_bytes > 100, "{r:?}");
+}
+
+/// The old way at a small size: every client reads every file of the QR set from PostgreSQL,
+/// each file's hash checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_way_postgres() {
+    let cluster = tokio::task::spawn_blocking(synchub_tests::postgres::PgCluster::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let r = load::old_way(&cluster, 5, work.path()).await.unwrap();
+    println!("{r}");
+    assert_eq!(r.files, 508);
+    assert_eq!(r.failed, 0, "{r:?}");
+    assert!(
+        r.bytes >= 5 * 2_400_000,
+        "every client read the whole set: {r:?}"
+    );
+    assert!(r.p50_ms > 0.0 && r.p50_ms <= r.last_ms, "{r:?}");
+}

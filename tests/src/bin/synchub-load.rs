@@ -13,6 +13,7 @@ use serde::Serialize;
 use std::future::Future;
 use std::time::Duration;
 use synchub_tests::load::{self, BumpKind, DataSet, Figures, Hub, HubCommand, SpawnOptions};
+use synchub_tests::postgres::PgCluster;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -63,6 +64,21 @@ enum Scenario {
     Publish,
     /// PostgreSQL transactions per second with agents connected and idle.
     IdlePg(IdleArgs),
+    /// N simulated agents holding the QR set, all syncing at once after a bump of 1 file, of
+    /// 50 files, and a force-sync; with `--s3` the hub's blobs are on a moto S3 server.
+    Herd(HerdArgs),
+    /// The fan-out's floor: a plain loop of one write of a pre-encoded frame per socket to N
+    /// loopback sockets, timed and its CPU read like the hub's.
+    Floor(FloorArgs),
+    /// The floor's server side, started by `floor`.
+    #[command(hide = true)]
+    WriteLoopServer {
+        #[arg(long)]
+        connections: usize,
+    },
+    /// The old way, for comparison with `herd`: N clients each read the whole QR set from
+    /// PostgreSQL at once, as the desktop app does on a version change.
+    OldWay(OldWayArgs),
     /// Run the hub's command line in this process (`synchub-load hub serve ...`).
     #[command(disable_help_flag = true)]
     Hub {
@@ -140,6 +156,49 @@ struct IdleArgs {
     window: u64,
 }
 
+#[derive(Args, Debug)]
+struct HerdArgs {
+    /// Simulated agents (repeat or comma-separate for several sizes).
+    #[arg(long, short = 'n', value_delimiter = ',', default_value = "1000")]
+    agents: Vec<usize>,
+    /// Cases: one_file, fifty_files, force.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "one_file,fifty_files,force"
+    )]
+    cases: Vec<load::HerdCase>,
+    /// Keep the hub's blobs in a bucket of a moto S3 server (`pip install 'moto[server]'`).
+    #[arg(long)]
+    s3: bool,
+    /// HTTP requests in flight at once from the whole herd (open files are bounded).
+    #[arg(long, default_value_t = 4096)]
+    http_connections: usize,
+    /// Handshakes in flight at once.
+    #[arg(long, default_value_t = 200)]
+    concurrency: usize,
+    /// Longest wait for one case, seconds.
+    #[arg(long, default_value_t = 120)]
+    case_timeout: u64,
+}
+
+#[derive(Args, Debug)]
+struct FloorArgs {
+    /// Sockets (repeat or comma-separate for several sizes).
+    #[arg(long, short = 'n', value_delimiter = ',', default_value = "1000")]
+    connections: Vec<usize>,
+    /// Write loops per run.
+    #[arg(long, short = 'r', default_value_t = 3)]
+    rounds: usize,
+}
+
+#[derive(Args, Debug)]
+struct OldWayArgs {
+    /// Clients (repeat or comma-separate for several sizes).
+    #[arg(long, short = 'n', value_delimiter = ',', default_value = "1000")]
+    clients: Vec<usize>,
+}
+
 /// What `--json` prints.
 #[derive(Serialize)]
 struct Output<T: Serialize> {
@@ -154,6 +213,9 @@ struct Machine {
     nproc: usize,
     cpu: String,
     date: String,
+    /// `/proc/loadavg`'s 1, 5 and 15 minute figures when the scenario started: the machine
+    /// may be shared, and a figure is only as good as it was quiet.
+    load_average: String,
 }
 
 fn machine() -> Machine {
@@ -169,6 +231,9 @@ fn machine() -> Machine {
         nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
         cpu,
         date: chrono_date(),
+        load_average: std::fs::read_to_string("/proc/loadavg")
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default(),
     }
 }
 
@@ -199,6 +264,16 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     if let Scenario::Hub { args } = &cli.scenario {
         return run_hub(args.clone());
+    }
+    if let Scenario::WriteLoopServer { connections } = &cli.scenario {
+        synchub_hub::server::raise_open_file_limit();
+        return match load::write_loop_server(*connections) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("synchub-load write-loop-server: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
     }
     synchub_hub::server::raise_open_file_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -277,8 +352,9 @@ where
     let p = Printer { json: common.json };
     let m = machine();
     p.line(format_args!(
-        "# {scenario}: {} run(s); {} cores ({}), {}; hub and generator share the machine",
-        common.runs, m.nproc, m.cpu, m.date
+        "# {scenario}: {} run(s); {} cores ({}), {}, load average {}; hub and generator share \
+         the machine",
+        common.runs, m.nproc, m.cpu, m.date, m.load_average
     ));
     let mut runs = Vec::new();
     let mut figs = Vec::new();
@@ -515,7 +591,85 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&out)?);
             }
         }
-        Scenario::Hub { .. } => unreachable!("handled in main"),
+        Scenario::Herd(a) => herd(&common, &a).await?,
+        Scenario::OldWay(a) => {
+            for &n in &a.clients {
+                repeat(
+                    &common,
+                    format!("old way: {n} clients read the QR set from PostgreSQL"),
+                    |_| async move {
+                        let cluster = tokio::task::spawn_blocking(PgCluster::start).await??;
+                        let work = tempfile::Builder::new()
+                            .prefix("synchub-load-old-")
+                            .tempdir()?;
+                        load::old_way(&cluster, n, work.path()).await
+                    },
+                    load::OldWayReport::figures,
+                )
+                .await?;
+            }
+        }
+        Scenario::Floor(a) => {
+            let me = std::env::current_exe()?;
+            for &n in &a.connections {
+                repeat(
+                    &common,
+                    format!("write-loop floor {n} sockets x {} rounds", a.rounds),
+                    |_| load::write_loop_floor(me.clone(), n, a.rounds),
+                    load::FloorReport::figures,
+                )
+                .await?;
+            }
+        }
+        Scenario::Hub { .. } | Scenario::WriteLoopServer { .. } => {
+            unreachable!("handled in main")
+        }
+    }
+    Ok(())
+}
+
+async fn herd(common: &Common, a: &HerdArgs) -> Result<()> {
+    let spawn = spawn_options(common)?;
+    let backend = match (common.postgres, a.s3) {
+        (false, false) => "sqlite+fs",
+        (true, false) => "postgres+fs",
+        (false, true) => "sqlite+s3",
+        (true, true) => "postgres+s3",
+    };
+    for &n in &a.agents {
+        let opts = load::HerdOptions {
+            agents: n,
+            cases: a.cases.clone(),
+            connect_concurrency: a.concurrency,
+            http_connections: a.http_connections,
+            case_timeout: Duration::from_secs(a.case_timeout),
+            ..Default::default()
+        };
+        repeat(
+            common,
+            format!("herd {backend} {n} agents"),
+            |_| {
+                let (opts, mut spawn) = (opts.clone(), spawn.clone());
+                async move {
+                    if a.s3 {
+                        let bucket = synchub_tests::s3::test_bucket().await?;
+                        let extra = spawn.extra_config.take().unwrap_or_default();
+                        spawn.extra_config =
+                            Some(format!("{}\n{extra}", load::s3_blob_store_config(&bucket)));
+                    }
+                    let hub = Hub::spawn(&spawn).await?;
+                    let work = tempfile::Builder::new()
+                        .prefix("synchub-load-herd-")
+                        .tempdir()?;
+                    let r = load::herd(&hub, &opts, work.path()).await;
+                    let r = r.with_context(|| format!("hub log: {}", hub.log_tail()));
+                    hub.stop().await;
+                    r
+                }
+            },
+            load::HerdReport::figures,
+        )
+        .await?;
     }
     Ok(())
 }
