@@ -167,6 +167,15 @@ pub struct Limits {
     /// Connections from one address that have not made an authenticated request yet; more
     /// are closed at once. 0: no cap.
     pub max_unauthenticated_per_address: usize,
+    /// WebSockets one token may hold open at once (on this replica); one more is refused with
+    /// 429. A token per PC needs one; 0: no cap.
+    pub max_sockets_per_token: usize,
+    /// A request body that sends nothing for this long is cut off with 408 (a body sent a
+    /// byte now and then to hold a connection and a task).
+    pub body_idle_timeout_ms: u64,
+    /// Blob bytes one token may upload per hour (on this replica); past it uploads get 429
+    /// until the hour is over. 0: no quota.
+    pub upload_bytes_per_token_per_hour: u64,
 }
 
 impl Default for Limits {
@@ -181,6 +190,9 @@ impl Default for Limits {
             max_pack_bytes: 256 << 20,
             header_read_timeout_ms: 10_000,
             max_unauthenticated_per_address: 256,
+            max_sockets_per_token: 4,
+            body_idle_timeout_ms: 30_000,
+            upload_bytes_per_token_per_hour: 50 << 30,
         }
     }
 }
@@ -343,9 +355,10 @@ impl Config {
         }
         self.validate_sources()?;
         self.alerts.validate()?;
-        if self.limits.header_read_timeout_ms == 0 {
+        if self.limits.header_read_timeout_ms == 0 || self.limits.body_idle_timeout_ms == 0 {
             return Err(ConfigError::Invalid(
-                "limits.header_read_timeout_ms must be above 0".into(),
+                "limits.header_read_timeout_ms and limits.body_idle_timeout_ms must be above 0"
+                    .into(),
             ));
         }
         if self.limits.ws_buffer_bytes < 1024 {

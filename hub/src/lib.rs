@@ -11,7 +11,9 @@
 
 pub mod alerts;
 pub mod api;
+pub mod audit;
 pub mod auth;
+pub mod blob_access;
 pub mod blobs;
 pub mod broadcast;
 pub mod cli;

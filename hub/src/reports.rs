@@ -15,7 +15,8 @@ pub enum Stored {
 }
 
 /// Checks `report` (every field bounded; a long error message is cut, not refused), checks that
-/// `principal` may use its space, and stores it.
+/// `principal` may use its space, and stores it under the token's name as `client_id`,
+/// whatever the report says: a token cannot write rows in another PC's name.
 pub async fn store(
     domain: &Domain,
     principal: &Principal,
@@ -25,6 +26,14 @@ pub async fn store(
     report.check_bounds().map_err(|e| bad(e.to_string()))?;
     synchub_protocol::validate_space(&report.space).map_err(|e| bad(e.to_string()))?;
     principal.require_space(&report.space)?;
+    if report.client_id != principal.name {
+        tracing::debug!(
+            sent = report.client_id,
+            token = principal.name,
+            "report stored under its token's name"
+        );
+        report.client_id = principal.name.clone();
+    }
     if let Some(at) = &report.synced_at {
         let when = chrono::DateTime::parse_from_rfc3339(at)
             .map_err(|e| bad(format!("synced_at {at:?} is not RFC 3339: {e}")))?;

@@ -26,6 +26,8 @@ pub struct Inner {
     /// When a write last failed for a full disk (a 507 was answered); `/readyz` reports it for
     /// [`STORAGE_FULL_REPORTED`] after.
     pub storage_full_at: Mutex<Option<Instant>>,
+    /// Blob bytes each token uploaded this hour.
+    pub upload_quota: crate::blob_access::UploadQuota,
 }
 
 /// How long `/readyz` says "disk full" after a write failed for it: long enough for a probe
@@ -92,6 +94,7 @@ impl AppState {
             metrics,
             reconcile: Reconcile::default(),
             storage_full_at: Mutex::new(None),
+            upload_quota: Default::default(),
         }))
     }
 }

@@ -191,15 +191,21 @@ impl Hub {
             "--database-url".to_owned(),
             database_url.clone(),
         ];
-        if opts.poll_interval_ms.is_some() || opts.extra_config.is_some() {
+        {
             let mut toml = String::new();
             if let Some(ms) = opts.poll_interval_ms {
                 toml.push_str(&format!("poll_interval_ms = {ms}\n"));
             }
-            if let Some(extra) = &opts.extra_config {
-                toml.push_str(extra);
-                toml.push('\n');
+            // Every simulated agent shares one token: lift the per-token socket cap.
+            let no_cap = "[limits]\nmax_sockets_per_token = 0";
+            match &opts.extra_config {
+                Some(extra) if extra.contains("[limits]") => {
+                    toml.push_str(&extra.replacen("[limits]", no_cap, 1));
+                }
+                Some(extra) => toml.push_str(&format!("{extra}\n{no_cap}")),
+                None => toml.push_str(no_cap),
             }
+            toml.push('\n');
             let cfg = dir.path().join("hub.toml");
             std::fs::write(&cfg, toml)?;
             common.extend(["--config".to_owned(), cfg.display().to_string()]);

@@ -1,10 +1,13 @@
-//! Admin views of the live system: the agents connected to this replica.
+//! Admin views of the live system: the agents connected to this replica, and the audit log of
+//! admin actions (see [`crate::audit`]).
 
+use super::Query;
 use crate::auth::AdminToken;
 use crate::error::ApiResult;
 use crate::state::AppState;
 use axum::extract::State;
-use synchub_protocol::ClientInfo;
+use serde::Deserialize;
+use synchub_protocol::{AuditEntry, ClientInfo};
 
 /// `GET /clients` (admin): agents connected to this replica, with their last reported state.
 pub async fn clients(
@@ -12,4 +15,21 @@ pub async fn clients(
     _admin: AdminToken,
 ) -> ApiResult<axum::Json<Vec<ClientInfo>>> {
     Ok(axum::Json(state.clients.list()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    limit: Option<u32>,
+}
+
+/// `GET /audit?limit=N` (admin): the newest admin actions, newest first (100 unless `limit`
+/// says otherwise, at most 1000).
+pub async fn audit(
+    State(state): State<AppState>,
+    _admin: AdminToken,
+    Query(q): Query<AuditQuery>,
+) -> ApiResult<axum::Json<Vec<AuditEntry>>> {
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    Ok(axum::Json(state.store.audit(limit).await?))
 }

@@ -3,10 +3,14 @@
 //! - `PUT /spaces/{space}/held/{client_id}` (a token that may publish to the space): record
 //!   or refresh; the answer is the stored record with the decision.
 //! - `DELETE /spaces/{space}/held/{client_id}` (the same): the agent acted on it.
+//!
+//!   Both act on the held change of the calling token: it is recorded under the token's name
+//!   whatever `{client_id}` says, so one PC cannot hold or withdraw another's change.
 //! - `GET /held` (admin): every held change.
 //! - `POST /spaces/{space}/held/{client_id}/approve|reject` (admin).
 
 use super::Json;
+use crate::audit::{self, Peer, actions};
 use crate::auth::{Admin, AdminToken, Publish, SpaceAccess};
 use crate::error::ApiResult;
 use crate::held;
@@ -22,7 +26,9 @@ pub async fn put(
     Path((_, client)): Path<(String, String)>,
     Json(change): Json<HeldChange>,
 ) -> ApiResult<axum::Json<HeldRecord>> {
-    let record = held::record(&state, &access.space, &client, &change).await?;
+    held::client_id(&client)?;
+    let own = &access.principal.name;
+    let record = held::record(&state, &access.space, own, &change).await?;
     Ok(axum::Json(record))
 }
 
@@ -32,7 +38,8 @@ pub async fn delete(
     access: SpaceAccess<Publish>,
     Path((_, client)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    held::forget(&state, &access.space, &client).await?;
+    held::client_id(&client)?;
+    held::forget(&state, &access.space, &access.principal.name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -48,10 +55,14 @@ pub async fn list(
 pub async fn approve(
     State(state): State<AppState>,
     access: SpaceAccess<Admin>,
+    peer: Peer,
     Path((_, client)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
     let by = &access.principal.name;
     held::decide(&state, &access.space, &client, HeldDecision::Approved, by).await?;
+    let target = format!("{}/{client}", access.space);
+    let action = actions::HELD_APPROVE;
+    audit::record(state.store.as_ref(), by, action, &target, peer).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -59,9 +70,13 @@ pub async fn approve(
 pub async fn reject(
     State(state): State<AppState>,
     access: SpaceAccess<Admin>,
+    peer: Peer,
     Path((_, client)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
     let by = &access.principal.name;
     held::decide(&state, &access.space, &client, HeldDecision::Rejected, by).await?;
+    let target = format!("{}/{client}", access.space);
+    let action = actions::HELD_REJECT;
+    audit::record(state.store.as_ref(), by, action, &target, peer).await;
     Ok(StatusCode::NO_CONTENT)
 }

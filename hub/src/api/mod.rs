@@ -20,53 +20,19 @@ use axum::routing::{get, post, put};
 use std::time::Duration;
 use synchub_protocol::codes;
 
+// Who may call what: the extractor each handler takes decides it, before the body is read.
+//   Principal              any live token
+//   SpaceAccess<Read>      a token allowed on {space} (any capability)
+//   SpaceAccess<Publish>   a `publish` token allowed on {space}, or an admin
+//   SpaceAccess<Admin>     an admin token, {space} well-formed
+//   AdminToken             an admin token
+
 pub fn router(state: AppState) -> Router {
     let json_limit = state.config.limits.max_request_bytes;
-    // Who may call what: the extractor each handler takes decides it, before the body is read.
-    //   Principal              any live token
-    //   SpaceAccess<Read>      a token allowed on {space} (agents: their spaces; admins: all)
-    //   SpaceAccess<Publish>   a token allowed to commit to {space}
-    //   SpaceAccess<Admin>     an admin token, {space} well-formed
-    //   AdminToken             an admin token
-    let api = Router::new()
-        .route("/ws", get(crate::ws::upgrade)) // Principal; each followed space: Read
-        .route("/spaces", get(heads::spaces)) // Principal; lists the spaces it may Read
-        .route("/spaces/{space}/head", get(heads::head)) // SpaceAccess<Read>
-        .route("/spaces/{space}/versions", get(heads::versions)) // SpaceAccess<Admin>
-        .route(
-            "/spaces/{space}/versions/{version}/manifest",
-            get(heads::manifest), // SpaceAccess<Read>
-        )
-        .route("/spaces/{space}/commits", post(commits::commit)) // SpaceAccess<Publish>
-        .route("/spaces/{space}/force-sync", post(commits::force_sync)) // SpaceAccess<Admin>
-        .route("/spaces/{space}/rollback", post(commits::rollback)) // SpaceAccess<Admin>
-        .route("/blobs/pack", post(blobs::pack)) // Principal
-        .route("/blobs/missing", post(blobs::missing)) // Principal
-        .route(
-            "/blobs/{sha256}",
-            get(blobs::get_blob) // Principal
-                .put(blobs::put_blob) // Principal
-                .layer(DefaultBodyLimit::disable()),
-        )
-        // POST: Principal, and Read on the report's space; GET: AdminToken.
-        .route("/sync-log", post(reports::post).get(reports::list))
-        .route("/events", get(events::events)) // AdminToken
-        .route("/tokens", get(tokens::list).post(tokens::create)) // AdminToken
-        .route("/tokens/{name}", axum::routing::delete(tokens::revoke)) // AdminToken
-        .route("/clients", get(admin::clients)) // AdminToken
-        .route("/held", get(held::list)) // AdminToken
-        .route(
-            "/spaces/{space}/held/{client_id}",
-            put(held::put).delete(held::delete), // SpaceAccess<Publish>
-        )
-        .route(
-            "/spaces/{space}/held/{client_id}/approve",
-            post(held::approve), // SpaceAccess<Admin>
-        )
-        .route(
-            "/spaces/{space}/held/{client_id}/reject",
-            post(held::reject), // SpaceAccess<Admin>
-        )
+    let body_idle = Duration::from_millis(state.config.limits.body_idle_timeout_ms);
+    let api = space_routes()
+        .merge(admin_routes())
+        .merge(blob_routes())
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(json_limit));
     Router::new()
@@ -81,9 +47,66 @@ pub fn router(state: AppState) -> Router {
             note_storage_full,
         ))
         .layer(axum::middleware::from_fn(count_requests))
+        // A body that stops arriving is cut off (408) rather than holding a task for good.
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(body_idle))
         // A span per request (method, path), so what a handler logs says which request it was.
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// What agents use: the socket, heads, manifests, commits, reports and held changes.
+fn space_routes() -> Router<AppState> {
+    Router::new()
+        .route("/ws", get(crate::ws::upgrade)) // Principal; each followed space: Read
+        .route("/spaces", get(heads::spaces)) // Principal; lists the spaces it may Read
+        .route("/spaces/{space}/head", get(heads::head)) // SpaceAccess<Read>
+        .route(
+            "/spaces/{space}/versions/{version}/manifest",
+            get(heads::manifest), // SpaceAccess<Read>
+        )
+        .route("/spaces/{space}/commits", post(commits::commit)) // SpaceAccess<Publish>
+        // POST: Principal, and Read on the report's space; GET: AdminToken.
+        .route("/sync-log", post(reports::post).get(reports::list))
+        .route(
+            "/spaces/{space}/held/{client_id}",
+            put(held::put).delete(held::delete), // SpaceAccess<Publish>
+        )
+}
+
+/// Blob bytes: download, upload, packs and the which-are-missing question.
+fn blob_routes() -> Router<AppState> {
+    Router::new()
+        .route("/blobs/pack", post(blobs::pack)) // Principal
+        .route("/blobs/missing", post(blobs::missing)) // Principal
+        .route(
+            "/blobs/{sha256}",
+            get(blobs::get_blob) // Principal
+                .put(blobs::put_blob) // Principal
+                // Streamed, with their own limit (`limits.max_blob_bytes`).
+                .layer(DefaultBodyLimit::disable()),
+        )
+}
+
+/// What only admins do: history, force-syncs, rollbacks, tokens, decisions, the audit log.
+fn admin_routes() -> Router<AppState> {
+    Router::new()
+        .route("/spaces/{space}/versions", get(heads::versions)) // SpaceAccess<Admin>
+        .route("/spaces/{space}/force-sync", post(commits::force_sync)) // SpaceAccess<Admin>
+        .route("/spaces/{space}/rollback", post(commits::rollback)) // SpaceAccess<Admin>
+        .route("/events", get(events::events)) // AdminToken
+        .route("/tokens", get(tokens::list).post(tokens::create)) // AdminToken
+        .route("/tokens/{name}", axum::routing::delete(tokens::revoke)) // AdminToken
+        .route("/clients", get(admin::clients)) // AdminToken
+        .route("/audit", get(admin::audit)) // AdminToken
+        .route("/held", get(held::list)) // AdminToken
+        .route(
+            "/spaces/{space}/held/{client_id}/approve",
+            post(held::approve), // SpaceAccess<Admin>
+        )
+        .route(
+            "/spaces/{space}/held/{client_id}/reject",
+            post(held::reject), // SpaceAccess<Admin>
+        )
 }
 
 /// Remembers a write that failed for a full disk (507), for `/readyz`.
@@ -211,7 +234,9 @@ where
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(Json(v)),
             Err(rejection) => {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                if crate::error::is_body_timeout(&rejection) {
+                    Err(HubError::BodyTimeout)
+                } else if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                     Err(HubError::TooLarge("request body over the limit".into()))
                 } else {
                     Err(HubError::bad_request(

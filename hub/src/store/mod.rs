@@ -7,6 +7,8 @@
 //! `synchub_versions` naming the data hash of its manifest (the manifest bytes live in the blob
 //! store under that hash).
 
+mod audit;
+mod blob_index;
 mod dialect;
 mod held;
 pub mod postgres;
@@ -17,11 +19,12 @@ pub mod sqlite;
 pub use rows::ADOPTED_WITHOUT_DATA_REASON;
 
 use async_trait::async_trait;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 use synchub_protocol::{
-    Head, HeldChange, HeldDecision, HeldRecord, Role, Sha256Hex, SyncLogEntry, SyncReport,
-    VersionInfo,
+    AuditEntry, Head, HeldChange, HeldDecision, HeldRecord, Role, Sha256Hex, SyncLogEntry,
+    SyncReport, VersionInfo,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -194,6 +197,33 @@ pub trait Store: Send + Sync + 'static {
 
     /// Forgets a held change (the agent has acted on it).
     async fn delete_held(&self, space: &str, client_id: &str) -> Result<(), StoreError>;
+
+    /// Appends an admin action to the audit log (see `store/audit.rs`).
+    async fn record_audit(
+        &self,
+        who: &str,
+        action: &str,
+        target: &str,
+        from: Option<&str>,
+    ) -> Result<(), StoreError>;
+
+    /// The newest `limit` audit entries, newest first.
+    async fn audit(&self, limit: u32) -> Result<Vec<AuditEntry>, StoreError>;
+
+    /// Records that `space` references the blobs `hashes` (see `store/blob_index.rs`).
+    async fn index_blobs(&self, space: &str, hashes: &[Sha256Hex]) -> Result<(), StoreError>;
+
+    /// Those of `hashes` that one of `spaces` references (`None`: any space) or that the token
+    /// `token_id` uploaded itself.
+    async fn readable_blobs(
+        &self,
+        hashes: &[Sha256Hex],
+        spaces: Option<&[String]>,
+        token_id: i64,
+    ) -> Result<HashSet<Sha256Hex>, StoreError>;
+
+    /// Records that the token `token_id` uploaded the blob `hash`.
+    async fn note_upload(&self, hash: &Sha256Hex, token_id: i64) -> Result<(), StoreError>;
 
     /// Runs until `shutdown`, sending a [`Change`] whenever a `sync_metadata` row or the token
     /// table changes, whoever changed it. SQLite polls every `poll_interval` (one query per

@@ -428,6 +428,37 @@ impl Store for SqliteStore {
         super::held::sqlite::delete(&self.pool, space, client_id).await
     }
 
+    async fn record_audit(
+        &self,
+        who: &str,
+        action: &str,
+        target: &str,
+        from: Option<&str>,
+    ) -> Result<(), StoreError> {
+        super::audit::sqlite::record(&self.pool, who, action, target, from).await
+    }
+
+    async fn audit(&self, limit: u32) -> Result<Vec<synchub_protocol::AuditEntry>, StoreError> {
+        super::audit::sqlite::list(&self.pool, limit).await
+    }
+
+    async fn index_blobs(&self, space: &str, hashes: &[Sha256Hex]) -> Result<(), StoreError> {
+        super::blob_index::sqlite::index(&self.pool, space, hashes).await
+    }
+
+    async fn readable_blobs(
+        &self,
+        hashes: &[Sha256Hex],
+        spaces: Option<&[String]>,
+        token_id: i64,
+    ) -> Result<std::collections::HashSet<Sha256Hex>, StoreError> {
+        super::blob_index::sqlite::readable(&self.pool, hashes, spaces, token_id).await
+    }
+
+    async fn note_upload(&self, hash: &Sha256Hex, token_id: i64) -> Result<(), StoreError> {
+        super::blob_index::sqlite::note_upload(&self.pool, hash, token_id).await
+    }
+
     async fn revoke_token(&self, name: &str) -> Result<bool, StoreError> {
         let revoked = sqlx::query(
             "UPDATE synchub_tokens SET revoked_at = ?1 WHERE name = ?2 AND revoked_at IS NULL",
