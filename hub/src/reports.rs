@@ -7,6 +7,27 @@ use crate::error::HubError;
 use synchub_protocol::bounds::MAX_CLOCK_SKEW_SECS;
 use synchub_protocol::{SyncReport, codes};
 
+/// Checks that `client_id` reports under `principal`'s token: a client id is bound to the
+/// token of its first report or held change, and another token is refused (403), so a token
+/// cannot write rows in another PC's name. Several PCs may share a token, each with its id.
+pub async fn require_own_client(
+    domain: &Domain,
+    principal: &Principal,
+    client_id: &str,
+) -> Result<(), HubError> {
+    let owner = domain
+        .store
+        .bind_client(client_id, principal.token_id)
+        .await?;
+    if owner == principal.token_id {
+        Ok(())
+    } else {
+        Err(HubError::Forbidden(format!(
+            "client_id {client_id:?} reports under another token; each PC keeps its own id"
+        )))
+    }
+}
+
 /// Whether a report was stored now or had been stored before under its id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stored {
@@ -15,8 +36,8 @@ pub enum Stored {
 }
 
 /// Checks `report` (every field bounded; a long error message is cut, not refused), checks that
-/// `principal` may use its space, and stores it under the token's name as `client_id`,
-/// whatever the report says: a token cannot write rows in another PC's name.
+/// `principal` may use its space and that its `client_id` is this token's (see
+/// [`require_own_client`]), and stores it.
 pub async fn store(
     domain: &Domain,
     principal: &Principal,
@@ -26,14 +47,7 @@ pub async fn store(
     report.check_bounds().map_err(|e| bad(e.to_string()))?;
     synchub_protocol::validate_space(&report.space).map_err(|e| bad(e.to_string()))?;
     principal.require_space(&report.space)?;
-    if report.client_id != principal.name {
-        tracing::debug!(
-            sent = report.client_id,
-            token = principal.name,
-            "report stored under its token's name"
-        );
-        report.client_id = principal.name.clone();
-    }
+    require_own_client(domain, principal, &report.client_id).await?;
     if let Some(at) = &report.synced_at {
         let when = chrono::DateTime::parse_from_rfc3339(at)
             .map_err(|e| bad(format!("synced_at {at:?} is not RFC 3339: {e}")))?;

@@ -1,14 +1,14 @@
 //! Who may call what, on both database backends: every route of the hub against five callers
 //! (no token, a token of another space, a read-only token, a publishing token, an admin
 //! token), each answer's status checked; then what the statuses do not show: blob lists and
-//! packs see only the caller's spaces, a blob a token uploaded itself is readable by it,
-//! reports are stored under the token's name, and every admin action is in the audit log.
+//! packs see only the caller's spaces, a blob a token uploaded itself is readable by it, a
+//! client id reports under one token only, and every admin action is in the audit log.
 
 use anyhow::Context;
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde_json::{Value, json};
 use synchub_protocol::{
-    AuditEntry, BlobList, CommitRequest, DEFAULT_SPACE, ManifestEntry, Role, Sha256Hex,
+    ApiError, AuditEntry, BlobList, CommitRequest, DEFAULT_SPACE, ManifestEntry, Role, Sha256Hex,
     SyncLogEntry,
 };
 use synchub_tests::backend_matrix;
@@ -117,8 +117,13 @@ fn held_change() -> Value {
     json!({"deletes": 40, "replaces": 0, "total": 50, "held_at": "2026-11-26T10:00:00Z"})
 }
 
+/// A report of caller `i`'s PC, `pc-{i}`.
 fn report(i: usize) -> Value {
-    json!({"report_id": format!("matrix-{i}"), "client_id": "forged-pc", "space": S,
+    report_as(i, &format!("pc-{i}"))
+}
+
+fn report_as(i: usize, client: &str) -> Value {
+    json!({"report_id": format!("matrix-{i}"), "client_id": client, "space": S,
            "sync_type": "download", "status": "success", "version": 2})
 }
 
@@ -244,21 +249,21 @@ fn rows(hub: &TestHub, a: &Sha256Hex, o: &Sha256Hex) -> Vec<Row> {
         row("GET clients", [401, 403, 403, 403, 200], get("/clients")),
         row("GET audit", [401, 403, 403, 403, 200], get("/audit")),
         row("GET held", [401, 403, 403, 403, 200], get("/held")),
-        row(
-            "PUT held change",
-            [401, 403, 403, 200, 200],
-            send(
-                Method::PUT,
-                format!("/spaces/{S}/held/any-id"),
-                held_change(),
-            ),
-        ),
+        // Each caller holds a change of its own PC, `pc-{i}`.
+        row("PUT held change", [401, 403, 403, 200, 200], {
+            let api = hub.api("");
+            move |i| {
+                http()
+                    .put(format!("{api}/spaces/{S}/held/pc-{i}"))
+                    .json(&held_change())
+            }
+        }),
         row(
             "POST approve",
             [401, 403, 403, 403, 204],
             send(
                 Method::POST,
-                format!("/spaces/{S}/held/{PUBLISH}/approve"),
+                format!("/spaces/{S}/held/pc-3/approve"),
                 Value::Null,
             ),
         ),
@@ -267,19 +272,14 @@ fn rows(hub: &TestHub, a: &Sha256Hex, o: &Sha256Hex) -> Vec<Row> {
             [401, 403, 403, 403, 204],
             send(
                 Method::POST,
-                format!("/spaces/{S}/held/{ADMIN}/reject"),
+                format!("/spaces/{S}/held/pc-4/reject"),
                 Value::Null,
             ),
         ),
-        row(
-            "DELETE held change",
-            [401, 403, 403, 204, 204],
-            send(
-                Method::DELETE,
-                format!("/spaces/{S}/held/any-id"),
-                Value::Null,
-            ),
-        ),
+        row("DELETE held change", [401, 403, 403, 204, 204], {
+            let api = hub.api("");
+            move |i| http().delete(format!("{api}/spaces/{S}/held/pc-{i}"))
+        }),
         row(
             "POST force-sync",
             [401, 403, 403, 403, 201],
@@ -403,15 +403,40 @@ async fn blobs_are_scoped_to_readable_spaces(backend: Backend) -> anyhow::Result
     Ok(())
 }
 
-async fn reports_are_stored_under_the_token_name(backend: Backend) -> anyhow::Result<()> {
+async fn a_client_id_reports_under_one_token(backend: Backend) -> anyhow::Result<()> {
     let (hub, callers) = start(backend).await?;
+    let post = |token: &str, body: Value| {
+        http()
+            .post(hub.api("/sync-log"))
+            .bearer_auth(token.to_owned())
+            .json(&body)
+            .send()
+    };
+    assert_eq!(
+        post(&callers.read, report_as(1, "pc-a")).await?.status(),
+        StatusCode::CREATED
+    );
+    // Another token cannot write rows (or held changes) in that PC's name.
+    let r = post(&callers.publish, report_as(2, "pc-a")).await?;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let e: ApiError = r.json().await?;
+    assert!(e.message.contains("another token"), "{e:?}");
     let r = http()
-        .post(hub.api("/sync-log"))
-        .bearer_auth(&callers.read)
-        .json(&report(1))
+        .put(hub.api(&format!("/spaces/{S}/held/pc-a")))
+        .bearer_auth(&callers.publish)
+        .json(&held_change())
         .send()
         .await?;
-    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // Its own token keeps reporting under it, and a PC sharing the token has its own id.
+    assert_eq!(
+        post(&callers.read, report_as(3, "pc-a")).await?.status(),
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        post(&callers.read, report_as(4, "pc-b")).await?.status(),
+        StatusCode::CREATED
+    );
     let rows: Vec<SyncLogEntry> = http()
         .get(hub.api("/sync-log"))
         .bearer_auth(&callers.admin)
@@ -420,8 +445,11 @@ async fn reports_are_stored_under_the_token_name(backend: Backend) -> anyhow::Re
         .error_for_status()?
         .json()
         .await?;
-    let ids: Vec<_> = rows.iter().map(|r| r.client_id.as_deref()).collect();
-    assert_eq!(ids, vec![Some(READ)], "no row in the name it claimed");
+    let ids: Vec<_> = rows.iter().map(|r| r.report_id.as_deref()).collect();
+    assert_eq!(
+        ids,
+        vec![Some("matrix-4"), Some("matrix-3"), Some("matrix-1")]
+    );
     Ok(())
 }
 
@@ -451,13 +479,13 @@ async fn admin_actions_are_audited(backend: Backend) -> anyhow::Result<()> {
         .await?
         .error_for_status()?;
     let r = http()
-        .put(hub.api(&format!("/spaces/{S}/held/x")))
+        .put(hub.api(&format!("/spaces/{S}/held/pc-x")))
         .bearer_auth(&callers.publish)
         .json(&held_change())
         .send()
         .await?;
     assert_eq!(r.status(), StatusCode::OK);
-    post(format!("/spaces/{S}/held/{PUBLISH}/approve"), Value::Null)
+    post(format!("/spaces/{S}/held/pc-x/approve"), Value::Null)
         .await?
         .error_for_status()?;
 
@@ -476,7 +504,7 @@ async fn admin_actions_are_audited(backend: Backend) -> anyhow::Result<()> {
     assert_eq!(
         got,
         vec![
-            (ADMIN, "held_approve", format!("{S}/{PUBLISH}").as_str()),
+            (ADMIN, "held_approve", format!("{S}/pc-x").as_str()),
             (ADMIN, "token_revoke", "pc-new"),
             (ADMIN, "token_create", "pc-new (read)"),
             (ADMIN, "rollback", format!("{S} v3 (data of v1)").as_str()),
@@ -501,6 +529,6 @@ backend_matrix!(
     [sqlite => Backend::Sqlite, postgres => Backend::Postgres]
     every_route_for_every_caller,
     blobs_are_scoped_to_readable_spaces,
-    reports_are_stored_under_the_token_name,
+    a_client_id_reports_under_one_token,
     admin_actions_are_audited,
 );

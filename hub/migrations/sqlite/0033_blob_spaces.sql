@@ -14,3 +14,10 @@ CREATE TABLE synchub_blob_uploads (
     token_id BIGINT NOT NULL,
     PRIMARY KEY (sha256, token_id)
 );
+
+-- The token each client id reports under: bound by its first report or held change, so no
+-- other token can write `sync_log` rows or held changes in that PC's name.
+CREATE TABLE synchub_client_tokens (
+    client_id TEXT NOT NULL PRIMARY KEY,
+    token_id  BIGINT NOT NULL
+);

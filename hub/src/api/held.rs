@@ -4,8 +4,9 @@
 //!   or refresh; the answer is the stored record with the decision.
 //! - `DELETE /spaces/{space}/held/{client_id}` (the same): the agent acted on it.
 //!
-//!   Both act on the held change of the calling token: it is recorded under the token's name
-//!   whatever `{client_id}` says, so one PC cannot hold or withdraw another's change.
+//!   Both need `{client_id}` to be the calling token's (bound by its first report or held
+//!   change, see [`crate::reports::require_own_client`]): one PC cannot hold or withdraw
+//!   another's change.
 //! - `GET /held` (admin): every held change.
 //! - `POST /spaces/{space}/held/{client_id}/approve|reject` (admin).
 
@@ -14,6 +15,7 @@ use crate::audit::{self, Peer, actions};
 use crate::auth::{Admin, AdminToken, Publish, SpaceAccess};
 use crate::error::ApiResult;
 use crate::held;
+use crate::reports::require_own_client;
 use crate::state::AppState;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -27,8 +29,8 @@ pub async fn put(
     Json(change): Json<HeldChange>,
 ) -> ApiResult<axum::Json<HeldRecord>> {
     held::client_id(&client)?;
-    let own = &access.principal.name;
-    let record = held::record(&state, &access.space, own, &change).await?;
+    require_own_client(&state, &access.principal, &client).await?;
+    let record = held::record(&state, &access.space, &client, &change).await?;
     Ok(axum::Json(record))
 }
 
@@ -39,7 +41,8 @@ pub async fn delete(
     Path((_, client)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
     held::client_id(&client)?;
-    held::forget(&state, &access.space, &access.principal.name).await?;
+    require_own_client(&state, &access.principal, &client).await?;
+    held::forget(&state, &access.space, &client).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -89,6 +89,28 @@ macro_rules! blob_index_queries {
                 Ok(())
             }
 
+            /// The token `client_id` is bound to: `token_id` when it was not bound yet.
+            pub async fn bind_client(
+                pool: &Pool<$db>,
+                client_id: &str,
+                token_id: i64,
+            ) -> Result<i64, StoreError> {
+                let mut q: QueryBuilder<'_, $db> = QueryBuilder::new(
+                    "INSERT INTO synchub_client_tokens (client_id, token_id) VALUES (",
+                );
+                q.push_bind(client_id);
+                q.push(", ");
+                q.push_bind(token_id);
+                q.push(") ON CONFLICT DO NOTHING");
+                q.build().execute(pool).await?;
+                let mut q: QueryBuilder<'_, $db> = QueryBuilder::new(
+                    "SELECT token_id FROM synchub_client_tokens WHERE client_id = ",
+                );
+                q.push_bind(client_id);
+                let (owner,): (i64,) = q.build_query_as().fetch_one(pool).await?;
+                Ok(owner)
+            }
+
             /// `v1, v2, …)`: a parenthesized list's values and its closing parenthesis (an
             /// empty list matches nothing).
             fn push_list(q: &mut QueryBuilder<'_, $db>, values: impl Iterator<Item = String>) {

@@ -225,6 +225,10 @@ pub trait Store: Send + Sync + 'static {
     /// Records that the token `token_id` uploaded the blob `hash`.
     async fn note_upload(&self, hash: &Sha256Hex, token_id: i64) -> Result<(), StoreError>;
 
+    /// Binds `client_id` to the token `token_id` unless it is bound already; returns the
+    /// token it is bound to.
+    async fn bind_client(&self, client_id: &str, token_id: i64) -> Result<i64, StoreError>;
+
     /// Runs until `shutdown`, sending a [`Change`] whenever a `sync_metadata` row or the token
     /// table changes, whoever changed it. SQLite polls every `poll_interval` (one query per
     /// interval); PostgreSQL LISTENs, reconnects by itself and sends `Change::All` and

@@ -543,6 +543,10 @@ impl Store for PostgresStore {
         super::blob_index::postgres::note_upload(&self.pool, hash, token_id).await
     }
 
+    async fn bind_client(&self, client_id: &str, token_id: i64) -> Result<i64, StoreError> {
+        super::blob_index::postgres::bind_client(&self.pool, client_id, token_id).await
+    }
+
     async fn revoke_token(&self, name: &str) -> Result<bool, StoreError> {
         let revoked = sqlx::query(
             "UPDATE synchub_tokens SET revoked_at = now() WHERE name = $1 AND revoked_at IS NULL",

@@ -459,6 +459,10 @@ impl Store for SqliteStore {
         super::blob_index::sqlite::note_upload(&self.pool, hash, token_id).await
     }
 
+    async fn bind_client(&self, client_id: &str, token_id: i64) -> Result<i64, StoreError> {
+        super::blob_index::sqlite::bind_client(&self.pool, client_id, token_id).await
+    }
+
     async fn revoke_token(&self, name: &str) -> Result<bool, StoreError> {
         let revoked = sqlx::query(
             "UPDATE synchub_tokens SET revoked_at = ?1 WHERE name = ?2 AND revoked_at IS NULL",
