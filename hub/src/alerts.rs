@@ -232,7 +232,7 @@ pub struct Alert {
     pub at: DateTime<Utc>,
 }
 
-/// The alert for a mass change `name` (the PC, as [`pc_name`] writes it) holds for approval.
+/// The alert for a mass change `name` (the PC, as `pc_name` writes it) holds for approval.
 pub fn held_change(hub: &str, record: &HeldRecord, name: &str) -> Alert {
     let c = &record.change;
     let space = &record.space;

@@ -1,5 +1,5 @@
-//! Bearer tokens: random secrets handed out once and stored only as their sha256, with a role
-//! (`agent` or `admin`) and optionally a list of spaces.
+//! Bearer tokens: random secrets handed out once and stored only as their sha256, with a
+//! capability (`read`, `publish` or `admin`, see [`Role`]) and optionally a list of spaces.
 //!
 //! Every request is checked against an in-memory copy of the live tokens ([`Tokens`]), reloaded
 //! when the store reports that the token table changed, so that authenticating the 1-second
@@ -50,7 +50,21 @@ impl Principal {
             Ok(())
         } else {
             Err(HubError::Forbidden(format!(
-                "token {:?} has role agent; this needs an admin token",
+                "token {:?} may {}; this needs an admin token",
+                self.name,
+                self.role.as_str()
+            )))
+        }
+    }
+
+    /// Checks that this token may commit to `space`: `publish` on it, or `admin`.
+    pub fn require_publish(&self, space: &str) -> Result<(), HubError> {
+        self.require_space(space)?;
+        if self.role.may_publish() {
+            Ok(())
+        } else {
+            Err(HubError::Forbidden(format!(
+                "token {:?} may only read; committing to {space:?} needs publish",
                 self.name
             )))
         }
@@ -270,7 +284,7 @@ impl Access for Read {
 
 impl Access for Publish {
     fn check(principal: &Principal, space: &str) -> Result<(), HubError> {
-        principal.require_space(space)
+        principal.require_publish(space)
     }
 }
 
@@ -355,5 +369,28 @@ mod tests {
             ..p
         };
         assert!(admin.may_use_space("b"));
+    }
+
+    #[test]
+    fn only_publish_and_admin_commit() {
+        let reader = Principal {
+            token_id: 1,
+            name: "pc1".into(),
+            role: Role::Read,
+            spaces: Some(vec!["a".into()]),
+        };
+        assert!(reader.require_space("a").is_ok());
+        assert!(reader.require_publish("a").is_err());
+        let publisher = Principal {
+            role: Role::Publish,
+            ..reader.clone()
+        };
+        assert!(publisher.require_publish("a").is_ok());
+        assert!(publisher.require_publish("b").is_err());
+        let admin = Principal {
+            role: Role::Admin,
+            ..reader
+        };
+        assert!(admin.require_publish("b").is_ok());
     }
 }

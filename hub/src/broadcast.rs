@@ -258,7 +258,8 @@ impl FanoutSocket {
     }
 
     /// Resolves when the fan-out could not write a bump inline (the write half was busy or
-    /// the kernel buffer full): the socket task must call [`FanoutSocket::catch_up`].
+    /// the kernel buffer full): the socket task must call [`FanoutSocket::take`] and write
+    /// what it returns.
     pub async fn woken(&self) {
         self.wake.notified().await;
     }

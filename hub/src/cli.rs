@@ -5,6 +5,7 @@
 //! tokens' sockets closed). They never create a database: one run in the wrong folder would
 //! otherwise print a token or a version that the running hub never sees.
 
+use crate::audit::{COMMAND_LINE as CLI, actions};
 use crate::config::Config;
 use crate::domain::Domain;
 use crate::server;
@@ -108,6 +109,13 @@ pub enum Command {
     },
     /// Let an agent publish the mass change it holds.
     Approve(HeldArgs),
+    /// The newest admin actions (who, what, to what, when, from where), newest first.
+    Audit {
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
     /// Make an agent put back the files of the mass change it holds.
     Reject(HeldArgs),
 }
@@ -126,9 +134,14 @@ pub struct HeldArgs {
 pub enum TokenAction {
     /// Create a token and print its secret (alone, on stdout); it is not shown again.
     Create {
-        #[arg(long)]
-        name: String,
-        #[arg(long, value_parser = parse_role)]
+        /// The token's name (also `--name NAME`); one token per PC keeps its reports apart.
+        #[arg(required_unless_present = "name_flag", conflicts_with = "name_flag")]
+        name: Option<String>,
+        #[arg(long = "name", id = "name_flag", hide = true)]
+        name_flag: Option<String>,
+        /// What it may do: read (sync), publish (also commit) or admin. `--role` is the old
+        /// spelling, and `agent` the old word for publish.
+        #[arg(long = "can", alias = "role", value_parser = parse_role, default_value = "read")]
         role: Role,
         /// Limit the token to this space (repeat for several); default all spaces.
         #[arg(long = "space")]
@@ -254,6 +267,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Held { json } => held(&common, json).await,
         Command::Approve(args) => decide(&common, args, HeldDecision::Approved).await,
         Command::Reject(args) => decide(&common, args, HeldDecision::Rejected).await,
+        Command::Audit { limit, json } => audit(&common, limit, json).await,
     }
 }
 
@@ -300,7 +314,7 @@ async fn serve(common: &Common, listen: Option<SocketAddr>) -> anyhow::Result<()
         if let Err(e) = shown {
             tracing::warn!(
                 error = %e,
-                "could not save or print the new admin token; create another with `synchub token create --role admin`"
+                "could not save or print the new admin token; create another with `synchub token create NAME --can admin`"
             );
         }
     }
@@ -320,7 +334,13 @@ async fn token(common: &Common, action: TokenAction) -> anyhow::Result<()> {
     require_database(&config)?;
     let store = crate::store::open(&config.database_url()).await?;
     match action {
-        TokenAction::Create { name, role, spaces } => {
+        TokenAction::Create {
+            name,
+            name_flag,
+            role,
+            spaces,
+        } => {
+            let name = name.or(name_flag).unwrap_or_default();
             anyhow::ensure!(
                 !name.is_empty() && name.len() <= 128,
                 "token name must be 1 to 128 bytes"
@@ -330,6 +350,9 @@ async fn token(common: &Common, action: TokenAction) -> anyhow::Result<()> {
             }
             let spaces = (!spaces.is_empty()).then_some(spaces.as_slice());
             let secret = crate::auth::create_token(store.as_ref(), &name, role, spaces).await?;
+            let target = format!("{name} ({})", role.as_str());
+            let peer = crate::audit::Peer(None);
+            crate::audit::record(store.as_ref(), CLI, actions::TOKEN_CREATE, &target, peer).await;
             println!("{secret}");
         }
         TokenAction::List { json } => print_tokens(store.tokens().await?, json)?,
@@ -338,6 +361,8 @@ async fn token(common: &Common, action: TokenAction) -> anyhow::Result<()> {
                 store.revoke_token(&name).await?,
                 "no live token named {name:?}"
             );
+            let peer = crate::audit::Peer(None);
+            crate::audit::record(store.as_ref(), CLI, actions::TOKEN_REVOKE, &name, peer).await;
             eprintln!(
                 "revoked {name:?}; a running hub closes its connections within a poll interval"
             );
@@ -361,12 +386,12 @@ fn print_tokens(tokens: Vec<crate::store::TokenRecord>, json: bool) -> anyhow::R
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         println!(
-            "{:<24} {:<6} {:<8} {:<26} SPACES",
-            "NAME", "ROLE", "STATE", "CREATED"
+            "{:<24} {:<7} {:<8} {:<26} SPACES",
+            "NAME", "CAN", "STATE", "CREATED"
         );
         for t in tokens {
             println!(
-                "{:<24} {:<6} {:<8} {:<26} {}",
+                "{:<24} {:<7} {:<8} {:<26} {}",
                 t.name,
                 t.role.as_str(),
                 if t.revoked { "revoked" } else { "live" },
@@ -394,7 +419,9 @@ async fn force_sync(common: &Common, space: String, reason: Option<String>) -> a
     let config = load_config(common)?;
     require_database(&config)?;
     let domain = Domain::open_existing(config).await?;
-    let head = crate::versions::force(&domain, &space, reason, "cli").await?;
+    let head = crate::versions::force(&domain, &space, reason, CLI).await?;
+    let target = format!("{space} v{}", head.version);
+    audit_cli(&domain, actions::FORCE_SYNC, &target).await;
     println!("{space} is now at version {} (forced)", head.version);
     Ok(())
 }
@@ -409,7 +436,9 @@ async fn rollback(
     let config = load_config(common)?;
     require_database(&config)?;
     let domain = Domain::open_existing(config).await?;
-    let head = crate::versions::rollback(&domain, &space, to_version, reason, "cli").await?;
+    let head = crate::versions::rollback(&domain, &space, to_version, reason, CLI).await?;
+    let target = format!("{space} v{} (data of v{to_version})", head.version);
+    audit_cli(&domain, actions::ROLLBACK, &target).await;
     println!(
         "{space} is now at version {} with the data of version {to_version} (forced)",
         head.version
@@ -515,13 +544,51 @@ async fn decide(common: &Common, args: HeldArgs, decision: HeldDecision) -> anyh
     let config = load_config(common)?;
     require_database(&config)?;
     let domain = Domain::open_existing(config).await?;
-    crate::held::decide(&domain, &args.space, &args.client, decision, "cli").await?;
+    crate::held::decide(&domain, &args.space, &args.client, decision, CLI).await?;
+    let action = match decision {
+        HeldDecision::Approved => actions::HELD_APPROVE,
+        _ => actions::HELD_REJECT,
+    };
+    audit_cli(&domain, action, &format!("{}/{}", args.space, args.client)).await;
     println!(
         "{} {}'s held change in {}; the agent acts on it within a few seconds",
         decision.as_str(),
         args.client,
         args.space
     );
+    Ok(())
+}
+
+/// Records an admin action made on the command line.
+async fn audit_cli(domain: &Domain, action: &str, target: &str) {
+    let peer = crate::audit::Peer(None);
+    crate::audit::record(domain.store.as_ref(), CLI, action, target, peer).await;
+}
+
+/// `synchub audit`: the newest admin actions.
+async fn audit(common: &Common, limit: u32, json: bool) -> anyhow::Result<()> {
+    let config = load_config(common)?;
+    require_database(&config)?;
+    let store = crate::store::open(&config.database_url()).await?;
+    let entries = store.audit(limit).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<24} {:<13} {:<16} TARGET",
+        "WHEN", "WHO", "ACTION", "FROM"
+    );
+    for e in entries {
+        println!(
+            "{:<24} {:<24} {:<13} {:<16} {}",
+            e.at,
+            e.who,
+            e.action,
+            e.from.as_deref().unwrap_or("-"),
+            e.target
+        );
+    }
     Ok(())
 }
 

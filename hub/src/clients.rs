@@ -6,8 +6,8 @@
 
 use dashmap::DashMap;
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use synchub_protocol::{AgentState, ClientInfo, ClientSpace, FleetAgent};
 use tokio_util::sync::CancellationToken;
@@ -78,12 +78,29 @@ impl Connection {
 #[derive(Default)]
 pub struct Clients {
     next_id: AtomicU64,
-    live: DashMap<u64, std::sync::Arc<Connection>>,
+    live: DashMap<u64, Arc<Connection>>,
     /// Bumped when what an admin sees of the fleet changed: an agent connected or left,
     /// reported a state, a sync was logged, or a held change came, was decided or settled.
     changes: tokio::sync::watch::Sender<u64>,
     /// Rows for the fleet table not written yet, by space and client id.
     unwritten: Mutex<BTreeMap<(String, String), FleetAgent>>,
+    /// Sockets per token id, counted from the upgrade (before `hello`) to the socket's end.
+    per_token: Arc<DashMap<i64, usize>>,
+}
+
+/// One of a token's socket slots (see [`Clients::reserve_socket`]); freed when dropped.
+pub struct SocketSlot {
+    per_token: Arc<DashMap<i64, usize>>,
+    token_id: i64,
+}
+
+impl Drop for SocketSlot {
+    fn drop(&mut self) {
+        self.per_token.remove_if_mut(&self.token_id, |_, n| {
+            *n = n.saturating_sub(1);
+            *n == 0
+        });
+    }
 }
 
 /// Rows waiting for the fleet task, most; past it the oldest changes are lost (the database
@@ -92,7 +109,7 @@ const UNWRITTEN_MAX: usize = 100_000;
 
 impl Clients {
     /// Registers a connection; the returned id removes it again.
-    pub fn add(&self, conn: std::sync::Arc<Connection>) -> u64 {
+    pub fn add(&self, conn: Arc<Connection>) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.live.insert(id, conn);
         metrics::gauge!("synchub_connections").set(self.live.len() as f64);
@@ -127,6 +144,19 @@ impl Clients {
 
     pub fn is_empty(&self) -> bool {
         self.live.is_empty()
+    }
+
+    /// Takes one of `token_id`'s socket slots; `None` when it holds `cap` already (0: no cap).
+    pub fn reserve_socket(&self, token_id: i64, cap: usize) -> Option<SocketSlot> {
+        let mut n = self.per_token.entry(token_id).or_insert(0);
+        if cap != 0 && *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(SocketSlot {
+            per_token: self.per_token.clone(),
+            token_id,
+        })
     }
 
     /// Closes every socket opened with one of these tokens.

@@ -185,6 +185,15 @@ pub struct Limits {
     /// Sync reports waiting to be written; more are answered 503 `busy` with `Retry-After`
     /// (the agent's outbox sends them again).
     pub max_queued_reports: usize,
+    /// WebSockets one token may hold open at once (on this replica); one more is refused with
+    /// 429. A token per PC needs one; 0: no cap.
+    pub max_sockets_per_token: usize,
+    /// A request body that sends nothing for this long is cut off with 408 (a body sent a
+    /// byte now and then to hold a connection and a task).
+    pub body_idle_timeout_ms: u64,
+    /// Blob bytes one token may upload per hour (on this replica); past it uploads get 429
+    /// until the hour is over. 0: no quota.
+    pub upload_bytes_per_token_per_hour: u64,
 }
 
 impl Default for Limits {
@@ -204,6 +213,9 @@ impl Default for Limits {
             hot_blob_max_bytes: 64 << 10,
             max_concurrent_downloads: 64,
             max_queued_reports: 10_000,
+            max_sockets_per_token: 4,
+            body_idle_timeout_ms: 30_000,
+            upload_bytes_per_token_per_hour: 50 << 30,
         }
     }
 }
@@ -372,9 +384,10 @@ impl Config {
         self.fleet.validate()?;
         self.retention.validate().map_err(ConfigError::Invalid)?;
         self.gc.validate().map_err(ConfigError::Invalid)?;
-        if self.limits.header_read_timeout_ms == 0 {
+        if self.limits.header_read_timeout_ms == 0 || self.limits.body_idle_timeout_ms == 0 {
             return Err(ConfigError::Invalid(
-                "limits.header_read_timeout_ms must be above 0".into(),
+                "limits.header_read_timeout_ms and limits.body_idle_timeout_ms must be above 0"
+                    .into(),
             ));
         }
         if self.limits.ws_buffer_bytes < 1024 {

@@ -25,7 +25,13 @@ pub struct Domain {
     pub hot_blobs: blobs::HotBlobs,
     /// Where sync reports go to be stored in batches.
     pub reports: crate::reports::ReportWriter,
+    /// The token each client id is bound to, as read from the store (a binding never
+    /// changes), so a report costs no query for it once its PC has reported before.
+    pub client_owners: moka::sync::Cache<String, i64>,
 }
+
+/// Client ids whose token binding is kept in memory.
+const CLIENT_OWNERS_CACHED: u64 = 100_000;
 
 impl Domain {
     /// Starts the report writer: call inside a tokio runtime.
@@ -48,6 +54,7 @@ impl Domain {
             manifests,
             hot_blobs,
             reports,
+            client_owners: moka::sync::Cache::new(CLIENT_OWNERS_CACHED),
         }
     }
 

@@ -35,6 +35,12 @@ pub enum HubError {
     /// Too many wrong tokens from this address: 429 until the window passes.
     #[error("{0}")]
     RateLimited(String),
+    /// The request body stopped arriving for longer than `limits.body_idle_timeout_ms`: 408.
+    #[error(
+        "the request body stopped arriving for longer than limits.body_idle_timeout_ms; \
+         nothing was stored"
+    )]
+    BodyTimeout,
     /// The space is served but the hub holds no data for it yet (adopted without content):
     /// 503 with the reason shown, so agents stay blocked and say why.
     #[error("{0}")]
@@ -72,6 +78,7 @@ impl HubError {
             ),
             HubError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE),
             HubError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, codes::RATE_LIMITED),
+            HubError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, codes::REQUEST_TIMEOUT),
             HubError::NoData(_) => (StatusCode::SERVICE_UNAVAILABLE, codes::NO_DATA),
             HubError::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, codes::BUSY),
             HubError::Store(StoreError::NoSuchSpace(_)) => {
@@ -127,6 +134,7 @@ impl From<BlobError> for HubError {
             BlobError::HashMismatch { .. } => HubError::HashMismatch(e.to_string()),
             BlobError::TooLarge { .. } => HubError::TooLarge(e.to_string()),
             BlobError::BadRange { size, .. } => HubError::RangeNotSatisfiable { size },
+            BlobError::Interrupted(ref io) if is_body_timeout(io) => HubError::BodyTimeout,
             BlobError::Interrupted(_) => {
                 HubError::bad_request(codes::BAD_REQUEST, format!("{e}; nothing was stored"))
             }
@@ -212,6 +220,24 @@ impl IntoResponse for HubError {
 }
 
 pub type ApiResult<T> = Result<T, HubError>;
+
+/// True when `e`, or an error it wraps, is the request body's idle timeout (tower-http's
+/// `TimeoutError`, from the layer `api::router` puts on every body).
+pub fn is_body_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if e.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        next = match e.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+    }
+    false
+}
 
 #[cfg(test)]
 mod tests {

@@ -12,7 +12,9 @@
 pub mod admission;
 pub mod alerts;
 pub mod api;
+pub mod audit;
 pub mod auth;
+pub mod blob_access;
 pub mod blobs;
 pub mod broadcast;
 pub mod cli;

@@ -17,6 +17,34 @@ use synchub_protocol::bounds::MAX_CLOCK_SKEW_SECS;
 use synchub_protocol::{SyncReport, codes};
 use tokio::sync::{mpsc, oneshot};
 
+/// Checks that `client_id` reports under `principal`'s token: a client id is bound to the
+/// token of its first report or held change, and another token is refused (403), so a token
+/// cannot write rows in another PC's name. Several PCs may share a token, each with its id.
+pub async fn require_own_client(
+    domain: &Domain,
+    principal: &Principal,
+    client_id: &str,
+) -> Result<(), HubError> {
+    let owner = match domain.client_owners.get(client_id) {
+        Some(owner) => owner,
+        None => {
+            let owner = domain
+                .store
+                .bind_client(client_id, principal.token_id)
+                .await?;
+            domain.client_owners.insert(client_id.to_owned(), owner);
+            owner
+        }
+    };
+    if owner == principal.token_id {
+        Ok(())
+    } else {
+        Err(HubError::Forbidden(format!(
+            "client_id {client_id:?} reports under another token; each PC keeps its own id"
+        )))
+    }
+}
+
 /// Whether a report was stored now or had been stored before under its id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stored {
@@ -25,7 +53,8 @@ pub enum Stored {
 }
 
 /// Checks `report` (every field bounded; a long error message is cut, not refused), checks that
-/// `principal` may use its space, and stores it.
+/// `principal` may use its space and that its `client_id` is this token's (see
+/// [`require_own_client`]), and stores it.
 pub async fn store(
     domain: &Domain,
     principal: &Principal,
@@ -35,6 +64,7 @@ pub async fn store(
     report.check_bounds().map_err(|e| bad(e.to_string()))?;
     synchub_protocol::validate_space(&report.space).map_err(|e| bad(e.to_string()))?;
     principal.require_space(&report.space)?;
+    require_own_client(domain, principal, &report.client_id).await?;
     if let Some(at) = &report.synced_at {
         let when = chrono::DateTime::parse_from_rfc3339(at)
             .map_err(|e| bad(format!("synced_at {at:?} is not RFC 3339: {e}")))?;

@@ -31,6 +31,8 @@ pub struct Inner {
     pub held_heard: crate::held::Heard,
     /// Each held change the first time this replica hears of it, for the alerts.
     pub held_news: broadcast::Sender<HeldRecord>,
+    /// Blob bytes each token uploaded this hour.
+    pub upload_quota: crate::blob_access::UploadQuota,
 }
 
 /// Held changes queued for the alerts; a held change is rare, so more means something is
@@ -103,6 +105,7 @@ impl AppState {
             storage_full_at: Mutex::new(None),
             held_heard: crate::held::Heard::default(),
             held_news: broadcast::channel(HELD_NEWS).0,
+            upload_quota: Default::default(),
         }))
     }
 }

@@ -7,6 +7,7 @@
 //! between, read it again and decide again. What a commit makes of a head is decided by the
 //! pure [`plan_commit`]. The HTTP handlers, the socket task and the command line all call these.
 
+use crate::blob_access;
 use crate::domain::Domain;
 use crate::error::HubError;
 use crate::store::{NewVersion, StoreError};
@@ -126,7 +127,16 @@ where
             Step::Write { on, new } => (on, new),
         };
         match domain.store.create_version(space, on.version, new).await {
-            Ok(head) => return Ok(Written::Created(published(domain, head))),
+            Ok(head) => {
+                // Its blobs become readable to the space's tokens; a failure here is repaired
+                // by the first read that misses the index (see `blob_access`).
+                let previous = Some(&on.data_hash);
+                let index = blob_access::index_version(domain, space, &head.data_hash, previous);
+                if let Err(e) = index.await {
+                    tracing::warn!(space, error = %e, "could not index the new version's blobs");
+                }
+                return Ok(Written::Created(published(domain, head)));
+            }
             Err(StoreError::HeadMoved { current, .. }) => {
                 tracing::debug!(space, current, "head moved during a write; retrying");
                 reread_head(domain, space).await?;

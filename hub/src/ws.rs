@@ -14,7 +14,7 @@ use crate::clients::Connection;
 use crate::state::AppState;
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use futures::stream::SplitStream;
 use futures::{SinkExt, StreamExt};
 use std::future::Future;
@@ -93,6 +93,20 @@ pub async fn upgrade(
     ws: WebSocketUpgrade,
 ) -> Response {
     let limits = &state.config.limits;
+    let cap = limits.max_sockets_per_token;
+    let Some(slot) = state.clients.reserve_socket(principal.token_id, cap) else {
+        let msg = format!(
+            "token {:?} has {cap} sockets open already (limits.max_sockets_per_token); \
+             give each PC its own token",
+            principal.name
+        );
+        tracing::info!(
+            token = principal.name,
+            cap,
+            "socket refused: token at its cap"
+        );
+        return crate::error::HubError::RateLimited(msg).into_response();
+    };
     // Messages up to HARD_LIMIT_FACTOR times the limit are read whole and then refused with an
     // error frame and a clean close; beyond that tungstenite drops the connection mid-message.
     let hard_limit = limits.max_frame_bytes.saturating_mul(HARD_LIMIT_FACTOR);
@@ -101,7 +115,10 @@ pub async fn upgrade(
         .max_write_buffer_size(limits.max_frame_bytes.max(1 << 20))
         .max_message_size(hard_limit)
         .max_frame_size(hard_limit)
-        .on_upgrade(move |socket| run(state, principal, socket))
+        .on_upgrade(move |socket| async move {
+            run(state, principal, socket).await;
+            drop(slot);
+        })
 }
 
 fn frame(f: &HubFrame) -> Message {

@@ -303,9 +303,23 @@ fn token_create_list_revoke() {
         secret.starts_with("shb_") && !secret.contains(char::is_whitespace),
         "stdout must be the token alone: {out:?}"
     );
+    // The new form: a name, read by default.
+    let (ok, _, err) = run(dir.path(), &["token", "create", "pc-02", "--space", "qr"]);
+    assert!(ok, "{err}");
     let (ok, out, _) = run(dir.path(), &["token", "list"]);
     assert!(ok);
-    assert!(out.contains("pc-01") && out.contains("agent") && out.contains("qr"));
+    // `--role agent`, the old spelling, still works and means publish.
+    let line = |name: &str| {
+        out.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert!(
+        line("pc-01 ").contains("publish") && line("pc-01 ").contains("qr"),
+        "{out}"
+    );
+    assert!(line("pc-02 ").contains("read"), "{out}");
     assert!(!out.contains(secret), "list must never show secrets");
     let (ok, _, err) = run(
         dir.path(),
@@ -333,12 +347,28 @@ fn token_create_list_revoke() {
     assert!(ok);
     let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
     let rows = rows.as_array().unwrap();
-    assert_eq!(rows.len(), 2, "admin from init, pc-01: {rows:?}");
+    assert_eq!(rows.len(), 3, "admin from init, pc-01, pc-02: {rows:?}");
     let pc = rows.iter().find(|r| r["name"] == "pc-01").unwrap();
     assert_eq!(pc["revoked"], true);
     let (ok, _, err) = run(dir.path(), &["token", "revoke", "pc-01"]);
     assert!(!ok, "revoking twice succeeded");
     assert!(err.contains("no live token"), "{err}");
+    // Each change is in the audit log, newest first, as done on the command line.
+    let (ok, out, err) = run(dir.path(), &["audit", "--json"]);
+    assert!(ok, "{err}");
+    let log: Vec<synchub_protocol::AuditEntry> = serde_json::from_str(&out).unwrap();
+    let got: Vec<(&str, &str, &str)> = log
+        .iter()
+        .map(|e| (e.who.as_str(), e.action.as_str(), e.target.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("cli", "token_revoke", "pc-01"),
+            ("cli", "token_create", "pc-02 (read)"),
+            ("cli", "token_create", "pc-01 (publish)"),
+        ]
+    );
 }
 
 #[test]

@@ -184,19 +184,36 @@ pub struct ClientSpace {
     pub state: AgentState,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// What a token may do (its capability), on the spaces it is limited to:
+/// `read` syncs a space, `publish` also commits to it, `admin` does everything on every space.
+/// `agent`, the word before capabilities existed, is read as `publish` (what it allowed).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
-    Agent,
+    #[default]
+    Read,
+    #[serde(alias = "agent")]
+    Publish,
     Admin,
 }
 
 impl Role {
+    /// The role agent tokens had before capabilities: read and commit, now `Publish`. Kept so
+    /// code written against the old name reads the same.
+    #[allow(non_upper_case_globals)]
+    pub const Agent: Role = Role::Publish;
+
     pub fn as_str(self) -> &'static str {
         match self {
-            Role::Agent => "agent",
+            Role::Read => "read",
+            Role::Publish => "publish",
             Role::Admin => "admin",
         }
+    }
+
+    /// True when a token of this role may commit (new versions by publishing).
+    pub fn may_publish(self) -> bool {
+        self >= Role::Publish
     }
 }
 
@@ -204,9 +221,12 @@ impl std::str::FromStr for Role {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
-            "agent" => Ok(Role::Agent),
+            "read" => Ok(Role::Read),
+            "publish" | "agent" => Ok(Role::Publish),
             "admin" => Ok(Role::Admin),
-            other => Err(format!("unknown role {other:?}: use agent or admin")),
+            other => Err(format!(
+                "unknown capability {other:?}: use read, publish or admin"
+            )),
         }
     }
 }
@@ -226,10 +246,29 @@ pub struct TokenInfo {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreateTokenRequest {
     pub name: String,
+    /// What the token may do; `read` when absent. `can` is accepted for it too.
+    #[serde(default, alias = "can")]
     pub role: Role,
     /// Limit the token to these spaces; absent or empty: every space.
     #[serde(default)]
     pub spaces: Option<Vec<String>>,
+}
+
+/// One admin action as `GET /audit` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub id: i64,
+    /// When, RFC 3339 UTC.
+    pub at: String,
+    /// The name of the token that did it (or `cli` for `synchub` on the server).
+    pub who: String,
+    /// What: `force_sync`, `rollback`, `token_create`, `token_revoke`, `held_approve`,
+    /// `held_reject`.
+    pub action: String,
+    /// What it was done to: a space, a token name, or `space/client`.
+    pub target: String,
+    /// The peer address the request came from; `None` for the command line.
+    pub from: Option<String>,
 }
 
 /// The answer to `POST /tokens`: the only time the secret is shown.
@@ -273,8 +312,11 @@ pub mod codes {
     pub const FRAME_TOO_LARGE: &str = "frame_too_large";
     pub const MALFORMED_FRAME: &str = "malformed_frame";
     pub const UNAVAILABLE: &str = "unavailable";
-    /// 429: too many wrong tokens from this address; try again after a minute.
+    /// 429: too many wrong tokens from this address (try again after a minute), too many
+    /// sockets of one token, or its upload quota spent.
     pub const RATE_LIMITED: &str = "rate_limited";
+    /// 408: the request body stopped arriving (`limits.body_idle_timeout_ms`).
+    pub const REQUEST_TIMEOUT: &str = "request_timeout";
     /// 507: the hub's disk (or database) is full; nothing was stored.
     pub const STORAGE_FULL: &str = "storage_full";
     /// A stored blob or manifest does not hash to its name (see `synchub fsck`).

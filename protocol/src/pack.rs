@@ -22,13 +22,19 @@ pub const MAX_HEADER_LEN: usize = 64 + 1 + 20 + 1;
 #[error("malformed pack header {0:?}")]
 pub struct PackHeaderError(pub String);
 
-/// Parses one header line (with or without its line break).
+/// Parses one header line (with or without its line break), only in the form
+/// [`encode_header`] writes: a size with a sign or leading zeros is malformed.
 pub fn parse_header(line: &[u8]) -> Result<(Sha256Hex, u64), PackHeaderError> {
     let bad = || PackHeaderError(String::from_utf8_lossy(line).chars().take(100).collect());
     let line = line.strip_suffix(b"\n").unwrap_or(line);
     let text = std::str::from_utf8(line).map_err(|_| bad())?;
     let (hash, size) = text.split_once(' ').ok_or_else(bad)?;
     let hash = hash.parse().map_err(|_| bad())?;
+    let canonical =
+        size.bytes().all(|b| b.is_ascii_digit()) && (size == "0" || !size.starts_with('0'));
+    if !canonical {
+        return Err(bad());
+    }
     let size = size.parse().map_err(|_| bad())?;
     Ok((hash, size))
 }
@@ -42,8 +48,15 @@ mod tests {
         let h = Sha256Hex::of(b"x");
         let line = encode_header(&h, 42);
         assert!(line.len() <= MAX_HEADER_LEN);
-        assert_eq!(parse_header(line.as_bytes()).unwrap(), (h, 42));
+        assert_eq!(parse_header(line.as_bytes()).unwrap(), (h.clone(), 42));
         assert!(parse_header(b"zz 1\n").is_err());
+        let hash = format!("{h}");
+        for size in ["+7", "007", "-1", "", " 7", "18446744073709551616"] {
+            assert!(
+                parse_header(format!("{hash} {size}\n").as_bytes()).is_err(),
+                "{size:?}"
+            );
+        }
         assert!(parse_header(b"").is_err());
     }
 }

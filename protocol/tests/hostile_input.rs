@@ -4,7 +4,6 @@
 //! seeds that were once trouble (u64 wraps, bidi controls, device names, huge lengths).
 
 use proptest::prelude::*;
-use synchub_protocol::{AgentFrame, HubFrame, Manifest, pack, validate_path};
 
 /// Inputs that broke, or nearly broke, a parser once; every property below also runs on them.
 const SEEDS: &[&str] = &[
@@ -26,33 +25,10 @@ const SEEDS: &[&str] = &[
     "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[",
 ];
 
+mod fuzz_checks;
+
 fn check_all(bytes: &[u8]) {
-    // Manifest: accepted ones re-encode to the same bytes, and every path is valid.
-    if let Ok(m) = Manifest::from_canonical(bytes, 1000) {
-        assert_eq!(m.canonical_bytes(), bytes);
-        for e in m.entries() {
-            assert_eq!(validate_path(&e.path), Ok(()));
-        }
-    }
-    // Pack header: an accepted one encodes back to the same line.
-    if let Ok((hash, size)) = pack::parse_header(bytes) {
-        assert_eq!(pack::encode_header(&hash, size).as_bytes(), bytes);
-    }
-    if let Ok(text) = std::str::from_utf8(bytes) {
-        // Frames: decoding and bounds never panic.
-        if let Ok(mut frame) = serde_json::from_str::<AgentFrame>(text) {
-            let _ = frame.check_bounds();
-        }
-        let _ = serde_json::from_str::<HubFrame>(text);
-        // Paths: an accepted path has no invisible or control character.
-        if validate_path(text).is_ok() {
-            assert!(
-                !text
-                    .chars()
-                    .any(|c| c.is_control() || c == '\u{202E}' || c == '\u{200B}')
-            );
-        }
-    }
+    fuzz_checks::all(bytes);
 }
 
 #[test]
@@ -60,6 +36,22 @@ fn seeds() {
     for seed in SEEDS {
         check_all(seed.as_bytes());
     }
+}
+
+/// The fuzz targets' seed corpora (`fuzz/seeds/TARGET/`), and whatever a fuzz run found and
+/// was kept there: each file through every check.
+#[test]
+fn fuzz_seed_corpora() {
+    let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds");
+    let mut files = 0;
+    for target in std::fs::read_dir(&seeds).expect("fuzz/seeds exists") {
+        for file in std::fs::read_dir(target.expect("entry").path()).expect("a target folder") {
+            let bytes = std::fs::read(file.expect("entry").path()).expect("a seed file");
+            check_all(&bytes);
+            files += 1;
+        }
+    }
+    assert!(files >= 4 * SEEDS.len(), "only {files} seed files");
 }
 
 proptest! {

@@ -21,7 +21,7 @@ const WAIT: Duration = Duration::from_secs(10);
 async fn commit_broadcast_and_read_back(backend: Backend) -> anyhow::Result<()> {
     let hub = TestHub::start_backend(backend).await?;
     let agent = hub.token("pc", Role::Agent, None).await?;
-    let mut sockets = join_all((0..5).map(|_| WsAgent::connect(&hub, &agent, &[DEFAULT_SPACE])))
+    let mut sockets = join_all((0..4).map(|_| WsAgent::connect(&hub, &agent, &[DEFAULT_SPACE])))
         .await
         .into_iter()
         .collect::<anyhow::Result<Vec<_>>>()?;

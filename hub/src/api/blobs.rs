@@ -1,9 +1,12 @@
 //! Blob routes: download one (Range for resume, immutable caching, a presigned redirect when
 //! the store is S3), upload one (hash checked while streaming), many in one pack, and ask
-//! which of a list the hub lacks.
+//! which of a list the hub lacks. Reads see only the blobs the token may read, through the
+//! spaces it may read (see [`crate::blob_access`]); a blob it may not read is "not found", as
+//! one the hub lacks, so a token learns nothing about other spaces' files.
 
 use super::Json;
 use crate::auth::Principal;
+use crate::blob_access;
 use crate::error::{ApiResult, HubError};
 use crate::state::AppState;
 use axum::body::Body;
@@ -51,16 +54,20 @@ fn parse_range(value: Option<&HeaderValue>, size: u64) -> ApiResult<Option<Range
 /// `GET /blobs/{sha256}`.
 pub async fn get_blob(
     State(state): State<AppState>,
-    _principal: Principal,
+    principal: Principal,
     Path(hash): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let hash = parse_hash(&hash)?;
-    let size = state
-        .blobs
-        .size(&hash)
+    let not_found = || HubError::NotFound(format!("blob {hash}"));
+    let hashes = [hash.clone()];
+    if blob_access::readable(&state, &principal, &hashes)
         .await?
-        .ok_or_else(|| HubError::NotFound(format!("blob {hash}")))?;
+        .is_empty()
+    {
+        return Err(not_found());
+    }
+    let size = state.blobs.size(&hash).await?.ok_or_else(not_found)?;
     if state.config.presign_downloads
         && let Some(url) = state
             .blobs
@@ -109,14 +116,16 @@ pub async fn get_blob(
     Ok(response)
 }
 
-/// `PUT /blobs/{sha256}`: 201 when stored, 200 when the hub had it already.
+/// `PUT /blobs/{sha256}`: 201 when stored, 200 when the hub had it already (either way the
+/// token may read it from now on). Needs `publish`; counts against the upload quota.
 pub async fn put_blob(
     State(state): State<AppState>,
-    _principal: Principal,
+    principal: Principal,
     Path(hash): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
+    blob_access::require_upload(&principal)?;
     let hash = parse_hash(&hash)?;
     let limit = state.config.max_blob_bytes();
     let declared = headers
@@ -129,12 +138,17 @@ pub async fn put_blob(
             declared.unwrap_or_default()
         )));
     }
+    let quota = state.config.limits.upload_bytes_per_token_per_hour;
+    let quotas = &state.upload_quota;
+    quotas.check(&principal, declared.unwrap_or(0), quota)?;
     let existed = state.blobs.size(&hash).await?.is_some();
     let stream = body
         .into_data_stream()
         .map_err(std::io::Error::other)
         .boxed();
     let size = state.blobs.put(&hash, stream, limit).await?;
+    quotas.add(&principal, size);
+    state.store.note_upload(&hash, principal.token_id).await?;
     metrics::counter!("synchub_blob_bytes_received_total").increment(size);
     let status = if existed {
         StatusCode::OK
@@ -148,10 +162,11 @@ pub async fn put_blob(
         .into_response())
 }
 
-/// `POST /blobs/missing`: which of these the hub lacks.
+/// `POST /blobs/missing`: which of these the hub lacks, or the token may not read (an upload
+/// of one of those makes it readable to the token).
 pub async fn missing(
     State(state): State<AppState>,
-    _principal: Principal,
+    principal: Principal,
     Json(list): Json<BlobList>,
 ) -> ApiResult<axum::Json<BlobList>> {
     if list.sha256.len() > MAX_BLOBS_PER_QUERY {
@@ -160,24 +175,31 @@ pub async fn missing(
             list.sha256.len(),
         )));
     }
+    let readable = blob_access::readable(&state, &principal, &list.sha256).await?;
     let found = state.blob_sizes(&list.sha256).await?;
     let sha256 = list
         .sha256
         .into_iter()
         .zip(found)
-        .filter(|(_, size)| size.is_none())
+        .filter(|(h, size)| size.is_none() || !readable.contains(h))
         .map(|(h, _)| h)
         .collect();
     Ok(axum::Json(BlobList { sha256 }))
 }
 
-/// Each asked blob with its size; not found when any of them is missing.
-async fn sized_blobs(state: &AppState, sha256: Vec<Sha256Hex>) -> ApiResult<Vec<(Sha256Hex, u64)>> {
+/// Each asked blob with its size; not found when any of them is missing or not readable by
+/// `principal`.
+async fn sized_blobs(
+    state: &AppState,
+    principal: &Principal,
+    sha256: Vec<Sha256Hex>,
+) -> ApiResult<Vec<(Sha256Hex, u64)>> {
+    let readable = blob_access::readable(state, principal, &sha256).await?;
     let found = state.blob_sizes(&sha256).await?;
     let missing: Vec<String> = sha256
         .iter()
         .zip(&found)
-        .filter(|(_, s)| s.is_none())
+        .filter(|(h, s)| s.is_none() || !readable.contains(*h))
         .map(|(h, _)| h.to_string())
         .collect();
     if !missing.is_empty() {
@@ -196,7 +218,7 @@ async fn sized_blobs(state: &AppState, sha256: Vec<Sha256Hex>) -> ApiResult<Vec<
 /// `POST /blobs/pack`: many blobs in one response (format in `synchub_protocol::pack`).
 pub async fn pack(
     State(state): State<AppState>,
-    _principal: Principal,
+    principal: Principal,
     Json(list): Json<BlobList>,
 ) -> ApiResult<Response> {
     let limits = &state.config.limits;
@@ -207,7 +229,7 @@ pub async fn pack(
             limits.max_pack_blobs
         )));
     }
-    let items = sized_blobs(&state, list.sha256).await?;
+    let items = sized_blobs(&state, &principal, list.sha256).await?;
     let total: u64 = items.iter().map(|(_, s)| s).sum();
     if total > limits.max_pack_bytes {
         return Err(HubError::TooLarge(format!(

@@ -2,6 +2,7 @@
 //! extracts, calls [`crate::versions`] and maps the result to a status.
 
 use super::Json;
+use crate::audit::{self, Peer, actions};
 use crate::auth::{Admin, Publish, SpaceAccess};
 use crate::error::ApiResult;
 use crate::state::AppState;
@@ -37,10 +38,13 @@ pub async fn commit(
 pub async fn force_sync(
     State(state): State<AppState>,
     access: SpaceAccess<Admin>,
+    peer: Peer,
     Json(request): Json<ForceSyncRequest>,
 ) -> ApiResult<Created> {
     let by = &access.principal.name;
     let head = versions::force(&state, &access.space, request.reason, by).await?;
+    let target = format!("{} v{}", access.space, head.version);
+    audit::record(state.store.as_ref(), by, actions::FORCE_SYNC, &target, peer).await;
     Ok(created(head))
 }
 
@@ -57,6 +61,7 @@ pub struct RollbackRequest {
 pub async fn rollback(
     State(state): State<AppState>,
     access: SpaceAccess<Admin>,
+    peer: Peer,
     Json(request): Json<RollbackRequest>,
 ) -> ApiResult<Created> {
     let by = &access.principal.name;
@@ -68,5 +73,10 @@ pub async fn rollback(
         by,
     )
     .await?;
+    let target = format!(
+        "{} v{} (data of v{})",
+        access.space, head.version, request.to_version
+    );
+    audit::record(state.store.as_ref(), by, actions::ROLLBACK, &target, peer).await;
     Ok(created(head))
 }

@@ -3,6 +3,10 @@
 //! - `PUT /spaces/{space}/held/{client_id}` (a token that may publish to the space): record
 //!   or refresh; the answer is the stored record with the decision.
 //! - `DELETE /spaces/{space}/held/{client_id}` (the same): the agent acted on it.
+//!
+//!   Both need `{client_id}` to be the calling token's (bound by its first report or held
+//!   change, see [`crate::reports::require_own_client`]): one PC cannot hold or withdraw
+//!   another's change.
 //! - `GET /held` (admin): every held change.
 //! - `POST /spaces/{space}/held/{client_id}/approve|reject` (admin).
 //!
@@ -10,9 +14,11 @@
 //! dashboard's event stream; the first also goes to the alerts.
 
 use super::Json;
+use crate::audit::{self, Peer, actions};
 use crate::auth::{Admin, AdminToken, Publish, SpaceAccess};
 use crate::error::ApiResult;
 use crate::held;
+use crate::reports::require_own_client;
 use crate::state::AppState;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -25,6 +31,8 @@ pub async fn put(
     Path((_, client)): Path<(String, String)>,
     Json(change): Json<HeldChange>,
 ) -> ApiResult<axum::Json<HeldRecord>> {
+    held::client_id(&client)?;
+    require_own_client(&state, &access.principal, &client).await?;
     let record = held::record(&state, &access.space, &client, &change).await?;
     if record.decision == HeldDecision::Pending && state.held_heard.first(&record) {
         state.clients.touch();
@@ -40,6 +48,8 @@ pub async fn delete(
     access: SpaceAccess<Publish>,
     Path((_, client)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
+    held::client_id(&client)?;
+    require_own_client(&state, &access.principal, &client).await?;
     held::forget(&state, &access.space, &client).await?;
     state.held_heard.forget(&access.space, &client);
     state.clients.touch();
@@ -58,11 +68,15 @@ pub async fn list(
 pub async fn approve(
     State(state): State<AppState>,
     access: SpaceAccess<Admin>,
+    peer: Peer,
     Path((_, client)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
     let by = &access.principal.name;
     held::decide(&state, &access.space, &client, HeldDecision::Approved, by).await?;
     state.clients.touch();
+    let target = format!("{}/{client}", access.space);
+    let action = actions::HELD_APPROVE;
+    audit::record(state.store.as_ref(), by, action, &target, peer).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -70,10 +84,14 @@ pub async fn approve(
 pub async fn reject(
     State(state): State<AppState>,
     access: SpaceAccess<Admin>,
+    peer: Peer,
     Path((_, client)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
     let by = &access.principal.name;
     held::decide(&state, &access.space, &client, HeldDecision::Rejected, by).await?;
     state.clients.touch();
+    let target = format!("{}/{client}", access.space);
+    let action = actions::HELD_REJECT;
+    audit::record(state.store.as_ref(), by, action, &target, peer).await;
     Ok(StatusCode::NO_CONTENT)
 }

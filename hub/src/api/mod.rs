@@ -10,6 +10,7 @@ pub mod held;
 pub mod reports;
 pub mod tokens;
 
+use crate::admission::Downloads;
 use crate::error::HubError;
 use crate::state::{AppState, ReconcileHealth, STORAGE_FULL_REPORTED};
 use axum::Router;
@@ -20,59 +21,22 @@ use axum::routing::{get, post, put};
 use std::time::Duration;
 use synchub_protocol::codes;
 
+// Who may call what: the extractor each handler takes decides it, before the body is read.
+//   Principal              any live token
+//   SpaceAccess<Read>      a token allowed on {space} (any capability)
+//   SpaceAccess<Publish>   a `publish` token allowed on {space}, or an admin
+//   SpaceAccess<Admin>     an admin token, {space} well-formed
+//   AdminToken             an admin token
+
 pub fn router(state: AppState) -> Router {
     let json_limit = state.config.limits.max_request_bytes;
-    // Who may call what: the extractor each handler takes decides it, before the body is read.
-    //   Principal              any live token
-    //   SpaceAccess<Read>      a token allowed on {space} (agents: their spaces; admins: all)
-    //   SpaceAccess<Publish>   a token allowed to commit to {space}
-    //   SpaceAccess<Admin>     an admin token, {space} well-formed
-    //   AdminToken             an admin token
+    let body_idle = Duration::from_millis(state.config.limits.body_idle_timeout_ms);
     // Downloads past the bound are refused at once with 503 and Retry-After (admission.rs);
     // the layer is put on the download routes only (and on GET of a blob, not PUT).
     let downloads = crate::admission::Downloads::new(state.config.limits.max_concurrent_downloads);
-    let admit = axum::middleware::from_fn_with_state(downloads, crate::admission::admit);
-    let api = Router::new()
-        .route("/ws", get(crate::ws::upgrade)) // Principal; each followed space: Read
-        .route("/spaces", get(heads::spaces)) // Principal; lists the spaces it may Read
-        .route("/spaces/{space}/head", get(heads::head)) // SpaceAccess<Read>
-        .route("/spaces/{space}/versions", get(heads::versions)) // SpaceAccess<Admin>
-        .route(
-            "/spaces/{space}/versions/{version}/manifest",
-            get(heads::manifest).route_layer(admit.clone()), // SpaceAccess<Read>
-        )
-        .route("/spaces/{space}/commits", post(commits::commit)) // SpaceAccess<Publish>
-        .route("/spaces/{space}/force-sync", post(commits::force_sync)) // SpaceAccess<Admin>
-        .route("/spaces/{space}/rollback", post(commits::rollback)) // SpaceAccess<Admin>
-        .route("/blobs/pack", post(blobs::pack).route_layer(admit.clone())) // Principal
-        .route("/blobs/missing", post(blobs::missing)) // Principal
-        .route(
-            "/blobs/{sha256}",
-            get(blobs::get_blob) // Principal
-                .route_layer(admit)
-                .put(blobs::put_blob) // Principal
-                .layer(DefaultBodyLimit::disable()),
-        )
-        // POST: Principal, and Read on the report's space; GET: AdminToken.
-        .route("/sync-log", post(reports::post).get(reports::list))
-        .route("/events", get(events::events)) // AdminToken
-        .route("/tokens", get(tokens::list).post(tokens::create)) // AdminToken
-        .route("/tokens/{name}", axum::routing::delete(tokens::revoke)) // AdminToken
-        .route("/clients", get(admin::clients)) // AdminToken
-        .route("/fleet", get(admin::fleet)) // AdminToken
-        .route("/held", get(held::list)) // AdminToken
-        .route(
-            "/spaces/{space}/held/{client_id}",
-            put(held::put).delete(held::delete), // SpaceAccess<Publish>
-        )
-        .route(
-            "/spaces/{space}/held/{client_id}/approve",
-            post(held::approve), // SpaceAccess<Admin>
-        )
-        .route(
-            "/spaces/{space}/held/{client_id}/reject",
-            post(held::reject), // SpaceAccess<Admin>
-        )
+    let api = space_routes(&downloads)
+        .merge(admin_routes())
+        .merge(blob_routes(&downloads))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(json_limit));
     Router::new()
@@ -87,9 +51,72 @@ pub fn router(state: AppState) -> Router {
             note_storage_full,
         ))
         .layer(axum::middleware::from_fn(count_requests))
+        // A body that stops arriving is cut off (408) rather than holding a task for good.
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(body_idle))
         // A span per request (method, path), so what a handler logs says which request it was.
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// What agents use: the socket, heads, manifests, commits, reports and held changes; manifest
+/// downloads go through the admission bound.
+fn space_routes(downloads: &Downloads) -> Router<AppState> {
+    let admit = axum::middleware::from_fn_with_state(downloads.clone(), crate::admission::admit);
+    Router::new()
+        .route("/ws", get(crate::ws::upgrade)) // Principal; each followed space: Read
+        .route("/spaces", get(heads::spaces)) // Principal; lists the spaces it may Read
+        .route("/spaces/{space}/head", get(heads::head)) // SpaceAccess<Read>
+        .route(
+            "/spaces/{space}/versions/{version}/manifest",
+            get(heads::manifest).route_layer(admit), // SpaceAccess<Read>
+        )
+        .route("/spaces/{space}/commits", post(commits::commit)) // SpaceAccess<Publish>
+        // POST: Principal, and Read on the report's space; GET: AdminToken.
+        .route("/sync-log", post(reports::post).get(reports::list))
+        .route(
+            "/spaces/{space}/held/{client_id}",
+            put(held::put).delete(held::delete), // SpaceAccess<Publish>
+        )
+}
+
+/// Blob bytes: download (through the admission bound), upload, packs and the
+/// which-are-missing question.
+fn blob_routes(downloads: &Downloads) -> Router<AppState> {
+    let admit = axum::middleware::from_fn_with_state(downloads.clone(), crate::admission::admit);
+    Router::new()
+        .route("/blobs/pack", post(blobs::pack).route_layer(admit.clone())) // Principal
+        .route("/blobs/missing", post(blobs::missing)) // Principal
+        .route(
+            "/blobs/{sha256}",
+            get(blobs::get_blob) // Principal
+                .route_layer(admit)
+                .put(blobs::put_blob) // Principal
+                // Streamed, with their own limit (`limits.max_blob_bytes`).
+                .layer(DefaultBodyLimit::disable()),
+        )
+}
+
+/// What only admins do: history, force-syncs, rollbacks, tokens, decisions, the audit log.
+fn admin_routes() -> Router<AppState> {
+    Router::new()
+        .route("/spaces/{space}/versions", get(heads::versions)) // SpaceAccess<Admin>
+        .route("/spaces/{space}/force-sync", post(commits::force_sync)) // SpaceAccess<Admin>
+        .route("/spaces/{space}/rollback", post(commits::rollback)) // SpaceAccess<Admin>
+        .route("/events", get(events::events)) // AdminToken
+        .route("/tokens", get(tokens::list).post(tokens::create)) // AdminToken
+        .route("/tokens/{name}", axum::routing::delete(tokens::revoke)) // AdminToken
+        .route("/clients", get(admin::clients)) // AdminToken
+        .route("/fleet", get(admin::fleet)) // AdminToken
+        .route("/audit", get(admin::audit)) // AdminToken
+        .route("/held", get(held::list)) // AdminToken
+        .route(
+            "/spaces/{space}/held/{client_id}/approve",
+            post(held::approve), // SpaceAccess<Admin>
+        )
+        .route(
+            "/spaces/{space}/held/{client_id}/reject",
+            post(held::reject), // SpaceAccess<Admin>
+        )
 }
 
 /// Remembers a write that failed for a full disk (507), for `/readyz`.
@@ -217,7 +244,9 @@ where
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(Json(v)),
             Err(rejection) => {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                if crate::error::is_body_timeout(&rejection) {
+                    Err(HubError::BodyTimeout)
+                } else if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                     Err(HubError::TooLarge("request body over the limit".into()))
                 } else {
                     Err(HubError::bad_request(

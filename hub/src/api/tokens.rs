@@ -4,6 +4,7 @@
 //! watcher sees the token table change, as with `synchub token` on the command line.
 
 use crate::api::Json;
+use crate::audit::{self, Peer, actions};
 use crate::auth::AdminToken;
 use crate::error::{ApiResult, HubError};
 use crate::state::AppState;
@@ -40,6 +41,7 @@ pub async fn list(
 pub async fn create(
     State(state): State<AppState>,
     AdminToken(principal): AdminToken,
+    peer: Peer,
     Json(req): Json<CreateTokenRequest>,
 ) -> ApiResult<(StatusCode, axum::Json<CreatedToken>)> {
     let name = req.name.trim();
@@ -70,6 +72,9 @@ pub async fn create(
         by = principal.name,
         "token created"
     );
+    let target = format!("{name} ({})", req.role.as_str());
+    let store = state.store.as_ref();
+    audit::record(store, &principal.name, actions::TOKEN_CREATE, &target, peer).await;
     Ok((
         StatusCode::CREATED,
         axum::Json(CreatedToken {
@@ -85,6 +90,7 @@ pub async fn create(
 pub async fn revoke(
     State(state): State<AppState>,
     AdminToken(principal): AdminToken,
+    peer: Peer,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
     if name == principal.name {
@@ -99,5 +105,7 @@ pub async fn revoke(
     let gone = state.tokens.reload(state.store.as_ref()).await?;
     state.clients.revoke(&gone);
     tracing::info!(name, by = principal.name, "token revoked");
+    let store = state.store.as_ref();
+    audit::record(store, &principal.name, actions::TOKEN_REVOKE, &name, peer).await;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -8,6 +8,8 @@
 //! store under that hash).
 
 mod agents;
+mod audit;
+mod blob_index;
 mod dialect;
 mod gc;
 mod held;
@@ -21,11 +23,12 @@ pub use gc::{DoomedBlob, GcStore};
 pub use rows::ADOPTED_WITHOUT_DATA_REASON;
 
 use async_trait::async_trait;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 use synchub_protocol::{
-    Head, HeldChange, HeldDecision, HeldRecord, Role, Sha256Hex, SyncLogEntry, SyncReport,
-    VersionInfo,
+    AuditEntry, Head, HeldChange, HeldDecision, HeldRecord, Role, Sha256Hex, SyncLogEntry,
+    SyncReport, VersionInfo,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -212,6 +215,36 @@ pub trait Store: GcStore + Send + Sync + 'static {
 
     /// The recorded agents of `space`, last seen newest first (at most [`MAX_AGENTS`]).
     async fn agents(&self, space: &str) -> Result<Vec<synchub_protocol::FleetAgent>, StoreError>;
+    /// Appends an admin action to the audit log (see `store/audit.rs`).
+    async fn record_audit(
+        &self,
+        who: &str,
+        action: &str,
+        target: &str,
+        from: Option<&str>,
+    ) -> Result<(), StoreError>;
+
+    /// The newest `limit` audit entries, newest first.
+    async fn audit(&self, limit: u32) -> Result<Vec<AuditEntry>, StoreError>;
+
+    /// Records that `space` references the blobs `hashes` (see `store/blob_index.rs`).
+    async fn index_blobs(&self, space: &str, hashes: &[Sha256Hex]) -> Result<(), StoreError>;
+
+    /// Those of `hashes` that one of `spaces` references (`None`: any space) or that the token
+    /// `token_id` uploaded itself.
+    async fn readable_blobs(
+        &self,
+        hashes: &[Sha256Hex],
+        spaces: Option<&[String]>,
+        token_id: i64,
+    ) -> Result<HashSet<Sha256Hex>, StoreError>;
+
+    /// Records that the token `token_id` uploaded the blob `hash`.
+    async fn note_upload(&self, hash: &Sha256Hex, token_id: i64) -> Result<(), StoreError>;
+
+    /// Binds `client_id` to the token `token_id` unless it is bound already; returns the
+    /// token it is bound to.
+    async fn bind_client(&self, client_id: &str, token_id: i64) -> Result<i64, StoreError>;
 
     /// Runs until `shutdown`, sending a [`Change`] whenever a `sync_metadata` row or the token
     /// table changes, whoever changed it. SQLite polls every `poll_interval` (one query per

@@ -13,7 +13,10 @@ use super::rows::{
     HeadPlan, HeadRow, PendingVersion, decode_spaces, encode_spaces, from_db, list_limit,
     parse_hash, parse_role, parse_timestamp, plan_fed_bump, plan_head, to_db,
 };
-use super::{Change, NewVersion, Store, StoreError, SyncLogFilter, TokenRecord, agents, held};
+use super::{
+    Change, NewVersion, Store, StoreError, SyncLogFilter, TokenRecord, agents, audit, blob_index,
+    held,
+};
 use async_trait::async_trait;
 use chrono::Utc;
 use std::sync::Arc;
@@ -218,6 +221,41 @@ impl<D: Run> Store for D {
 
     async fn agents(&self, space: &str) -> Result<Vec<synchub_protocol::FleetAgent>, StoreError> {
         agents::list(self, space).await
+    }
+
+    async fn record_audit(
+        &self,
+        who: &str,
+        action: &str,
+        target: &str,
+        from: Option<&str>,
+    ) -> Result<(), StoreError> {
+        audit::record(self, who, action, target, from).await
+    }
+
+    async fn audit(&self, limit: u32) -> Result<Vec<synchub_protocol::AuditEntry>, StoreError> {
+        audit::list(self, limit).await
+    }
+
+    async fn index_blobs(&self, space: &str, hashes: &[Sha256Hex]) -> Result<(), StoreError> {
+        blob_index::index(self, space, hashes).await
+    }
+
+    async fn readable_blobs(
+        &self,
+        hashes: &[Sha256Hex],
+        spaces: Option<&[String]>,
+        token_id: i64,
+    ) -> Result<std::collections::HashSet<Sha256Hex>, StoreError> {
+        blob_index::readable(self, hashes, spaces, token_id).await
+    }
+
+    async fn note_upload(&self, hash: &Sha256Hex, token_id: i64) -> Result<(), StoreError> {
+        blob_index::note_upload(self, hash, token_id).await
+    }
+
+    async fn bind_client(&self, client_id: &str, token_id: i64) -> Result<i64, StoreError> {
+        blob_index::bind_client(self, client_id, token_id).await
     }
 
     async fn watch(

@@ -2,14 +2,15 @@
 //! `synchub serve` process (so its memory can be read from `/proc`), drives it with real agent
 //! WebSockets, HTTP head checks and `SyncClient`s, and measures what BENCHMARKS.md reports.
 //!
-//! One module per scenario: [`fanout`] (N sockets, R rounds of head bumps: force-sync, commit,
-//! outside SQL UPDATE; per-socket arrival times and hub RSS per connection), [`fallback`]
-//! (head checks per second, 304 and 200), [`download`] (one agent: cold and warm cache, with
-//! the data sets and [`publish_set`]), [`idle_pg`] (PostgreSQL transactions per second with
-//! agents connected and idle) and [`herd`] (N simulated agents syncing at once after a bump,
-//! and the old way: every PC reading the dataset from PostgreSQL). This module holds what they share: the hub process under test,
-//! agent sockets, percentiles, and [`Figures`], which the binary turns into median (min, max)
-//! over several runs.
+//! One module per scenario: `fanout` ([`fanout()`]: N sockets, R rounds of head bumps:
+//! force-sync, commit, outside SQL UPDATE; per-socket arrival times and hub RSS per
+//! connection), `fallback` (head checks per second, 304 and 200), `download` (one agent: cold
+//! and warm cache, with the data sets and [`publish_set`]), `idle_pg` (PostgreSQL transactions
+//! per second with agents connected and idle), `floor` (the write-loop floor) and `herd` (N
+//! simulated agents syncing at once after a bump, and the old way: every PC reading the dataset
+//! from PostgreSQL). This module holds what they share: the hub process under test, agent
+//! sockets, percentiles, and [`Figures`], which the binary turns into median (min, max) over
+//! several runs.
 
 mod download;
 mod fallback;
@@ -200,15 +201,21 @@ impl Hub {
             "--database-url".to_owned(),
             database_url.clone(),
         ];
-        if opts.poll_interval_ms.is_some() || opts.extra_config.is_some() {
+        {
             let mut toml = String::new();
             if let Some(ms) = opts.poll_interval_ms {
                 toml.push_str(&format!("poll_interval_ms = {ms}\n"));
             }
-            if let Some(extra) = &opts.extra_config {
-                toml.push_str(extra);
-                toml.push('\n');
+            // Every simulated agent shares one token: lift the per-token socket cap.
+            let no_cap = "[limits]\nmax_sockets_per_token = 0";
+            match &opts.extra_config {
+                Some(extra) if extra.contains("[limits]") => {
+                    toml.push_str(&extra.replacen("[limits]", no_cap, 1));
+                }
+                Some(extra) => toml.push_str(&format!("{extra}\n{no_cap}")),
+                None => toml.push_str(no_cap),
             }
+            toml.push('\n');
             let cfg = dir.path().join("hub.toml");
             std::fs::write(&cfg, toml)?;
             common.extend(["--config".to_owned(), cfg.display().to_string()]);
