@@ -145,7 +145,7 @@ impl FsBlobStore {
         if hot.takes(size) {
             let mut bytes = Vec::with_capacity(size as usize);
             file.read_to_end(&mut bytes)?;
-            let _ = tx.blocking_send(Ok(hot.put_checked(hash, Bytes::from(bytes))?));
+            let _ = tx.blocking_send(Ok(hot.put_checked(hash, Bytes::from(bytes))));
             return Ok(());
         }
         loop {

@@ -199,17 +199,23 @@ impl HotBlobs {
         bytes
     }
 
-    /// Keeps `bytes` read from `hash` if they hash to it (checked here, on the caller's
-    /// thread: call it from a blocking task).
-    pub(crate) fn put_checked(&self, hash: &Sha256Hex, bytes: Bytes) -> Result<Bytes, BlobError> {
+    /// Keeps `bytes` when they hash to `hash` and returns them. Bytes that do not (a blob
+    /// damaged on disk) are not kept: the error is logged for the admin (`synchub fsck`
+    /// finds and quarantines such blobs) and the bytes are still sent, so the agent's own
+    /// check fails, it says the data arrived damaged and downloads again, instead of a pack
+    /// cut off mid-stream that reads as an unreachable hub.
+    pub(crate) fn put_checked(&self, hash: &Sha256Hex, bytes: Bytes) -> Bytes {
         let actual = Sha256Hex::of(&bytes);
         if &actual != hash {
-            return Err(BlobError::Corrupt {
-                hash: hash.clone(),
-                actual,
-            });
+            metrics::counter!("synchub_corrupt_blobs_served_total").increment(1);
+            tracing::error!(
+                blob = %hash,
+                actual = %actual,
+                "a stored blob does not match its hash; run `synchub fsck`"
+            );
+            return bytes;
         }
-        Ok(self.put(hash, bytes))
+        self.put(hash, bytes)
     }
 }
 
