@@ -165,26 +165,7 @@ pub async fn collect(domain: &Domain, options: &GcOptions) -> Result<GcReport, H
         dry_run: options.dry_run,
         ..GcReport::default()
     };
-    for head in domain.store.heads().await? {
-        if options.space.as_ref().is_some_and(|s| s != &head.space) {
-            continue;
-        }
-        let versions = domain.store.versions(&head.space, MAX_VERSIONS).await?;
-        let (keep, days) = config.retention.for_space(&head.space);
-        let expired = expired_versions(&versions, keep, days, now);
-        if expired.is_empty() {
-            continue;
-        }
-        if !options.dry_run {
-            domain.store.delete_versions(&head.space, &expired).await?;
-            tracing::info!(
-                space = head.space,
-                count = expired.len(),
-                "expired versions"
-            );
-        }
-        report.expired_versions.insert(head.space.clone(), expired);
-    }
+    report.expired_versions = expire(domain, options, now).await?;
     let skip = if options.dry_run {
         &report.expired_versions
     } else {
@@ -220,6 +201,37 @@ pub async fn collect(domain: &Domain, options: &GcOptions) -> Result<GcReport, H
     metrics::counter!("synchub_gc_blobs_deleted_total").increment(report.blobs_freed);
     metrics::counter!("synchub_gc_bytes_deleted_total").increment(report.bytes_freed);
     Ok(report)
+}
+
+/// Deletes (unless a dry run) the version records retention lets go, per space: what was
+/// (or would be) expired.
+async fn expire(
+    domain: &Domain,
+    options: &GcOptions,
+    now: chrono::DateTime<Utc>,
+) -> Result<BTreeMap<String, Vec<u64>>, HubError> {
+    let mut expired_by_space = BTreeMap::new();
+    for head in domain.store.heads().await? {
+        if options.space.as_ref().is_some_and(|s| s != &head.space) {
+            continue;
+        }
+        let versions = domain.store.versions(&head.space, MAX_VERSIONS).await?;
+        let (keep, days) = domain.config.retention.for_space(&head.space);
+        let expired = expired_versions(&versions, keep, days, now);
+        if expired.is_empty() {
+            continue;
+        }
+        if !options.dry_run {
+            domain.store.delete_versions(&head.space, &expired).await?;
+            tracing::info!(
+                space = head.space,
+                count = expired.len(),
+                "expired versions"
+            );
+        }
+        expired_by_space.insert(head.space.clone(), expired);
+    }
+    Ok(expired_by_space)
 }
 
 /// The versions of one space (newest first, as listed) that retention lets go: beyond the

@@ -349,7 +349,6 @@ async fn serve(
     let snapshot = state.heads.snapshot();
     let (sent, heads) = first_heads(&held, &snapshot);
     let followed: Vec<(String, u64)> = sent.iter().map(|s| (s.space.clone(), s.version)).collect();
-    let ping_every = Duration::from_millis(state.config.ping_interval_ms);
     let welcome = HubFrame::Welcome {
         protocol: PROTOCOL_VERSION,
         hub_id: state.hub_id.clone(),
@@ -369,6 +368,20 @@ async fn serve(
     if socket.send(frame(&welcome)).await.is_err() {
         return;
     }
+    pump(state, principal, conn, &followed, &mut socket).await;
+}
+
+/// Serves a welcomed socket until it must close: the bumps the fan-out left to its task,
+/// frames from the agent, pings (and the close of a silent agent), and the close when its
+/// token is revoked or the hub stops.
+async fn pump(
+    state: &AppState,
+    principal: &Principal,
+    conn: &Connection,
+    followed: &[(String, u64)],
+    socket: &mut Split<'_>,
+) {
+    let ping_every = Duration::from_millis(state.config.ping_interval_ms);
     let ping = Utf8Bytes::from(serde_json::to_string(&HubFrame::Ping).expect("frames serialize"));
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
     let mut last_heard = Instant::now();
@@ -378,13 +391,13 @@ async fn serve(
     tokio::pin!(closed);
     loop {
         tokio::select! {
-            () = registration.socket.woken() => {
+            () = socket.fan.woken() => {
                 if socket.write(None).await.is_err() {
                     return;
                 }
             }
             msg = socket.recv() => {
-                if !receive(state, principal, conn, &followed, msg, &mut last_heard, &mut socket).await {
+                if !receive(state, principal, conn, followed, msg, &mut last_heard, socket).await {
                     return;
                 }
             }
@@ -398,7 +411,7 @@ async fn serve(
                 }
             }
             _ = &mut closed => {
-                close_ended(state, &mut socket).await;
+                close_ended(state, socket).await;
                 return;
             }
         }

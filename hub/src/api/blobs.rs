@@ -75,13 +75,7 @@ pub async fn get_blob(
             .await?
     {
         metrics::counter!("synchub_blob_redirects_total").increment(1);
-        let location = HeaderValue::from_str(&url)
-            .map_err(|_| HubError::Unavailable("presigned URL is not a valid header".into()))?;
-        return Ok((
-            StatusCode::TEMPORARY_REDIRECT,
-            [(header::LOCATION, location)],
-        )
-            .into_response());
+        return presigned_redirect(&url);
     }
     let range = parse_range(headers.get(header::RANGE), size)?;
     let read = state.blobs.get(&hash, range.clone()).await?;
@@ -114,6 +108,17 @@ pub async fn get_blob(
         );
     }
     Ok(response)
+}
+
+/// A 307 to a presigned URL of the blob store, where the client downloads the bytes itself.
+pub(super) fn presigned_redirect(url: &str) -> ApiResult<Response> {
+    let location = HeaderValue::from_str(url)
+        .map_err(|_| HubError::Unavailable("presigned URL is not a valid header".into()))?;
+    Ok((
+        StatusCode::TEMPORARY_REDIRECT,
+        [(header::LOCATION, location)],
+    )
+        .into_response())
 }
 
 /// `PUT /blobs/{sha256}`: 201 when stored, 200 when the hub had it already (either way the

@@ -121,13 +121,7 @@ pub async fn manifest(
             .presigned_get(&data_hash, state.config.presign_ttl())
             .await?
     {
-        let location = HeaderValue::from_str(&url)
-            .map_err(|_| HubError::Unavailable("presigned URL is not a valid header".into()))?;
-        return Ok((
-            StatusCode::TEMPORARY_REDIRECT,
-            [(header::LOCATION, location)],
-        )
-            .into_response());
+        return super::blobs::presigned_redirect(&url);
     }
     let bytes = state.manifests.canonical(&state.blobs, &data_hash).await?;
     let etag = HeaderValue::from_str(&format!("\"{data_hash}\"")).expect("hex is valid");
