@@ -286,7 +286,7 @@ async fn changes_arrive_live_and_a_token_is_shown_once_then_revoked() -> anyhow:
     browser.click("#token-create").await?;
     browser
         .wait_text(WAIT, "the confirmation", |t| {
-            t.contains("Create an agent token named \"pc-iasi-07\"?")
+            t.contains("Create a read token named \"pc-iasi-07\"?")
         })
         .await?;
     browser.click("#confirm-ok").await?;
@@ -320,7 +320,7 @@ async fn changes_arrive_live_and_a_token_is_shown_once_then_revoked() -> anyhow:
     c.goto(&page).await?;
     let text = browser
         .wait_text(WAIT, "the token list", |t| {
-            t.contains("pc-iasi-07 agent live")
+            t.contains("pc-iasi-07 read live")
         })
         .await?;
     ensure!(!text.contains(&secret), "secret shown again");
