@@ -168,6 +168,15 @@ fn unshare(e: Arc<HubError>) -> HubError {
             HubError::NotFound(m) => HubError::NotFound(m.clone()),
             HubError::TooLarge(m) => HubError::TooLarge(m.clone()),
             HubError::BadRequest { code, message } => HubError::bad_request(code, message.clone()),
+            HubError::Unavailable(m) => HubError::Unavailable(m.clone()),
+            // A damaged stored manifest stays what it is (500 `corrupt_data`, "run fsck"),
+            // not a 503 that tells the caller to come back.
+            HubError::Blob(blobs::BlobError::Corrupt { hash, actual }) => {
+                HubError::Blob(blobs::BlobError::Corrupt {
+                    hash: hash.clone(),
+                    actual: actual.clone(),
+                })
+            }
             other => HubError::Unavailable(other.to_string()),
         },
     }
