@@ -334,7 +334,7 @@ async fn changes_arrive_live_and_a_token_is_shown_once_then_revoked() -> anyhow:
     browser.click("#confirm-ok").await?;
     browser
         .wait_text(WAIT, "the revoked token", |t| {
-            t.contains("pc-iasi-07 agent revoked")
+            t.contains("pc-iasi-07 read revoked")
         })
         .await?;
     ensure!(

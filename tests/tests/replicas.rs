@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use synchub_client::{HubApi, SyncClient};
 use synchub_hub::config::BlobStoreConfig;
 use synchub_protocol::{
-    CommitResponse, DEFAULT_SPACE, Head, Manifest, Role, Sha256Hex, SyncLogEntry,
+    CommitRequest, CommitResponse, DEFAULT_SPACE, Head, Manifest, ManifestEntry, Role, Sha256Hex,
+    SyncLogEntry,
 };
 use synchub_tests::fixtures::{self, agent_config, commit, http, read_tree};
 use synchub_tests::hub::{TestHub, WsAgent};
@@ -45,6 +46,8 @@ async fn replicas(url: &str, n: usize) -> anyhow::Result<Vec<TestHub>> {
             c.database_url = Some(url.to_owned());
             c.blob_store = BlobStoreConfig::S3(s3.clone());
             c.hub_id = Some(format!("replica-{i}"));
+            // Many bare agents share one token here.
+            c.limits.max_sockets_per_token = 0;
             // Bare `WsAgent`s do not answer pings; the idle test outlasts three default
             // intervals.
             c.ping_interval_ms = 60_000;
@@ -270,6 +273,9 @@ async fn postgres_restart_loses_no_bump() -> anyhow::Result<()> {
         agents.push(connect(hub, &token).await?);
     }
     let v1 = fixtures::head(&hubs[0], &token).await?;
+    // Uploaded while the database is up (an upload records who sent it there); the commit
+    // below names it while the database is down.
+    let down_blob = fixtures::put_blob(&hubs[0], &token, b"x").await?;
 
     let stopping = cluster.clone();
     tokio::task::spawn_blocking(move || stopping.stop()).await??;
@@ -291,9 +297,28 @@ async fn postgres_restart_loses_no_bump() -> anyhow::Result<()> {
                 .map(|hub| http().get(format!("{}/readyz", hub.url)).send())
         ),
         async {
-            commit(&hubs[0], &token, v1.version, &[("down.txt", b"x")], &[])
+            let request = CommitRequest {
+                base_version: v1.version,
+                puts: vec![ManifestEntry {
+                    path: "down.txt".to_owned(),
+                    size: 1,
+                    sha256: down_blob.clone(),
+                }],
+                deletes: Vec::new(),
+                message: None,
+            };
+            let r = http()
+                .post(hubs[0].api(&in_default_space("/commits")))
+                .bearer_auth(&token)
+                .json(&request)
+                .timeout(Duration::from_secs(30))
+                .send()
                 .await
-                .expect("the commit request is answered")
+                .expect("the commit request is answered");
+            (
+                r.status(),
+                r.json::<serde_json::Value>().await.unwrap_or_default(),
+            )
         }
     );
     for r in ready {
