@@ -201,6 +201,13 @@ async fn the_dashboard_answers_an_admins_questions_and_forces_a_sync() -> anyhow
         .await?;
     let rolled = fixtures::head(&hub, &hub.admin_token).await?;
     ensure!(rolled.version == 4 && rolled.forced, "{rolled:?}");
+    // Both buttons' actions are in the audit log on the page: who, what, on what.
+    browser
+        .wait_text(WAIT, "the audit log", |t| {
+            t.contains("admin force sync global_version v3")
+                && t.contains("admin rollback global_version v4 (data of v1)")
+        })
+        .await?;
     ensure!(
         rolled
             .reason
@@ -341,6 +348,13 @@ async fn changes_arrive_live_and_a_token_is_shown_once_then_revoked() -> anyhow:
         spaces(secret).await? == reqwest::StatusCode::UNAUTHORIZED,
         "a revoked token still works"
     );
+    // Both actions are in the audit log on the page: who, what, on what.
+    browser
+        .wait_text(WAIT, "the audit log", |t| {
+            t.contains("admin token revoked pc-iasi-07")
+                && t.contains("admin token created pc-iasi-07 (read)")
+        })
+        .await?;
 
     // The API behind the buttons: names are unique, and the admin cannot lock itself out.
     let dup = http()
