@@ -71,13 +71,16 @@ pub async fn approve(
     peer: Peer,
     Path((_, client)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    let by = &access.principal.name;
-    held::decide(&state, &access.space, &client, HeldDecision::Approved, by).await?;
-    state.clients.touch();
-    let target = format!("{}/{client}", access.space);
-    let action = actions::HELD_APPROVE;
-    audit::record(state.store.as_ref(), by, action, &target, peer).await;
-    Ok(StatusCode::NO_CONTENT)
+    let decision = HeldDecision::Approved;
+    decide(
+        &state,
+        &access,
+        peer,
+        &client,
+        decision,
+        actions::HELD_APPROVE,
+    )
+    .await
 }
 
 /// `POST /spaces/{space}/held/{client_id}/reject`.
@@ -87,11 +90,31 @@ pub async fn reject(
     peer: Peer,
     Path((_, client)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
+    let decision = HeldDecision::Rejected;
+    decide(
+        &state,
+        &access,
+        peer,
+        &client,
+        decision,
+        actions::HELD_REJECT,
+    )
+    .await
+}
+
+/// Records an admin's decision on a held change, tells the dashboard, and audits it.
+async fn decide(
+    state: &AppState,
+    access: &SpaceAccess<Admin>,
+    peer: Peer,
+    client: &str,
+    decision: HeldDecision,
+    action: &str,
+) -> ApiResult<StatusCode> {
     let by = &access.principal.name;
-    held::decide(&state, &access.space, &client, HeldDecision::Rejected, by).await?;
+    held::decide(state, &access.space, client, decision, by).await?;
     state.clients.touch();
     let target = format!("{}/{client}", access.space);
-    let action = actions::HELD_REJECT;
     audit::record(state.store.as_ref(), by, action, &target, peer).await;
     Ok(StatusCode::NO_CONTENT)
 }
