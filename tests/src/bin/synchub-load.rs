@@ -70,6 +70,9 @@ enum Scenario {
     /// The fan-out's floor: a plain loop of one write of a pre-encoded frame per socket to N
     /// loopback sockets, timed and its CPU read like the hub's.
     Floor(FloorArgs),
+    /// The fan-out's peer: nginx with the nchan module (started here, on loopback), N
+    /// WebSocket subscribers on one channel, one HTTP publish per round.
+    Nchan(NchanArgs),
     /// The floor's server side, started by `floor`.
     #[command(hide = true)]
     WriteLoopServer {
@@ -190,6 +193,19 @@ struct FloorArgs {
     /// Write loops per run.
     #[arg(long, short = 'r', default_value_t = 3)]
     rounds: usize,
+}
+
+#[derive(Args, Debug)]
+struct NchanArgs {
+    /// Subscribers (repeat or comma-separate for several sizes).
+    #[arg(long, short = 'n', value_delimiter = ',', default_value = "1000")]
+    connections: Vec<usize>,
+    /// Publishes per run.
+    #[arg(long, short = 'r', default_value_t = 3)]
+    rounds: usize,
+    /// nginx worker processes.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
 }
 
 #[derive(Args, Debug)]
@@ -617,6 +633,25 @@ async fn run(cli: Cli) -> Result<()> {
                     format!("write-loop floor {n} sockets x {} rounds", a.rounds),
                     |_| load::write_loop_floor(me.clone(), n, a.rounds),
                     load::FloorReport::figures,
+                )
+                .await?;
+            }
+        }
+        Scenario::Nchan(a) => {
+            for &n in &a.connections {
+                let opts = load::NchanOptions {
+                    subscribers: n,
+                    rounds: a.rounds,
+                    workers: a.workers,
+                };
+                repeat(
+                    &common,
+                    format!(
+                        "nginx+nchan {n} subscribers x {} rounds, {} worker(s)",
+                        a.rounds, a.workers
+                    ),
+                    |_| load::nchan_fanout(&opts),
+                    load::NchanReport::figures,
                 )
                 .await?;
             }

@@ -18,12 +18,11 @@ use synchub_protocol::{Head, HubFrame, Sha256Hex};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-/// A WebSocket text frame as a server sends it (unmasked) holding a `sync_required` of a
-/// typical head.
-pub fn sync_required_frame() -> Vec<u8> {
+/// The JSON of a `sync_required` of a typical head at `version`.
+pub fn sync_required_json(version: u64) -> Vec<u8> {
     let head = Head {
         space: synchub_protocol::DEFAULT_SPACE.into(),
-        version: 123_456,
+        version,
         data_hash: Sha256Hex::of(b"write-loop floor"),
         forced: false,
         reason: None,
@@ -32,7 +31,13 @@ pub fn sync_required_frame() -> Vec<u8> {
         epoch: 0,
         forced_version: 0,
     };
-    let payload = serde_json::to_vec(&HubFrame::SyncRequired(head)).expect("frames serialize");
+    serde_json::to_vec(&HubFrame::SyncRequired(head)).expect("frames serialize")
+}
+
+/// A WebSocket text frame as a server sends it (unmasked) holding a `sync_required` of a
+/// typical head.
+pub fn sync_required_frame() -> Vec<u8> {
+    let payload = sync_required_json(123_456);
     let mut frame = vec![0x81];
     match payload.len() {
         n @ 0..=125 => frame.push(n as u8),

@@ -18,6 +18,7 @@ mod fanout;
 mod floor;
 mod herd;
 mod idle_pg;
+mod nchan;
 
 pub use download::*;
 pub use fallback::*;
@@ -25,6 +26,7 @@ pub use fanout::*;
 pub use floor::*;
 pub use herd::*;
 pub use idle_pg::*;
+pub use nchan::*;
 
 use crate::postgres::PgCluster;
 use anyhow::{Context, Result, bail, ensure};
@@ -206,8 +208,10 @@ impl Hub {
             if let Some(ms) = opts.poll_interval_ms {
                 toml.push_str(&format!("poll_interval_ms = {ms}\n"));
             }
-            // Every simulated agent shares one token: lift the per-token socket cap.
-            let no_cap = "[limits]\nmax_sockets_per_token = 0";
+            // Every simulated agent shares one token and one address (127.0.0.1): lift the
+            // per-token socket cap and the per-address cap on connections not yet
+            // authenticated, which a herd's burst of new HTTP connections would overrun.
+            let no_cap = "[limits]\nmax_sockets_per_token = 0\nmax_unauthenticated_per_address = 0";
             match &opts.extra_config {
                 Some(extra) if extra.contains("[limits]") => {
                     toml.push_str(&extra.replacen("[limits]", no_cap, 1));
@@ -304,12 +308,17 @@ impl Hub {
         }
     }
 
+    /// The hub's whole log (empty for an attached hub).
+    pub fn log_text(&self) -> String {
+        self.dir
+            .as_ref()
+            .and_then(|dir| std::fs::read_to_string(dir.path().join("hub.log")).ok())
+            .unwrap_or_default()
+    }
+
     /// The end of the hub's log, for error messages.
     pub fn log_tail(&self) -> String {
-        let Some(dir) = &self.dir else {
-            return String::new();
-        };
-        let text = std::fs::read_to_string(dir.path().join("hub.log")).unwrap_or_default();
+        let text = self.log_text();
         let start = text.len().saturating_sub(2000);
         text[text.floor_char_boundary(start)..].to_owned()
     }
