@@ -92,19 +92,10 @@ impl Domain {
         self.manifests.version_hash(space, version, read).await
     }
 
-    /// Sizes of `hashes` in the blob store, `None` for the missing ones; a few lookups at a
-    /// time.
+    /// Sizes of `hashes` in the blob store, `None` for the missing ones (on the filesystem all
+    /// in one blocking task).
     pub async fn blob_sizes(&self, hashes: &[Sha256Hex]) -> Result<Vec<Option<u64>>, HubError> {
-        use futures::{StreamExt, TryStreamExt};
-        futures::stream::iter(hashes.iter().cloned())
-            .map(|h| {
-                let blobs = self.blobs.clone();
-                async move { blobs.size(&h).await }
-            })
-            .buffered(16)
-            .try_collect()
-            .await
-            .map_err(HubError::from)
+        Ok(self.blobs.sizes(hashes).await?)
     }
 
     /// Whether this hub announces `head`: not when it does not serve its space (not in

@@ -12,6 +12,7 @@ use crate::blobs::{self, BlobStore};
 use crate::error::HubError;
 use bytes::Bytes;
 use moka::future::Cache;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use synchub_protocol::{Manifest, ManifestDelta, Sha256Hex, codes};
@@ -25,6 +26,7 @@ pub struct Manifests {
     max_entries: usize,
     canonical: Cache<Sha256Hex, Bytes>,
     parsed: Cache<Sha256Hex, Arc<Manifest>>,
+    blob_sets: Cache<Sha256Hex, Arc<HashSet<Sha256Hex>>>,
     deltas: Cache<(Sha256Hex, Sha256Hex), Bytes>,
     versions: Cache<(String, u64), Sha256Hex>,
     loads: AtomicU64,
@@ -46,6 +48,7 @@ impl Manifests {
                 .weigher(weight)
                 .build(),
             parsed: Cache::new(PARSED_ENTRIES),
+            blob_sets: Cache::new(PARSED_ENTRIES),
             deltas: Cache::builder()
                 .max_capacity(cache_bytes / 4)
                 .weigher(weight)
@@ -100,6 +103,33 @@ impl Manifests {
                                 format!("stored manifest {hash} is unreadable: {e}"),
                             )
                         })
+                })
+                .await
+            })
+            .await
+            .map_err(unshare)
+    }
+
+    /// Every blob the manifest `data_hash` names, and the manifest itself: which blobs a
+    /// reader of that version may fetch, answered from memory (built once, on the blocking
+    /// pool).
+    pub async fn blob_set(
+        &self,
+        store: &Arc<dyn BlobStore>,
+        data_hash: &Sha256Hex,
+    ) -> Result<Arc<HashSet<Sha256Hex>>, HubError> {
+        self.blob_sets
+            .try_get_with_by_ref(data_hash, async {
+                let manifest = self.parsed(store, data_hash).await?;
+                let hash = data_hash.clone();
+                blocking(move || {
+                    let mut set: HashSet<Sha256Hex> = manifest
+                        .entries()
+                        .iter()
+                        .map(|e| e.sha256.clone())
+                        .collect();
+                    set.insert(hash);
+                    Ok(Arc::new(set))
                 })
                 .await
             })

@@ -80,6 +80,17 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Size of the blob, or `None` when the store lacks it.
     async fn size(&self, hash: &Sha256Hex) -> Result<Option<u64>, BlobError>;
 
+    /// Sizes of many blobs, in order (`None` where the store lacks one): a pack's header
+    /// needs every size before its first byte. A few lookups at a time by default.
+    async fn sizes(&self, hashes: &[Sha256Hex]) -> Result<Vec<Option<u64>>, BlobError> {
+        let mut sizes = Vec::with_capacity(hashes.len());
+        for chunk in hashes.chunks(16) {
+            let lookups: Vec<_> = chunk.iter().map(|h| self.size(h)).collect();
+            sizes.extend(futures::future::try_join_all(lookups).await?);
+        }
+        Ok(sizes)
+    }
+
     /// Reads the blob, or the byte `range` of it (end exclusive, clamped to the size).
     async fn get(&self, hash: &Sha256Hex, range: Option<Range<u64>>)
     -> Result<BlobRead, BlobError>;
