@@ -182,6 +182,10 @@ pub struct Limits {
     /// Manifest, pack and blob downloads served at once; more are answered 503 `busy` with
     /// `Retry-After` (see `admission.rs`). 0: no bound.
     pub max_concurrent_downloads: usize,
+    /// Downloads that may wait for a slot when all are taken; more are answered 503 at once.
+    pub max_queued_downloads: usize,
+    /// How long a download waits for a slot before it is answered 503 (0: no queue).
+    pub download_queue_ms: u64,
     /// Sync reports waiting to be written; more are answered 503 `busy` with `Retry-After`
     /// (the agent's outbox sends them again).
     pub max_queued_reports: usize,
@@ -212,6 +216,8 @@ impl Default for Limits {
             hot_blob_cache_bytes: 64 << 20,
             hot_blob_max_bytes: 64 << 10,
             max_concurrent_downloads: 64,
+            max_queued_downloads: 10_000,
+            download_queue_ms: 2_000,
             max_queued_reports: 10_000,
             max_sockets_per_token: 4,
             body_idle_timeout_ms: 30_000,
@@ -387,6 +393,13 @@ impl Config {
         if self.limits.header_read_timeout_ms == 0 || self.limits.body_idle_timeout_ms == 0 {
             return Err(ConfigError::Invalid(
                 "limits.header_read_timeout_ms and limits.body_idle_timeout_ms must be above 0"
+                    .into(),
+            ));
+        }
+        if self.limits.download_queue_ms > 30_000 {
+            return Err(ConfigError::Invalid(
+                "limits.download_queue_ms is at most 30000: an agent's request would time out \
+                 waiting in the queue"
                     .into(),
             ));
         }

@@ -234,6 +234,61 @@ async fn herd_postgres_s3() {
         .unwrap();
 }
 
+/// A herd held back by a tight download bound: agents are answered `503 busy` and all still
+/// converge, and the hub does not log those answers as errors (a rush is routine; thousands
+/// of ERROR lines would bury a real one and cost the hub CPU in the rush).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn herd_put_off_by_admission_is_not_logged_as_errors() {
+    let mut spawn = spawn_options(false);
+    spawn.extra_config =
+        Some("[limits]\nmax_concurrent_downloads = 1\ndownload_queue_ms = 0".into());
+    let hub = Hub::spawn(&spawn).await.unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let opts = load::HerdOptions {
+        agents: 30,
+        connect_concurrency: 25,
+        case_timeout: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let report = load::herd(&hub, &opts, work.path()).await;
+    let log = hub.log_text();
+    hub.stop().await;
+    let report = report.unwrap();
+    let throttled: u64 = report.cases.iter().map(|c| c.throttled).sum();
+    assert!(
+        throttled > 0,
+        "one slot for 30 agents refuses some: {report}"
+    );
+    for c in &report.cases {
+        assert_eq!(c.converged, 30, "{c:?}");
+        assert_eq!(c.failed, 0, "{c:?}");
+    }
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    assert!(
+        errors.is_empty(),
+        "{throttled} busy answers logged {} ERROR lines, e.g. {:?}",
+        errors.len(),
+        errors.first()
+    );
+}
+
+/// The fan-out's peer at a small size: nginx with the nchan module is started on loopback,
+/// every subscriber gets every publish, and nginx's CPU per frame is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nchan_peer() {
+    let opts = load::NchanOptions {
+        subscribers: 50,
+        rounds: 2,
+        workers: 1,
+    };
+    let r = load::nchan_fanout(&opts).await.unwrap();
+    println!("{r}");
+    assert_eq!(r.delivered, 100, "{r}");
+    assert_eq!(r.missing, 0, "{r}");
+    assert!(r.p50_ms > 0.0 && r.p50_ms <= r.p99_ms, "{r}");
+    assert!(r.server_cpu_us_per_frame.is_some(), "{r}");
+}
+
 /// The write-loop floor at a small size: every connection gets every frame, and the server's
 /// CPU per frame is read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

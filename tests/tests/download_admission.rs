@@ -11,7 +11,12 @@ use synchub_tests::hub::TestHub;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn agents_put_off_by_a_busy_hub_wait_and_all_converge() -> anyhow::Result<()> {
-    let hub = TestHub::start_with(|c| c.limits.max_concurrent_downloads = 1).await?;
+    // No queue: a download over the bound is refused at once.
+    let hub = TestHub::start_with(|c| {
+        c.limits.max_concurrent_downloads = 1;
+        c.limits.download_queue_ms = 0;
+    })
+    .await?;
     // A blob larger than the loopback socket buffers: a reader that stops reading holds the
     // one download slot for as long as it likes.
     let big: Vec<u8> = (0..32u32 << 20).map(|i| (i % 251) as u8).collect();
@@ -91,6 +96,81 @@ async fn agents_put_off_by_a_busy_hub_wait_and_all_converge() -> anyhow::Result<
     for a in agents {
         a.shutdown().await;
     }
+    hub.stop().await;
+    Ok(())
+}
+
+/// With the queue, a download that finds every slot taken waits for one instead of being
+/// refused, as long as a slot frees within `download_queue_ms`; a wait longer than that is
+/// refused with `Retry-After`, and so is one that finds the queue full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_download_over_the_bound_waits_in_the_queue_for_a_slot() -> anyhow::Result<()> {
+    let hub = TestHub::start_with(|c| {
+        c.limits.max_concurrent_downloads = 1;
+        c.limits.download_queue_ms = 3_000;
+        c.limits.max_queued_downloads = 1;
+    })
+    .await?;
+    let big: Vec<u8> = (0..32u32 << 20).map(|i| (i % 251) as u8).collect();
+    let (status, body) = commit(&hub, &hub.admin_token, 1, &[("big.bin", &big)], &[]).await?;
+    ensure!(status.is_success(), "commit: {status} {body}");
+    let blob_url = hub.api(&format!("/blobs/{}", Sha256Hex::of(&big)));
+    let manifest_url = hub.api(&format!("/spaces/{DEFAULT_SPACE}/versions/2/manifest"));
+
+    // The one slot is held by a reader that has not read its body yet.
+    let held = http()
+        .get(&blob_url)
+        .bearer_auth(&hub.admin_token)
+        .send()
+        .await?;
+    ensure!(held.status().is_success(), "holding: {}", held.status());
+    let waiting = tokio::spawn({
+        let (url, token) = (manifest_url.clone(), hub.admin_token.clone());
+        async move { http().get(url).bearer_auth(token).send().await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The queue (one place) is full now: the next one is refused at once.
+    let started = std::time::Instant::now();
+    let refused = http()
+        .get(&manifest_url)
+        .bearer_auth(&hub.admin_token)
+        .send()
+        .await?;
+    assert_eq!(refused.status(), 503, "a full queue refuses");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused at once"
+    );
+    // The holder finishes reading within the queued one's wait: it is served, not refused.
+    let read = held.bytes().await?;
+    assert_eq!(read.len(), big.len());
+    let served = waiting.await??;
+    assert_eq!(
+        served.status(),
+        200,
+        "a download queued while the slot was taken is served once it frees"
+    );
+
+    // A wait longer than download_queue_ms ends in 503 busy with Retry-After.
+    let held = http()
+        .get(&blob_url)
+        .bearer_auth(&hub.admin_token)
+        .send()
+        .await?;
+    let started = std::time::Instant::now();
+    let timed_out = http()
+        .get(&manifest_url)
+        .bearer_auth(&hub.admin_token)
+        .send()
+        .await?;
+    assert_eq!(timed_out.status(), 503);
+    assert!(timed_out.headers().contains_key("retry-after"));
+    assert!(
+        started.elapsed() >= Duration::from_millis(2_900),
+        "refused only after the queue wait, not at once: {:?}",
+        started.elapsed()
+    );
+    drop(held);
     hub.stop().await;
     Ok(())
 }

@@ -31,9 +31,15 @@ use synchub_protocol::codes;
 pub fn router(state: AppState) -> Router {
     let json_limit = state.config.limits.max_request_bytes;
     let body_idle = Duration::from_millis(state.config.limits.body_idle_timeout_ms);
-    // Downloads past the bound are refused at once with 503 and Retry-After (admission.rs);
-    // the layer is put on the download routes only (and on GET of a blob, not PUT).
-    let downloads = crate::admission::Downloads::new(state.config.limits.max_concurrent_downloads);
+    // Downloads past the bound wait in a short queue, then are refused with 503 and
+    // Retry-After (admission.rs); the layer is put on the download routes only (and on GET of
+    // a blob, not PUT).
+    let limits = &state.config.limits;
+    let downloads = crate::admission::Downloads::new(
+        limits.max_concurrent_downloads,
+        limits.max_queued_downloads,
+        Duration::from_millis(limits.download_queue_ms),
+    );
     let api = space_routes(&downloads)
         .merge(admin_routes())
         .merge(blob_routes(&downloads))
@@ -54,7 +60,14 @@ pub fn router(state: AppState) -> Router {
         // A body that stops arriving is cut off (408) rather than holding a task for good.
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(body_idle))
         // A span per request (method, path), so what a handler logs says which request it was.
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        // Failures are logged by the error itself (`HubError`), at the level each deserves:
+        // a `503 busy` in a rush is routine and not logged at all, so the layer's own
+        // report of every 5xx stays at debug.
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http().on_failure(
+                tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
+            ),
+        )
         .with_state(state)
 }
 

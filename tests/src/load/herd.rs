@@ -43,8 +43,12 @@ const MAX_MANIFEST_ENTRIES: usize = 2_000_000;
 /// Deadline of one HTTP request.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 
-/// Attempts of one request before it counts as failed for good (429/503 waits included).
+/// Failed attempts of one request before it counts as failed for good (429/503 answers are
+/// not failures; see [`MAX_THROTTLED`]).
 const ATTEMPTS: u32 = 20;
+
+/// 429/503 answers one request takes before it counts as failed for good.
+const MAX_THROTTLED: u32 = 300;
 
 /// What one case changes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -241,7 +245,11 @@ impl Shared {
         make: impl Fn() -> reqwest::RequestBuilder,
     ) -> Result<(bool, bytes::Bytes)> {
         let mut last = String::new();
-        for attempt in 0..ATTEMPTS {
+        // As the agent: a 429/503 is the hub pacing the herd, not a failed attempt; only the
+        // case's time limit bounds those waits (and MAX_THROTTLED, against a hub that never
+        // lets anyone in).
+        let (mut attempt, mut throttled) = (0u32, 0u32);
+        while attempt < ATTEMPTS && throttled < MAX_THROTTLED {
             let sent = {
                 let _permit = self.permits.acquire().await?;
                 match make().timeout(REQUEST_DEADLINE).send().await {
@@ -272,6 +280,7 @@ impl Shared {
                     return Ok((delta, b));
                 }
                 Err((Some((429 | 503, wait)), why)) => {
+                    throttled += 1;
                     self.throttled.fetch_add(1, Ordering::Relaxed);
                     let secs = wait.unwrap_or(1).clamp(1, 60);
                     // Spread the retries over the second after the hint, as agents do.
@@ -286,6 +295,7 @@ impl Shared {
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                    attempt += 1;
                 }
             }
         }
