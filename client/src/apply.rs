@@ -18,8 +18,13 @@
 //! moved aside, the new one moved in, the old one removed. A reader that resolves `live` (or
 //! `current`) once and reads below the tree it names sees one complete version, whatever the
 //! agent does meanwhile. On start whatever `live` names is the truth (`current` is repaired to
-//! match, for a crash between the two steps); any other tree (unfinished or old) is deleted,
-//! and one a reader still holds open on Windows is deleted by a later cleanup instead.
+//! match, for a crash between the two steps).
+//!
+//! Last-good trees: after a switch the previous `keep_trees` complete trees stay beside the
+//! live one, so a program that resolved `current` (or cd'd into it) before the switch keeps
+//! reading a whole tree; older ones, and unfinished ones, are deleted. A tree is complete when
+//! its manifest file is there (written last by `prepare`, removed first by `cleanup`). One a
+//! reader still holds open on Windows cannot be deleted yet: a later cleanup does it.
 
 use crate::cache::{Cache, remove_file_forced};
 use crate::config::ExtraFiles;
@@ -64,6 +69,14 @@ impl Layout {
     pub(crate) fn live_file(&self) -> PathBuf {
         self.meta().join("live")
     }
+    /// Locked by the running agent's worker and by `restore`: one of them at a time.
+    pub(crate) fn lock_file(&self) -> PathBuf {
+        self.meta().join("agent.lock")
+    }
+    /// Present while a restored version is held on purpose (see `restore.rs`).
+    pub(crate) fn restored_file(&self) -> PathBuf {
+        self.meta().join("restored")
+    }
     fn manifest_file(&self, tree: &str) -> PathBuf {
         self.trees().join(format!("{tree}.manifest"))
     }
@@ -91,9 +104,9 @@ pub(crate) fn tree_name(version: u64, data_hash: &Sha256Hex) -> String {
 }
 
 /// Reads which tree is live, loads its manifest, points `current` at it when a crash left it
-/// elsewhere and deletes every other tree and leftover temp link. `None` when nothing was
-/// ever applied.
-pub(crate) fn recover(layout: &Layout) -> Result<Option<Held>> {
+/// elsewhere and deletes every other tree but the newest `previous` complete ones, and
+/// leftover temp links. `None` when nothing was ever applied.
+pub(crate) fn recover(layout: &Layout, previous: usize) -> Result<Option<Held>> {
     std::fs::create_dir_all(layout.trees())
         .ctx(|| format!("creating {}", layout.trees().display()))?;
     let held = read_live(layout)?;
@@ -101,7 +114,7 @@ pub(crate) fn recover(layout: &Layout) -> Result<Option<Held>> {
         tracing::info!(tree = h.tree, "pointing current at the live tree again");
         point_current(layout, &h.tree)?;
     }
-    cleanup(layout, held.as_ref().map(|h| h.tree.as_str()));
+    cleanup(layout, held.as_ref().map(|h| h.tree.as_str()), previous);
     // state.json is written only by the running agent, so its temp files are stale here.
     if let Ok(rd) = std::fs::read_dir(layout.meta()) {
         for e in rd.flatten() {
@@ -185,10 +198,12 @@ fn link_points_at(layout: &Layout, tree: &str) -> bool {
     }
 }
 
-/// Deletes every tree (and its manifest) but `keep`, and stale temp links (links first, so
-/// none is left pointing into a removed tree). A tree a reader holds open on Windows cannot be
-/// removed yet: it stays until a later cleanup.
-pub(crate) fn cleanup(layout: &Layout, keep: Option<&str>) {
+/// Deletes every tree (and its manifest) but `live` and the newest `previous` complete trees
+/// besides it (newest by the time their manifest was written), unfinished trees, and stale
+/// temp links (links first, so none is left pointing into a removed tree). A tree's manifest
+/// goes before its folder, so a folder a reader holds open on Windows is left without one:
+/// never taken for a last-good tree, and removed by a later cleanup.
+pub(crate) fn cleanup(layout: &Layout, live: Option<&str>, previous: usize) {
     if let Ok(rd) = std::fs::read_dir(layout.meta()) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -198,24 +213,62 @@ pub(crate) fn cleanup(layout: &Layout, keep: Option<&str>) {
             }
         }
     }
-    if let Ok(rd) = std::fs::read_dir(layout.trees()) {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let base = name.strip_suffix(".manifest").unwrap_or(&name);
-            if Some(base) == keep {
+    let mut names: Vec<String> = match std::fs::read_dir(layout.trees()) {
+        Ok(rd) => rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .map(|n| n.strip_suffix(".manifest").map(str::to_owned).unwrap_or(n))
+            .filter(|n| Some(n.as_str()) != live)
+            .collect(),
+        Err(_) => return,
+    };
+    names.sort();
+    names.dedup();
+    let mut complete: Vec<(std::time::SystemTime, String)> = names
+        .iter()
+        .filter(|n| layout.trees().join(n).is_dir())
+        .filter_map(|n| {
+            let written = std::fs::metadata(layout.manifest_file(n))
+                .and_then(|m| m.modified())
+                .ok()?;
+            Some((written, n.clone()))
+        })
+        .collect();
+    complete.sort_by(|a, b| b.cmp(a));
+    let kept: HashSet<&str> = complete
+        .iter()
+        .take(previous)
+        .map(|(_, n)| n.as_str())
+        .collect();
+    for name in names.iter().filter(|n| !kept.contains(n.as_str())) {
+        let manifest = layout.manifest_file(name);
+        match remove_file_forced(&manifest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => {
+                tracing::warn!(path = %manifest.display(), error = %err, "could not remove an old tree's manifest");
                 continue;
             }
-            let path = e.path();
-            let res = if e.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_tree(&path)
-            } else {
-                remove_file_forced(&path)
-            };
-            if let Err(err) = res {
-                tracing::warn!(path = %path.display(), error = %err, "could not remove old tree");
-            }
+        }
+        let path = layout.trees().join(name);
+        if let Err(err) = remove_tree(&path) {
+            tracing::warn!(path = %path.display(), error = %err,
+                "could not remove an old tree (still open?); a later cleanup will");
         }
     }
+}
+
+/// The complete trees besides `live` (last-good trees), each with its manifest.
+pub(crate) fn last_good(layout: &Layout, live: Option<&str>) -> Vec<Held> {
+    let Ok(rd) = std::fs::read_dir(layout.trees()) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| Some(n.as_str()) != live && layout.manifest_file(n).is_file())
+        .filter_map(|n| load_tree(layout, n).ok().flatten())
+        .collect()
 }
 
 /// Removes a tree whose files may be read-only.
@@ -594,14 +647,14 @@ mod tests {
     #[test]
     fn build_switch_recover_and_cleanup() {
         let (_d, layout, cache, m1) = setup(&[("a/x.txt", b"one"), ("b.txt", b"two")]);
-        assert_eq!(recover(&layout).unwrap(), None);
+        assert_eq!(recover(&layout, 0).unwrap(), None);
         let p1 = prepare(&layout, &cache, &m1, 1, None).unwrap();
         switch(&layout, &p1).unwrap();
         assert_eq!(
             std::fs::read(layout.current().join("a/x.txt")).unwrap(),
             b"one"
         );
-        let held = recover(&layout).unwrap().unwrap();
+        let held = recover(&layout, 0).unwrap().unwrap();
         assert_eq!(held.version, 1);
         assert_eq!(held.data_hash, m1.data_hash());
 
@@ -628,7 +681,7 @@ mod tests {
         )
         .unwrap();
         switch(&layout, &p2).unwrap();
-        let held2 = recover(&layout).unwrap().unwrap();
+        let held2 = recover(&layout, 0).unwrap().unwrap();
         assert_eq!(held2.version, 2);
         assert!(!layout.current().join("a/x.txt").exists());
         assert!(!layout.current().join("extra.txt").exists());
@@ -648,11 +701,11 @@ mod tests {
         let (_d, layout, cache, m1) = setup(&[("f", b"x")]);
         let p1 = prepare(&layout, &cache, &m1, 1, None).unwrap();
         switch(&layout, &p1).unwrap();
-        let held = recover(&layout).unwrap().unwrap();
+        let held = recover(&layout, 0).unwrap().unwrap();
         let p2 = prepare(&layout, &cache, &m1, 1, Some(&held)).unwrap();
         assert_ne!(p2.held.tree, held.tree);
         switch(&layout, &p2).unwrap();
-        let again = recover(&layout).unwrap().unwrap();
+        let again = recover(&layout, 0).unwrap().unwrap();
         assert_eq!(again.tree, p2.held.tree);
         assert_eq!(again.version, 1);
     }
@@ -662,7 +715,7 @@ mod tests {
         let (_d, layout, cache, m1) = setup(&[("f", b"one")]);
         let p1 = prepare(&layout, &cache, &m1, 1, None).unwrap();
         switch(&layout, &p1).unwrap();
-        let held = recover(&layout).unwrap().unwrap();
+        let held = recover(&layout, 0).unwrap().unwrap();
         let m2 = Manifest::new(vec![ManifestEntry {
             path: "g".into(),
             size: 3,
@@ -673,7 +726,7 @@ mod tests {
         // Killed right after the commit point: `live` names the new tree, `current` the old.
         write_atomic(&layout.live_file(), p2.held.tree.as_bytes()).unwrap();
         assert!(layout.current().join("f").exists());
-        let back = recover(&layout).unwrap().unwrap();
+        let back = recover(&layout, 0).unwrap().unwrap();
         assert_eq!(back.version, 2);
         assert_eq!(std::fs::read(layout.current().join("g")).unwrap(), b"one");
         assert!(!layout.current().join("f").exists());
@@ -687,11 +740,11 @@ mod tests {
         for v in 1..=100 {
             let p = prepare(&layout, &cache, &m, v, held.as_ref()).unwrap();
             switch(&layout, &p).unwrap();
-            cleanup(&layout, Some(&p.held.tree));
+            cleanup(&layout, Some(&p.held.tree), 0);
             held = Some(p.held);
         }
         let held = held.unwrap();
-        assert_eq!(recover(&layout).unwrap().unwrap().version, 100);
+        assert_eq!(recover(&layout, 0).unwrap().unwrap().version, 100);
         assert_eq!(std::fs::read(layout.current().join("a/x")).unwrap(), b"1");
         let trees: Vec<_> = std::fs::read_dir(layout.trees())
             .unwrap()
@@ -712,13 +765,44 @@ mod tests {
     }
 
     #[test]
+    fn the_previous_trees_are_kept_and_older_ones_removed() {
+        let (_d, layout, cache, m) = setup(&[("a/x", b"1"), ("b", b"2")]);
+        let mut trees = Vec::new();
+        let mut held: Option<Held> = None;
+        for v in 1..=4 {
+            let p = prepare(&layout, &cache, &m, v, held.as_ref()).unwrap();
+            switch(&layout, &p).unwrap();
+            cleanup(&layout, Some(&p.held.tree), 2);
+            trees.push(p.held.tree.clone());
+            held = Some(p.held);
+            // Manifests written within one clock tick would tie.
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let mut kept: Vec<u64> = last_good(&layout, Some(&trees[3]))
+            .iter()
+            .map(|h| h.version)
+            .collect();
+        kept.sort();
+        assert_eq!(kept, [2, 3]);
+        assert!(!layout.trees().join(&trees[0]).exists(), "the oldest went");
+        // A tree that lost its manifest (a removal cut short) is unfinished: never kept.
+        std::fs::remove_file(layout.trees().join(format!("{}.manifest", trees[1]))).unwrap();
+        assert_eq!(recover(&layout, 2).unwrap().unwrap().version, 4);
+        assert!(!layout.trees().join(&trees[1]).exists());
+        assert!(layout.trees().join(&trees[2]).join("a/x").is_file());
+        // Zero keeps only the live tree.
+        cleanup(&layout, Some(&trees[3]), 0);
+        assert!(last_good(&layout, Some(&trees[3])).is_empty());
+    }
+
+    #[test]
     fn folder_of_an_older_agent_is_taken_over_from_its_link() {
         let (_d, layout, cache, m1) = setup(&[("f", b"one")]);
         let p1 = prepare(&layout, &cache, &m1, 7, None).unwrap();
         switch(&layout, &p1).unwrap();
         // Older agents kept no `live` file: `current` alone said which tree was live.
         std::fs::remove_file(layout.live_file()).unwrap();
-        let held = recover(&layout).unwrap().unwrap();
+        let held = recover(&layout, 0).unwrap().unwrap();
         assert_eq!(held.version, 7);
         assert!(held.tree_path(&layout).exists());
     }
@@ -808,6 +892,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::new(dir.path());
         std::fs::create_dir_all(layout.current()).unwrap();
-        assert!(matches!(recover(&layout), Err(ClientError::Config(_))));
+        assert!(matches!(recover(&layout, 0), Err(ClientError::Config(_))));
     }
 }

@@ -3,12 +3,19 @@
 //! under its address always held those bytes when it arrived. Trees are built from here by
 //! hard links; a forced sync re-hashes the entries because a hard-linked file edited in place
 //! changes here too.
+//!
+//! `manifests/<version>-<hash>` keeps the canonical manifests of versions applied here, as
+//! long as the cache still holds every blob one names (at most [`MAX_KEPT_MANIFESTS`]): with
+//! them `synchub-agent restore` rebuilds such a version without the hub.
 
 use crate::blob_check::{OnDisk, check_file, hash_file};
 use crate::error::{ClientError, IoContext, Result};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use synchub_protocol::Sha256Hex;
+use synchub_protocol::{Manifest, Sha256Hex};
+
+/// Most manifests kept in `manifests/` (the newest versions win).
+pub(crate) const MAX_KEPT_MANIFESTS: usize = 16;
 
 /// The blob cache of one space.
 #[derive(Clone, Debug)]
@@ -129,6 +136,86 @@ impl Cache {
         if let Ok(rd) = std::fs::read_dir(self.root.join("tmp")) {
             for e in rd.flatten() {
                 if e.file_name().to_string_lossy().ends_with(".tmp") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+
+    fn manifests_dir(&self) -> PathBuf {
+        self.root.join("manifests")
+    }
+
+    /// Keeps the manifest of a version applied here (written whole or not at all).
+    pub(crate) fn keep_manifest(&self, version: u64, manifest: &Manifest) -> Result<()> {
+        let dir = self.manifests_dir();
+        std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        let canonical = manifest.canonical_bytes();
+        let name = crate::apply::tree_name(version, &Sha256Hex::of(&canonical));
+        crate::apply::write_atomic(&dir.join(name), &canonical)
+    }
+
+    /// The kept manifests of `version` whose bytes still hash to the name they are kept
+    /// under, newest first.
+    pub(crate) fn manifests_of(&self, version: u64) -> Vec<Manifest> {
+        let mut found: Vec<(std::time::SystemTime, Manifest)> = self
+            .kept_manifests()
+            .into_iter()
+            .filter(|(v, _)| *v == version)
+            .filter_map(|(_, path)| {
+                let written = std::fs::metadata(&path).and_then(|m| m.modified()).ok()?;
+                let bytes = std::fs::read(&path).ok()?;
+                let name = path.file_name()?.to_str()?;
+                let hash = Sha256Hex::of(&bytes);
+                if crate::apply::tree_name(version, &hash) != name {
+                    tracing::warn!(path = %path.display(), "a kept manifest is damaged; ignoring it");
+                    return None;
+                }
+                let manifest =
+                    Manifest::from_canonical(&bytes, crate::download::MAX_MANIFEST_ENTRIES).ok()?;
+                Some((written, manifest))
+            })
+            .collect();
+        found.sort_by_key(|f| std::cmp::Reverse(f.0));
+        found.into_iter().map(|(_, m)| m).collect()
+    }
+
+    /// `(version, path)` of every kept manifest.
+    fn kept_manifests(&self) -> Vec<(u64, PathBuf)> {
+        let Ok(rd) = std::fs::read_dir(self.manifests_dir()) else {
+            return Vec::new();
+        };
+        rd.flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.to_owned();
+                if name.contains(".tmp-") {
+                    return None;
+                }
+                let version = name.split_once('-')?.0.parse().ok()?;
+                Some((version, e.path()))
+            })
+            .collect()
+    }
+
+    /// Drops kept manifests naming a blob the cache no longer holds, and all but the newest
+    /// [`MAX_KEPT_MANIFESTS`] versions.
+    pub(crate) fn prune_manifests(&self) {
+        let mut kept = self.kept_manifests();
+        kept.sort_by_key(|k| std::cmp::Reverse(k.0));
+        for (i, (_, path)) in kept.iter().enumerate() {
+            let whole = i < MAX_KEPT_MANIFESTS
+                && std::fs::read(path).ok().is_some_and(|bytes| {
+                    Manifest::from_canonical(&bytes, crate::download::MAX_MANIFEST_ENTRIES)
+                        .is_ok_and(|m| self.lacking(&m).is_empty())
+                });
+            if !whole {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        // Temp files of a write cut short.
+        if let Ok(rd) = std::fs::read_dir(self.manifests_dir()) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().contains(".tmp-") {
                     let _ = std::fs::remove_file(e.path());
                 }
             }

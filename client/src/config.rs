@@ -30,6 +30,9 @@ pub enum OnFailure {
     UnblockStale,
 }
 
+/// Most last-good trees kept (each is a full tree of hard links, or copies without them).
+pub(crate) const MAX_KEEP_TREES: usize = 10;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
@@ -44,6 +47,10 @@ pub struct AgentConfig {
     pub status_listen: Option<SocketAddr>,
     pub extra_files: ExtraFiles,
     pub on_failure: OnFailure,
+    /// Last-good trees: how many previous trees stay beside the live one after a switch, so
+    /// a program still reading an older one is not cut off (0: only the live tree). They are
+    /// also what `synchub-agent restore` goes back to first.
+    pub keep_trees: usize,
     /// Path of the WebSocket route on the hub.
     pub ws_path: String,
     /// Never open the WebSocket: rely on the HTTP head check alone (tests, hostile proxies).
@@ -95,6 +102,7 @@ impl Default for AgentConfig {
             status_listen: Some(SocketAddr::from(([127, 0, 0, 1], 7071))),
             extra_files: ExtraFiles::default(),
             on_failure: OnFailure::default(),
+            keep_trees: 1,
             ws_path: "/api/v1/ws".to_owned(),
             disable_websocket: false,
             fallback_interval_ms: 1000,
@@ -148,6 +156,12 @@ impl AgentConfig {
             && !addr.ip().is_loopback()
         {
             return bad(format!("status_listen {addr} is not a loopback address"));
+        }
+        if self.keep_trees > MAX_KEEP_TREES {
+            return bad(format!(
+                "keep_trees {} is over {MAX_KEEP_TREES}",
+                self.keep_trees
+            ));
         }
         if self.parallel_downloads == 0 {
             return bad("parallel_downloads must be at least 1".into());

@@ -51,6 +51,7 @@ mod local_api;
 mod outbox;
 mod publish;
 mod report;
+mod restore;
 mod selection;
 #[cfg(windows)]
 pub mod service;
@@ -67,6 +68,7 @@ pub use hub_api::{DEFAULT_READ_TIMEOUT, HeadCheck, HubApi, install_crypto_provid
 pub use outbox::Outbox;
 pub use publish::{PublishOptions, PublishOutcome, UploadProgress, publish, publish_with};
 pub use report::upload_report;
+pub use restore::{RestoreSource, Restored, restore, resume};
 pub use state::target_of;
 pub use twoway::TwoWayConfig;
 
@@ -144,6 +146,10 @@ pub struct SpaceStatus {
     /// Two-way mode: a local mass change held until an admin approves it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held_change: Option<synchub_protocol::HeldChange>,
+    /// A version restored with `synchub-agent restore`: held, following no head, until
+    /// `synchub-agent resume`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored: Option<Restored>,
 }
 
 impl SyncClient {

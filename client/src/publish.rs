@@ -3,7 +3,9 @@
 //! head, with the deletions asked for (`--delete PATH`) or implied (`--mirror`: what the space
 //! has under the prefix but the local folders lack). When a newer head touched the same paths the hub answers 409: the local file is kept
 //! as a conflict copy (`name.conflict-<timestamp>.ext` beside it) and the error says which
-//! paths lost, so nothing the user made is lost.
+//! paths lost, so nothing the user made is lost. When the hub's garbage collector removed an
+//! uploaded blob before the commit named it, the hub answers `missing_blobs`: the blobs it
+//! lacks are uploaded again and the commit retried (a few times, see [`commit_reuploading`]).
 
 use crate::apply::walk_files;
 use crate::blob_check::hash_file;
@@ -12,7 +14,9 @@ use crate::error::{ClientError, IoContext, Result};
 use crate::hub_api::{HeadCheck, HubApi};
 use futures::{StreamExt, TryStreamExt};
 use std::path::{Path, PathBuf};
-use synchub_protocol::{BlobList, CommitRequest, Head, ManifestEntry, Sha256Hex, validate_path};
+use synchub_protocol::{
+    BlobList, CommitRequest, CommitResponse, Head, ManifestEntry, Sha256Hex, codes, validate_path,
+};
 use tokio_util::io::ReaderStream;
 
 /// A local file and the path it gets in the space.
@@ -230,7 +234,7 @@ pub async fn publish_with(
     } else {
         changed.iter().collect()
     };
-    let (uploaded, bytes_uploaded) =
+    let (mut uploaded, mut bytes_uploaded) =
         upload_missing(api, &sent, options.reupload, options.progress.as_ref()).await?;
     if changed.is_empty() && deletes.is_empty() {
         // A repair only: the bytes went up, the version stays.
@@ -258,7 +262,11 @@ pub async fn publish_with(
         deletes: deletes.clone(),
         message,
     };
-    match api.commit(space, &request).await {
+    let (committed, again, again_bytes) =
+        commit_reuploading(api, space, &request, &sent, options.progress.as_ref()).await;
+    uploaded += again;
+    bytes_uploaded += again_bytes;
+    match committed {
         Ok(resp) => Ok(PublishOutcome {
             head: resp.head,
             files: changed.len() as u64,
@@ -297,6 +305,44 @@ pub async fn publish_with(
         }
         Err(e) => Err(e),
     }
+}
+
+/// Retries of a commit refused with `missing_blobs`.
+const MISSING_BLOB_RETRIES: u32 = 3;
+
+/// Commits `request`; when the hub answers `missing_blobs` (its garbage collector removed a
+/// blob of `sent` between the upload and the commit), uploads what it lacks again and retries,
+/// up to [`MISSING_BLOB_RETRIES`] times with a growing pause (a blob the collector is still
+/// deleting shows as missing once it is gone). Returns the commit's answer and the blobs and
+/// bytes uploaded again.
+pub(crate) async fn commit_reuploading(
+    api: &HubApi,
+    space: &str,
+    request: &CommitRequest,
+    sent: &[&PublishFile],
+    progress: Option<&UploadProgress>,
+) -> (Result<CommitResponse>, u64, u64) {
+    let (mut uploaded, mut bytes) = (0, 0);
+    let mut result = api.commit(space, request).await;
+    for attempt in 1..=MISSING_BLOB_RETRIES {
+        match &result {
+            Err(ClientError::Api { error, .. }) if error.code == codes::MISSING_BLOBS => {
+                tracing::warn!(space, attempt, reason = %error.message,
+                    "the hub lacks blobs of this commit; uploading them again");
+            }
+            _ => break,
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500 << (attempt - 1))).await;
+        match upload_missing(api, sent, false, progress).await {
+            Ok((n, b)) => {
+                uploaded += n;
+                bytes += b;
+            }
+            Err(e) => return (Err(e), uploaded, bytes),
+        }
+        result = api.commit(space, request).await;
+    }
+    (result, uploaded, bytes)
 }
 
 /// Uploads the blobs of `sent` the hub lacks (all of them with `force`), a few at a time (the

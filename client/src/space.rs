@@ -4,7 +4,9 @@
 //!
 //! The worker compares the announced head with the held version; when they differ it blocks
 //! local use, downloads, verifies, prepares the new tree, waits for readers to let go and
-//! switches `current`. Failures leave the old tree in place and retry with backoff.
+//! switches `current`. Failures leave the old tree in place and retry with backoff. While a
+//! version restored with `synchub-agent restore` is held (see `restore.rs`) it follows no
+//! head until `synchub-agent resume`.
 
 use crate::SpaceStatus;
 use crate::agent::Agent;
@@ -121,6 +123,7 @@ impl Space {
             last_error: self.last_error(),
             applied_at: self.applied_at(),
             held_change: crate::twoway::held_change(&self.layout),
+            restored: crate::restore::restored(&self.layout),
         }
     }
 
@@ -230,6 +233,8 @@ struct Worker {
     retry_at: Option<Instant>,
     /// At start: when to stop waiting for a first head.
     boot_deadline: Instant,
+    /// The folder's lock, held while the worker runs (`restore` takes it too).
+    _lock: Option<std::fs::File>,
 }
 
 /// What a successful attempt put in place.
@@ -243,9 +248,27 @@ impl Worker {
     /// agent stops first.
     async fn start(space: Arc<Space>, agent: Arc<Agent>) -> Option<Worker> {
         let boot_deadline = Instant::now() + Duration::from_millis(agent.config.boot_wait_ms);
+        let lock = loop {
+            match crate::restore::lock_folder(&space.layout) {
+                Ok(Some(lock)) => break Some(lock),
+                Ok(None) => {
+                    tracing::info!(space = %space.name, "a restore is running on this folder; waiting for it");
+                }
+                Err(e) => {
+                    // A file system without locks: run unguarded rather than not at all.
+                    tracing::warn!(space = %space.name, error = %e, "cannot lock the folder; running without the lock");
+                    break None;
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = agent.stopped() => return None,
+            }
+        };
         let recovered = {
             let layout = space.layout.clone();
-            tokio::task::spawn_blocking(move || apply::recover(&layout)).await
+            let previous = agent.config.keep_trees;
+            tokio::task::spawn_blocking(move || apply::recover(&layout, previous)).await
         };
         let held = match recovered {
             Ok(Ok(h)) => h,
@@ -301,6 +324,7 @@ impl Worker {
             backoff,
             retry_at: None,
             boot_deadline,
+            _lock: lock,
         })
     }
 
@@ -326,6 +350,10 @@ impl Worker {
                 return;
             }
             let head = head_rx.borrow_and_update().clone();
+            if crate::restore::restored(&space.layout).is_some() {
+                self.hold_restored(&mut head_rx).await;
+                continue;
+            }
             if let Some(head) = head.filter(|h| self.needs_sync(h)) {
                 if let Some(at) = self.retry_at.take() {
                     tokio::select! {
@@ -365,6 +393,24 @@ impl Worker {
                 _ = boot_timeout => self.no_head_at_boot(),
                 _ = agent.stopped() => return,
             }
+        }
+    }
+
+    /// A restored version is held on purpose: programs may use it and no head is followed
+    /// until `synchub-agent resume` removes the mark (looked for every second, or at once on
+    /// `POST /sync`).
+    async fn hold_restored(&mut self, head_rx: &mut watch::Receiver<Option<Head>>) {
+        if !matches!(*self.space.state.borrow(), AgentState::Ready { .. }) {
+            tracing::info!(space = %self.space.name, "holding a restored version until `synchub-agent resume`");
+            self.space.set_error(None);
+            self.space.set(Event::UpToDate);
+        }
+        self.retry_at = None;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = self.space.sync_now.notified() => {}
+            _ = head_rx.changed() => {}
+            _ = self.agent.stopped() => {}
         }
     }
 
@@ -576,15 +622,23 @@ async fn sync_once(
         apply::switch(&space.layout, &prepared)?;
     }
     let layout = space.layout.clone();
-    let keep_tree = prepared.held.tree.clone();
-    let keep_blobs = download::unique_blobs(&prepared.held.manifest)
-        .into_iter()
-        .map(|b| b.sha256)
-        .collect();
+    let live = prepared.held.clone();
+    let previous = agent.config.keep_trees;
     let cache = cache.clone();
     tokio::task::spawn_blocking(move || {
-        apply::cleanup(&layout, Some(&keep_tree));
+        apply::cleanup(&layout, Some(&live.tree), previous);
+        // The cache keeps what the live and the last-good trees hold, and the manifests of
+        // versions it can still rebuild (what `restore` uses).
+        let kept = apply::last_good(&layout, Some(&live.tree));
+        let keep_blobs = std::iter::once(&live)
+            .chain(&kept)
+            .flat_map(|h| h.manifest.entries().iter().map(|e| e.sha256.clone()))
+            .collect();
         cache.prune(&keep_blobs);
+        if let Err(e) = cache.keep_manifest(live.version, &live.manifest) {
+            tracing::warn!(error = %e, "could not keep the manifest in the cache");
+        }
+        cache.prune_manifests();
     })
     .await
     .ok();

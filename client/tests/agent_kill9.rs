@@ -128,7 +128,15 @@ async fn kill_during_apply_leaves_exactly_one_tree() -> anyhow::Result<()> {
         .collect();
     child.kill()?;
     child.wait()?;
-    ensure!(trees.len() == 1, "trees left: {trees:?}");
+    // The live tree and one last-good tree (the default `keep_trees`), both complete.
+    ensure!(trees.len() == 2, "trees left: {trees:?}");
+    for t in &trees {
+        let manifest = format!("{}.manifest", t.to_string_lossy());
+        ensure!(
+            dir.path().join(".synchub/trees").join(manifest).is_file(),
+            "unfinished tree left: {t:?}"
+        );
+    }
     hub.stop().await;
     Ok(())
 }

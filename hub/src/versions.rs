@@ -341,6 +341,45 @@ pub async fn commit(
     Ok(written)
 }
 
+/// For versions the hub writes itself (sources, `synchub import`): takes the blobs `next`
+/// names beyond `base`, and its manifest, off the collector's doomed list and checks they are
+/// stored, as [`commit`] does for an agent's commit (see `gc.rs`). The version must then be
+/// recorded within the commit window of the instant returned ([`crate::gc::check_window`]).
+pub(crate) async fn spare_new_blobs(
+    domain: &Domain,
+    base: &Manifest,
+    next: &Manifest,
+) -> Result<std::time::Instant, HubError> {
+    let mut hashes: Vec<_> = next
+        .entries()
+        .iter()
+        .filter(|e| base.get(&e.path).is_none_or(|b| b.sha256 != e.sha256))
+        .map(|e| e.sha256.clone())
+        .collect();
+    hashes.push(next.data_hash());
+    hashes.sort();
+    hashes.dedup();
+    let spared_at = crate::gc::spare(domain, &hashes).await?;
+    let sizes = domain.blob_sizes(&hashes).await?;
+    let gone: Vec<_> = hashes
+        .iter()
+        .zip(sizes)
+        .filter(|(_, size)| size.is_none())
+        .map(|(h, _)| h)
+        .collect();
+    if let Some(first) = gone.first() {
+        return Err(HubError::bad_request(
+            codes::MISSING_BLOBS,
+            format!(
+                "{} blob(s) of the new version are not in the blob store (first {first}); they \
+                 are copied again on the next try",
+                gone.len()
+            ),
+        ));
+    }
+    Ok(spared_at)
+}
+
 fn check_reason(reason: Option<&str>) -> Result<(), HubError> {
     match reason {
         Some(r) if r.len() > MAX_REASON_BYTES => Err(HubError::TooLarge(format!(

@@ -104,12 +104,12 @@ async fn publish_reaches_every_agent_byte_identical() -> anyhow::Result<()> {
             std::fs::read(d.path().join("current/qr/04313-11100-F/qr_0000.png"))?,
             b"new bytes"
         );
-        // One tree left, the old one cleaned away.
+        // The live tree and one last-good tree (the default `keep_trees`); older ones went.
         let trees: Vec<_> = std::fs::read_dir(d.path().join(".synchub/trees"))?
             .flatten()
             .filter(|e| e.path().is_dir())
             .collect();
-        assert_eq!(trees.len(), 1);
+        assert_eq!(trees.len(), 2);
     }
     // Every agent reported its downloads.
     for a in &agents {

@@ -3,7 +3,8 @@
 //! than the grace period) and keeps `sync_log` to its age and row bounds, a dry run deletes
 //! nothing and counts the same, a commit that names an
 //! unreferenced blob while the sweep waits keeps it, and a commit naming a blob the sweep is
-//! deleting is refused as missing it.
+//! deleting is refused as missing it; `synchub import` and a bucket source follow the same
+//! rule.
 
 use reqwest::StatusCode;
 use std::collections::BTreeSet;
@@ -258,6 +259,132 @@ async fn a_commit_naming_a_blob_being_deleted_is_refused(stack: Stack) -> anyhow
     Ok(())
 }
 
+/// `synchub import` of a bucket folder holding `keys` (under `in/`) into `imported/`.
+async fn import(
+    hub: &TestHub,
+    bucket: &str,
+    keys: &[(&str, &[u8])],
+) -> Result<synchub_protocol::Head, synchub_hub::sources::SourceError> {
+    let server = tokio::task::spawn_blocking(synchub_tests::s3::moto_server)
+        .await
+        .expect("moto start")
+        .expect("moto server (pip install 'moto[server]')");
+    for (key, body) in keys {
+        synchub_tests::s3::put_object(bucket, &format!("in/{key}"), body)
+            .await
+            .expect("put object");
+    }
+    let source = synchub_hub::config::BucketSource {
+        space: DEFAULT_SPACE.to_owned(),
+        url: format!("s3://{bucket}/in"),
+        into: "imported/".to_owned(),
+        endpoint: Some(server.endpoint()),
+        region: "us-east-1".to_owned(),
+        access_key_id: "testing".to_owned(),
+        secret_access_key: "testing".to_owned(),
+        path_style: true,
+        allow_http: true,
+        interval_secs: 60,
+    };
+    synchub_hub::sources::import(hub.state(), &source).await
+}
+
+async fn an_import_spares_the_blobs_it_names(stack: Stack) -> anyhow::Result<()> {
+    let hub = start(stack).await?;
+    let pc = hub.token("pc", Role::Agent, None).await?;
+    let store = &hub.state().store;
+    let bucket = synchub_tests::s3::test_bucket().await?.bucket;
+    // An old upload no version names, put on the doomed list by a collection under way; then
+    // a bucket file with the same bytes is imported.
+    let hash = put_blob(&hub, &pc, b"same bytes").await?;
+    store.doom_blobs(std::slice::from_ref(&hash), 0).await?;
+    let head = import(&hub, &bucket, &[("a.txt", b"same bytes")]).await?;
+    assert!(head.version >= 1);
+    assert!(
+        !store.doomed_blobs().await?.iter().any(|d| d.hash == hash),
+        "the blob the import named is still doomed"
+    );
+    assert!(
+        !store.start_deleting(&hash, i64::MAX).await?,
+        "the sweep could still delete it"
+    );
+    assert_eq!(blob_bytes(&hub, &pc, b"same bytes").await?, b"same bytes");
+
+    // A blob the sweep is deleting already: the import is refused and makes no version.
+    let gone = put_blob(&hub, &pc, b"being deleted").await?;
+    store.doom_blobs(std::slice::from_ref(&gone), 0).await?;
+    assert!(store.start_deleting(&gone, 0).await?);
+    let err = import(&hub, &bucket, &[("b.txt", b"being deleted")])
+        .await
+        .expect_err("an import naming a blob being deleted");
+    assert!(err.to_string().contains("garbage collector"), "{err}");
+    assert_eq!(
+        version_numbers(&hub).await?.first().copied(),
+        Some(head.version),
+        "no version was made"
+    );
+    hub.stop().await;
+    Ok(())
+}
+
+/// A `[[bucket_source]]` (sources run on PostgreSQL only) spares the blobs its versions name,
+/// like a commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_source_spares_the_blobs_it_names() -> anyhow::Result<()> {
+    let database_url = synchub_tests::postgres::test_database().await?;
+    let bucket = synchub_tests::s3::test_bucket().await?.bucket;
+    let server = tokio::task::spawn_blocking(synchub_tests::s3::moto_server).await??;
+    let source = synchub_hub::config::BucketSource {
+        space: DEFAULT_SPACE.to_owned(),
+        url: format!("s3://{bucket}/in"),
+        into: "imported/".to_owned(),
+        endpoint: Some(server.endpoint()),
+        region: "us-east-1".to_owned(),
+        access_key_id: "testing".to_owned(),
+        secret_access_key: "testing".to_owned(),
+        path_style: true,
+        allow_http: true,
+        interval_secs: 1,
+    };
+    let hub = TestHub::start_with(|c| {
+        c.database_url = Some(database_url);
+        c.bucket_source = vec![source];
+        c.gc.every_secs = 0;
+    })
+    .await?;
+    let pc = hub.token("pc", Role::Agent, None).await?;
+    let store = &hub.state().store;
+    let hash = put_blob(&hub, &pc, b"same bytes").await?;
+    store.doom_blobs(std::slice::from_ref(&hash), 0).await?;
+    synchub_tests::s3::put_object(&bucket, "in/a.txt", b"same bytes").await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(head) = store.head(DEFAULT_SPACE).await?
+            && head.version > 0
+            && hub
+                .state()
+                .manifest(&head.data_hash)
+                .await?
+                .get("imported/a.txt")
+                .is_some()
+        {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the bucket source never recorded imported/a.txt"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !store.doomed_blobs().await?.iter().any(|d| d.hash == hash),
+        "the blob the source named is still doomed"
+    );
+    assert!(!store.start_deleting(&hash, i64::MAX).await?);
+    hub.stop().await;
+    Ok(())
+}
+
 /// A report of the default space written `days_ago` days ago.
 fn report(id: &str, days_ago: i64) -> SyncReport {
     SyncReport {
@@ -337,4 +464,5 @@ backend_matrix!(
     gc_frees_exactly_the_blobs_of_expired_versions,
     a_commit_in_flight_stays_intact,
     a_commit_naming_a_blob_being_deleted_is_refused,
+    an_import_spares_the_blobs_it_names,
 );

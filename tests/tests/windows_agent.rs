@@ -335,11 +335,12 @@ async fn windows_agent_under_wine() -> anyhow::Result<()> {
     );
     agent = wine.spawn_agent(&exe, &hub, &token, &dir)?;
     wait_applied(&agent, &dir, version, &want, Duration::from_secs(120)).await?;
-    // The old trees go (the reader is gone): one tree, its manifest.
+    // The older trees go (the reader is gone): the live tree and one last-good tree (the
+    // default `keep_trees`), each with its manifest.
     let started = Instant::now();
     loop {
         let trees = std::fs::read_dir(dir.join(".synchub/trees"))?.count();
-        if trees == 2 {
+        if trees == 4 {
             break;
         }
         ensure!(

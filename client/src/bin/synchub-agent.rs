@@ -1,6 +1,6 @@
 //! `synchub-agent`: runs the sync agent (`run`), publishes files (`publish`), asks a running
-//! agent for its state (`status`), checks a data folder against its manifest (`verify`) and,
-//! on Windows, manages the agent's service (`service install|uninstall|start|stop|run`).
+//! agent for its state (`status`), checks a data folder against its manifest (`verify`), goes
+//! back to an older version (`restore`) and on again (`resume`) and, on Windows, manages the agent's service (`service install|uninstall|start|stop|run`).
 //! Configuration layers: defaults < `--config agent.toml` < `SYNCHUB_*` env < flags.
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
@@ -46,6 +46,20 @@ enum Command {
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Make an older version live on this PC (from a kept tree, the local cache or the hub)
+    /// and hold it until `resume`. The agent must be stopped meanwhile.
+    Restore {
+        #[command(flatten)]
+        folder: FolderArgs,
+        /// The version to go back to.
+        #[arg(long)]
+        version: u64,
+    },
+    /// Let the agent follow the hub again after a `restore` (it syncs to the hub's head).
+    Resume {
+        #[command(flatten)]
+        folder: FolderArgs,
     },
     /// Check a data folder against the manifest of the version it holds.
     Verify {
@@ -95,6 +109,60 @@ impl HubArgs {
     }
 }
 
+/// Which agent folder `restore` and `resume` work on: the agent's configuration (on Windows,
+/// the service's when present), or flags.
+#[derive(Args)]
+struct FolderArgs {
+    #[command(flatten)]
+    hub: HubArgs,
+    #[arg(long, env = "SYNCHUB_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, env = "SYNCHUB_DIR")]
+    dir: Option<PathBuf>,
+    /// The space [default: the only configured one].
+    #[arg(long)]
+    space: Option<String>,
+}
+
+impl FolderArgs {
+    /// The agent's configuration with the flags over it, and the space named.
+    fn config(&self) -> anyhow::Result<(AgentConfig, String)> {
+        #[cfg(windows)]
+        let default_config = Some(synchub_client::service::config_path()).filter(|p| p.is_file());
+        #[cfg(not(windows))]
+        let default_config: Option<PathBuf> = None;
+        let mut cfg = match self.config.clone().or(default_config) {
+            Some(path) => AgentConfig::from_toml_file(&path)?,
+            None => AgentConfig::default(),
+        };
+        if let Some(t) = self.hub.token()? {
+            cfg.token = t;
+        }
+        if self.hub.ca_cert.is_some() {
+            cfg.ca_cert = self.hub.ca_cert.clone();
+        }
+        if !self.hub.hubs.is_empty() {
+            cfg.hubs = self.hub.hubs.clone();
+        }
+        if let Some(d) = &self.dir {
+            cfg.dir = d.clone();
+        }
+        let configured = cfg.spaces.clone();
+        let space = match (&self.space, configured.as_slice()) {
+            (Some(s), spaces) if spaces.contains(s) => s.clone(),
+            (Some(s), _) if self.config.is_none() => {
+                synchub_protocol::validate_space(s)?;
+                cfg.spaces = vec![s.clone()];
+                s.clone()
+            }
+            (Some(s), spaces) => bail!("space {s:?} is not configured (configured: {spaces:?})"),
+            (None, [one]) => one.clone(),
+            (None, spaces) => bail!("name the space with --space (configured: {spaces:?})"),
+        };
+        Ok((cfg, space))
+    }
+}
+
 #[derive(Args)]
 struct RunArgs {
     #[command(flatten)]
@@ -114,6 +182,9 @@ struct RunArgs {
     /// stay_blocked | unblock_stale
     #[arg(long, env = "SYNCHUB_ON_FAILURE")]
     on_failure: Option<String>,
+    /// Previous trees kept beside the live one after a switch (last-good trees).
+    #[arg(long, env = "SYNCHUB_KEEP_TREES")]
+    keep_trees: Option<usize>,
     /// Use only the HTTP head check (no WebSocket).
     #[arg(long, env = "SYNCHUB_DISABLE_WEBSOCKET")]
     disable_websocket: bool,
@@ -208,6 +279,9 @@ fn build_config(args: RunArgs) -> anyhow::Result<AgentConfig> {
     }
     if let Some(v) = args.on_failure {
         cfg.on_failure = parse_enum::<OnFailure>("on_failure", &v)?;
+    }
+    if let Some(k) = args.keep_trees {
+        cfg.keep_trees = k;
     }
     if args.disable_websocket {
         cfg.disable_websocket = true;
@@ -336,6 +410,8 @@ async fn main() -> std::process::ExitCode {
             status_listen,
             json,
         } => status(status_listen, json).await,
+        Command::Restore { folder, version } => restore(folder, version).await,
+        Command::Resume { folder } => resume(folder),
         Command::Verify { dir, json } => verify(dir, json),
     };
     match result {
@@ -642,6 +718,14 @@ fn summary(body: &serde_json::Value, now: chrono::DateTime<chrono::Utc>) -> Stri
             "Programs must wait."
         };
         let _ = writeln!(out, "  {what} {rule}");
+        if let Some(r) = s.get("restored").filter(|r| !r.is_null()) {
+            let _ = writeln!(
+                out,
+                "  RESTORED: version {} was restored here ({}) and is held on purpose; newer                  versions wait until `synchub-agent resume`",
+                r["version"],
+                ago(&r["at"]).unwrap_or_else(|| text(&r["at"]))
+            );
+        }
         if let Some(h) = s.get("held_change").filter(|h| !h.is_null()) {
             let _ = writeln!(
                 out,
@@ -657,6 +741,35 @@ fn summary(body: &serde_json::Value, now: chrono::DateTime<chrono::Utc>) -> Stri
         }
     }
     out
+}
+
+async fn restore(folder: FolderArgs, version: u64) -> anyhow::Result<()> {
+    synchub_client::install_crypto_provider();
+    let (cfg, space) = folder.config()?;
+    let mark = synchub_client::restore(&cfg, &space, version).await?;
+    let from = match mark.from {
+        synchub_client::RestoreSource::KeptTree => "a tree kept on this PC",
+        synchub_client::RestoreSource::Cache => "the local cache",
+        synchub_client::RestoreSource::Hub => "the hub",
+        synchub_client::RestoreSource::Unknown => "?",
+    };
+    println!(
+        "restored version {} of {space} from {from}; the agent holds it and takes no newer          version until `synchub-agent resume`",
+        mark.version
+    );
+    Ok(())
+}
+
+fn resume(folder: FolderArgs) -> anyhow::Result<()> {
+    let (cfg, space) = folder.config()?;
+    match synchub_client::resume(&cfg, &space)? {
+        Some(mark) => println!(
+            "resumed {space}: the agent follows the hub again (it held restored version {})",
+            mark.version
+        ),
+        None => println!("{space} was not restored: nothing to resume"),
+    }
+    Ok(())
 }
 
 fn verify(dir: PathBuf, json: bool) -> anyhow::Result<()> {

@@ -14,7 +14,7 @@ use crate::agent::Agent;
 use crate::blob_check::hash_file;
 use crate::cache::Cache;
 use crate::error::{IoContext, Result};
-use crate::publish::{PublishFile, PublishOutcome, upload_missing};
+use crate::publish::{PublishFile, PublishOutcome, commit_reuploading, upload_missing};
 use std::path::Path;
 use synchub_protocol::{CommitRequest, ManifestEntry};
 
@@ -89,7 +89,7 @@ pub(crate) async fn publish(
         return Ok(round);
     }
     let sent: Vec<&PublishFile> = puts.iter().map(|(f, _)| f).collect();
-    let (uploaded, bytes_uploaded) = upload_missing(&ctx.api, &sent, false, None).await?;
+    let (mut uploaded, mut bytes_uploaded) = upload_missing(&ctx.api, &sent, false, None).await?;
     let request = CommitRequest {
         base_version: base.version,
         puts: puts
@@ -108,7 +108,11 @@ pub(crate) async fn publish(
             folder.host
         )),
     };
-    let resp = ctx.api.commit(space, &request).await?;
+    let (resp, again, again_bytes) =
+        commit_reuploading(&ctx.api, space, &request, &sent, None).await;
+    let resp = resp?;
+    uploaded += again;
+    bytes_uploaded += again_bytes;
     for (f, stat) in &puts {
         base.files.insert(
             f.remote.clone(),

@@ -101,6 +101,12 @@ impl Mirror {
         &self.into
     }
 
+    /// Forgets what earlier listings copied, so the next one copies every object again (after
+    /// the collector removed a blob this mirror took for stored).
+    pub fn forget(&mut self) {
+        self.known.clear();
+    }
+
     /// Lists the bucket folder and copies new or changed objects into the blob store; returns
     /// the space's entries for the folder, by path. Keys that are not valid paths are skipped
     /// with a warning.

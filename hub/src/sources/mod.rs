@@ -268,6 +268,22 @@ async fn refresh(state: &AppState, pool: &PgPool, feed: &mut Feed) -> Result<(),
             bytes: next.total_size(),
         };
         blobs::put_bytes(state.blobs.as_ref(), next.canonical_bytes().into()).await?;
+        // Like a commit: the blobs it names come off the collector's doomed list first.
+        let spared_at = match crate::versions::spare_new_blobs(state, &base, &next).await {
+            Ok(at) => at,
+            Err(e) => {
+                // A blob the mirror remembers may be gone: copy every object again next time.
+                if let Some((mirror, _)) = &mut feed.mirror {
+                    mirror.forget();
+                }
+                return Err(SourceError::Invalid(e.to_string()));
+            }
+        };
+        let in_window = || {
+            crate::gc::check_window(state, spared_at)
+                .map_err(|e| SourceError::Invalid(e.to_string()))
+        };
+        in_window()?;
         match state
             .store
             .record_outside_bump(&feed.space, &content, read_at)
@@ -285,6 +301,7 @@ async fn refresh(state: &AppState, pool: &PgPool, feed: &mut Feed) -> Result<(),
         if content.data_hash == head.data_hash {
             return Ok(());
         }
+        in_window()?;
         match state
             .store
             .create_version(&feed.space, head.version, content)
@@ -464,6 +481,9 @@ pub async fn import(state: &Domain, source: &BucketSource) -> Result<Head, Sourc
             return Ok(Step::Unchanged(head));
         }
         blobs::put_bytes(state.blobs.as_ref(), next.canonical_bytes().into()).await?;
+        // Like a commit: the blobs it names come off the collector's doomed list first.
+        let spared_at = crate::versions::spare_new_blobs(state, &base, &next).await?;
+        crate::gc::check_window(state, spared_at)?;
         let new = NewVersion {
             data_hash: next.data_hash(),
             forced: false,
