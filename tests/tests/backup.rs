@@ -3,8 +3,9 @@
 //! a hub wiped and restored keeps its heads, so a running `synchub-agent` that held the head
 //! reconnects and stays ready without downloading anything; a second backup copies only the
 //! new blobs; a backup that fails half-way is not listed and a restore takes the previous one;
-//! a restore into a hub holding data is refused and changes nothing; the hub's schedule makes
-//! backups and prunes them (and blobs only pruned backups named) to `keep`.
+//! a restore into a hub holding data (or into a blob store holding another hub's blobs) is
+//! refused and changes nothing; the hub's schedule makes backups and prunes them (and blobs
+//! only pruned backups named) to `keep`.
 
 use anyhow::{Context, bail, ensure};
 use std::collections::BTreeSet;
@@ -466,6 +467,32 @@ async fn a_restore_into_a_hub_with_data_is_refused_and_changes_nothing(
     let blobs_after: BTreeSet<Sha256Hex> = state.blobs.list().await?.into_iter().collect();
     assert_eq!(blobs_after, blobs_before);
     assert_eq!(fixtures::head(&setup.hub, &pc).await?.version, 3);
+
+    // An empty database beside a blob store holding a blob the backup does not name.
+    let mut other = setup.hub.config.clone();
+    empty_storage(stack, &mut other, setup.folders.path()).await?;
+    let stray = Sha256Hex::of(b"a blob of another hub");
+    match &other.blob_store {
+        BlobStoreConfig::Fs { .. } => {
+            let path = fs_blob_path(&other.data_dir, stray.as_str());
+            std::fs::create_dir_all(path.parent().context("folder")?)?;
+            std::fs::write(path, b"a blob of another hub")?;
+        }
+        BlobStoreConfig::S3(s3) => {
+            let key = format!("{}/{stray}", s3.prefix.trim_matches('/'));
+            synchub_tests::s3::put_object(&s3.bucket, &key, b"a blob of another hub").await?;
+        }
+    }
+    let refused = synchub(&other, &["restore", "--from", &setup.place])?;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    ensure!(
+        !refused.status.success(),
+        "a restore over a used blob store succeeded"
+    );
+    assert!(
+        stderr.contains("blob store") && stderr.contains(stray.as_str()),
+        "the refusal names the blob: {stderr}"
+    );
     setup.hub.stop().await;
     Ok(())
 }
