@@ -587,6 +587,43 @@ async fn the_schedule_makes_backups_and_prunes_to_keep(stack: Stack) -> anyhow::
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_scheduled_backup_is_alerted_and_counted() -> anyhow::Result<()> {
+    use synchub_hub::alerts::{AlertsConfig, WebhookConfig, WebhookFormat};
+    let hooks = synchub_tests::sinks::WebhookReceiver::start().await?;
+    let folders = tempfile::tempdir()?;
+    // A file where the backup folder should be: every run fails.
+    let place = folders.path().join("not-a-folder");
+    std::fs::write(&place, b"in the way")?;
+    let hub = TestHub::start_with(|c| {
+        c.backup.to = Some(place.display().to_string());
+        c.backup.every = Some(Duration::from_secs(1));
+        c.alerts = AlertsConfig {
+            webhook: vec![WebhookConfig {
+                url: hooks.url("json"),
+                format: WebhookFormat::Json,
+            }],
+            check_interval_ms: 100,
+            ..AlertsConfig::default()
+        };
+    })
+    .await?;
+    let (_, (_, body)) = hooks
+        .inbox
+        .wait_for(Duration::from_secs(20), |(_, b)| {
+            b["kind"] == "backup_failed"
+        })
+        .await?;
+    let text = body["text"].as_str().context("text")?;
+    assert!(text.contains("not-a-folder"), "{body}");
+    assert!(
+        fixtures::metric(&hub, "synchub_backup_failures_total").await? >= 1.0,
+        "the failure is counted"
+    );
+    hub.stop().await;
+    Ok(())
+}
+
 backend_matrix!(
     [sqlite_fs => Stack::SqliteFs, postgres_s3 => Stack::PostgresS3]
     a_restored_hub_keeps_its_heads_and_agents_download_nothing,

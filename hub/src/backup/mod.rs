@@ -572,8 +572,8 @@ pub async fn prune(target: &Target, keep: u32) -> Result<PruneReport, BackupErro
 }
 
 /// Runs a backup every `[backup] every` until `shutdown`, pruning to `keep` after each; a
-/// failed or panicked run is logged, counted in `synchub_backup_failures_total` and leaves
-/// the earlier backups as they were; the next one comes on time. `None` when there is no
+/// failed or panicked run is logged, counted in `synchub_backup_failures_total`, alerted
+/// (`[alerts]`) and leaves the earlier backups as they were; the next one comes on time. `None` when there is no
 /// schedule.
 pub fn spawn(state: AppState, shutdown: CancellationToken) -> Option<JoinHandle<()>> {
     let every = state.config.backup.every?;
@@ -609,14 +609,22 @@ pub fn spawn(state: AppState, shutdown: CancellationToken) -> Option<JoinHandle<
                 }
                 Ok(Err(e)) => {
                     metrics::counter!("synchub_backup_failures_total").increment(1);
+                    let why = synchub_protocol::error_chain(&e);
+                    // Nobody listening (alerts off) is fine.
+                    let _ = state
+                        .backup_failures
+                        .send(format!("backup to {to} failed: {why}"));
                     tracing::error!(
                         place = to,
-                        error = %synchub_protocol::error_chain(&e),
+                        error = why,
                         "backup failed; earlier backups are intact"
                     );
                 }
                 Err(e) => {
                     metrics::counter!("synchub_backup_failures_total").increment(1);
+                    let _ = state
+                        .backup_failures
+                        .send(format!("backup to {to} panicked: {e}"));
                     tracing::error!(place = to, error = %e, "backup panicked; earlier backups are intact");
                 }
             }
