@@ -573,8 +573,8 @@ pub async fn prune(target: &Target, keep: u32) -> Result<PruneReport, BackupErro
 
 /// Runs a backup every `[backup] every` until `shutdown`, pruning to `keep` after each; a
 /// failed or panicked run is logged, counted in `synchub_backup_failures_total`, alerted
-/// (`[alerts]`) and leaves the earlier backups as they were; the next one comes on time. `None` when there is no
-/// schedule.
+/// (`[alerts]`) and leaves the earlier backups as they were; the next one comes on time.
+/// `None` when there is no schedule.
 pub fn spawn(state: AppState, shutdown: CancellationToken) -> Option<JoinHandle<()>> {
     let every = state.config.backup.every?;
     let to = state.config.backup.to.clone()?;
