@@ -217,6 +217,8 @@ pub enum AlertKind {
     DailySummary,
     /// A mass change waits for an admin's approval (raised by [`held_change`]).
     HeldChange,
+    /// A scheduled backup failed (raised by [`backup_failed`]).
+    BackupFailed,
 }
 
 /// One message to every sink.
@@ -265,6 +267,21 @@ pub fn held_change(hub: &str, record: &HeldRecord, name: &str) -> Alert {
         subject: format!("{}@{space}", record.client_id),
         title: format!("A mass change to {space} by {name} waits for approval"),
         text,
+        at: Utc::now(),
+    }
+}
+
+/// The alert for a scheduled backup that failed for `why`.
+pub fn backup_failed(hub: &str, why: &str) -> Alert {
+    Alert {
+        kind: AlertKind::BackupFailed,
+        hub: hub.to_owned(),
+        subject: "backup".to_owned(),
+        title: "A scheduled backup failed".to_owned(),
+        text: format!(
+            "{why}. The earlier backups are intact and the next run comes on time; \
+             `synchub backup --list` shows the complete ones."
+        ),
         at: Utc::now(),
     }
 }
@@ -527,7 +544,10 @@ impl Watcher {
     pub fn admit(&mut self, mut alert: Alert, now: Instant) -> Option<Alert> {
         let trouble = matches!(
             alert.kind,
-            AlertKind::PcFailing | AlertKind::PcBehind | AlertKind::DatabaseLost
+            AlertKind::PcFailing
+                | AlertKind::PcBehind
+                | AlertKind::DatabaseLost
+                | AlertKind::BackupFailed
         );
         if trouble
             && let Some(last) = self.last_alerted.get(&alert.subject)
@@ -852,6 +872,7 @@ pub fn spawn(
                 .and_then(|t| parse_time(t).ok()),
             next_summary: None,
             held: state.held_news.subscribe(),
+            backups: state.backup_failures.subscribe(),
             tx,
             interval: Duration::from_millis(config.check_interval_ms),
             database_check: Duration::from_secs(config.database_after_secs.clamp(1, 10)),
@@ -908,6 +929,8 @@ struct WatchTask {
     next_summary: Option<DateTime<Utc>>,
     /// Held changes as this replica first hears of them.
     held: tokio::sync::broadcast::Receiver<HeldRecord>,
+    /// Why scheduled backups failed.
+    backups: tokio::sync::broadcast::Receiver<String>,
     tx: mpsc::Sender<Alert>,
     interval: Duration,
     database_check: Duration,
@@ -938,6 +961,19 @@ impl Task for WatchTask {
                             tracing::warn!(missed = n, "held changes came faster than alerts; some not alerted");
                         }
                         // The hub's state (the sender) is gone: it is shutting down.
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    }
+                    continue;
+                }
+                failed = self.backups.recv() => {
+                    match failed {
+                        Ok(why) => {
+                            let alert = backup_failed(&self.state.hub_id, &why);
+                            if let Some(a) = self.watcher.admit(alert, Instant::now()) {
+                                self.queue(a);
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                     }
                     continue;

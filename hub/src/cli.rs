@@ -1,5 +1,5 @@
 //! The `synchub` command line: `init`, `serve`, `token create|list|revoke`, `force-sync`,
-//! `rollback`, `import`, `fsck`, `held`, `approve|reject`. `init` creates a hub's data folder,
+//! `rollback`, `import`, `fsck`, `held`, `approve|reject`, `backup`, `restore`. `init` creates a hub's data folder,
 //! database and admin token; the others work on an existing hub's database directly, so they run beside a
 //! live hub, which notices their changes through its watcher (new heads are broadcast, revoked
 //! tokens' sockets closed). They never create a database: one run in the wrong folder would
@@ -118,6 +118,36 @@ pub enum Command {
     },
     /// Make an agent put back the files of the mass change it holds.
     Reject(HeldArgs),
+    /// Back the hub up (database records and the blobs its versions name) into a folder or
+    /// s3://bucket/prefix; blobs already there are not copied again. Runs beside a live hub.
+    Backup {
+        /// A folder or s3://bucket/prefix [default: `[backup] to` of the config].
+        #[arg(long)]
+        to: Option<String>,
+        /// List the complete backups there instead of making one.
+        #[arg(long)]
+        list: bool,
+        /// After the backup, keep only the newest N complete backups (older ones, and blobs
+        /// only they name, are deleted).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        keep: Option<u32>,
+        /// Print the report (or the list) as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild an empty hub (new data folder, or empty database and blob store) from a
+    /// backup; run it before `synchub serve`.
+    Restore {
+        /// A folder or s3://bucket/prefix [default: `[backup] to` of the config].
+        #[arg(long)]
+        from: Option<String>,
+        /// The backup to restore (as `synchub backup --list` shows it) [default: the newest].
+        #[arg(long)]
+        backup: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Which held change.
@@ -268,6 +298,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Approve(args) => decide(&common, args, HeldDecision::Approved).await,
         Command::Reject(args) => decide(&common, args, HeldDecision::Rejected).await,
         Command::Audit { limit, json } => audit(&common, limit, json).await,
+        Command::Backup {
+            to,
+            list,
+            keep,
+            json,
+        } => backup(&common, to, list, keep, json).await,
+        Command::Restore { from, backup, json } => restore(&common, from, backup, json).await,
     }
 }
 
@@ -589,6 +626,151 @@ async fn audit(common: &Common, limit: u32, json: bool) -> anyhow::Result<()> {
             e.target
         );
     }
+    Ok(())
+}
+
+/// The backup place `given` on the command line, else the configuration's `[backup] to`.
+fn backup_place(config: &Config, given: Option<String>, flag: &str) -> anyhow::Result<String> {
+    given.or_else(|| config.backup.to.clone()).ok_or_else(|| {
+        anyhow::anyhow!(
+            "say where backups are: {flag} DIR|s3://bucket/prefix, or `[backup] to` in the config"
+        )
+    })
+}
+
+/// A progress line on stderr while blobs are copied, when stderr is a terminal and the
+/// output is not JSON; hidden otherwise.
+fn blob_progress(json: bool) -> indicatif::ProgressBar {
+    if json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} blobs {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+fn show_progress(bar: &indicatif::ProgressBar, p: &crate::backup::Progress) {
+    bar.set_length(p.blobs_total);
+    bar.set_position(p.copied + p.skipped);
+    bar.set_message(format!(
+        "(copied {}, {} bytes; already there {})",
+        p.copied, p.copied_bytes, p.skipped
+    ));
+}
+
+/// `synchub backup`: one backup (or, with --list, the complete ones), beside a live hub.
+async fn backup(
+    common: &Common,
+    to: Option<String>,
+    list: bool,
+    keep: Option<u32>,
+    json: bool,
+) -> anyhow::Result<()> {
+    use crate::backup::{self, target::Target, target::TargetSpec};
+    let config = load_config(common)?;
+    let place = backup_place(&config, to, "--to")?;
+    let spec = TargetSpec::parse(&place).map_err(anyhow::Error::msg)?;
+    if list {
+        let target = Target::open(&spec, &config, false)?;
+        let complete = backup::list(&target).await?;
+        let summaries: Vec<backup::BackupSummary> = complete.iter().map(Into::into).collect();
+        if json {
+            println!("{}", serde_json::to_string_pretty(&summaries)?);
+            return Ok(());
+        }
+        println!(
+            "{:<24} {:<24} {:>8} {:>8} {:>14}  HEADS",
+            "ID", "TAKEN AT", "VERSIONS", "BLOBS", "BYTES"
+        );
+        for s in summaries {
+            let heads: Vec<String> = s
+                .spaces
+                .iter()
+                .map(|h| format!("{} v{}", h.space, h.version))
+                .collect();
+            println!(
+                "{:<24} {:<24} {:>8} {:>8} {:>14}  {}",
+                s.id,
+                s.taken_at,
+                s.versions,
+                s.blob_count,
+                s.blob_bytes,
+                heads.join(", ")
+            );
+        }
+        return Ok(());
+    }
+    require_database(&config)?;
+    let target = Target::open(&spec, &config, true)?;
+    let domain = Domain::open_existing(config).await?;
+    let bar = blob_progress(json);
+    let report = backup::run(&domain, &target, keep, &|p| show_progress(&bar, p)).await;
+    bar.finish_and_clear();
+    let report = report?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "backup {} in {}: {} version(s), {} blob(s) ({} bytes); copied {} blob(s) ({} bytes), \
+         {} already there",
+        report.id,
+        report.target,
+        report.versions,
+        report.blob_count,
+        report.blob_bytes,
+        report.copied,
+        report.copied_bytes,
+        report.skipped
+    );
+    if let Some(pruned) = &report.pruned {
+        println!(
+            "pruned {} older backup(s) and {} blob(s) ({} bytes) no kept backup names",
+            pruned.backups.len(),
+            pruned.blobs,
+            pruned.bytes
+        );
+    }
+    Ok(())
+}
+
+/// `synchub restore`: an empty hub rebuilt from a backup.
+async fn restore(
+    common: &Common,
+    from: Option<String>,
+    id: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let config = load_config(common)?;
+    let place = backup_place(&config, from, "--from")?;
+    let bar = blob_progress(json);
+    let report = crate::backup::restore::restore(&config, &place, id.as_deref(), &|p| {
+        show_progress(&bar, p)
+    })
+    .await;
+    bar.finish_and_clear();
+    let report = report?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "restored backup {} (taken {}): {} version(s), {} record(s), {} blob(s) copied ({} \
+         bytes)",
+        report.backup,
+        report.taken_at,
+        report.versions,
+        report.records,
+        report.blobs.copied,
+        report.blobs.copied_bytes
+    );
+    for head in &report.spaces {
+        println!("{} is at version {}", head.space, head.version);
+    }
+    println!("start the hub with `synchub serve`");
     Ok(())
 }
 

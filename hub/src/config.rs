@@ -54,6 +54,8 @@ pub struct Config {
     pub retention: crate::gc::RetentionConfig,
     /// `[gc]`: the garbage collector's schedule and safety margins.
     pub gc: crate::gc::GcConfig,
+    /// `[backup]`: where backups go, how often the hub makes one and how many it keeps.
+    pub backup: crate::backup::BackupConfig,
 }
 
 /// A space fed from tables of the hub's PostgreSQL database: each table (or named query) is
@@ -249,6 +251,7 @@ impl Default for Config {
             fleet: crate::fleet::FleetConfig::default(),
             retention: crate::gc::RetentionConfig::default(),
             gc: crate::gc::GcConfig::default(),
+            backup: crate::backup::BackupConfig::default(),
         }
     }
 }
@@ -341,6 +344,12 @@ impl Config {
             }
         }
         self.alerts.apply_env();
+        if self.backup.access_key_id.is_none() {
+            self.backup.access_key_id = var("SYNCHUB_BACKUP_ACCESS_KEY_ID");
+        }
+        if self.backup.secret_access_key.is_none() {
+            self.backup.secret_access_key = var("SYNCHUB_BACKUP_SECRET_ACCESS_KEY");
+        }
         if let BlobStoreConfig::S3(s3) = &mut self.blob_store {
             if let Some(v) = var("SYNCHUB_S3_ACCESS_KEY_ID").or_else(|| var("AWS_ACCESS_KEY_ID")) {
                 s3.access_key_id = v;
@@ -390,6 +399,7 @@ impl Config {
         self.fleet.validate()?;
         self.retention.validate().map_err(ConfigError::Invalid)?;
         self.gc.validate().map_err(ConfigError::Invalid)?;
+        self.backup.validate().map_err(ConfigError::Invalid)?;
         if self.limits.header_read_timeout_ms == 0 || self.limits.body_idle_timeout_ms == 0 {
             return Err(ConfigError::Invalid(
                 "limits.header_read_timeout_ms and limits.body_idle_timeout_ms must be above 0"
@@ -556,6 +566,7 @@ impl Config {
             b.secret_access_key = "***".into();
         }
         shown.alerts = self.alerts.masked();
+        shown.backup = self.backup.masked();
         toml::to_string(&shown).unwrap_or_else(|e| format!("(unprintable config: {e})"))
     }
 }

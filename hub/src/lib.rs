@@ -14,6 +14,7 @@ pub mod alerts;
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod backup;
 pub mod blob_access;
 pub mod blobs;
 pub mod broadcast;

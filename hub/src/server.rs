@@ -179,8 +179,8 @@ async fn first_admin_token(
     Ok(created)
 }
 
-/// Starts the version watcher, the external sources, the alerts, the fleet writer and the
-/// scheduled garbage collection; the returned task ends once all of them have stopped.
+/// Starts the version watcher, the external sources, the alerts, the fleet writer, the
+/// scheduled garbage collection and the scheduled backups; the returned task ends once all of them have stopped.
 fn spawn_background(
     state: &AppState,
     poll: Duration,
@@ -197,10 +197,11 @@ fn spawn_background(
     };
     let fleet = crate::fleet::spawn(state.clone(), shutdown.child_token());
     let gc = crate::gc::spawn(state.clone(), shutdown.child_token());
+    let backup = crate::backup::spawn(state.clone(), shutdown.child_token());
     Ok(tokio::spawn(async move {
         let _ = watcher.await;
         let _ = fleet.await;
-        for task in [sources, alerts, gc].into_iter().flatten() {
+        for task in [sources, alerts, gc, backup].into_iter().flatten() {
             let _ = task.await;
         }
     }))

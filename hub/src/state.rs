@@ -31,6 +31,8 @@ pub struct Inner {
     pub held_heard: crate::held::Heard,
     /// Each held change the first time this replica hears of it, for the alerts.
     pub held_news: broadcast::Sender<HeldRecord>,
+    /// Why each scheduled backup failed (see `backup.rs`), for the alerts.
+    pub backup_failures: broadcast::Sender<String>,
     /// Blob bytes each token uploaded this hour.
     pub upload_quota: crate::blob_access::UploadQuota,
 }
@@ -105,6 +107,7 @@ impl AppState {
             storage_full_at: Mutex::new(None),
             held_heard: crate::held::Heard::default(),
             held_news: broadcast::channel(HELD_NEWS).0,
+            backup_failures: broadcast::channel(HELD_NEWS).0,
             upload_quota: Default::default(),
         }))
     }

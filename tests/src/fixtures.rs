@@ -1,6 +1,7 @@
 //! Small helpers the integration test files share: an HTTP client, uploading and committing
 //! files through a hub's API, reading the default space's head, an agent configuration pointed at a test hub, reading an agent's
-//! tree back, reading a counter from `/metrics`, and finding the cross-built Windows agent.
+//! tree back, reading a counter from `/metrics`, and finding the cross-built Windows agent and
+//! the workspace's own programs.
 
 use crate::hub::TestHub;
 use anyhow::{Context, ensure};
@@ -153,4 +154,23 @@ pub fn windows_agent_exe() -> anyhow::Result<std::path::PathBuf> {
         exe.display()
     );
     Ok(exe)
+}
+
+/// A program of this workspace (`synchub`, `synchub-agent`) in the target folder this test was
+/// built into; `cargo test --workspace` (scripts/test) builds them, `cargo test -p` alone does
+/// not.
+pub fn workspace_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .context("test binary outside a target folder")?;
+    let program = dir.join(name);
+    ensure!(
+        program.is_file(),
+        "{} is missing: run `cargo build -p synchub-hub -p synchub-client` (scripts/test \
+         builds it)",
+        program.display()
+    );
+    Ok(program)
 }

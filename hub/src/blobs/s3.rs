@@ -121,6 +121,25 @@ pub fn install_crypto_provider() {
     });
 }
 
+/// An object store client for `config`'s bucket (its prefix is the caller's to use); no
+/// request is made.
+pub fn client(config: &S3Config) -> Result<AmazonS3, BlobError> {
+    install_crypto_provider();
+    // Not `from_env`: the environment's AWS_* variables (AWS_CA_BUNDLE, profiles, ...) must
+    // not change what the explicit config says.
+    let mut builder = AmazonS3Builder::new()
+        .with_region(&config.region)
+        .with_bucket_name(&config.bucket)
+        .with_access_key_id(&config.access_key_id)
+        .with_secret_access_key(&config.secret_access_key)
+        .with_virtual_hosted_style_request(!config.path_style)
+        .with_allow_http(config.allow_http);
+    if let Some(endpoint) = &config.endpoint {
+        builder = builder.with_endpoint(endpoint);
+    }
+    Ok(builder.build()?)
+}
+
 /// Content-addressed blobs in an S3-compatible bucket.
 #[derive(Debug, Clone)]
 pub struct S3BlobStore {
@@ -133,20 +152,7 @@ pub struct S3BlobStore {
 impl S3BlobStore {
     /// Builds the client; no request is made (a wrong bucket or key shows on first use).
     pub fn new(config: &S3Config) -> Result<Self, BlobError> {
-        install_crypto_provider();
-        // Not `from_env`: the environment's AWS_* variables (AWS_CA_BUNDLE, profiles, ...)
-        // must not change what the explicit config says.
-        let mut builder = AmazonS3Builder::new()
-            .with_region(&config.region)
-            .with_bucket_name(&config.bucket)
-            .with_access_key_id(&config.access_key_id)
-            .with_secret_access_key(&config.secret_access_key)
-            .with_virtual_hosted_style_request(!config.path_style)
-            .with_allow_http(config.allow_http);
-        if let Some(endpoint) = &config.endpoint {
-            builder = builder.with_endpoint(endpoint);
-        }
-        let store = builder.build()?;
+        let store = client(config)?;
         let prefix =
             Path::parse(config.prefix.trim_matches('/')).map_err(object_store::Error::from)?;
         let staging = prefix.clone().join("staging");

@@ -60,6 +60,14 @@ pub(super) trait Dialect: Send + Sync + 'static {
     /// The number of rows a statement changed.
     fn rows_changed(done: <Self::Db as Database>::QueryResult) -> u64;
 
+    /// Run first in a transaction that reads a backup (see `backup.rs`): every later read of the
+    /// transaction sees the database as it was at one point.
+    const SNAPSHOT: &'static str;
+
+    /// Run at the end of a restore's transaction: what the backend needs after rows were
+    /// inserted with their own ids (PostgreSQL moves the token id sequence past them).
+    const AFTER_RESTORE: &'static [&'static str];
+
     /// `SELECT ... FROM sync_log WHERE 1 = 1` with the columns `sql.rs` reads from a
     /// `sync_log` row, cast as the backend's (possibly adopted) table needs.
     fn sync_log_select(&self) -> String;
@@ -102,6 +110,13 @@ pub(super) trait Run: Dialect {
         params: &[Param<'_>],
     ) -> Result<u64, sqlx::Error>;
 
+    /// The rows `sql` returns, run on `conn` (a transaction's).
+    async fn fetch_on(
+        conn: &mut Conn<Self>,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<Vec<Row<Self>>, sqlx::Error>;
+
     fn text(row: &Row<Self>, column: &str) -> Result<String, sqlx::Error>;
     fn maybe_text(row: &Row<Self>, column: &str) -> Result<Option<String>, sqlx::Error>;
     fn int(row: &Row<Self>, column: &str) -> Result<i64, sqlx::Error>;
@@ -139,6 +154,14 @@ where
     ) -> Result<u64, sqlx::Error> {
         let done = statement::<D>(sql, params).execute(conn).await?;
         Ok(D::rows_changed(done))
+    }
+
+    async fn fetch_on(
+        conn: &mut Conn<Self>,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<Vec<Row<Self>>, sqlx::Error> {
+        statement::<D>(sql, params).fetch_all(conn).await
     }
 
     fn text(row: &Row<Self>, column: &str) -> Result<String, sqlx::Error> {

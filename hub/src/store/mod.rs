@@ -9,6 +9,7 @@
 
 mod agents;
 mod audit;
+mod backup;
 mod blob_index;
 mod dialect;
 mod gc;
@@ -19,6 +20,7 @@ mod sql;
 pub mod sqlite;
 
 pub use agents::MAX_AGENTS;
+pub use backup::{BackupStore, RECORDS_FORMAT, Record, RecordSink, RecordSource, RecordsError};
 pub use gc::{DoomedBlob, GcStore};
 pub use rows::ADOPTED_WITHOUT_DATA_REASON;
 
@@ -106,7 +108,7 @@ pub fn has_no_data(head: &Head) -> bool {
 }
 
 #[async_trait]
-pub trait Store: GcStore + Send + Sync + 'static {
+pub trait Store: GcStore + BackupStore + Send + Sync + 'static {
     /// Short name for logs: "sqlite" or "postgres".
     fn backend(&self) -> &'static str;
 

@@ -177,6 +177,12 @@ SELECT m.sync_key::TEXT AS sync_key, m.version::BIGINT AS row_version,
        m.last_modified_by::TEXT AS row_by,
        COALESCE(m.last_modified_at::timestamptz, m.updated_at::timestamptz) AS row_at";
 
+    const SNAPSHOT: &'static str = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY";
+
+    const AFTER_RESTORE: &'static [&'static str] = &["
+SELECT setval(pg_get_serial_sequence('synchub_tokens', 'id'), MAX(id))
+  FROM synchub_tokens HAVING MAX(id) IS NOT NULL"];
+
     fn pool(&self) -> &PgPool {
         &self.pool
     }

@@ -90,6 +90,12 @@ SELECT m.sync_key, CAST(m.version AS INTEGER) AS row_version,
        CAST(m.last_modified_by AS TEXT) AS row_by,
        CAST(COALESCE(m.last_modified_at, m.updated_at) AS TEXT) AS row_at";
 
+    /// A deferred transaction's snapshot starts at its first read (WAL mode): this one.
+    const SNAPSHOT: &'static str = "SELECT COUNT(*) FROM sync_metadata";
+
+    /// AUTOINCREMENT already counts past ids inserted explicitly.
+    const AFTER_RESTORE: &'static [&'static str] = &[];
+
     fn pool(&self) -> &SqlitePool {
         &self.pool
     }
