@@ -5,9 +5,16 @@
 //! pace the hub's cores allow instead of every request slowing down together.
 //!
 //! A slot is held until the answer's body has been sent (a pack streams long after its
-//! handler returned).
+//! handler returned), or until the connection is closed for not reading it
+//! (`limits.send_idle_timeout_ms`, see `connections.rs`).
+//!
+//! The caller is authenticated before a slot is looked at: a request without a valid token is
+//! answered 401, not 503, and a refused agent's connection counts as authenticated, not
+//! against its address's cap on unauthenticated connections.
 
+use crate::auth::{HasTokens, Principal, Tokens};
 use crate::error::HubError;
+use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
@@ -19,25 +26,44 @@ use tokio::sync::Semaphore;
 /// How long a refused agent is told to wait before asking again.
 pub const RETRY_AFTER_SECS: u64 = 1;
 
-/// The download slots, shared by the routes the admission layer is put on.
+/// The download slots, shared by the routes the admission layer is put on, and the state
+/// callers are authenticated against.
 #[derive(Clone)]
-pub struct Downloads(Arc<Semaphore>);
+pub struct Downloads {
+    slots: Arc<Semaphore>,
+    state: AppState,
+}
 
 impl Downloads {
     /// `max` downloads at once; 0 means no bound.
-    pub fn new(max: usize) -> Self {
+    pub fn new(max: usize, state: AppState) -> Self {
         let max = if max == 0 {
             Semaphore::MAX_PERMITS
         } else {
             max
         };
-        Downloads(Arc::new(Semaphore::new(max)))
+        Downloads {
+            slots: Arc::new(Semaphore::new(max)),
+            state,
+        }
     }
 }
 
-/// Middleware: serves the request in a free slot, or refuses it with 503 and `Retry-After`.
-pub async fn admit(State(slots): State<Downloads>, request: Request, next: Next) -> Response {
-    let Ok(slot) = slots.0.clone().try_acquire_owned() else {
+impl HasTokens for Downloads {
+    fn tokens(&self) -> &Tokens {
+        self.state.tokens()
+    }
+}
+
+/// Middleware: serves an authenticated request in a free slot, or refuses it with 503 and
+/// `Retry-After`. The handler checks what the caller may read.
+pub async fn admit(
+    State(downloads): State<Downloads>,
+    _caller: Principal,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Ok(slot) = downloads.slots.clone().try_acquire_owned() else {
         metrics::counter!("synchub_downloads_refused_total").increment(1);
         return HubError::Busy {
             retry_after_secs: RETRY_AFTER_SECS,
