@@ -65,7 +65,8 @@ pub struct AgentConfig {
     pub pack_batch_bytes: u64,
     /// Longest wait between reconnect attempts and between failed sync retries.
     pub max_backoff_ms: u64,
-    /// Random delay before a non-forced download, spreading load after a broadcast.
+    /// Random delay before a non-forced download, spreading load after a broadcast; the
+    /// hub's spread hint in `sync_required` is used instead when it is longer.
     pub download_jitter_ms: u64,
     /// The person at this PC, copied into reports (`sync_log.discord_id`).
     pub user: Option<String>,

@@ -16,7 +16,9 @@ use crate::state::is_progress_only;
 use futures::{SinkExt, StreamExt};
 use std::sync::Arc;
 use std::time::Duration;
-use synchub_protocol::{AgentFrame, AgentState, Head, HeldSpace, HubFrame, PROTOCOL_VERSION};
+use synchub_protocol::{
+    AgentFrame, AgentState, Head, HeldSpace, HubFrame, PROTOCOL_VERSION, Spread,
+};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_stream::wrappers::WatchStream;
@@ -127,7 +129,7 @@ async fn connect(agent: &Agent, url: &str) -> Result<Option<(Ws, Duration)>> {
     let welcome = tokio::time::timeout(Duration::from_secs(10), next_frame(&mut ws))
         .await
         .map_err(|_| ClientError::Unreachable("no welcome within 10 s".into()))??;
-    match welcome {
+    match welcome.map(|(frame, _)| frame) {
         Some(HubFrame::Welcome {
             protocol,
             heads,
@@ -194,9 +196,14 @@ async fn session(agent: &Agent, url: &str) -> Result<SessionEnd> {
                     Ok(Ok(Some(f))) => f,
                 };
                 last_received = Instant::now();
+                let (frame, spread) = frame;
                 match frame {
                     HubFrame::SyncRequired(head) => {
-                        tracing::info!(space = %head.space, version = head.version, forced = head.forced, "sync required");
+                        tracing::info!(space = %head.space, version = head.version, forced = head.forced,
+                            spread_ms = spread.spread_ms, "sync required");
+                        if let Some(space) = agent.held_space(&head.space) {
+                            space.note_spread(head.version, spread);
+                        }
                         offer(agent, vec![head], HeadSource::Push);
                     }
                     HubFrame::Ping => send(&mut ws, &AgentFrame::Pong).await?,
@@ -292,12 +299,12 @@ async fn send(ws: &mut Ws, frame: &AgentFrame) -> Result<()> {
 }
 
 /// The next hub frame; `None` when the socket closed. Control frames are handled here.
-async fn next_frame(ws: &mut Ws) -> Result<Option<HubFrame>> {
+async fn next_frame(ws: &mut Ws) -> Result<Option<(HubFrame, Spread)>> {
     loop {
         let msg = match ws.next().await {
             None => return Ok(None),
             Some(Ok(msg)) => msg,
-            Some(Err(e)) => return read_error(e),
+            Some(Err(e)) => return read_error(e).map(|f| f.map(|f| (f, Spread::default()))),
         };
         let text = match msg {
             Message::Text(t) => t.to_string(),
@@ -307,7 +314,9 @@ async fn next_frame(ws: &mut Ws) -> Result<Option<HubFrame>> {
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
         };
         match serde_json::from_str::<HubFrame>(&text) {
-            Ok(f) => return Ok(Some(f)),
+            // The spread hint rides beside the head in `sync_required` only.
+            Ok(f @ HubFrame::SyncRequired(_)) => return Ok(Some((f, Spread::of_frame(&text)))),
+            Ok(f) => return Ok(Some((f, Spread::default()))),
             Err(e) => tracing::warn!(error = %e, "ignoring a frame this agent does not know"),
         }
     }

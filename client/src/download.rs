@@ -91,6 +91,9 @@ pub(crate) struct DownloadStats {
 pub(crate) struct Blob {
     pub sha256: Sha256Hex,
     pub size: u64,
+    /// Worth compressing on the way (by its file's extension): packs of such blobs are asked
+    /// for compressed, packs of images and archives are not.
+    pub compressible: bool,
 }
 
 /// Fetches the manifest of `head` and checks it against the head's `data_hash` before
@@ -169,6 +172,7 @@ pub(crate) fn unique_blobs(manifest: &Manifest) -> Vec<Blob> {
         .map(|e| Blob {
             sha256: e.sha256.clone(),
             size: e.size,
+            compressible: pack::worth_compressing(&e.path),
         })
         .collect()
 }
@@ -215,24 +219,27 @@ pub(crate) async fn fetch_blobs(
     }
 
     let mut jobs: Vec<Job> = Vec::new();
-    let mut batch: Vec<Blob> = Vec::new();
-    let mut batch_bytes = 0u64;
+    // Compressible and incompressible blobs go in packs of their own: [compressible as usize].
+    let mut batches: [(Vec<Blob>, u64); 2] = Default::default();
     for blob in needed {
         if blob.size > opts.pack_blob_max {
             jobs.push(Job::Single(blob));
             continue;
         }
+        let (batch, batch_bytes) = &mut batches[usize::from(blob.compressible)];
         if !batch.is_empty()
-            && (batch_bytes + blob.size > opts.pack_batch_bytes || batch.len() >= 1000)
+            && (*batch_bytes + blob.size > opts.pack_batch_bytes || batch.len() >= 1000)
         {
-            jobs.push(Job::Pack(std::mem::take(&mut batch)));
-            batch_bytes = 0;
+            jobs.push(Job::Pack(std::mem::take(batch)));
+            *batch_bytes = 0;
         }
-        batch_bytes += blob.size;
+        *batch_bytes += blob.size;
         batch.push(blob);
     }
-    if !batch.is_empty() {
-        jobs.push(Job::Pack(batch));
+    for (batch, _) in batches {
+        if !batch.is_empty() {
+            jobs.push(Job::Pack(batch));
+        }
     }
     // Large blobs first: they set the total time.
     jobs.sort_by_key(|j| std::cmp::Reverse(j.bytes()));
@@ -380,6 +387,9 @@ async fn fetch_single(
     Ok(fetched)
 }
 
+/// Smaller packs are not worth compressing.
+const COMPRESS_MIN_BYTES: u64 = 1024;
+
 /// Many small blobs in one pack response.
 async fn fetch_pack(
     api: &HubApi,
@@ -390,7 +400,9 @@ async fn fetch_pack(
     let req = BlobList {
         sha256: list.iter().map(|b| b.sha256.clone()).collect(),
     };
-    let resp = api.pack(&req).await?;
+    let bytes: u64 = list.iter().map(|b| b.size).sum();
+    let compress = bytes >= COMPRESS_MIN_BYTES && list.iter().all(|b| b.compressible);
+    let resp = api.pack(&req, compress).await?;
     let mut reader = BufReader::with_capacity(64 * 1024, body_reader(resp));
     let mut total = 0u64;
     let mut line = Vec::with_capacity(pack::MAX_HEADER_LEN);
@@ -490,6 +502,7 @@ mod tests {
         let blob = Blob {
             sha256: Sha256Hex::of(body),
             size: 10,
+            compressible: true,
         };
         let mut ok: &[u8] = body;
         assert_eq!(read_checked(&mut ok, &blob, &p).await.unwrap(), body);

@@ -7,6 +7,11 @@
 //! silent that long fails, however long the whole download takes) and a whole-request deadline
 //! for the small answers (heads, manifests, reports), so a hub or proxy that keeps TCP open
 //! but stops answering cannot leave a PC downloading forever.
+//!
+//! Manifests, deltas and packs of compressible files travel compressed when the hub agrees:
+//! the client offers `Accept-Encoding: gzip, zstd` and decodes as the body arrives, so every
+//! hash is checked on the decoded bytes. Single blobs are asked for as they are (`identity`),
+//! so a resumed download's byte range means the same bytes.
 
 use crate::error::{ClientError, Result};
 use reqwest::StatusCode;
@@ -241,17 +246,24 @@ impl HubApi {
 
     /// `GET /blobs/{sha256}` from byte `from` on (a 206 when `from > 0` and the hub honours it).
     pub(crate) async fn blob(&self, sha256: &Sha256Hex, from: u64) -> Result<reqwest::Response> {
-        let mut req = self.get(&format!("/blobs/{sha256}"));
+        let mut req = self
+            .get(&format!("/blobs/{sha256}"))
+            .header(reqwest::header::ACCEPT_ENCODING, "identity");
         if from > 0 {
             req = req.header(RANGE, format!("bytes={from}-"));
         }
         self.send_admitted(req).await
     }
 
-    /// `POST /blobs/pack`: the response streams the blobs in request order.
-    pub(crate) async fn pack(&self, list: &BlobList) -> Result<reqwest::Response> {
-        self.send_admitted(self.post("/blobs/pack").json(list))
-            .await
+    /// `POST /blobs/pack`: the response streams the blobs in request order, compressed when
+    /// `compress` (and the hub agrees), decoded by the client as it arrives.
+    pub(crate) async fn pack(&self, list: &BlobList, compress: bool) -> Result<reqwest::Response> {
+        let mut req = self.post("/blobs/pack").json(list);
+        if !compress {
+            // Images and archives: compressing them again would cost the hub for nothing.
+            req = req.header(reqwest::header::ACCEPT_ENCODING, "identity");
+        }
+        self.send_admitted(req).await
     }
 
     /// Sends a download request; while the hub answers 503 or 429 with `Retry-After` (it

@@ -190,6 +190,7 @@ const T = {
     starting: 'Checking for new data…',
     ready: (t) => t ? `Up to date since ${t}` : 'Up to date',
     required: 'New data is available; the update starts in a moment.',
+    spreading: (left) => `New data is available; this PC starts its update in ${left}, so that not every PC asks the server at once.`,
     forced: 'The administrator asked every PC to refresh its data.',
     downloading: (d, t, p, left) => `Updating the shared data… ${d} of ${t} MB (${p}%)` + (left ? `, about ${left} left` : ''),
     verifying: 'Checking the new data…', applying: 'Putting the new data in place…',
@@ -211,6 +212,7 @@ const T = {
     starting: 'Se verifică dacă există date noi…',
     ready: (t) => t ? `La zi de la ora ${t}` : 'La zi',
     required: 'Sunt date noi; actualizarea începe imediat.',
+    spreading: (left) => `Sunt date noi; acest calculator începe actualizarea în ${left}, ca să nu ceară toate calculatoarele datele deodată.`,
     forced: 'Administratorul a cerut reîmprospătarea datelor pe toate calculatoarele.',
     downloading: (d, t, p, left) => `Se actualizează datele comune… ${d} din ${t} MB (${p}%)` + (left ? `, încă aproximativ ${left}` : ''),
     verifying: 'Se verifică datele noi…', applying: 'Se instalează datele noi…',
@@ -280,7 +282,9 @@ function card(s) {
     case 'ready': main.textContent = L.ready(since); break;
     case 'starting': main.textContent = L.starting; break;
     case 'sync_required':
-      main.textContent = s.forced ? L.forced : L.required; button = L.updateNow; break;
+      main.textContent = s.forced ? L.forced
+        : s.starts_at ? L.spreading(duration((new Date(s.starts_at) - Date.now()) / 1000)) : L.required;
+      button = L.updateNow; break;
     case 'downloading': {
       const total = s.bytes_total || 0, done = Math.min(s.bytes_done || 0, total);
       const pct = total ? Math.floor(done * 100 / total) : 0;

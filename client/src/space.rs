@@ -21,7 +21,7 @@ use crate::state::{Event, transition};
 use serde::Serialize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use synchub_protocol::{AgentState, Head, Sha256Hex, SyncType};
+use synchub_protocol::{AgentState, Head, Sha256Hex, Spread, SyncType};
 use tokio::sync::{Notify, RwLock, watch};
 
 /// A space as every task of the agent sees it.
@@ -41,6 +41,8 @@ pub(crate) struct Space {
     pub(crate) progress: Arc<Progress>,
     /// Held while `state.json` is written: one writer at a time, each writing the newest state.
     state_file: Mutex<()>,
+    /// The spread hint of the last `sync_required` frame, and the version it announced.
+    spread: Mutex<(u64, Spread)>,
 }
 
 /// The version and data hash of the applied tree. With selective sync, the data hash of the
@@ -73,6 +75,7 @@ impl Space {
             last_error: Mutex::new(None),
             progress: Arc::new(Progress::default()),
             state_file: Mutex::new(()),
+            spread: Mutex::new((0, Spread::default())),
         }
     }
 
@@ -89,6 +92,21 @@ impl Space {
             }
             take
         });
+    }
+
+    /// Records the spread hint the hub sent with its announcement of `version`.
+    pub(crate) fn note_spread(&self, version: u64, spread: Spread) {
+        *self.spread.lock().expect("spread lock") = (version, spread);
+    }
+
+    /// How long the hub asked agents to spread their downloads of `version` over (bounded:
+    /// a hub cannot hold a PC back for long).
+    fn spread_for(&self, version: u64) -> Duration {
+        let (announced, spread) = *self.spread.lock().expect("spread lock");
+        if announced != version {
+            return Duration::ZERO;
+        }
+        Duration::from_millis(spread.spread_ms).min(MAX_SPREAD)
     }
 
     /// Resolves once a head other than `head` is known (see [`follows`]).
@@ -172,6 +190,9 @@ impl Space {
     }
 }
 
+/// The longest spread hint an agent follows; a larger one is cut to this.
+const MAX_SPREAD: Duration = Duration::from_secs(60);
+
 /// Whether `next` replaces `current`. Within an epoch heads only move forward. A newer epoch
 /// (the hub found its database rewritten) is followed even to a lower version. An older epoch
 /// is taken only with a higher version: a replica that has not noticed the rewrite yet, or one
@@ -235,6 +256,9 @@ struct Worker {
     boot_deadline: Instant,
     /// The folder's lock, held while the worker runs (`restore` takes it too).
     _lock: Option<std::fs::File>,
+    /// While a non-forced download waits out its spread: when it starts. Drawn once per wait,
+    /// so a newer head arriving meanwhile does not make a second wait.
+    spread_until: Option<(Instant, chrono::DateTime<chrono::Utc>)>,
 }
 
 /// What a successful attempt put in place.
@@ -325,6 +349,7 @@ impl Worker {
             retry_at: None,
             boot_deadline,
             _lock: lock,
+            spread_until: None,
         })
     }
 
@@ -364,12 +389,26 @@ impl Worker {
                     }
                     continue;
                 }
+                if let Some(at) = self.spread_start(&head) {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at.into()) => {}
+                        // "Update now" on the block page: no more waiting.
+                        _ = space.sync_now.notified() => {
+                            self.spread_until = Some((Instant::now(), chrono::Utc::now()));
+                        }
+                        _ = head_rx.changed() => {}
+                        _ = agent.stopped() => return,
+                    }
+                    continue;
+                }
+                self.spread_until = None;
                 tokio::select! {
                     _ = self.sync(&head) => {}
                     _ = agent.stopped() => return,
                 }
                 continue;
             }
+            self.spread_until = None;
             if head_rx.borrow().is_some()
                 && !matches!(*space.state.borrow(), AgentState::Ready { .. })
             {
@@ -412,6 +451,37 @@ impl Worker {
             _ = head_rx.changed() => {}
             _ = self.agent.stopped() => {}
         }
+    }
+
+    /// Before a download of `head`: when it may start, if that is later than now. A forced
+    /// head starts at once; otherwise the start is drawn uniformly within the hub's spread hint
+    /// (or the configured `download_jitter_ms`, whichever is longer), once per wait, and the
+    /// space says it is waiting and until when.
+    fn spread_start(&mut self, head: &Head) -> Option<Instant> {
+        if head.forced {
+            self.spread_until = None;
+            return None;
+        }
+        let now = Instant::now();
+        let (at, wall) = *self.spread_until.get_or_insert_with(|| {
+            let window = self
+                .space
+                .spread_for(head.version)
+                .max(Duration::from_millis(self.agent.config.download_jitter_ms));
+            let wait = Duration::from_millis(rand::random_range(0..=window.as_millis() as u64));
+            let wall = chrono::Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+            (now + wait, wall)
+        });
+        if at <= now {
+            return None;
+        }
+        tracing::info!(space = %self.space.name, target = head.version,
+            wait_ms = (at - now).as_millis() as u64, "spreading the download before it starts");
+        self.space.set(Event::Spreading {
+            target: head.version,
+            starts_at: wall.to_rfc3339(),
+        });
+        Some(at)
     }
 
     fn no_head_at_boot(&self) {
@@ -537,10 +607,6 @@ async fn sync_once(
     held: Option<&Held>,
     head: &Head,
 ) -> Result<Applied> {
-    if !head.forced && agent.config.download_jitter_ms > 0 {
-        let ms = rand::random_range(0..=agent.config.download_jitter_ms);
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-    }
     let started = Instant::now();
     space.set(Event::Progress {
         files_done: 0,

@@ -20,6 +20,12 @@ pub(crate) enum Event {
         target: u64,
         forced: bool,
     },
+    /// The download of `target` (not forced) waits until `starts_at` (RFC 3339), spreading
+    /// the fleet's downloads as the hub asked.
+    Spreading {
+        target: u64,
+        starts_at: String,
+    },
     /// Download progress (also the start of the download, with zeros done).
     Progress {
         files_done: u64,
@@ -65,6 +71,13 @@ pub(crate) fn transition(state: &AgentState, event: Event) -> AgentState {
             version,
             target,
             forced,
+            starts_at: None,
+        },
+        Event::Spreading { target, starts_at } => AgentState::SyncRequired {
+            version,
+            target,
+            forced: false,
+            starts_at: Some(starts_at),
         },
         Event::Progress {
             files_done,
@@ -208,7 +221,8 @@ mod tests {
             AgentState::SyncRequired {
                 version: 1,
                 target: 4,
-                forced: false
+                forced: false,
+                starts_at: None,
             }
         );
     }

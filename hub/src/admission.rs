@@ -9,9 +9,16 @@
 //! 10,000 agents) cost the hub more than the downloads.
 //!
 //! A slot is held until the answer's body has been sent (a pack streams long after its
-//! handler returned).
+//! handler returned), or until the connection is closed for not reading it
+//! (`limits.send_idle_timeout_ms`, see `connections.rs`).
+//!
+//! The caller is authenticated before a slot is looked at: a request without a valid token is
+//! answered 401, not 503, and a refused agent's connection counts as authenticated, not
+//! against its address's cap on unauthenticated connections.
 
+use crate::auth::{HasTokens, Principal, Tokens};
 use crate::error::HubError;
+use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
@@ -25,7 +32,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// How long a refused agent is told to wait before asking again.
 pub const RETRY_AFTER_SECS: u64 = 1;
 
-/// The download slots and their queue, shared by the routes the admission layer is put on.
+/// The download slots and their queue, shared by the routes the admission layer is put on,
+/// and the state callers are authenticated against.
 #[derive(Clone)]
 pub struct Downloads {
     slots: Arc<Semaphore>,
@@ -33,12 +41,13 @@ pub struct Downloads {
     waiting: Arc<AtomicUsize>,
     max_waiting: usize,
     wait: Duration,
+    state: AppState,
 }
 
 impl Downloads {
     /// `max` downloads at once (0: no bound); up to `max_waiting` more wait at most `wait`
     /// for a slot.
-    pub fn new(max: usize, max_waiting: usize, wait: Duration) -> Self {
+    pub fn new(max: usize, max_waiting: usize, wait: Duration, state: AppState) -> Self {
         let max = if max == 0 {
             Semaphore::MAX_PERMITS
         } else {
@@ -49,6 +58,7 @@ impl Downloads {
             waiting: Arc::default(),
             max_waiting,
             wait,
+            state,
         }
     }
 
@@ -69,10 +79,22 @@ impl Downloads {
     }
 }
 
-/// Middleware: serves the request in a slot (waiting for one in the queue when there is
-/// room), or refuses it with 503 and `Retry-After`.
-pub async fn admit(State(slots): State<Downloads>, request: Request, next: Next) -> Response {
-    let Some(slot) = slots.slot().await else {
+impl HasTokens for Downloads {
+    fn tokens(&self) -> &Tokens {
+        self.state.tokens()
+    }
+}
+
+/// Middleware: serves an authenticated request in a slot (waiting for one in the queue when
+/// there is room), or refuses it with 503 and `Retry-After`. The handler checks what the
+/// caller may read.
+pub async fn admit(
+    State(downloads): State<Downloads>,
+    _caller: Principal,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(slot) = downloads.slot().await else {
         metrics::counter!("synchub_downloads_refused_total").increment(1);
         return HubError::Busy {
             retry_after_secs: RETRY_AFTER_SECS,

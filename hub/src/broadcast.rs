@@ -11,6 +11,10 @@
 //! too), so no socket task is woken for a bump. A socket whose write half is busy (its own
 //! task is writing) or whose kernel buffer is full is left to its task, which is woken to
 //! finish the write and send whatever is newest.
+//!
+//! After a non-forced bump the frame carries a spread hint in proportion to the sockets that
+//! follow the space (see [`SpreadPolicy`]), computed once with the frame: agents start their
+//! downloads at random within it instead of all in the same millisecond.
 
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
 use axum::http::HeaderValue;
@@ -23,8 +27,8 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
-use synchub_protocol::{Head, HubFrame};
+use std::time::{Duration, Instant};
+use synchub_protocol::{Head, Spread};
 use tokio::sync::{Notify, watch};
 
 /// One head, ready to send.
@@ -41,9 +45,9 @@ pub struct Published {
 }
 
 impl Published {
-    fn new(head: Head) -> Self {
-        let frame = serde_json::to_string(&HubFrame::SyncRequired(head.clone()))
-            .expect("a head always serializes");
+    fn new(head: Head, spread: Spread) -> Self {
+        let frame =
+            synchub_protocol::sync_required_frame(&head, spread).expect("a head always serializes");
         let json = serde_json::to_vec(&head).expect("a head always serializes");
         let etag = HeaderValue::from_str(&format!(
             "\"{}-{}\"",
@@ -96,6 +100,33 @@ fn successor(current: Option<&Head>, mut head: Head, authoritative: bool) -> Opt
     Some(head)
 }
 
+/// How long agents are asked to spread their downloads over after a non-forced bump:
+/// `per_agent` for every socket following the space, at most `max`. A forced sync starts at
+/// once everywhere, and a hint under [`SpreadPolicy::FLOOR`] is not worth sending.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SpreadPolicy {
+    pub per_agent: Duration,
+    pub max: Duration,
+}
+
+impl SpreadPolicy {
+    /// Shorter spreads are sent as none: a small fleet is served at once anyway.
+    pub const FLOOR: Duration = Duration::from_millis(50);
+
+    fn hint(&self, head: &Head, agents: usize) -> Spread {
+        let spread = self
+            .per_agent
+            .saturating_mul(u32::try_from(agents).unwrap_or(u32::MAX))
+            .min(self.max);
+        if head.forced || spread < Self::FLOOR {
+            return Spread::default();
+        }
+        Spread {
+            spread_ms: spread.as_millis() as u64,
+        }
+    }
+}
+
 /// All heads at one instant. A hub serves a handful of spaces, and every socket looks its
 /// spaces up after each broadcast: comparing short names is cheaper than hashing them.
 pub type Snapshot = Arc<BTreeMap<String, Arc<Published>>>;
@@ -104,18 +135,25 @@ pub type Snapshot = Arc<BTreeMap<String, Arc<Published>>>;
 pub struct Heads {
     tx: watch::Sender<Snapshot>,
     registry: Arc<Registry>,
+    spread: SpreadPolicy,
 }
 
 impl Default for Heads {
+    /// Heads whose frames carry no spread hint.
     fn default() -> Self {
-        Heads {
-            tx: watch::Sender::new(Arc::new(BTreeMap::new())),
-            registry: Arc::default(),
-        }
+        Heads::new(SpreadPolicy::default())
     }
 }
 
 impl Heads {
+    pub fn new(spread: SpreadPolicy) -> Self {
+        Heads {
+            tx: watch::Sender::new(Arc::new(BTreeMap::new())),
+            registry: Arc::default(),
+            spread,
+        }
+    }
+
     /// Makes `head` current if it is newer than what its space has; returns whether it was.
     /// Older or equal versions are ignored, so replicas and watchers may report a head twice
     /// and a slow answer cannot undo a newer one.
@@ -151,8 +189,9 @@ impl Heads {
             else {
                 return false;
             };
+            let spread = self.spread.hint(&next, self.registry.followers(&space));
             let mut heads = BTreeMap::clone(snapshot);
-            heads.insert(space.clone(), Arc::new(Published::new(next)));
+            heads.insert(space.clone(), Arc::new(Published::new(next, spread)));
             *snapshot = Arc::new(heads);
             true
         });
@@ -189,6 +228,7 @@ impl Heads {
             id,
             registry: self.registry.clone(),
             socket,
+            followed: Vec::new(),
         }
     }
 
@@ -345,11 +385,21 @@ impl FanoutSocket {
 struct Registry {
     next: AtomicU64,
     sockets: Mutex<HashMap<u64, Arc<FanoutSocket>>>,
+    /// Sockets following each space, for the spread hint.
+    followers: Mutex<HashMap<String, usize>>,
 }
 
 impl Registry {
     fn sockets(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<FanoutSocket>>> {
         self.sockets.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn follower_counts(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        self.followers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn followers(&self, space: &str) -> usize {
+        self.follower_counts().get(space).copied().unwrap_or(0)
     }
 }
 
@@ -358,11 +408,38 @@ pub struct Registration {
     id: u64,
     registry: Arc<Registry>,
     pub socket: Arc<FanoutSocket>,
+    /// The spaces counted as followed by this socket.
+    followed: Vec<String>,
+}
+
+impl Registration {
+    /// Hands the write half to the fan-out (see [`FanoutSocket::attach`]) and counts the
+    /// socket as following the spaces in `sent`.
+    pub fn attach(&mut self, sink: SocketSink, sent: Vec<Sent>) {
+        let mut counts = self.registry.follower_counts();
+        for s in &sent {
+            if !self.followed.contains(&s.space) {
+                *counts.entry(s.space.clone()).or_default() += 1;
+                self.followed.push(s.space.clone());
+            }
+        }
+        drop(counts);
+        self.socket.attach(sink, sent);
+    }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
         self.registry.sockets().remove(&self.id);
+        let mut counts = self.registry.follower_counts();
+        for space in &self.followed {
+            if let Some(n) = counts.get_mut(space) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(space);
+                }
+            }
+        }
     }
 }
 
@@ -454,6 +531,23 @@ mod tests {
         );
         assert!(heads.publish(head("a", 11)));
         assert_eq!(heads.get("a").unwrap().head.epoch, now.epoch);
+    }
+
+    #[test]
+    fn the_spread_grows_with_the_fleet_up_to_its_cap_and_forced_syncs_have_none() {
+        let policy = SpreadPolicy {
+            per_agent: Duration::from_micros(200),
+            max: Duration::from_secs(5),
+        };
+        let bump = head("a", 2);
+        assert_eq!(policy.hint(&bump, 100).spread_ms, 0, "small fleet: at once");
+        assert_eq!(policy.hint(&bump, 1_000).spread_ms, 200);
+        assert_eq!(policy.hint(&bump, 10_000).spread_ms, 2_000);
+        assert_eq!(policy.hint(&bump, 100_000).spread_ms, 5_000, "capped");
+        let mut forced = head("a", 3);
+        forced.forced = true;
+        assert_eq!(policy.hint(&forced, 100_000).spread_ms, 0);
+        assert_eq!(SpreadPolicy::default().hint(&bump, 100_000).spread_ms, 0);
     }
 
     #[test]

@@ -29,6 +29,12 @@ pub struct Config {
     pub reread_interval_ms: u64,
     /// How often the hub pings each WebSocket; a socket silent for three intervals is closed.
     pub ping_interval_ms: u64,
+    /// After a non-forced bump, agents are asked to spread their downloads over this many
+    /// microseconds per connected agent of the space (`spread_ms` in `sync_required`), so the
+    /// fleet does not ask all at once. 0: no spread.
+    pub download_spread_per_agent_us: u64,
+    /// The longest spread agents are asked for. 0: no spread.
+    pub download_spread_max_ms: u64,
     /// Name of this replica in `welcome` and logs; default the host name, the port and a random
     /// part (see [`crate::server::default_hub_id`]).
     pub hub_id: Option<String>,
@@ -197,6 +203,10 @@ pub struct Limits {
     /// A request body that sends nothing for this long is cut off with 408 (a body sent a
     /// byte now and then to hold a connection and a task).
     pub body_idle_timeout_ms: u64,
+    /// A connection whose client takes nothing of what the hub sends for this long is closed
+    /// (a download it stopped reading, a socket that never drains), so it gives back its
+    /// download slot instead of holding it until TCP gives up.
+    pub send_idle_timeout_ms: u64,
     /// Blob bytes one token may upload per hour (on this replica); past it uploads get 429
     /// until the hour is over. 0: no quota.
     pub upload_bytes_per_token_per_hour: u64,
@@ -223,6 +233,7 @@ impl Default for Limits {
             max_queued_reports: 10_000,
             max_sockets_per_token: 4,
             body_idle_timeout_ms: 30_000,
+            send_idle_timeout_ms: 30_000,
             upload_bytes_per_token_per_hour: 50 << 30,
         }
     }
@@ -240,6 +251,8 @@ impl Default for Config {
             poll_interval_ms: 250,
             reread_interval_ms: 30_000,
             ping_interval_ms: 15_000,
+            download_spread_per_agent_us: 200,
+            download_spread_max_ms: 5_000,
             hub_id: None,
             tls_cert: None,
             tls_key: None,
@@ -400,6 +413,11 @@ impl Config {
         self.retention.validate().map_err(ConfigError::Invalid)?;
         self.gc.validate().map_err(ConfigError::Invalid)?;
         self.backup.validate().map_err(ConfigError::Invalid)?;
+        if self.limits.send_idle_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.send_idle_timeout_ms must be above 0".into(),
+            ));
+        }
         if self.limits.header_read_timeout_ms == 0 || self.limits.body_idle_timeout_ms == 0 {
             return Err(ConfigError::Invalid(
                 "limits.header_read_timeout_ms and limits.body_idle_timeout_ms must be above 0"

@@ -7,7 +7,13 @@
 //! - A cap on connections per client address that have not yet made an authenticated request
 //!   (`limits.max_unauthenticated_per_address`): one address cannot hold thousands of sockets
 //!   open without a token. A connection stops counting once a request on it authenticates
-//!   (see [`ConnectionAuth`]), so a whole office behind one NAT address is not limited.
+//!   (see [`ConnectionAuth`]), so a whole office behind one NAT address is not limited. A
+//!   connection over the cap is answered `503 busy` with `Retry-After` and closed (a bare close
+//!   with TLS, or when many refusals are in flight already), and the refusal is logged at
+//!   warn, at most once per [`REFUSAL_LOG_EVERY`].
+//! - A send deadline (`limits.send_idle_timeout_ms`): a connection whose client stops taking
+//!   what the hub writes (a pack it requested and no longer reads, a socket that never drains)
+//!   is closed once a write has waited that long, so its download slot is given back.
 //!
 //! With TLS configured the handshake happens in the connection's task, under the same
 //! header-read deadline.
@@ -17,14 +23,16 @@
 
 use axum::Router;
 use axum::extract::ConnectInfo;
+use axum::response::IntoResponse;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
+use tokio_io_timeout::TimeoutStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -36,7 +44,16 @@ pub struct ConnectionLimits {
     pub header_read_timeout: Duration,
     /// 0: no cap.
     pub max_unauthenticated_per_address: usize,
+    /// A write that cannot proceed for this long ends the connection.
+    pub send_idle_timeout: Duration,
 }
+
+/// Refused connections answered with a 503 at once; more are closed without an answer.
+const MAX_ANSWERED_REFUSALS: usize = 64;
+/// How long a refused connection has to send its request head before the 503 goes out.
+const REFUSAL_DEADLINE: Duration = Duration::from_secs(1);
+/// Refusals are logged at most this often (with how many there were since).
+pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Connections per address that have not authenticated yet.
 #[derive(Default)]
@@ -101,6 +118,62 @@ impl ConnectionAuth {
     }
 }
 
+/// The warn line about refused connections, at most once per [`REFUSAL_LOG_EVERY`].
+#[derive(Default)]
+struct RefusalLog {
+    last: Mutex<Option<Instant>>,
+    since: AtomicU64,
+}
+
+impl RefusalLog {
+    fn note(&self, ip: IpAddr, cap: usize) {
+        self.since.fetch_add(1, Ordering::Relaxed);
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| t.elapsed() < REFUSAL_LOG_EVERY) {
+            return;
+        }
+        *last = Some(Instant::now());
+        let refused = self.since.swap(0, Ordering::Relaxed);
+        tracing::warn!(address = %ip, refused, cap,
+            "refusing connections: this address holds limits.max_unauthenticated_per_address \
+             connections that have not made an authenticated request yet");
+    }
+}
+
+/// Answers a connection over the cap with `503 busy` and `Retry-After`, then closes it.
+async fn refuse<S>(stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(|_: hyper::Request<Incoming>| async {
+        let body = synchub_protocol::ApiError {
+            code: synchub_protocol::codes::BUSY.to_owned(),
+            message: "too many connections from this address have not made an authenticated \
+                      request yet; try again shortly"
+                .to_owned(),
+            conflicts: Vec::new(),
+            head: None,
+        };
+        let mut response = (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(body),
+        )
+            .into_response();
+        response.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from(crate::admission::RETRY_AFTER_SECS),
+        );
+        Ok::<_, std::convert::Infallible>(response)
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(REFUSAL_DEADLINE)
+        .keep_alive(false);
+    let answered = builder.serve_connection(TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(REFUSAL_DEADLINE * 2, answered).await;
+}
+
 /// Serves `app` on `listener` (through TLS with `tls`) until `shutdown`, then waits for the
 /// connections' requests in flight to finish.
 pub async fn serve(
@@ -111,6 +184,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let counts = Arc::new(Unauthenticated::default());
+    let refusals = RefusalLog::default();
+    let answering = Arc::new(tokio::sync::Semaphore::new(MAX_ANSWERED_REFUSALS));
     let connections = TaskTracker::new();
     loop {
         let accepted = tokio::select! {
@@ -130,8 +205,16 @@ pub async fn serve(
         let Some(admission) = counts.admit(peer.ip(), limits.max_unauthenticated_per_address)
         else {
             metrics::counter!("synchub_connections_refused_total").increment(1);
-            tracing::debug!(%peer, "too many unauthenticated connections from this address");
-            drop(stream);
+            refusals.note(peer.ip(), limits.max_unauthenticated_per_address);
+            match (&tls, answering.clone().try_acquire_owned()) {
+                (None, Ok(slot)) => {
+                    connections.spawn(async move {
+                        refuse(stream).await;
+                        drop(slot);
+                    });
+                }
+                _ => drop(stream),
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -179,8 +262,11 @@ async fn serve_connection<S>(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
+    // Under TLS too: the deadline is on the socket's writes, whatever is written through it.
+    let mut stream = TimeoutStream::new(stream);
+    stream.set_write_timeout(Some(limits.send_idle_timeout));
     let connection = builder
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection(TokioIo::new(Box::pin(stream)), service)
         .with_upgrades();
     tokio::pin!(connection);
     let ended = tokio::select! {

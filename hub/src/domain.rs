@@ -7,12 +7,13 @@
 //! runs the same code.
 
 use crate::blobs::{self, BlobStore};
-use crate::broadcast::{Heads, Snapshot};
+use crate::broadcast::{Heads, Snapshot, SpreadPolicy};
 use crate::config::Config;
 use crate::error::HubError;
 use crate::manifests::Manifests;
 use crate::store::{self, Store};
 use std::sync::Arc;
+use std::time::Duration;
 use synchub_protocol::{Head, Manifest, Sha256Hex};
 
 pub struct Domain {
@@ -46,11 +47,15 @@ impl Domain {
         );
         let reports =
             crate::reports::ReportWriter::spawn(store.clone(), config.limits.max_queued_reports);
+        let heads = Heads::new(SpreadPolicy {
+            per_agent: Duration::from_micros(config.download_spread_per_agent_us),
+            max: Duration::from_millis(config.download_spread_max_ms),
+        });
         Domain {
             config,
             store,
             blobs,
-            heads: Heads::default(),
+            heads,
             manifests,
             hot_blobs,
             reports,

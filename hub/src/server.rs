@@ -227,6 +227,7 @@ fn spawn_server(
     let limits = crate::connections::ConnectionLimits {
         header_read_timeout: Duration::from_millis(state.config.limits.header_read_timeout_ms),
         max_unauthenticated_per_address: state.config.limits.max_unauthenticated_per_address,
+        send_idle_timeout: Duration::from_millis(state.config.limits.send_idle_timeout_ms),
     };
     let server = tokio::spawn(crate::connections::serve(listener, app, limits, tls, stop));
     (server, tls_reload)

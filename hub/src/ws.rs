@@ -345,7 +345,7 @@ async fn serve(
 ) {
     // Registered before the heads are read: a bump after the read reaches this socket, by the
     // fan-out or, while the write half is not attached yet, by waking this task.
-    let registration = state.heads.register();
+    let mut registration = state.heads.register();
     let snapshot = state.heads.snapshot();
     let (sent, heads) = first_heads(&held, &snapshot);
     let followed: Vec<(String, u64)> = sent.iter().map(|s| (s.space.clone(), s.version)).collect();
@@ -356,7 +356,7 @@ async fn serve(
         ping_interval_ms: state.config.ping_interval_ms,
     };
     let (sink, stream) = socket.split();
-    registration.socket.attach(sink, sent);
+    registration.attach(sink, sent);
     // Registered once per socket, not looked up in the recorder on every send of a broadcast.
     let fanout_seconds = metrics::histogram!("synchub_fanout_seconds");
     let mut socket = Split {

@@ -34,6 +34,10 @@ pub enum AgentState {
         version: u64,
         target: u64,
         forced: bool,
+        /// Set while the agent waits out the hub's spread hint: when its download starts
+        /// (RFC 3339).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        starts_at: Option<String>,
     },
     Downloading {
         version: u64,
@@ -151,6 +155,41 @@ pub enum HubFrame {
     },
 }
 
+/// The spread hint a `sync_required` frame may carry beside the head's fields: an agent starts
+/// a non-forced download after a uniformly random delay within `spread_ms`, so a large fleet
+/// does not ask for a new version all at once. Optional on the wire (absent means 0), so an
+/// agent that does not know it parses the frame as before and ignores it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Spread {
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub spread_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl Spread {
+    /// The hint in a frame's text (0 when absent or when the text is not a frame).
+    pub fn of_frame(text: &str) -> Spread {
+        serde_json::from_str(text).unwrap_or_default()
+    }
+}
+
+/// Encodes the `sync_required` frame of `head` with `spread` beside it: the JSON of
+/// [`HubFrame::SyncRequired`] plus `spread_ms` when it is not 0.
+pub fn sync_required_frame(head: &Head, spread: Spread) -> serde_json::Result<String> {
+    #[derive(Serialize)]
+    #[serde(tag = "type", rename = "sync_required")]
+    struct Frame<'a> {
+        #[serde(flatten)]
+        head: &'a Head,
+        #[serde(flatten)]
+        spread: Spread,
+    }
+    serde_json::to_string(&Frame { head, spread })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,6 +226,38 @@ mod tests {
             serde_json::from_value::<HubFrame>(json).unwrap(),
             HubFrame::SyncRequired(head)
         );
+    }
+
+    #[test]
+    fn the_spread_hint_rides_beside_the_head_and_old_parsers_ignore_it() {
+        let head = Head {
+            space: "s".into(),
+            version: 8,
+            data_hash: Sha256Hex::empty(),
+            forced: false,
+            reason: None,
+            by: None,
+            at: "2026-11-25T00:00:00Z".into(),
+            epoch: 0,
+            forced_version: 0,
+        };
+        let text = sync_required_frame(&head, Spread { spread_ms: 1500 }).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(json["type"], "sync_required");
+        assert_eq!(json["spread_ms"], 1500);
+        assert_eq!(
+            serde_json::from_str::<HubFrame>(&text).unwrap(),
+            HubFrame::SyncRequired(head.clone())
+        );
+        assert_eq!(Spread::of_frame(&text).spread_ms, 1500);
+
+        let plain = sync_required_frame(&head, Spread::default()).unwrap();
+        assert_eq!(
+            plain,
+            serde_json::to_string(&HubFrame::SyncRequired(head)).unwrap(),
+            "no hint: the frame is byte for byte what it was"
+        );
+        assert_eq!(Spread::of_frame(&plain), Spread::default());
     }
 
     #[test]

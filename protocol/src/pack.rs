@@ -4,6 +4,10 @@
 //! The agent asks `POST /api/v1/blobs/pack` with a [`crate::BlobList`]; the hub answers with,
 //! for every requested blob in order, a header line `<sha256> <size>\n` followed by exactly
 //! `size` bytes. The reader checks each blob's hash itself; a stream that ends early is truncated.
+//!
+//! A pack may travel compressed (`Content-Encoding: zstd` or `gzip`, when the request's
+//! `Accept-Encoding` allows it); the agent asks so only for packs of files
+//! [`worth_compressing`], and hashes are always of the decoded bytes.
 
 use crate::hash::Sha256Hex;
 
@@ -13,6 +17,26 @@ pub const PACK_CONTENT_TYPE: &str = "application/vnd.synchub.pack";
 /// The header line that precedes a blob's bytes in a pack.
 pub fn encode_header(sha256: &Sha256Hex, size: u64) -> String {
     format!("{sha256} {size}\n")
+}
+
+/// Extensions of formats that are compressed already (images, archives, media, office files):
+/// compressing them again costs hub CPU and saves next to nothing.
+const COMPRESSED_ALREADY: &[&str] = &[
+    "png", "jpg", "jpeg", "gif", "webp", "avif", "heic", "zip", "gz", "tgz", "zst", "xz", "bz2",
+    "7z", "rar", "jar", "mp3", "mp4", "m4a", "mov", "avi", "mkv", "webm", "ogg", "docx", "xlsx",
+    "pptx", "odt", "ods", "woff2",
+];
+
+/// Whether a file at `path` is worth compressing on the way (JSON, text, databases, ...): by
+/// its extension, which is all the agent knows before it has the bytes.
+pub fn worth_compressing(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    match name.rsplit_once('.') {
+        Some((_, ext)) => !COMPRESSED_ALREADY
+            .iter()
+            .any(|known| known.eq_ignore_ascii_case(ext)),
+        None => true,
+    }
 }
 
 /// Longest header line: 64 hex, a space, up to 20 digits, a line break.
@@ -58,5 +82,26 @@ mod tests {
             );
         }
         assert!(parse_header(b"").is_err());
+    }
+
+    #[test]
+    fn compressed_formats_are_not_worth_compressing() {
+        for path in [
+            "arhiva/2026.json",
+            "notes.txt",
+            "db/catalog.sqlite",
+            "Makefile",
+            "a.b/c",
+        ] {
+            assert!(worth_compressing(path), "{path}");
+        }
+        for path in [
+            "04320-11149-F/qr_0003.png",
+            "poza.JPG",
+            "backup.zip",
+            "x/y.tar.gz",
+        ] {
+            assert!(!worth_compressing(path), "{path}");
+        }
     }
 }

@@ -219,6 +219,13 @@ impl WsAgent {
 
     /// The next hub frame other than `ping`, within `timeout`.
     pub async fn next_frame(&mut self, timeout: Duration) -> anyhow::Result<HubFrame> {
+        let text = self.next_text(timeout).await?;
+        serde_json::from_str(&text).with_context(|| format!("hub sent an unparsable frame: {text}"))
+    }
+
+    /// The text of the next hub frame other than `ping`, within `timeout` (for fields the
+    /// typed frame does not keep).
+    pub async fn next_text(&mut self, timeout: Duration) -> anyhow::Result<String> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let msg = tokio::time::timeout_at(deadline, self.socket.next())
@@ -226,12 +233,10 @@ impl WsAgent {
                 .map_err(|_| anyhow!("no frame within {timeout:?}"))?
                 .ok_or_else(|| anyhow!("socket closed"))??;
             match msg {
-                Message::Text(t) => {
-                    let frame: HubFrame = serde_json::from_str(&t)
-                        .with_context(|| format!("hub sent an unparsable frame: {t}"))?;
-                    if frame != HubFrame::Ping {
-                        return Ok(frame);
-                    }
+                Message::Text(t)
+                    if serde_json::from_str::<HubFrame>(&t).ok() != Some(HubFrame::Ping) =>
+                {
+                    return Ok(t.to_string());
                 }
                 Message::Close(c) => bail!("socket closed: {c:?}"),
                 _ => {}

@@ -69,6 +69,11 @@ impl FaultProxy {
         self.budget.freeze_at.store(now + bytes, Ordering::SeqCst);
     }
 
+    /// Bytes forwarded towards the client so far (what crossed the "network").
+    pub fn forwarded(&self) -> u64 {
+        self.budget.forwarded.load(Ordering::SeqCst)
+    }
+
     /// `http://127.0.0.1:PORT`
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)

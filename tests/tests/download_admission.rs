@@ -1,8 +1,9 @@
 //! Admission instead of a stampede: a hub bounded to one download at a time answers the others
 //! `503 busy` with `Retry-After` at once, and agents that are put off keep waiting (never
-//! reported as failed) and all end with the right tree once the slot frees.
+//! reported as failed) and all end with the right tree once the slot frees. A client that stops
+//! reading its download is cut off after the send deadline, so it cannot keep a slot for good.
 
-use anyhow::ensure;
+use anyhow::{Context, ensure};
 use std::time::Duration;
 use synchub_client::SyncClient;
 use synchub_protocol::{AgentState, DEFAULT_SPACE, Role, Sha256Hex};
@@ -171,6 +172,80 @@ async fn a_download_over_the_bound_waits_in_the_queue_for_a_slot() -> anyhow::Re
         started.elapsed()
     );
     drop(held);
+    hub.stop().await;
+    Ok(())
+}
+
+/// A client that asks for a large blob and then stops reading (without closing) gives its
+/// download slot back after `limits.send_idle_timeout_ms`: it is cut off, and the next
+/// download is served instead of refused until TCP gives up on the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_and_frees_its_slot() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hub = TestHub::start_with(|c| {
+        c.limits.max_concurrent_downloads = 1;
+        c.limits.send_idle_timeout_ms = 1_000;
+        // No queue: a download over the bound is refused at once while the slot is held.
+        c.limits.download_queue_ms = 0;
+    })
+    .await?;
+    // Larger than the loopback socket buffers together, so the hub's writes block.
+    let big: Vec<u8> = (0..32u32 << 20).map(|i| (i % 251) as u8).collect();
+    let (status, body) = commit(&hub, &hub.admin_token, 1, &[("big.bin", &big)], &[]).await?;
+    ensure!(status.is_success(), "commit: {status} {body}");
+
+    let addr = hub.url.trim_start_matches("http://").to_owned();
+    let mut stalled = tokio::net::TcpStream::connect(&addr).await?;
+    stalled
+        .write_all(
+            format!(
+                "GET /api/v1/blobs/{} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\r\n",
+                Sha256Hex::of(&big),
+                hub.admin_token
+            )
+            .as_bytes(),
+        )
+        .await?;
+    let manifest = hub.api(&format!("/spaces/{DEFAULT_SPACE}/versions/2/manifest"));
+    let get = || {
+        http()
+            .get(&manifest)
+            .bearer_auth(&hub.admin_token)
+            .timeout(Duration::from_secs(5))
+            .send()
+    };
+    // The stalled client holds the one slot.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        get().await?.status(),
+        503,
+        "the stalled download holds the slot"
+    );
+
+    let asked = std::time::Instant::now();
+    loop {
+        let status = get().await?.status();
+        if status.is_success() {
+            break;
+        }
+        assert_eq!(status, 503);
+        ensure!(
+            asked.elapsed() < Duration::from_secs(10),
+            "still refused {:?} after the stalled client stopped reading",
+            asked.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The stalled connection was closed by the hub before the whole blob went out.
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stalled.read_to_end(&mut got))
+        .await
+        .context("the stalled connection is still open")?;
+    assert!(
+        read.is_err() || got.len() < big.len(),
+        "the whole blob arrived ({} bytes): nothing was cut off",
+        got.len()
+    );
     hub.stop().await;
     Ok(())
 }

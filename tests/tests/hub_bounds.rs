@@ -401,9 +401,26 @@ async fn unauthenticated_connections_per_address_are_capped() -> anyhow::Result<
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut over = TcpStream::connect(addr).await?;
     assert!(
-        closed_within(&mut over, Duration::from_secs(2)).await,
+        closed_within(&mut over, Duration::from_secs(3)).await,
         "the 21st unauthenticated connection was kept"
     );
+    // One over the cap that asks is told why and when to come back (it used to be closed
+    // without a word).
+    let mut over = TcpStream::connect(addr).await?;
+    let (status, headers, body) = exchange(
+        &mut over,
+        &format!("GET /api/v1/spaces HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {pc}\r\n\r\n"),
+    )
+    .await?;
+    assert_eq!(status, 503, "{headers} {body}");
+    assert!(
+        headers.to_ascii_lowercase().contains("retry-after: 1"),
+        "{headers}"
+    );
+    let error: ApiError = serde_json::from_str(&body)?;
+    assert_eq!(error.code, "busy");
+    assert!(error.message.contains("authenticated"), "{}", error.message);
+    assert!(closed_within(&mut over, Duration::from_secs(2)).await);
 
     // One of the 20 authenticates: its place is free for a new connection.
     let request =
@@ -425,6 +442,123 @@ async fn unauthenticated_connections_per_address_are_capped() -> anyhow::Result<
         "{:?}",
         String::from_utf8_lossy(&buf[..n])
     );
+    hub.stop().await;
+    Ok(())
+}
+
+/// Sends `request` on `stream` and reads one response: its status, its head and its body
+/// (by `Content-Length`).
+async fn exchange(stream: &mut TcpStream, request: &str) -> anyhow::Result<(u16, String, String)> {
+    stream.write_all(request.as_bytes()).await?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = tokio::time::timeout(WAIT, stream.read(&mut chunk))
+            .await
+            .context("no response")??;
+        ensure!(n > 0, "connection closed without a response");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .context("status line")?
+        .parse()?;
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    while buf.len() < head_end + length {
+        let n = tokio::time::timeout(WAIT, stream.read(&mut chunk))
+            .await
+            .context("body cut short")??;
+        ensure!(n > 0, "connection closed mid-body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = String::from_utf8_lossy(&buf[head_end..head_end + length]).into_owned();
+    Ok((status, head, body))
+}
+
+/// A herd from one address (an office behind NAT, a load test) whose downloads are put off
+/// with 503 `busy` used to count as unauthenticated, because admission answered before the
+/// token was looked at: past the cap new connections were closed. Now every keep-alive
+/// connection that made a request with a valid token stops counting, whatever the answer,
+/// and stays usable; and one more connection is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_connections_with_a_token_do_not_count_against_the_cap() -> anyhow::Result<()> {
+    let hub = TestHub::start_with(|c| {
+        c.limits.max_unauthenticated_per_address = 8;
+        c.limits.max_concurrent_downloads = 1;
+    })
+    .await?;
+    let pc = hub.token("pc", Role::Agent, None).await?;
+    let addr = hub.config.listen;
+    // Larger than the socket buffers: a client that does not read it holds the one slot.
+    let big: Vec<u8> = (0..32u32 << 20).map(|i| (i % 251) as u8).collect();
+    let (status, body) = commit(&hub, &pc, 1, &[("big.bin", &big)], &[]).await?;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let mut holder = TcpStream::connect(addr).await?;
+    holder
+        .write_all(
+            format!(
+                "GET /api/v1/blobs/{} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {pc}\r\n\r\n",
+                Sha256Hex::of(&big)
+            )
+            .as_bytes(),
+        )
+        .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let spaces =
+        format!("GET /api/v1/spaces HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {pc}\r\n\r\n");
+    let manifest = format!(
+        "GET /api/v1/spaces/{DEFAULT_SPACE}/versions/2/manifest HTTP/1.1\r\nHost: x\r\n\
+         Authorization: Bearer {pc}\r\n\r\n"
+    );
+    let mut open = Vec::new();
+    for i in 0..24 {
+        let mut c = TcpStream::connect(addr).await?;
+        // Half make an ordinary request, half a download that is put off.
+        let (status, headers, body) = if i % 2 == 0 {
+            exchange(&mut c, &spaces).await
+        } else {
+            exchange(&mut c, &manifest).await
+        }
+        .with_context(|| format!("connection {i}"))?;
+        let expected = if i % 2 == 0 { 200 } else { 503 };
+        assert_eq!(status, expected, "connection {i}: {headers} {body}");
+        open.push(c);
+    }
+    // All stay usable, and a new one is served.
+    for (i, c) in open.iter_mut().enumerate() {
+        let (status, _, body) = exchange(c, &spaces)
+            .await
+            .with_context(|| format!("connection {i} again"))?;
+        assert_eq!(status, 200, "connection {i} again: {body}");
+    }
+    let mut one_more = TcpStream::connect(addr).await?;
+    let (status, _, body) = exchange(&mut one_more, &spaces).await?;
+    assert_eq!(status, 200, "{body}");
+
+    // Without a valid token a download is refused for that, not for being busy.
+    let mut anonymous = TcpStream::connect(addr).await?;
+    let (status, _, _) = exchange(
+        &mut anonymous,
+        &format!(
+            "GET /api/v1/spaces/{DEFAULT_SPACE}/versions/2/manifest HTTP/1.1\r\nHost: x\r\n\r\n"
+        ),
+    )
+    .await?;
+    assert_eq!(status, 401);
+    drop(holder);
     hub.stop().await;
     Ok(())
 }

@@ -16,10 +16,14 @@ use crate::state::{AppState, ReconcileHealth, STORAGE_FULL_REPORTED};
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
+use axum::middleware::from_fn_with_state;
 use axum::response::IntoResponse;
 use axum::routing::{get, post, put};
 use std::time::Duration;
 use synchub_protocol::codes;
+use tower_http::CompressionLevel;
+use tower_http::compression::CompressionLayer;
+use tower_http::compression::predicate::SizeAbove;
 
 // Who may call what: the extractor each handler takes decides it, before the body is read.
 //   Principal              any live token
@@ -39,6 +43,7 @@ pub fn router(state: AppState) -> Router {
         limits.max_concurrent_downloads,
         limits.max_queued_downloads,
         Duration::from_millis(limits.download_queue_ms),
+        state.clone(),
     );
     let api = space_routes(&downloads)
         .merge(admin_routes())
@@ -81,7 +86,10 @@ fn space_routes(downloads: &Downloads) -> Router<AppState> {
         .route("/spaces/{space}/head", get(heads::head)) // SpaceAccess<Read>
         .route(
             "/spaces/{space}/versions/{version}/manifest",
-            get(heads::manifest).route_layer(admit), // SpaceAccess<Read>
+            get(heads::manifest) // SpaceAccess<Read>
+                .route_layer(compression())
+                .route_layer(from_fn_with_state("manifest", count_encoding))
+                .route_layer(admit),
         )
         .route("/spaces/{space}/commits", post(commits::commit)) // SpaceAccess<Publish>
         // POST: Principal, and Read on the report's space; GET: AdminToken.
@@ -97,7 +105,13 @@ fn space_routes(downloads: &Downloads) -> Router<AppState> {
 fn blob_routes(downloads: &Downloads) -> Router<AppState> {
     let admit = axum::middleware::from_fn_with_state(downloads.clone(), crate::admission::admit);
     Router::new()
-        .route("/blobs/pack", post(blobs::pack).route_layer(admit.clone())) // Principal
+        .route(
+            "/blobs/pack",
+            post(blobs::pack) // Principal
+                .route_layer(compression())
+                .route_layer(from_fn_with_state("pack", count_encoding))
+                .route_layer(admit.clone()),
+        )
         .route("/blobs/missing", post(blobs::missing)) // Principal
         .route(
             "/blobs/{sha256}",
@@ -107,6 +121,39 @@ fn blob_routes(downloads: &Downloads) -> Router<AppState> {
                 // Streamed, with their own limit (`limits.max_blob_bytes`).
                 .layer(DefaultBodyLimit::disable()),
         )
+}
+
+/// Answers shorter than this are sent as they are: compressing them saves nothing worth it.
+const COMPRESS_MIN_BYTES: u64 = 1024;
+
+/// Compression for a download route (manifests, deltas, packs), as the request's
+/// `Accept-Encoding` allows: zstd or gzip, at their fastest level (the hub's CPU is what a
+/// herd of agents waits on). The agent asks for packs of images and archives uncompressed.
+fn compression() -> CompressionLayer<SizeAbove> {
+    CompressionLayer::new()
+        .quality(CompressionLevel::Fastest)
+        .compress_when(SizeAbove::new(COMPRESS_MIN_BYTES))
+}
+
+/// Middleware outside [`compression`]: counts each answer of a download route by its encoding
+/// (`synchub_download_encodings_total{route, encoding}`).
+async fn count_encoding(
+    State(route): State<&'static str>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let response = next.run(request).await;
+    if response.status().is_success() {
+        let encoding = match response.headers().get(axum::http::header::CONTENT_ENCODING) {
+            Some(v) if v == "zstd" => "zstd",
+            Some(v) if v == "gzip" => "gzip",
+            Some(_) => "other",
+            None => "identity",
+        };
+        metrics::counter!("synchub_download_encodings_total", "route" => route, "encoding" => encoding)
+            .increment(1);
+    }
+    response
 }
 
 /// What only admins do: history, force-syncs, rollbacks, tokens, decisions, the audit log.
