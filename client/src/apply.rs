@@ -539,12 +539,42 @@ fn remove_link(path: &Path) -> std::io::Result<()> {
     std::fs::remove_file(path)
 }
 
+/// Flushes the file at `path` to disk. Windows flushes only through a handle with write
+/// access (a read-only handle gets "Access denied"), so there a read-only file (a copy of a
+/// cache blob) is made writable for the flush and read-only again after it.
+pub(crate) fn sync_file(path: &Path) -> std::io::Result<()> {
+    #[cfg(windows)]
+    {
+        let perms = std::fs::metadata(path)?.permissions();
+        if !perms.readonly() {
+            return std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)?
+                .sync_all();
+        }
+        let mut writable = perms.clone();
+        #[allow(clippy::permissions_set_readonly_false)]
+        writable.set_readonly(false);
+        std::fs::set_permissions(path, writable)?;
+        let synced = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.sync_all());
+        std::fs::set_permissions(path, perms)?;
+        synced
+    }
+    #[cfg(not(windows))]
+    {
+        std::fs::File::open(path)?.sync_all()
+    }
+}
+
 /// Copies `src` to `dest`, which must not exist: to a temp file beside it, fsync'd, then
 /// renamed in, so nothing half-written is ever visible and no existing file is written through.
 fn copy_new(src: &Path, dest: &Path) -> Result<()> {
     let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("f");
     let tmp = dest.with_file_name(format!(".{name}.synchub-{}", uuid::Uuid::new_v4().simple()));
-    let copied = std::fs::copy(src, &tmp).and_then(|_| std::fs::File::open(&tmp)?.sync_all());
+    let copied = std::fs::copy(src, &tmp).and_then(|_| sync_file(&tmp));
     if let Err(e) = copied {
         let _ = remove_file_forced(&tmp);
         return Err(ClientError::io(

@@ -91,9 +91,7 @@ impl Cache {
         let dest = self.path(sha256);
         let dir = dest.parent().expect("cache path has a parent");
         std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
-        std::fs::File::open(temp)
-            .and_then(|f| f.sync_all())
-            .ctx(|| format!("syncing {}", temp.display()))?;
+        crate::apply::sync_file(temp).ctx(|| format!("syncing {}", temp.display()))?;
         self.place(temp, sha256, &dest)
     }
 

@@ -1,7 +1,8 @@
 //! The Windows agent (`synchub-agent.exe`, x86_64-pc-windows-gnu) run under Wine against a
 //! Linux hub on loopback: the QR set published and applied, then changes, deletes and a forced
 //! repair, each applied byte-identical; a Windows process holding a file of the live tree open
-//! across an apply; the agent killed mid-apply and restarted.
+//! across an apply; the agent killed mid-apply and restarted; then the QR app's folder in
+//! two-way mode (filled from the hub, a local PNG published, another PC's PNG applied).
 //!
 //! `scripts/test` builds the exe (scripts/build-windows-agent); `SYNCHUB_AGENT_EXE` points at
 //! another build. Wine starts once per test binary (a fresh prefix boots slowly).
@@ -75,6 +76,17 @@ impl Wine {
         token: &str,
         dir: &Path,
     ) -> anyhow::Result<Agent> {
+        self.spawn_agent_with(exe, hub, token, dir, &[])
+    }
+
+    fn spawn_agent_with(
+        &self,
+        exe: &Path,
+        hub: &TestHub,
+        token: &str,
+        dir: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Agent> {
         let log = dir.with_extension("log");
         let child = self
             .command(WINE)
@@ -91,6 +103,7 @@ impl Wine {
             .arg("--dir")
             .arg(win_path(dir))
             .args(["--status-listen", "off"])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
@@ -350,6 +363,135 @@ async fn windows_agent_under_wine() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     agent.kill();
+
+    two_way_under_wine(&wine, &exe, &hub, &token, version, &want).await?;
     hub.stop().await;
+    Ok(())
+}
+
+/// Whether the hub's head manifest names `path` with the sha256 of `bytes`.
+async fn head_has(hub: &TestHub, token: &str, path: &str, bytes: &[u8]) -> anyhow::Result<bool> {
+    let http = synchub_tests::fixtures::http();
+    let head: serde_json::Value = http
+        .get(hub.api(&format!("/spaces/{DEFAULT_SPACE}/head")))
+        .bearer_auth(token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let version = head["version"].as_u64().context("head version")?;
+    let manifest = http
+        .get(hub.api(&format!(
+            "/spaces/{DEFAULT_SPACE}/versions/{version}/manifest"
+        )))
+        .bearer_auth(token)
+        .send()
+        .await?
+        .text()
+        .await?;
+    let sha = synchub_protocol::Sha256Hex::of(bytes);
+    Ok(manifest
+        .lines()
+        .any(|l| l.starts_with(sha.as_str()) && l.ends_with(path)))
+}
+
+/// The QR app's folder in two-way mode on a Windows PC: the agent fills the empty folder with
+/// the head, a PNG the app writes there reaches the hub, and a PNG another PC publishes
+/// appears in the folder.
+async fn two_way_under_wine(
+    wine: &Wine,
+    exe: &Path,
+    hub: &TestHub,
+    token: &str,
+    version: u64,
+    want: &BTreeMap<String, Vec<u8>>,
+) -> anyhow::Result<()> {
+    let work = tempfile::tempdir()?;
+    let folder = work.path().join("qr_codes");
+    std::fs::create_dir_all(&folder)?;
+    let agent = wine.spawn_agent_with(exe, hub, token, &folder, &["--two-way"])?;
+    let in_folder = |folder: &Path| {
+        read_tree(folder)
+            .into_iter()
+            .filter(|(p, _)| !p.starts_with(".synchub"))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let started = Instant::now();
+    while &in_folder(&folder) != want {
+        ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "two-way folder under Wine never held version {version}: {} files of {}\nlog:\n{}",
+            in_folder(&folder).len(),
+            want.len(),
+            agent.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "two-way under Wine: folder filled in {:?}",
+        started.elapsed()
+    );
+
+    // The app writes a PNG into its folder: the agent publishes it.
+    let png: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 256) as u8).collect();
+    let path = "wine-range/QR_from_windows.png";
+    std::fs::create_dir_all(folder.join("wine-range"))?;
+    std::fs::write(folder.join(path), &png)?;
+    let started = Instant::now();
+    while !head_has(hub, token, path, &png).await? {
+        ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "a PNG written on the Windows PC never reached the hub\nlog:\n{}",
+            agent.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "two-way under Wine: a local PNG published in {:?}",
+        started.elapsed()
+    );
+
+    // Another PC publishes a PNG: it appears in the Windows PC's folder.
+    let other: Vec<u8> = (0..2500u32).map(|i| (i * 13 % 256) as u8).collect();
+    let head: serde_json::Value = synchub_tests::fixtures::http()
+        .get(hub.api(&format!("/spaces/{DEFAULT_SPACE}/head")))
+        .bearer_auth(token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let base = head["version"].as_u64().context("head version")?;
+    let (status, body) = synchub_tests::fixtures::commit(
+        hub,
+        token,
+        base,
+        &[("other-range/QR_from_linux.png", other.as_slice())],
+        &[],
+    )
+    .await?;
+    ensure!(status.is_success(), "commit: {status} {body}");
+    let started = Instant::now();
+    while std::fs::read(folder.join("other-range/QR_from_linux.png")).ok() != Some(other.clone()) {
+        ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "a PNG published elsewhere never appeared in the Windows PC's folder\nlog:\n{}",
+            agent.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "two-way under Wine: a PNG from another PC applied in {:?}",
+        started.elapsed()
+    );
+    // Nothing written on either side was lost.
+    let got = in_folder(&folder);
+    ensure!(got.get(path) == Some(&png), "the local PNG is gone");
+    ensure!(
+        got.len() == want.len() + 2,
+        "{} files, {} expected",
+        got.len(),
+        want.len() + 2
+    );
+    drop(agent);
     Ok(())
 }

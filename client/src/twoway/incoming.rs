@@ -200,14 +200,15 @@ pub(crate) fn place(cache: &Cache, e: &ManifestEntry, dest: &Path) -> Result<()>
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     ));
     let copied = std::fs::copy(cache.path(&e.sha256), &temp)
-        .and_then(|_| std::fs::File::open(&temp)?.sync_all())
-        .and_then(|()| {
-            // The cache's copies are read-only; the app's own files are not.
+        .and_then(|_| {
+            // The cache's copies are read-only (the copy takes that over); the app's own files
+            // are not.
             let mut perms = std::fs::metadata(&temp)?.permissions();
             #[allow(clippy::permissions_set_readonly_false)]
             perms.set_readonly(false);
             std::fs::set_permissions(&temp, perms)
-        });
+        })
+        .and_then(|()| crate::apply::sync_file(&temp));
     if let Err(e) = copied {
         let _ = std::fs::remove_file(&temp);
         return Err(crate::ClientError::io(
