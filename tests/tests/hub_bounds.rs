@@ -497,6 +497,8 @@ async fn keep_alive_connections_with_a_token_do_not_count_against_the_cap() -> a
     let hub = TestHub::start_with(|c| {
         c.limits.max_unauthenticated_per_address = 8;
         c.limits.max_concurrent_downloads = 1;
+        // No queue: a download over the bound is put off (503) at once.
+        c.limits.download_queue_ms = 0;
     })
     .await?;
     let pc = hub.token("pc", Role::Agent, None).await?;

@@ -354,14 +354,22 @@ impl Shared {
             .clone())
     }
 
-    /// Fetches `blobs` in one pack and checks every blob's size and hash.
-    async fn pack(&self, blobs: &[(Sha256Hex, u64)]) -> Result<()> {
+    /// Fetches `blobs` in one pack (compressed on the way only when `compressible`, as the
+    /// agent asks) and checks every blob's size and hash.
+    async fn pack(&self, blobs: &[(Sha256Hex, u64)], compressible: bool) -> Result<()> {
         let list = BlobList {
             sha256: blobs.iter().map(|(h, _)| h.clone()).collect(),
         };
         let url = format!("{}/blobs/pack", self.api);
         let body = self
-            .request(|| self.http.post(&url).bearer_auth(&self.token).json(&list))
+            .request(|| {
+                let request = self.http.post(&url).bearer_auth(&self.token).json(&list);
+                if compressible {
+                    request
+                } else {
+                    request.header(reqwest::header::ACCEPT_ENCODING, "identity")
+                }
+            })
             .await?;
         let checked = check_pack(&body, blobs);
         if checked.is_err() {
@@ -524,16 +532,19 @@ async fn sync(
     let manifest = shared.manifest(head, Some((held_version, held))).await?;
     let have: HashSet<&Sha256Hex> = held.entries().iter().map(|e| &e.sha256).collect();
     let mut seen = HashSet::new();
-    let need: Vec<(Sha256Hex, u64)> = manifest
+    let wanted: Vec<&ManifestEntry> = manifest
         .entries()
         .iter()
         .filter(|e| !have.contains(&e.sha256) && seen.insert(&e.sha256))
-        .map(|e| (e.sha256.clone(), e.size))
         .collect();
+    // As the agent: a pack of files already compressed (the QR set's PNGs) is asked for
+    // without compression.
+    let compressible = wanted.iter().any(|e| pack::worth_compressing(&e.path));
+    let need: Vec<(Sha256Hex, u64)> = wanted.iter().map(|e| (e.sha256.clone(), e.size)).collect();
     let fetched = need.iter().map(|(_, s)| s).sum();
     // The agent's pack limit: at most 1,000 blobs in one request.
     for chunk in need.chunks(1000) {
-        shared.pack(chunk).await?;
+        shared.pack(chunk, compressible).await?;
     }
     let changed = manifest.changes_from(held);
     Ok((manifest, fetched, changed))
