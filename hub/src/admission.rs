@@ -67,15 +67,31 @@ impl Downloads {
         if let Ok(slot) = self.slots.clone().try_acquire_owned() {
             return Some(slot);
         }
-        if self.wait.is_zero() || self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_waiting {
-            if !self.wait.is_zero() {
-                self.waiting.fetch_sub(1, Ordering::AcqRel);
-            }
+        if self.wait.is_zero() {
             return None;
         }
+        // The place is given back however the wait ends, also when the request is dropped
+        // while it waits (its client went away).
+        let _place = QueuePlace::take(&self.waiting, self.max_waiting)?;
         let slot = tokio::time::timeout(self.wait, self.slots.clone().acquire_owned()).await;
-        self.waiting.fetch_sub(1, Ordering::AcqRel);
         slot.ok()?.ok()
+    }
+}
+
+/// One place in the download queue, held while a request waits for a slot.
+struct QueuePlace<'a>(&'a AtomicUsize);
+
+impl<'a> QueuePlace<'a> {
+    /// A place, unless `max` requests wait already.
+    fn take(waiting: &'a AtomicUsize, max: usize) -> Option<Self> {
+        let place = QueuePlace(waiting);
+        (waiting.fetch_add(1, Ordering::AcqRel) < max).then_some(place)
+    }
+}
+
+impl Drop for QueuePlace<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

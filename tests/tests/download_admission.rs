@@ -249,3 +249,55 @@ async fn a_client_that_stops_reading_is_cut_off_and_frees_its_slot() -> anyhow::
     hub.stop().await;
     Ok(())
 }
+
+/// A download whose client gives up while it waits in the queue gives its place back: the
+/// queue does not fill up with requests nobody waits for any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_leaves_the_queue_gives_its_place_back() -> anyhow::Result<()> {
+    let hub = TestHub::start_with(|c| {
+        c.limits.max_concurrent_downloads = 1;
+        c.limits.download_queue_ms = 5_000;
+        c.limits.max_queued_downloads = 1;
+    })
+    .await?;
+    let big: Vec<u8> = (0..32u32 << 20).map(|i| (i % 251) as u8).collect();
+    let (status, body) = commit(&hub, &hub.admin_token, 1, &[("big.bin", &big)], &[]).await?;
+    ensure!(status.is_success(), "commit: {status} {body}");
+    let blob_url = hub.api(&format!("/blobs/{}", Sha256Hex::of(&big)));
+    let manifest_url = hub.api(&format!("/spaces/{DEFAULT_SPACE}/versions/2/manifest"));
+    let held = http()
+        .get(&blob_url)
+        .bearer_auth(&hub.admin_token)
+        .send()
+        .await?;
+    ensure!(held.status().is_success(), "holding: {}", held.status());
+    // Three clients in turn take the one place in the queue and give up after 300 ms.
+    for i in 0..3 {
+        let gave_up = http()
+            .get(&manifest_url)
+            .bearer_auth(&hub.admin_token)
+            .timeout(Duration::from_millis(300))
+            .send()
+            .await;
+        assert!(
+            gave_up.as_ref().is_err_and(|e| e.is_timeout()),
+            "client {i} waited in the queue: {gave_up:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The place is free again: the next download waits for the slot and is served.
+    let waiting = tokio::spawn({
+        let (url, token) = (manifest_url.clone(), hub.admin_token.clone());
+        async move { http().get(url).bearer_auth(token).send().await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let read = held.bytes().await?;
+    assert_eq!(read.len(), big.len());
+    assert_eq!(
+        waiting.await??.status(),
+        200,
+        "a place left by clients that gave up is free for the next download"
+    );
+    hub.stop().await;
+    Ok(())
+}
