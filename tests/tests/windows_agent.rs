@@ -371,16 +371,8 @@ async fn windows_agent_under_wine() -> anyhow::Result<()> {
 
 /// Whether the hub's head manifest names `path` with the sha256 of `bytes`.
 async fn head_has(hub: &TestHub, token: &str, path: &str, bytes: &[u8]) -> anyhow::Result<bool> {
-    let http = synchub_tests::fixtures::http();
-    let head: serde_json::Value = http
-        .get(hub.api(&format!("/spaces/{DEFAULT_SPACE}/head")))
-        .bearer_auth(token)
-        .send()
-        .await?
-        .json()
-        .await?;
-    let version = head["version"].as_u64().context("head version")?;
-    let manifest = http
+    let version = synchub_tests::fixtures::head(hub, token).await?.version;
+    let manifest = synchub_tests::fixtures::http()
         .get(hub.api(&format!(
             "/spaces/{DEFAULT_SPACE}/versions/{version}/manifest"
         )))
@@ -453,14 +445,7 @@ async fn two_way_under_wine(
 
     // Another PC publishes a PNG: it appears in the Windows PC's folder.
     let other: Vec<u8> = (0..2500u32).map(|i| (i * 13 % 256) as u8).collect();
-    let head: serde_json::Value = synchub_tests::fixtures::http()
-        .get(hub.api(&format!("/spaces/{DEFAULT_SPACE}/head")))
-        .bearer_auth(token)
-        .send()
-        .await?
-        .json()
-        .await?;
-    let base = head["version"].as_u64().context("head version")?;
+    let base = synchub_tests::fixtures::head(hub, token).await?.version;
     let (status, body) = synchub_tests::fixtures::commit(
         hub,
         token,
