@@ -34,7 +34,7 @@ pub async fn readable(
     // Most reads are of the current heads' blobs (a herd after a bump): answered from memory.
     let in_heads = in_readable_heads(domain, principal, hashes).await;
     if in_heads.len() == hashes.len() {
-        return Ok(in_heads);
+        return Ok(in_heads.into_keys().collect());
     }
     let spaces = principal.spaces.as_deref();
     let store = domain.store.as_ref();
@@ -49,14 +49,15 @@ pub async fn readable(
         .await?)
 }
 
-/// Those of `hashes` that the current head of a space `principal` may use names. A head whose
-/// manifest cannot be read contributes nothing here (the database's index decides then).
-async fn in_readable_heads(
+/// Those of `hashes` that the current head of a space `principal` may use names, with their
+/// sizes as the manifest says. A head whose manifest cannot be read contributes nothing here
+/// (the database's index decides then).
+pub async fn in_readable_heads(
     domain: &Domain,
     principal: &Principal,
     hashes: &[Sha256Hex],
-) -> HashSet<Sha256Hex> {
-    let mut found = HashSet::new();
+) -> HashMap<Sha256Hex, u64> {
+    let mut found = HashMap::new();
     for (space, published) in domain.heads.snapshot().iter() {
         if !principal.may_use_space(space) {
             continue;
@@ -68,7 +69,11 @@ async fn in_readable_heads(
         else {
             continue;
         };
-        found.extend(hashes.iter().filter(|h| set.contains(*h)).cloned());
+        found.extend(
+            hashes
+                .iter()
+                .filter_map(|h| set.get(h).map(|size| (h.clone(), *size))),
+        );
         if found.len() == hashes.len() {
             break;
         }

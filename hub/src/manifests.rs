@@ -12,7 +12,7 @@ use crate::blobs::{self, BlobStore};
 use crate::error::HubError;
 use bytes::Bytes;
 use moka::future::Cache;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use synchub_protocol::{Manifest, ManifestDelta, Sha256Hex, codes};
@@ -26,7 +26,7 @@ pub struct Manifests {
     max_entries: usize,
     canonical: Cache<Sha256Hex, Bytes>,
     parsed: Cache<Sha256Hex, Arc<Manifest>>,
-    blob_sets: Cache<Sha256Hex, Arc<HashSet<Sha256Hex>>>,
+    blob_sets: Cache<Sha256Hex, Arc<HashMap<Sha256Hex, u64>>>,
     deltas: Cache<(Sha256Hex, Sha256Hex), Bytes>,
     versions: Cache<(String, u64), Sha256Hex>,
     loads: AtomicU64,
@@ -110,25 +110,26 @@ impl Manifests {
             .map_err(unshare)
     }
 
-    /// Every blob the manifest `data_hash` names, and the manifest itself: which blobs a
-    /// reader of that version may fetch, answered from memory (built once, on the blocking
-    /// pool).
+    /// Every blob the manifest `data_hash` names, and the manifest itself, with their sizes:
+    /// which blobs a reader of that version may fetch and how large they are, answered from
+    /// memory (built once, on the blocking pool).
     pub async fn blob_set(
         &self,
         store: &Arc<dyn BlobStore>,
         data_hash: &Sha256Hex,
-    ) -> Result<Arc<HashSet<Sha256Hex>>, HubError> {
+    ) -> Result<Arc<HashMap<Sha256Hex, u64>>, HubError> {
         self.blob_sets
             .try_get_with_by_ref(data_hash, async {
                 let manifest = self.parsed(store, data_hash).await?;
                 let hash = data_hash.clone();
+                let own_size = self.canonical(store, data_hash).await?.len() as u64;
                 blocking(move || {
-                    let mut set: HashSet<Sha256Hex> = manifest
+                    let mut set: HashMap<Sha256Hex, u64> = manifest
                         .entries()
                         .iter()
-                        .map(|e| e.sha256.clone())
+                        .map(|e| (e.sha256.clone(), e.size))
                         .collect();
-                    set.insert(hash);
+                    set.insert(hash, own_size);
                     Ok(Arc::new(set))
                 })
                 .await

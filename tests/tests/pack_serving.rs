@@ -71,3 +71,68 @@ async fn a_pack_comes_whole_and_small_blobs_are_served_from_memory() -> anyhow::
     hub.stop().await;
     Ok(())
 }
+
+/// A herd after a bump asks for the same new blob many times at once. With the blobs in an
+/// object store, each of those asks used to be its own read from the store (a thousand agents:
+/// a thousand GETs of one blob, and moto or a real bucket's rate limit falling over); now the
+/// first ask reads it and the others wait for those bytes. Counted as the bytes the bucket sent
+/// through a proxy: about one blob's worth, not one per ask.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_herd_asking_for_a_new_blob_reads_it_from_the_bucket_once() -> anyhow::Result<()> {
+    use synchub_hub::config::BlobStoreConfig;
+    use synchub_tests::proxy::{Fault, FaultProxy};
+    const ASKS: usize = 40;
+    let mut s3 = synchub_tests::s3::test_bucket().await?;
+    let endpoint = s3.endpoint.clone().expect("moto has an endpoint");
+    let target = endpoint.trim_start_matches("http://").parse()?;
+    let proxy = FaultProxy::start(target).await?;
+    s3.endpoint = Some(proxy.url());
+    let hub = TestHub::start_with(move |c| c.blob_store = BlobStoreConfig::S3(s3)).await?;
+    // 60 KB: under the 64 KiB of a hot blob, large beside the requests' own bytes.
+    let body: Vec<u8> = (0..60_000u32)
+        .map(|i| (i.wrapping_mul(7919) % 251) as u8)
+        .collect();
+    let base = synchub_tests::fixtures::head(&hub, &hub.admin_token)
+        .await?
+        .version;
+    let (status, answer) = synchub_tests::fixtures::commit(
+        &hub,
+        &hub.admin_token,
+        base,
+        &[("qr/new.png", &body)],
+        &[],
+    )
+    .await?;
+    ensure!(status.is_success(), "commit: {status} {answer}");
+    let hash = Sha256Hex::of(&body);
+
+    // Every ask reaches the hub while the bucket answers nothing, then the bucket answers: the
+    // asks overlap as a herd's do.
+    proxy.set(Fault::Freeze);
+    let before = proxy.forwarded();
+    let asks: Vec<_> = (0..ASKS)
+        .map(|_| {
+            let (hub, hash) = (&hub, hash.clone());
+            async move { get_pack(hub, &[hash]).await }
+        })
+        .collect();
+    let (packs, ()) = tokio::join!(futures::future::join_all(asks), async {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        proxy.set(Fault::Pass);
+    });
+    for pack in packs {
+        let pack = pack?;
+        ensure!(
+            pack.len() == 1 && pack[0].0 == hash && pack[0].1 == body,
+            "a pack came back wrong"
+        );
+    }
+    let from_bucket = proxy.forwarded() - before;
+    assert!(
+        from_bucket < 3 * body.len() as u64,
+        "{ASKS} asks for one {}-byte blob read {from_bucket} bytes from the bucket",
+        body.len()
+    );
+    hub.stop().await;
+    Ok(())
+}

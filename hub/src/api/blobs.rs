@@ -193,12 +193,18 @@ pub async fn missing(
 }
 
 /// Each asked blob with its size; not found when any of them is missing or not readable by
-/// `principal`.
+/// `principal`. A pack of the current heads' blobs (a herd after a bump) is answered from the
+/// manifests in memory, without asking the blob store.
 async fn sized_blobs(
     state: &AppState,
     principal: &Principal,
     sha256: Vec<Sha256Hex>,
 ) -> ApiResult<Vec<(Sha256Hex, u64)>> {
+    let in_heads = blob_access::in_readable_heads(state, principal, &sha256).await;
+    let from_heads: Option<Vec<u64>> = sha256.iter().map(|h| in_heads.get(h).copied()).collect();
+    if let Some(sizes) = from_heads {
+        return Ok(sha256.into_iter().zip(sizes).collect());
+    }
     let readable = blob_access::readable(state, principal, &sha256).await?;
     let found = state.blob_sizes(&sha256).await?;
     let missing: Vec<String> = sha256

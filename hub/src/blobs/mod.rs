@@ -11,8 +11,9 @@ pub mod s3;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
+use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use synchub_protocol::{Sha256Hex, pack};
 
@@ -137,12 +138,12 @@ pub trait BlobStore: Send + Sync + 'static {
                 let (store, hot) = (self.clone(), hot.clone());
                 async move {
                     let header = Ok(Bytes::from(pack::encode_header(&hash, size)));
-                    let small = match hot.get(&hash, size) {
-                        Some(bytes) => Ok(Some(bytes)),
-                        None if hot.takes(size) => get_bytes(store.as_ref(), &hash, size)
+                    let small = if hot.takes(size) {
+                        hot.load(&hash, size, get_bytes(store.as_ref(), &hash, size))
                             .await
-                            .map(|bytes| Some(hot.put(&hash, bytes))),
-                        None => Ok(None),
+                            .map(Some)
+                    } else {
+                        Ok(None)
                     };
                     match small {
                         Ok(Some(bytes)) => futures::stream::iter([header, Ok(bytes)]).boxed(),
@@ -177,6 +178,9 @@ fn failed(e: BlobError) -> ByteStream {
 pub struct HotBlobs {
     cache: moka::sync::Cache<Sha256Hex, Bytes>,
     max_blob: u64,
+    /// Reads under way, so that a herd asking for a new blob at once reads it from the store
+    /// once (see [`HotBlobs::load`]).
+    loading: Arc<Mutex<HashMap<Sha256Hex, Arc<tokio::sync::OnceCell<Bytes>>>>>,
 }
 
 impl HotBlobs {
@@ -188,7 +192,58 @@ impl HotBlobs {
                 .weigher(|_: &Sha256Hex, b: &Bytes| u32::try_from(b.len()).unwrap_or(u32::MAX))
                 .build(),
             max_blob: if bytes == 0 { 0 } else { max_blob },
+            loading: Arc::default(),
         }
+    }
+
+    /// The blob's bytes from memory, or from `read` (bytes already checked against `hash`)
+    /// and kept. Packs that ask for the same blob while it is being read wait for that one
+    /// read instead of each reading it: after a bump the whole fleet asks for the same new
+    /// blobs within a second, and an object store would get one request per agent. When the
+    /// read fails or its pack goes away, the next waiter reads.
+    pub async fn load(
+        &self,
+        hash: &Sha256Hex,
+        size: u64,
+        read: impl Future<Output = Result<Bytes, BlobError>>,
+    ) -> Result<Bytes, BlobError> {
+        if let Some(bytes) = self.get(hash, size) {
+            return Ok(bytes);
+        }
+        let cell = self
+            .loads()
+            .entry(hash.clone())
+            .or_insert_with(|| Arc::new(tokio::sync::OnceCell::new()))
+            .clone();
+        let result = cell
+            .get_or_try_init(|| async { read.await.map(|bytes| self.put(hash, bytes)) })
+            .await
+            .cloned();
+        // Done with: once read (later asks find the bytes in the cache), or failed with no one
+        // else waiting (the map and this hold the only references).
+        let mut loads = self.loads();
+        if loads.get(hash).is_some_and(|c| Arc::ptr_eq(c, &cell))
+            && (cell.initialized() || Arc::strong_count(&cell) <= 2)
+        {
+            loads.remove(hash);
+        }
+        result.and_then(|bytes| {
+            if bytes.len() as u64 == size {
+                Ok(bytes)
+            } else {
+                Err(BlobError::BadRange {
+                    start: 0,
+                    end: size,
+                    size: bytes.len() as u64,
+                })
+            }
+        })
+    }
+
+    fn loads(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<Sha256Hex, Arc<tokio::sync::OnceCell<Bytes>>>> {
+        self.loading.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether a blob of `size` bytes is kept once read.
