@@ -8,6 +8,13 @@
 //! is written to disk, and a forced sync's local re-hash (work on each PC, not on the hub) is
 //! left out. Answers 429 and 503 are honoured by waiting `Retry-After`, as the agent does.
 //!
+//! The herd shares two cores with the hub, so the generator keeps its own CPU down without
+//! asking the hub for less: the agents that held the same version and were sent the same
+//! answer share one plan (the rebuilt manifest and the list of blobs to fetch), and an answer
+//! or a pack is checked by comparing its bytes with the copy that was checked first (a delta
+//! rebuilt and hashed, every blob of a pack hashed). Every agent still sends every request
+//! and reads every byte; an answer that differs from the first is checked in full on its own.
+//!
 //! Cases: a commit changing 1 file, one changing 50, and a force-sync. Per case: time from
 //! just before the bump until each agent held the new version (p50, p99, last), the hub's CPU
 //! seconds and peak RSS (from `/proc`), body bytes the agents received, throttled answers and
@@ -138,6 +145,8 @@ pub struct CaseStats {
     pub reports: u64,
     /// The hub's user + system CPU from just before the bump until every report was stored.
     pub hub_cpu_secs: Option<f64>,
+    /// This load generator's own CPU over the same time (it shares the machine with the hub).
+    pub load_cpu_secs: Option<f64>,
     /// Body bytes the agents received (manifests and packs).
     pub bytes: u64,
     /// The hub's peak RSS during the case (reset before it where the kernel allows).
@@ -173,6 +182,9 @@ impl HerdReport {
             if let Some(cpu) = c.hub_cpu_secs {
                 f.insert(format!("{k}.hub_cpu_secs"), cpu);
             }
+            if let Some(cpu) = c.load_cpu_secs {
+                f.insert(format!("{k}.load_cpu_secs"), cpu);
+            }
             if let Some(rss) = c.hub_peak_rss_kib {
                 f.insert(format!("{k}.hub_peak_rss_mib"), rss as f64 / 1024.0);
             }
@@ -194,13 +206,14 @@ impl std::fmt::Display for HerdReport {
         )?;
         for c in &self.cases {
             let cpu = c.hub_cpu_secs.map_or("?".into(), |s| format!("{s:.2}"));
+            let load = c.load_cpu_secs.map_or("?".into(), |s| format!("{s:.2}"));
             let rss = c
                 .hub_peak_rss_kib
                 .map_or("?".into(), |k| format!("{:.0}", k as f64 / 1024.0));
             write!(
                 f,
                 "\n  {:<11} held {}/{}  p50 {:.0} ms  p99 {:.0} ms  last {:.0} ms  hub CPU {cpu} s  \
-                 {:.1} MB  peak RSS {rss} MiB  429/503 {}  failed {}  reports {}",
+                 load CPU {load} s  {:.1} MB  peak RSS {rss} MiB  429/503 {}  failed {}  reports {}",
                 c.case.name(),
                 c.converged,
                 c.agents,
@@ -230,6 +243,25 @@ struct Shared {
     failed: AtomicU64,
     reports: AtomicU64,
     manifests: Mutex<HashMap<Sha256Hex, Arc<Manifest>>>,
+    /// What agents that held one data hash do to reach another, worked out once from the
+    /// first answer (see the module comment).
+    plans: Mutex<HashMap<(Sha256Hex, Sha256Hex), Arc<Plan>>>,
+}
+
+/// A sync from one data hash to another, as the first agent to make it worked it out.
+struct Plan {
+    /// The answer to `manifest?from=` it was worked out from.
+    answer: bytes::Bytes,
+    /// The full manifest too, when the answer was not a usable delta.
+    full: Option<bytes::Bytes>,
+    manifest: Arc<Manifest>,
+    /// The blobs to fetch, in packs of at most 1,000, and whether to ask for them compressed.
+    packs: Vec<Vec<(Sha256Hex, u64)>>,
+    compressible: bool,
+    /// Each pack's body once one was checked blob by blob.
+    checked: Vec<std::sync::OnceLock<bytes::Bytes>>,
+    fetched: u64,
+    changed: u64,
 }
 
 impl Shared {
@@ -303,33 +335,8 @@ impl Shared {
         bail!("request failed for good: {last}")
     }
 
-    /// The manifest of `head`: a delta from `held` (version and manifest) when the hub sends
-    /// one and it checks out, else the whole manifest, its hash checked before parsing; one
-    /// shared copy per hash.
-    async fn manifest(&self, head: &Head, held: Option<(u64, &Manifest)>) -> Result<Arc<Manifest>> {
-        if let Some((version, base)) = held {
-            let url = format!(
-                "{}/spaces/{}/versions/{}/manifest?from={version}",
-                self.api, head.space, head.version
-            );
-            let (delta, bytes) = self
-                .request_typed(|| self.http.get(&url).bearer_auth(&self.token))
-                .await?;
-            let rebuilt = if delta {
-                ManifestDelta::parse(&bytes, MAX_MANIFEST_ENTRIES)
-                    .ok()
-                    .filter(|d| d.to == head.data_hash)
-                    .and_then(|d| d.apply(base).ok())
-            } else if Sha256Hex::of(&bytes) == head.data_hash {
-                Manifest::from_canonical(&bytes, MAX_MANIFEST_ENTRIES).ok()
-            } else {
-                None
-            };
-            if let Some(m) = rebuilt {
-                return self.share(head, m);
-            }
-            // Not usable: the whole manifest, as the agent falls back to.
-        }
+    /// The full manifest of `head`, its hash checked before parsing; one shared copy per hash.
+    async fn manifest(&self, head: &Head) -> Result<(bytes::Bytes, Arc<Manifest>)> {
         let url = format!(
             "{}/spaces/{}/versions/{}/manifest",
             self.api, head.space, head.version
@@ -342,7 +349,7 @@ impl Shared {
             bail!("manifest of v{} does not match its data_hash", head.version);
         }
         let parsed = Manifest::from_canonical(&bytes, MAX_MANIFEST_ENTRIES)?;
-        self.share(head, parsed)
+        Ok((bytes, self.share(head, parsed)?))
     }
 
     /// The one shared copy of the manifest of `head.data_hash`.
@@ -354,9 +361,63 @@ impl Shared {
             .clone())
     }
 
-    /// Fetches `blobs` in one pack (compressed on the way only when `compressible`, as the
-    /// agent asks) and checks every blob's size and hash.
-    async fn pack(&self, blobs: &[(Sha256Hex, u64)], compressible: bool) -> Result<()> {
+    /// Works out the sync from `held` to `head` from the answer to `manifest?from=` (a delta
+    /// rebuilt and checked against `data_hash`, or the whole manifest hash checked), fetching
+    /// the whole manifest when that answer is not usable, as the agent falls back to.
+    async fn plan(
+        &self,
+        head: &Head,
+        held: &Manifest,
+        answer: bytes::Bytes,
+        delta: bool,
+    ) -> Result<Plan> {
+        let rebuilt = if delta {
+            ManifestDelta::parse(&answer, MAX_MANIFEST_ENTRIES)
+                .ok()
+                .filter(|d| d.to == head.data_hash)
+                .and_then(|d| d.apply(held).ok())
+        } else if Sha256Hex::of(&answer) == head.data_hash {
+            Manifest::from_canonical(&answer, MAX_MANIFEST_ENTRIES).ok()
+        } else {
+            None
+        };
+        let (full, manifest) = match rebuilt {
+            Some(m) => (None, self.share(head, m)?),
+            None => {
+                let (bytes, m) = self.manifest(head).await?;
+                (Some(bytes), m)
+            }
+        };
+        let have: HashSet<&Sha256Hex> = held.entries().iter().map(|e| &e.sha256).collect();
+        let mut seen = HashSet::new();
+        let wanted: Vec<&ManifestEntry> = manifest
+            .entries()
+            .iter()
+            .filter(|e| !have.contains(&e.sha256) && seen.insert(&e.sha256))
+            .collect();
+        // As the agent: a pack of files already compressed (the QR set's PNGs) is asked for
+        // without compression.
+        let compressible = wanted.iter().any(|e| pack::worth_compressing(&e.path));
+        let need: Vec<(Sha256Hex, u64)> =
+            wanted.iter().map(|e| (e.sha256.clone(), e.size)).collect();
+        // The agent's pack limit: at most 1,000 blobs in one request.
+        let packs: Vec<Vec<_>> = need.chunks(1000).map(<[_]>::to_vec).collect();
+        Ok(Plan {
+            answer,
+            full,
+            checked: packs.iter().map(|_| std::sync::OnceLock::new()).collect(),
+            fetched: need.iter().map(|(_, s)| s).sum(),
+            changed: manifest.changes_from(held),
+            manifest,
+            packs,
+            compressible,
+        })
+    }
+
+    /// Fetches pack `k` of `plan` and checks it: against the body already checked, else
+    /// every blob's size and hash (and keeps it as the checked body).
+    async fn pack(&self, plan: &Plan, k: usize) -> Result<()> {
+        let blobs = &plan.packs[k];
         let list = BlobList {
             sha256: blobs.iter().map(|(h, _)| h.clone()).collect(),
         };
@@ -364,16 +425,24 @@ impl Shared {
         let body = self
             .request(|| {
                 let request = self.http.post(&url).bearer_auth(&self.token).json(&list);
-                if compressible {
+                if plan.compressible {
                     request
                 } else {
                     request.header(reqwest::header::ACCEPT_ENCODING, "identity")
                 }
             })
             .await?;
+        if plan.checked[k].get() == Some(&body) {
+            return Ok(());
+        }
         let checked = check_pack(&body, blobs);
-        if checked.is_err() {
-            self.failed.fetch_add(1, Ordering::Relaxed);
+        match checked {
+            Ok(()) => {
+                let _ = plan.checked[k].set(body);
+            }
+            Err(_) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+            }
         }
         checked
     }
@@ -430,34 +499,28 @@ async fn run_agent(
     id: usize,
     mut socket: super::Socket,
     shared: Arc<Shared>,
-    mut holds: (u64, Arc<Manifest>),
+    mut holds: (u64, Sha256Hex, Arc<Manifest>),
     done: mpsc::UnboundedSender<Held>,
     stop: CancellationToken,
 ) {
     let client_id = format!("herd-{id}");
     let pong = serde_json::to_string(&AgentFrame::Pong).expect("frames serialize");
+    // A head announced while a sync was under way, to sync to next.
+    let mut pending: Option<Head> = None;
     loop {
-        let msg = tokio::select! {
-            m = socket.next() => m,
-            _ = stop.cancelled() => break,
-        };
-        let head = match msg {
-            Some(Ok(Message::Text(t))) => match serde_json::from_str::<HubFrame>(&t) {
-                Ok(HubFrame::SyncRequired(head)) if head.version > holds.0 => head,
-                Ok(HubFrame::Ping) => {
-                    if socket
-                        .send(Message::Text(pong.clone().into()))
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                    continue;
+        let head = match pending.take() {
+            Some(head) if head.version > holds.0 => head,
+            _ => {
+                let msg = tokio::select! {
+                    m = socket.next() => m,
+                    _ = stop.cancelled() => break,
+                };
+                match read_frame(msg, &mut socket, &pong).await {
+                    Frame::Head(head) if head.version > holds.0 => head,
+                    Frame::Closed => break,
+                    _ => continue,
                 }
-                _ => continue,
-            },
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-            Some(Ok(_)) => continue,
+            }
         };
         let started = Instant::now();
         let status = |state| {
@@ -483,14 +546,32 @@ async fn run_agent(
         if socket.send(status(downloading)).await.is_err() {
             break;
         }
-        let Ok((manifest, fetched, changed)) = sync(&shared, &head, holds.0, &holds.1).await else {
+        // As the agent: the socket is still read while the download runs (pings answered,
+        // a newer head noted), or the hub would close it as dead under a slow download.
+        let synced = {
+            let syncing = sync(&shared, &head, &holds);
+            tokio::pin!(syncing);
+            loop {
+                tokio::select! {
+                    r = &mut syncing => break Some(r),
+                    m = socket.next() => match read_frame(m, &mut socket, &pong).await {
+                        Frame::Head(newer) if newer.version > head.version => pending = Some(newer),
+                        Frame::Closed => break None,
+                        _ => {}
+                    },
+                    _ = stop.cancelled() => break None,
+                }
+            }
+        };
+        let Some(synced) = synced else { break };
+        let Ok((manifest, fetched, changed)) = synced else {
             continue;
         };
         let _ = done.send(Held {
             version: head.version,
             at: Instant::now(),
         });
-        holds = (head.version, manifest.clone());
+        holds = (head.version, head.data_hash.clone(), manifest.clone());
         let ready = AgentState::Ready {
             version: head.version,
         };
@@ -521,33 +602,84 @@ async fn run_agent(
     let _ = socket.close(None).await;
 }
 
-/// The manifest of `head` and the blobs of it that `held` lacks; returns the manifest, the
+/// What one message from the hub means to a simulated agent.
+enum Frame {
+    Head(Head),
+    Closed,
+    Other,
+}
+
+/// Reads one message: a head announced, the socket gone, or anything else (a ping is answered
+/// here).
+async fn read_frame(
+    msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    socket: &mut super::Socket,
+    pong: &str,
+) -> Frame {
+    match msg {
+        Some(Ok(Message::Text(t))) => match serde_json::from_str::<HubFrame>(&t) {
+            Ok(HubFrame::SyncRequired(head)) => Frame::Head(head),
+            Ok(HubFrame::Ping) => {
+                if socket.send(Message::Text(pong.into())).await.is_err() {
+                    Frame::Closed
+                } else {
+                    Frame::Other
+                }
+            }
+            _ => Frame::Other,
+        },
+        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => Frame::Closed,
+        Some(Ok(_)) => Frame::Other,
+    }
+}
+
+/// Syncs from `held` (version, data hash, manifest) to `head`: the delta (or the whole
+/// manifest) and the blobs `held` lacks, every answer checked. Returns the manifest, the
 /// bytes fetched and the number of paths that changed.
 async fn sync(
     shared: &Shared,
     head: &Head,
-    held_version: u64,
-    held: &Manifest,
+    held: &(u64, Sha256Hex, Arc<Manifest>),
 ) -> Result<(Arc<Manifest>, u64, u64)> {
-    let manifest = shared.manifest(head, Some((held_version, held))).await?;
-    let have: HashSet<&Sha256Hex> = held.entries().iter().map(|e| &e.sha256).collect();
-    let mut seen = HashSet::new();
-    let wanted: Vec<&ManifestEntry> = manifest
-        .entries()
-        .iter()
-        .filter(|e| !have.contains(&e.sha256) && seen.insert(&e.sha256))
-        .collect();
-    // As the agent: a pack of files already compressed (the QR set's PNGs) is asked for
-    // without compression.
-    let compressible = wanted.iter().any(|e| pack::worth_compressing(&e.path));
-    let need: Vec<(Sha256Hex, u64)> = wanted.iter().map(|e| (e.sha256.clone(), e.size)).collect();
-    let fetched = need.iter().map(|(_, s)| s).sum();
-    // The agent's pack limit: at most 1,000 blobs in one request.
-    for chunk in need.chunks(1000) {
-        shared.pack(chunk, compressible).await?;
+    let (held_version, held_hash, held_manifest) = held;
+    let url = format!(
+        "{}/spaces/{}/versions/{}/manifest?from={held_version}",
+        shared.api, head.space, head.version
+    );
+    let (delta, answer) = shared
+        .request_typed(|| shared.http.get(&url).bearer_auth(&shared.token))
+        .await?;
+    let key = (held_hash.clone(), head.data_hash.clone());
+    let known = shared
+        .plans
+        .lock()
+        .map_err(|_| anyhow!("poisoned"))?
+        .get(&key)
+        .cloned();
+    let plan = match known {
+        Some(plan) if plan.answer == answer => {
+            if let Some(full) = &plan.full {
+                // The answer was not usable: the agent fetches the whole manifest too.
+                let (bytes, _) = shared.manifest(head).await?;
+                ensure!(bytes == *full, "the whole manifest changed under its hash");
+            }
+            plan
+        }
+        _ => {
+            let plan = Arc::new(shared.plan(head, held_manifest, answer, delta).await?);
+            shared
+                .plans
+                .lock()
+                .map_err(|_| anyhow!("poisoned"))?
+                .entry(key)
+                .or_insert(plan)
+                .clone()
+        }
+    };
+    for k in 0..plan.packs.len() {
+        shared.pack(&plan, k).await?;
     }
-    let changed = manifest.changes_from(held);
-    Ok((manifest, fetched, changed))
+    Ok((plan.manifest.clone(), plan.fetched, plan.changed))
 }
 
 /// Resets the hub's peak RSS (`VmHWM`) where the kernel allows it (`clear_refs` 5).
@@ -643,8 +775,9 @@ pub async fn herd(hub: &Hub, opts: &HerdOptions, work: &Path) -> Result<HerdRepo
         failed: AtomicU64::new(0),
         reports: AtomicU64::new(0),
         manifests: Mutex::new(HashMap::new()),
+        plans: Mutex::new(HashMap::new()),
     });
-    let mut manifest = shared.manifest(&head, None).await?;
+    let (_, mut manifest) = shared.manifest(&head).await?;
 
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Held>();
     let stop = CancellationToken::new();
@@ -680,7 +813,7 @@ pub async fn herd(hub: &Hub, opts: &HerdOptions, work: &Path) -> Result<HerdRepo
                 i,
                 socket,
                 shared.clone(),
-                (head.version, manifest.clone()),
+                (head.version, head.data_hash.clone(), manifest.clone()),
                 done_tx.clone(),
                 stop.clone(),
             )));
@@ -737,6 +870,7 @@ async fn run_cases(
         );
         reset_peak_rss(hub.pid);
         let cpu0 = hub.cpu_secs();
+        let load0 = super::proc_cpu_secs(std::process::id());
         let t0 = Instant::now();
         bump(hub, &api, case, manifest, base, round as u64)
             .await
@@ -762,6 +896,10 @@ async fn run_cases(
             (Some(a), Some(b)) => Some(b - a),
             _ => None,
         };
+        let load_cpu = match (load0, super::proc_cpu_secs(std::process::id())) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        };
         times.sort_by(f64::total_cmp);
         out.push(CaseStats {
             case,
@@ -772,13 +910,14 @@ async fn run_cases(
             last_ms: times.last().copied().unwrap_or(0.0),
             reports: shared.reports.load(Ordering::Relaxed) - reports0,
             hub_cpu_secs: cpu,
+            load_cpu_secs: load_cpu,
             bytes: shared.bytes.load(Ordering::Relaxed) - bytes0,
             hub_peak_rss_kib: peak_rss_kib(hub.pid),
             throttled: shared.throttled.load(Ordering::Relaxed) - throttled0,
             failed: shared.failed.load(Ordering::Relaxed) - failed0,
         });
         let head = hub.head(DEFAULT_SPACE).await?;
-        *manifest = shared.manifest(&head, None).await?;
+        *manifest = shared.manifest(&head).await?.1;
         // Let stragglers' status frames and the hub's queues settle between cases.
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
