@@ -183,6 +183,10 @@ struct HerdArgs {
     /// Longest wait for one case, seconds.
     #[arg(long, default_value_t = 120)]
     case_timeout: u64,
+    /// Agents wait a random time within the hub's spread hint before a non-forced download,
+    /// as the agent does (default: all start at once, the worst case).
+    #[arg(long)]
+    spread: bool,
 }
 
 #[derive(Args, Debug)]
@@ -678,6 +682,7 @@ async fn herd(common: &Common, a: &HerdArgs) -> Result<()> {
             connect_concurrency: a.concurrency,
             http_connections: a.http_connections,
             case_timeout: Duration::from_secs(a.case_timeout),
+            spread: a.spread,
             ..Default::default()
         };
         repeat(

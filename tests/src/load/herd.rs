@@ -37,8 +37,8 @@ use std::time::{Duration, Instant};
 use synchub_client::HubApi;
 use synchub_protocol::{
     AgentFrame, AgentState, BlobList, CommitRequest, DEFAULT_SPACE, DELTA_CONTENT_TYPE, Head,
-    HeldSpace, HubFrame, Manifest, ManifestDelta, ManifestEntry, Sha256Hex, SyncReport, SyncStatus,
-    SyncType, pack,
+    HeldSpace, HubFrame, Manifest, ManifestDelta, ManifestEntry, Sha256Hex, Spread, SyncReport,
+    SyncStatus, SyncType, pack,
 };
 use tokio::sync::{Semaphore, mpsc};
 use tokio_tungstenite::tungstenite::Message;
@@ -114,6 +114,9 @@ pub struct HerdOptions {
     pub http_connections: usize,
     /// Longest wait for every agent to hold one case's version and report it.
     pub case_timeout: Duration,
+    /// Wait a random time within the hub's spread hint before a non-forced download, as the
+    /// agent does. Off by default: every agent starts at once, the worst case.
+    pub spread: bool,
     pub connect_timeout: Duration,
 }
 
@@ -125,6 +128,7 @@ impl Default for HerdOptions {
             connect_concurrency: 200,
             http_connections: 4096,
             case_timeout: Duration::from_secs(120),
+            spread: false,
             connect_timeout: Duration::from_secs(120),
         }
     }
@@ -246,6 +250,8 @@ struct Shared {
     /// What agents that held one data hash do to reach another, worked out once from the
     /// first answer (see the module comment).
     plans: Mutex<HashMap<(Sha256Hex, Sha256Hex), Arc<Plan>>>,
+    /// Whether agents honour the spread hint ([`HerdOptions::spread`]).
+    spread: bool,
 }
 
 /// A sync from one data hash to another, as the first agent to make it worked it out.
@@ -505,8 +511,9 @@ async fn run_agent(
 ) {
     let client_id = format!("herd-{id}");
     let pong = serde_json::to_string(&AgentFrame::Pong).expect("frames serialize");
-    // A head announced while a sync was under way, to sync to next.
+    // A head announced while a sync was under way, to sync to next, and the last spread hint.
     let mut pending: Option<Head> = None;
+    let mut spread = Spread::default();
     loop {
         let head = match pending.take() {
             Some(head) if head.version > holds.0 => head,
@@ -516,7 +523,10 @@ async fn run_agent(
                     _ = stop.cancelled() => break,
                 };
                 match read_frame(msg, &mut socket, &pong).await {
-                    Frame::Head(head) if head.version > holds.0 => head,
+                    Frame::Head(head, hint) if head.version > holds.0 => {
+                        spread = hint;
+                        head
+                    }
                     Frame::Closed => break,
                     _ => continue,
                 }
@@ -549,13 +559,24 @@ async fn run_agent(
         // As the agent: the socket is still read while the download runs (pings answered,
         // a newer head noted), or the hub would close it as dead under a slow download.
         let synced = {
-            let syncing = sync(&shared, &head, &holds);
+            let delay = if shared.spread && !head.forced && spread.spread_ms > 0 {
+                Duration::from_millis(rand::random_range(0..spread.spread_ms))
+            } else {
+                Duration::ZERO
+            };
+            let syncing = async {
+                tokio::time::sleep(delay).await;
+                sync(&shared, &head, &holds).await
+            };
             tokio::pin!(syncing);
             loop {
                 tokio::select! {
                     r = &mut syncing => break Some(r),
                     m = socket.next() => match read_frame(m, &mut socket, &pong).await {
-                        Frame::Head(newer) if newer.version > head.version => pending = Some(newer),
+                        Frame::Head(newer, hint) if newer.version > head.version => {
+                            pending = Some(newer);
+                            spread = hint;
+                        }
                         Frame::Closed => break None,
                         _ => {}
                     },
@@ -604,7 +625,8 @@ async fn run_agent(
 
 /// What one message from the hub means to a simulated agent.
 enum Frame {
-    Head(Head),
+    /// `sync_required`, with its spread hint.
+    Head(Head, Spread),
     Closed,
     Other,
 }
@@ -618,7 +640,7 @@ async fn read_frame(
 ) -> Frame {
     match msg {
         Some(Ok(Message::Text(t))) => match serde_json::from_str::<HubFrame>(&t) {
-            Ok(HubFrame::SyncRequired(head)) => Frame::Head(head),
+            Ok(HubFrame::SyncRequired(head)) => Frame::Head(head, Spread::of_frame(&t)),
             Ok(HubFrame::Ping) => {
                 if socket.send(Message::Text(pong.into())).await.is_err() {
                     Frame::Closed
@@ -776,6 +798,7 @@ pub async fn herd(hub: &Hub, opts: &HerdOptions, work: &Path) -> Result<HerdRepo
         reports: AtomicU64::new(0),
         manifests: Mutex::new(HashMap::new()),
         plans: Mutex::new(HashMap::new()),
+        spread: opts.spread,
     });
     let (_, mut manifest) = shared.manifest(&head).await?;
 
