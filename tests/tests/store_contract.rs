@@ -201,6 +201,8 @@ synchub_tests::backend_matrix!(
     watch_sees_outside_and_own_changes,
     tokens_create_list_revoke,
     reports_are_idempotent_and_filtered,
+    a_batch_of_reports_tells_each_whether_it_was_new,
+    agent_rows_are_written_in_batches_last_row_winning,
     versions_are_listed_newest_first,
 );
 
@@ -638,6 +640,81 @@ async fn reports_are_idempotent_and_filtered(f: Fixture) -> Result<()> {
             .sync_log(&filter(Some("zzz"), None, None, 5))
             .await?
             .is_empty()
+    );
+    Ok(())
+}
+
+/// A batch as the report writer sends it after a bump: hundreds of rows (more than one
+/// statement's worth), one already stored and one sent twice in the batch; each is told
+/// whether it was stored now, and every row is there once.
+async fn a_batch_of_reports_tells_each_whether_it_was_new(f: Fixture) -> Result<()> {
+    let at = "2026-11-24T10:00:00Z";
+    let earlier = report("r-7", "pc-7", "qr", SyncStatus::Success, at);
+    assert!(f.store.insert_report(&earlier).await?);
+    let mut batch: Vec<SyncReport> = (0..250)
+        .map(|i| {
+            report(
+                &format!("r-{i}"),
+                &format!("pc-{i}"),
+                "qr",
+                SyncStatus::Success,
+                at,
+            )
+        })
+        .collect();
+    batch.push(report("r-120", "pc-120", "qr", SyncStatus::Success, at));
+    let stored = f.store.insert_reports(&batch).await?;
+    assert_eq!(stored.len(), batch.len());
+    for (i, (r, new)) in batch.iter().zip(&stored).enumerate() {
+        let want = r.report_id != "r-7" && i != 250;
+        assert_eq!(*new, want, "report {} (#{i})", r.report_id);
+    }
+    let log = f
+        .store
+        .sync_log(&SyncLogFilter {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await?;
+    assert_eq!(log.len(), 250, "each report once");
+    Ok(())
+}
+
+/// The fleet task's write after a herd: dozens of agents' rows (more than one statement's
+/// worth), one agent listed twice (its last row wins), then an update of rows already there.
+async fn agent_rows_are_written_in_batches_last_row_winning(f: Fixture) -> Result<()> {
+    use synchub_protocol::{AgentState, FleetAgent};
+    let row = |i: usize, version: u64| FleetAgent {
+        space: "qr".into(),
+        client_id: format!("pc-{i:02}"),
+        token_name: "office".into(),
+        hostname: Some(format!("PC{i}")),
+        agent_version: Some("1.0".into()),
+        state: AgentState::Ready { version },
+        last_seen: "2026-11-24T10:00:00Z".into(),
+        online: true,
+    };
+    let mut rows: Vec<FleetAgent> = (0..45).map(|i| row(i, 3)).collect();
+    rows.push(row(7, 4));
+    f.store.put_agents(&rows).await?;
+    let listed = f.store.agents("qr").await?;
+    assert_eq!(listed.len(), 45);
+    let version_of = |listed: &[FleetAgent], id: &str| {
+        listed
+            .iter()
+            .find(|a| a.client_id == id)
+            .map(|a| a.state.version())
+    };
+    assert_eq!(version_of(&listed, "pc-07"), Some(4), "the last row wins");
+    assert_eq!(version_of(&listed, "pc-08"), Some(3));
+
+    let later: Vec<FleetAgent> = (0..45).map(|i| row(i, 5)).collect();
+    f.store.put_agents(&later).await?;
+    let listed = f.store.agents("qr").await?;
+    assert_eq!(listed.len(), 45);
+    assert!(
+        listed.iter().all(|a| a.state.version() == 5),
+        "every row updated"
     );
     Ok(())
 }

@@ -12,7 +12,10 @@ pub const MAX_AGENTS: u32 = 10_000;
 const PUT: &str = "
 INSERT INTO synchub_agents
        (space, client_id, token_name, hostname, agent_version, state, connected, last_seen, version)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+VALUES";
+
+/// After the rows of [`PUT`].
+const PUT_CONFLICT: &str = "
 ON CONFLICT (space, client_id) DO UPDATE SET
        token_name = excluded.token_name, hostname = excluded.hostname,
        agent_version = excluded.agent_version, state = excluded.state,
@@ -39,25 +42,61 @@ fn agent<D: Run>(row: &Row<D>) -> Result<FleetAgent, StoreError> {
     })
 }
 
+/// Values per row of [`PUT`].
+const COLUMNS: usize = 9;
+
+/// Rows per statement: a herd changes thousands of rows at once, and on SQLite each statement
+/// is a round trip to the database's thread.
+const ROWS: usize = 20;
+
 /// Inserts or replaces each agent's row (`online` is stored as `connected`), in one
-/// transaction.
+/// transaction. When an agent is listed twice, its last row is kept.
 pub(super) async fn put<D: Run>(d: &D, agents: &[FleetAgent]) -> Result<(), StoreError> {
-    let mut tx = d.pool().begin().await?;
+    // One row per agent in a statement (PostgreSQL refuses to update a row twice in one).
+    let mut last = std::collections::HashMap::new();
     for a in agents {
-        let state =
-            serde_json::to_string(&a.state).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let params = [
-            Param::Text(&a.space),
-            Param::Text(&a.client_id),
-            Param::Text(&a.token_name),
-            Param::MaybeText(a.hostname.as_deref()),
-            Param::MaybeText(a.agent_version.as_deref()),
-            Param::Text(&state),
-            Param::Flag(a.online),
-            Param::Text(&a.last_seen),
-            Param::Int(i64::try_from(a.state.version()).unwrap_or(i64::MAX)),
-        ];
-        D::execute_on(&mut *tx, PUT, &params).await?;
+        last.insert((&a.space, &a.client_id), a);
+    }
+    let agents: Vec<&FleetAgent> = agents
+        .iter()
+        .filter(|a| std::ptr::eq(last[&(&a.space, &a.client_id)], *a))
+        .collect();
+    let states = agents
+        .iter()
+        .map(|a| serde_json::to_string(&a.state))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let versions: Vec<i64> = agents
+        .iter()
+        .map(|a| i64::try_from(a.state.version()).unwrap_or(i64::MAX))
+        .collect();
+    let mut tx = d.pool().begin().await?;
+    for ((chunk, states), versions) in agents
+        .chunks(ROWS)
+        .zip(states.chunks(ROWS))
+        .zip(versions.chunks(ROWS))
+    {
+        let mut params = Vec::with_capacity(chunk.len() * COLUMNS);
+        let mut rows = Vec::with_capacity(chunk.len());
+        for ((a, state), version) in chunk.iter().zip(states).zip(versions) {
+            rows.push(format!(
+                "({})",
+                super::blob_index::marks(params.len() + 1, COLUMNS)
+            ));
+            params.extend([
+                Param::Text(&a.space),
+                Param::Text(&a.client_id),
+                Param::Text(&a.token_name),
+                Param::MaybeText(a.hostname.as_deref()),
+                Param::MaybeText(a.agent_version.as_deref()),
+                Param::Text(state),
+                Param::Flag(a.online),
+                Param::Text(&a.last_seen),
+                Param::Int(*version),
+            ]);
+        }
+        let sql = format!("{PUT} {} {PUT_CONFLICT}", rows.join(", "));
+        D::execute_on(&mut *tx, &sql, &params).await?;
     }
     tx.commit().await?;
     Ok(())

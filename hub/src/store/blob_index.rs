@@ -14,7 +14,7 @@ use synchub_protocol::Sha256Hex;
 const CHUNK: usize = 500;
 
 /// `$first, …, $(first + n - 1)` (`NULL` for none: an empty list matches nothing).
-fn marks(first: usize, n: usize) -> String {
+pub(super) fn marks(first: usize, n: usize) -> String {
     if n == 0 {
         return "NULL".to_owned();
     }
@@ -116,16 +116,14 @@ pub(super) async fn bind_client<D: Run>(
     client_id: &str,
     token_id: i64,
 ) -> Result<i64, StoreError> {
-    d.execute(
-        "INSERT INTO synchub_client_tokens (client_id, token_id) VALUES ($1, $2) \
-         ON CONFLICT DO NOTHING",
-        &[Param::Text(client_id), Param::Int(token_id)],
-    )
-    .await?;
+    // One statement, one round trip: the row as it is after the insert, a new one or the
+    // one already there (the no-op update makes `RETURNING` give the existing owner).
     let rows = d
         .fetch(
-            "SELECT token_id FROM synchub_client_tokens WHERE client_id = $1",
-            &[Param::Text(client_id)],
+            "INSERT INTO synchub_client_tokens (client_id, token_id) VALUES ($1, $2) \
+             ON CONFLICT (client_id) DO UPDATE SET token_id = synchub_client_tokens.token_id \
+             RETURNING token_id",
+            &[Param::Text(client_id), Param::Int(token_id)],
         )
         .await?;
     let row = rows

@@ -285,12 +285,19 @@ SELECT space, version, data_hash, forced, reason, created_by, created_at, entrie
   FROM synchub_versions WHERE space = $1
  ORDER BY version DESC LIMIT $2";
 
-pub(super) const INSERT_REPORT: &str = "
+/// The start of an insert into `sync_log`: [`REPORT_COLUMNS`] values per row follow.
+pub(super) const INSERT_REPORTS: &str = "
 INSERT INTO sync_log
      (report_id, client_id, space, sync_type, status, version, items_synced, bytes,
       duration_ms, error_message, discord_id, synced_at, created_at, items_total)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
-ON CONFLICT (report_id) DO NOTHING";
+VALUES";
+
+/// Values per row of [`INSERT_REPORTS`].
+pub(super) const REPORT_COLUMNS: usize = 14;
+
+/// Rows per statement of a batch of reports: 280 parameters. Binding looks each parameter's
+/// name up in a list on SQLite, so a statement of thousands costs more than several small ones.
+pub(super) const REPORT_ROWS: usize = 20;
 
 pub(super) const INSERT_TOKEN: &str = "
 INSERT INTO synchub_tokens (name, role, spaces, token_hash, created_at)

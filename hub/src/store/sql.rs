@@ -5,9 +5,9 @@
 //! API types. The backend files keep only their pools, SQL casts and change watchers.
 
 use super::dialect::{
-    Conn, Dialect, HEAD_NEWEST, INSERT_REPORT, INSERT_SPACE_ROW, INSERT_TOKEN, INSERT_VERSION,
-    MOVE_HEAD, Param, REVOKE_TOKEN, Row, Run, SET_DATA_HASH, TOKEN_NAMED, TOKENS, VERSION,
-    VERSIONS,
+    Conn, Dialect, HEAD_NEWEST, INSERT_REPORTS, INSERT_SPACE_ROW, INSERT_TOKEN, INSERT_VERSION,
+    MOVE_HEAD, Param, REPORT_COLUMNS, REPORT_ROWS, REVOKE_TOKEN, Row, Run, SET_DATA_HASH,
+    TOKEN_NAMED, TOKENS, VERSION, VERSIONS,
 };
 use super::rows::{
     HeadPlan, HeadRow, PendingVersion, decode_spaces, encode_spaces, from_db, list_limit,
@@ -87,32 +87,61 @@ impl<D: Run> Store for D {
     }
 
     async fn insert_reports(&self, reports: &[SyncReport]) -> Result<Vec<bool>, StoreError> {
-        // One transaction: a batch costs one commit (one fsync) however many rows it has.
+        // One transaction: a batch costs one commit (one fsync) however many rows it has; and
+        // a statement per [`REPORT_ROWS`] rows, not per row (on SQLite each statement is a
+        // round trip to the database's thread).
         let now = Utc::now();
+        let synced: Vec<_> = reports
+            .iter()
+            .map(|r| {
+                r.synced_at
+                    .as_deref()
+                    .and_then(parse_timestamp)
+                    .unwrap_or(now)
+            })
+            .collect();
         let mut tx = self.pool().begin().await?;
-        let mut stored = Vec::with_capacity(reports.len());
-        for report in reports {
-            let synced_at = report.synced_at.as_deref().and_then(parse_timestamp);
-            let params = [
-                Param::Text(&report.report_id),
-                Param::Text(&report.client_id),
-                Param::Text(&report.space),
-                Param::Text(report.sync_type.as_str()),
-                Param::Text(report.status.as_str()),
-                Param::MaybeInt(report.version.map(to_db)),
-                Param::Int(to_db(report.items_synced)),
-                Param::Int(to_db(report.bytes)),
-                Param::Int(to_db(report.duration_ms)),
-                Param::MaybeText(report.error_message.as_deref()),
-                Param::MaybeText(report.user.as_deref()),
-                Param::Time(synced_at.unwrap_or(now)),
-                Param::Time(now),
-                Param::MaybeInt(report.items_total.map(to_db)),
-            ];
-            stored.push(D::execute_on(&mut *tx, INSERT_REPORT, &params).await? == 1);
+        let mut inserted = std::collections::HashSet::new();
+        for (chunk, synced) in reports.chunks(REPORT_ROWS).zip(synced.chunks(REPORT_ROWS)) {
+            let mut params = Vec::with_capacity(chunk.len() * REPORT_COLUMNS);
+            let mut rows = Vec::with_capacity(chunk.len());
+            for (report, synced_at) in chunk.iter().zip(synced) {
+                rows.push(format!(
+                    "({})",
+                    blob_index::marks(params.len() + 1, REPORT_COLUMNS)
+                ));
+                params.extend([
+                    Param::Text(&report.report_id),
+                    Param::Text(&report.client_id),
+                    Param::Text(&report.space),
+                    Param::Text(report.sync_type.as_str()),
+                    Param::Text(report.status.as_str()),
+                    Param::MaybeInt(report.version.map(to_db)),
+                    Param::Int(to_db(report.items_synced)),
+                    Param::Int(to_db(report.bytes)),
+                    Param::Int(to_db(report.duration_ms)),
+                    Param::MaybeText(report.error_message.as_deref()),
+                    Param::MaybeText(report.user.as_deref()),
+                    Param::Time(*synced_at),
+                    Param::Time(now),
+                    Param::MaybeInt(report.items_total.map(to_db)),
+                ]);
+            }
+            let sql = format!(
+                "{INSERT_REPORTS} {} ON CONFLICT (report_id) DO NOTHING RETURNING report_id",
+                rows.join(", ")
+            );
+            for row in D::fetch_on(&mut *tx, &sql, &params).await? {
+                inserted.insert(D::text(&row, "report_id")?);
+            }
         }
         tx.commit().await?;
-        Ok(stored)
+        // Stored now: inserted by this batch, and the first of the batch with its id (a report
+        // sent twice in one batch is a duplicate the second time).
+        Ok(reports
+            .iter()
+            .map(|r| inserted.remove(&r.report_id))
+            .collect())
     }
 
     async fn sync_log(&self, filter: &SyncLogFilter) -> Result<Vec<SyncLogEntry>, StoreError> {
