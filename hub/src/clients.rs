@@ -86,6 +86,8 @@ pub struct Clients {
     unwritten: Mutex<BTreeMap<(String, String), FleetAgent>>,
     /// Sockets per token id, counted from the upgrade (before `hello`) to the socket's end.
     per_token: Arc<DashMap<i64, usize>>,
+    /// Live connections per client id (an agent that reconnected may briefly have two).
+    per_client: DashMap<String, usize>,
 }
 
 /// One of a token's socket slots (see [`Clients::reserve_socket`]); freed when dropped.
@@ -111,6 +113,7 @@ impl Clients {
     /// Registers a connection; the returned id removes it again.
     pub fn add(&self, conn: Arc<Connection>) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        *self.per_client.entry(conn.client_id.clone()).or_insert(0) += 1;
         self.live.insert(id, conn);
         metrics::gauge!("synchub_connections").set(self.live.len() as f64);
         self.touch();
@@ -118,11 +121,20 @@ impl Clients {
     }
 
     pub fn remove(&self, id: u64) {
-        // An agent that reconnected already (the old socket ends late) is not offline.
-        if let Some((_, conn)) = self.live.remove(&id)
-            && !self.live.iter().any(|e| e.client_id == conn.client_id)
-        {
-            self.queue(conn.rows(false));
+        // An agent that reconnected already (the old socket ends late) is not offline. Counted
+        // per client id: a scan of every connection per removal made a fleet that drops at
+        // once (a network blip, a restart) cost the square of its size.
+        if let Some((_, conn)) = self.live.remove(&id) {
+            let gone = self
+                .per_client
+                .remove_if_mut(&conn.client_id, |_, n| {
+                    *n = n.saturating_sub(1);
+                    *n == 0
+                })
+                .is_some();
+            if gone {
+                self.queue(conn.rows(false));
+            }
         }
         metrics::gauge!("synchub_connections").set(self.live.len() as f64);
         self.touch();
@@ -224,5 +236,53 @@ impl Clients {
         let mut out: Vec<ClientInfo> = self.live.iter().map(|e| e.info()).collect();
         out.sort_by(|a, b| a.client_id.cmp(&b.client_id));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connection(client_id: &str) -> Arc<Connection> {
+        Arc::new(Connection {
+            client_id: client_id.to_owned(),
+            token_id: 1,
+            token_name: "office".into(),
+            hostname: None,
+            agent_version: None,
+            connected_at: String::new(),
+            states: Mutex::new(vec![ClientSpace {
+                space: "qr".into(),
+                state: AgentState::Ready { version: 3 },
+            }]),
+            recorded: Mutex::new(None),
+            closed: CancellationToken::new(),
+        })
+    }
+
+    fn offline_rows(clients: &Clients) -> Vec<String> {
+        clients
+            .unwritten_rows()
+            .into_iter()
+            .filter(|r| !r.online)
+            .map(|r| r.client_id)
+            .collect()
+    }
+
+    #[test]
+    fn an_agent_is_offline_when_its_last_socket_ends() {
+        let clients = Clients::default();
+        let old = clients.add(connection("pc-1"));
+        let new = clients.add(connection("pc-1"));
+        let other = clients.add(connection("pc-2"));
+        clients.remove(old);
+        assert!(
+            offline_rows(&clients).is_empty(),
+            "pc-1 reconnected before its old socket ended"
+        );
+        clients.remove(new);
+        clients.remove(other);
+        assert_eq!(offline_rows(&clients), ["pc-1", "pc-2"]);
+        assert!(clients.per_client.is_empty(), "nothing left counted");
     }
 }
