@@ -77,12 +77,7 @@ pub(super) async fn put<D: Run>(d: &D, agents: &[FleetAgent]) -> Result<(), Stor
         .zip(versions.chunks(ROWS))
     {
         let mut params = Vec::with_capacity(chunk.len() * COLUMNS);
-        let mut rows = Vec::with_capacity(chunk.len());
         for ((a, state), version) in chunk.iter().zip(states).zip(versions) {
-            rows.push(format!(
-                "({})",
-                super::blob_index::marks(params.len() + 1, COLUMNS)
-            ));
             params.extend([
                 Param::Text(&a.space),
                 Param::Text(&a.client_id),
@@ -95,7 +90,8 @@ pub(super) async fn put<D: Run>(d: &D, agents: &[FleetAgent]) -> Result<(), Stor
                 Param::Int(*version),
             ]);
         }
-        let sql = format!("{PUT} {} {PUT_CONFLICT}", rows.join(", "));
+        let rows = super::blob_index::value_rows(chunk.len(), COLUMNS);
+        let sql = format!("{PUT} {rows} {PUT_CONFLICT}");
         D::execute_on(&mut *tx, &sql, &params).await?;
     }
     tx.commit().await?;

@@ -28,6 +28,15 @@ pub(super) fn marks(first: usize, n: usize) -> String {
     out
 }
 
+/// The `VALUES` of a multi-row insert: `rows` groups of `columns` numbered marks,
+/// `($1, $2), ($3, $4)`.
+pub(super) fn value_rows(rows: usize, columns: usize) -> String {
+    (0..rows)
+        .map(|r| format!("({})", marks(r * columns + 1, columns)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Records that `space` references `hashes` (rows already there stay).
 pub(super) async fn index<D: Run>(
     d: &D,
@@ -138,5 +147,6 @@ mod tests {
     fn marks_are_numbered_from_first() {
         assert_eq!(super::marks(3, 2), "$3, $4");
         assert_eq!(super::marks(1, 0), "NULL");
+        assert_eq!(super::value_rows(2, 2), "($1, $2), ($3, $4)");
     }
 }

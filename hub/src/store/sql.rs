@@ -104,12 +104,7 @@ impl<D: Run> Store for D {
         let mut inserted = std::collections::HashSet::new();
         for (chunk, synced) in reports.chunks(REPORT_ROWS).zip(synced.chunks(REPORT_ROWS)) {
             let mut params = Vec::with_capacity(chunk.len() * REPORT_COLUMNS);
-            let mut rows = Vec::with_capacity(chunk.len());
             for (report, synced_at) in chunk.iter().zip(synced) {
-                rows.push(format!(
-                    "({})",
-                    blob_index::marks(params.len() + 1, REPORT_COLUMNS)
-                ));
                 params.extend([
                     Param::Text(&report.report_id),
                     Param::Text(&report.client_id),
@@ -127,9 +122,9 @@ impl<D: Run> Store for D {
                     Param::MaybeInt(report.items_total.map(to_db)),
                 ]);
             }
+            let rows = blob_index::value_rows(chunk.len(), REPORT_COLUMNS);
             let sql = format!(
-                "{INSERT_REPORTS} {} ON CONFLICT (report_id) DO NOTHING RETURNING report_id",
-                rows.join(", ")
+                "{INSERT_REPORTS} {rows} ON CONFLICT (report_id) DO NOTHING RETURNING report_id"
             );
             for row in D::fetch_on(&mut *tx, &sql, &params).await? {
                 inserted.insert(D::text(&row, "report_id")?);
