@@ -215,18 +215,17 @@ impl HotBlobs {
             .entry(hash.clone())
             .or_insert_with(|| Arc::new(tokio::sync::OnceCell::new()))
             .clone();
-        let result = cell
+        let done = LoadDone {
+            hot: self,
+            hash,
+            cell,
+        };
+        let result = done
+            .cell
             .get_or_try_init(|| async { read.await.map(|bytes| self.put(hash, bytes)) })
             .await
             .cloned();
-        // Done with: once read (later asks find the bytes in the cache), or failed with no one
-        // else waiting (the map and this hold the only references).
-        let mut loads = self.loads();
-        if loads.get(hash).is_some_and(|c| Arc::ptr_eq(c, &cell))
-            && (cell.initialized() || Arc::strong_count(&cell) <= 2)
-        {
-            loads.remove(hash);
-        }
+        drop(done);
         result.and_then(|bytes| {
             if bytes.len() as u64 == size {
                 Ok(bytes)
@@ -282,6 +281,28 @@ impl HotBlobs {
             return bytes;
         }
         self.put(hash, bytes)
+    }
+}
+
+/// Ends one ask of [`HotBlobs::load`], also when its pack goes away mid-read: the read's entry
+/// goes once the bytes are in the cache, or once no other ask waits on a read that failed or
+/// was dropped (the map and this hold the only references).
+struct LoadDone<'a> {
+    hot: &'a HotBlobs,
+    hash: &'a Sha256Hex,
+    cell: Arc<tokio::sync::OnceCell<Bytes>>,
+}
+
+impl Drop for LoadDone<'_> {
+    fn drop(&mut self) {
+        let mut loads = self.hot.loads();
+        if loads
+            .get(self.hash)
+            .is_some_and(|c| Arc::ptr_eq(c, &self.cell))
+            && (self.cell.initialized() || Arc::strong_count(&self.cell) <= 2)
+        {
+            loads.remove(self.hash);
+        }
     }
 }
 
@@ -407,4 +428,57 @@ pub async fn get_bytes<S: BlobStore + ?Sized>(
         });
     }
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn hot() -> HotBlobs {
+        HotBlobs::new(1 << 20, 64 << 10)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn asks_while_a_blob_is_read_share_that_read() {
+        let (hot, bytes) = (hot(), Bytes::from_static(b"a new QR image"));
+        let hash = Sha256Hex::of(&bytes);
+        let reads = AtomicUsize::new(0);
+        let read = || async {
+            reads.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok(bytes.clone())
+        };
+        let asks = (0..20).map(|_| hot.load(&hash, bytes.len() as u64, read()));
+        for got in futures::future::join_all(asks).await {
+            assert_eq!(got.unwrap(), bytes);
+        }
+        assert_eq!(reads.load(Ordering::SeqCst), 1);
+        assert!(hot.loads().is_empty(), "no read left under way");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_or_abandoned_read_is_tried_again_and_leaves_nothing_behind() {
+        let (hot, bytes) = (hot(), Bytes::from_static(b"a new QR image"));
+        let (hash, size) = (Sha256Hex::of(&bytes), bytes.len() as u64);
+        let failed = hot
+            .load(&hash, size, async {
+                Err(BlobError::NotFound(hash.clone()))
+            })
+            .await;
+        assert!(failed.is_err());
+        assert!(hot.loads().is_empty(), "a failed read is forgotten");
+
+        // A pack that goes away in the middle of its read.
+        let abandoned = hot.load(&hash, size, futures::future::pending());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), abandoned)
+                .await
+                .is_err()
+        );
+        assert!(hot.loads().is_empty(), "an abandoned read is forgotten");
+
+        let got = hot.load(&hash, size, async { Ok(bytes.clone()) }).await;
+        assert_eq!(got.unwrap(), bytes);
+    }
 }
