@@ -109,7 +109,11 @@ impl Nginx {
             .arg("-c")
             .arg(dir.path().join("nginx.conf"))
             .args(["-g", "daemon off;"])
+            // Not the test's own output: a worker left behind would hold it open, and a test
+            // run piped through `tee` would wait for it for good.
             .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("stderr.log"))?)
             .kill_on_drop(true)
             .spawn()
             .context("starting nginx (apt-get install nginx libnginx-mod-nchan)")?;
@@ -124,7 +128,12 @@ impl Nginx {
             .is_err()
         {
             if Instant::now() > deadline {
-                bail!("nginx did not listen on {port} within 10 s");
+                let said = std::fs::read_to_string(nginx._dir.path().join("stderr.log"))
+                    .unwrap_or_default();
+                bail!(
+                    "nginx did not listen on {port} within 10 s: {}",
+                    said.trim()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -145,12 +154,17 @@ impl Nginx {
 }
 
 impl Drop for Nginx {
-    /// A TERM to the master stops its workers too (a KILL would leave them running).
+    /// A TERM to the master stops its workers too, once it has had the time to (a KILL, which
+    /// the child gets when dropped, would leave them running): up to 5 s.
     fn drop(&mut self) {
         if let Some(pid) = self.child.id() {
             let _ = std::process::Command::new("kill")
                 .args(["-TERM", &pid.to_string()])
                 .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
 }
