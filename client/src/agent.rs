@@ -14,7 +14,6 @@ use crate::space::Space;
 use crate::{HubStatus, StatusReport};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::watch;
 
 /// A point in time the status page shows.
@@ -52,12 +51,7 @@ impl Agent {
             Some(id) => id.clone(),
             None => load_or_create_client_id(&meta)?,
         };
-        let api = HubApi::with_options(
-            config.hubs.clone(),
-            &config.token,
-            Duration::from_millis(config.read_timeout_ms.max(100)),
-            crate::hub_api::tls_config(config.ca_cert.as_deref())?,
-        )?;
+        let api = HubApi::for_agent(&config)?;
         let outbox = Outbox::open(meta.join("outbox"))?;
         let mut spaces = Vec::new();
         for name in &config.spaces {

@@ -97,6 +97,17 @@ impl HubApi {
         Self::with_options(hubs, token, read_timeout, None)
     }
 
+    /// The API of `config`'s hubs with its token, read timeout (at least 100 ms) and CA
+    /// certificate, as the agent and its commands use it.
+    pub fn for_agent(config: &crate::AgentConfig) -> Result<Self> {
+        Self::with_options(
+            config.hubs.clone(),
+            &config.token,
+            Duration::from_millis(config.read_timeout_ms.max(100)),
+            tls_config(config.ca_cert.as_deref())?,
+        )
+    }
+
     /// Like [`HubApi::with_read_timeout`], with the TLS settings of [`tls_config`] (`None`:
     /// the system's roots).
     pub fn with_options(

@@ -22,7 +22,6 @@ use crate::hub_api::HubApi;
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::sync::Arc;
-use std::time::Duration;
 use synchub_protocol::Manifest;
 
 /// What `.synchub/restored` records: the folder holds an older version on purpose.
@@ -254,12 +253,7 @@ async fn from_hub(
     if config.hubs.is_empty() {
         return Err(ClientError::Config("no hub configured".into()));
     }
-    let api = HubApi::with_options(
-        config.hubs.clone(),
-        &config.token,
-        Duration::from_millis(config.read_timeout_ms.max(100)),
-        crate::hub_api::tls_config(config.ca_cert.as_deref())?,
-    )?;
+    let api = HubApi::for_agent(config)?;
     let bytes = api.manifest_bytes(space, version).await?;
     let manifest = Manifest::from_canonical(&bytes, MAX_MANIFEST_ENTRIES)?;
     let manifest = match crate::selection::Selection::new(&config.include)? {

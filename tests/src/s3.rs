@@ -27,6 +27,29 @@ impl MotoServer {
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
+
+    /// A `[[bucket_source]]` reading `s3://bucket/prefix` on this server into `into` of the
+    /// default space, every `interval_secs`.
+    pub fn bucket_source(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        into: &str,
+        interval_secs: u64,
+    ) -> synchub_hub::config::BucketSource {
+        synchub_hub::config::BucketSource {
+            space: synchub_protocol::DEFAULT_SPACE.to_owned(),
+            url: format!("s3://{bucket}/{prefix}"),
+            into: into.to_owned(),
+            endpoint: Some(self.endpoint()),
+            region: "us-east-1".to_owned(),
+            access_key_id: "testing".to_owned(),
+            secret_access_key: "testing".to_owned(),
+            path_style: true,
+            allow_http: true,
+            interval_secs,
+        }
+    }
 }
 
 static SERVER: OnceLock<Result<MotoServer, String>> = OnceLock::new();

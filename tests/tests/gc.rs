@@ -274,18 +274,7 @@ async fn import(
             .await
             .expect("put object");
     }
-    let source = synchub_hub::config::BucketSource {
-        space: DEFAULT_SPACE.to_owned(),
-        url: format!("s3://{bucket}/in"),
-        into: "imported/".to_owned(),
-        endpoint: Some(server.endpoint()),
-        region: "us-east-1".to_owned(),
-        access_key_id: "testing".to_owned(),
-        secret_access_key: "testing".to_owned(),
-        path_style: true,
-        allow_http: true,
-        interval_secs: 60,
-    };
+    let source = server.bucket_source(bucket, "in", "imported/", 60);
     synchub_hub::sources::import(hub.state(), &source).await
 }
 
@@ -334,18 +323,7 @@ async fn a_bucket_source_spares_the_blobs_it_names() -> anyhow::Result<()> {
     let database_url = synchub_tests::postgres::test_database().await?;
     let bucket = synchub_tests::s3::test_bucket().await?.bucket;
     let server = tokio::task::spawn_blocking(synchub_tests::s3::moto_server).await??;
-    let source = synchub_hub::config::BucketSource {
-        space: DEFAULT_SPACE.to_owned(),
-        url: format!("s3://{bucket}/in"),
-        into: "imported/".to_owned(),
-        endpoint: Some(server.endpoint()),
-        region: "us-east-1".to_owned(),
-        access_key_id: "testing".to_owned(),
-        secret_access_key: "testing".to_owned(),
-        path_style: true,
-        allow_http: true,
-        interval_secs: 1,
-    };
+    let source = server.bucket_source(&bucket, "in", "imported/", 1);
     let hub = TestHub::start_with(|c| {
         c.database_url = Some(database_url);
         c.bucket_source = vec![source];

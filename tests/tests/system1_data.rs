@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use synchub_client::SyncClient;
-use synchub_hub::config::{BucketSource, TableSource};
+use synchub_hub::config::TableSource;
 use synchub_protocol::{DEFAULT_SPACE, Head, Manifest, Role, SyncLogEntry, VersionInfo};
 use synchub_tests::fixtures::{agent_config, read_tree, wait_ready};
 use synchub_tests::hub::TestHub;
@@ -184,7 +184,7 @@ async fn the_old_apps_tables_and_bucket_reach_every_pc() -> anyhow::Result<()> {
         archives.insert(key.to_owned(), body.as_bytes().to_vec());
     }
 
-    let endpoint = moto_server()?.endpoint();
+    let moto = moto_server()?;
     let hub = TestHub::start_with(|c| {
         c.database_url = Some(url.clone());
         c.spaces = vec![DEFAULT_SPACE.to_owned(), "qr".to_owned()];
@@ -194,18 +194,7 @@ async fn the_old_apps_tables_and_bucket_reach_every_pc() -> anyhow::Result<()> {
             queries: BTreeMap::new(),
             debounce_ms: 300,
         }];
-        c.bucket_source = vec![BucketSource {
-            space: DEFAULT_SPACE.to_owned(),
-            url: format!("s3://{}/arhiva", bucket.bucket),
-            into: "arhiva/".to_owned(),
-            endpoint: Some(endpoint.clone()),
-            region: "us-east-1".to_owned(),
-            access_key_id: "testing".to_owned(),
-            secret_access_key: "testing".to_owned(),
-            path_style: true,
-            allow_http: true,
-            interval_secs: 1,
-        }];
+        c.bucket_source = vec![moto.bucket_source(&bucket.bucket, "arhiva", "arhiva/", 1)];
     })
     .await?;
     let token = hub.token("pcs", Role::Agent, None).await?;
