@@ -101,14 +101,24 @@ async fn agents_put_off_by_a_busy_hub_wait_and_all_converge() -> anyhow::Result<
     Ok(())
 }
 
-/// With the queue, a download that finds every slot taken waits for one instead of being
-/// refused, as long as a slot frees within `download_queue_ms`; a wait longer than that is
-/// refused with `Retry-After`, and so is one that finds the queue full.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_download_over_the_bound_waits_in_the_queue_for_a_slot() -> anyhow::Result<()> {
+/// A hub with one download slot and one place in its queue (see [`one_slot_taken`]).
+struct SlotTaken {
+    hub: TestHub,
+    /// The response of the reader holding the slot, its body not read yet.
+    held: reqwest::Response,
+    /// The blob it reads, and its size.
+    blob_url: String,
+    blob_size: usize,
+    /// A manifest, for the next download to ask for.
+    manifest_url: String,
+}
+
+/// A hub with one download slot and one place in its queue (a wait of up to `queue_ms`), the
+/// slot held by a reader of a 32 MiB blob that has not read its body.
+async fn one_slot_taken(queue_ms: u64) -> anyhow::Result<SlotTaken> {
     let hub = TestHub::start_with(|c| {
         c.limits.max_concurrent_downloads = 1;
-        c.limits.download_queue_ms = 3_000;
+        c.limits.download_queue_ms = queue_ms;
         c.limits.max_queued_downloads = 1;
     })
     .await?;
@@ -117,14 +127,34 @@ async fn a_download_over_the_bound_waits_in_the_queue_for_a_slot() -> anyhow::Re
     ensure!(status.is_success(), "commit: {status} {body}");
     let blob_url = hub.api(&format!("/blobs/{}", Sha256Hex::of(&big)));
     let manifest_url = hub.api(&format!("/spaces/{DEFAULT_SPACE}/versions/2/manifest"));
-
-    // The one slot is held by a reader that has not read its body yet.
     let held = http()
         .get(&blob_url)
         .bearer_auth(&hub.admin_token)
         .send()
         .await?;
     ensure!(held.status().is_success(), "holding: {}", held.status());
+    Ok(SlotTaken {
+        hub,
+        held,
+        blob_url,
+        blob_size: big.len(),
+        manifest_url,
+    })
+}
+
+/// With the queue, a download that finds every slot taken waits for one instead of being
+/// refused, as long as a slot frees within `download_queue_ms`; a wait longer than that is
+/// refused with `Retry-After`, and so is one that finds the queue full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_download_over_the_bound_waits_in_the_queue_for_a_slot() -> anyhow::Result<()> {
+    // The one slot is held by a reader that has not read its body yet.
+    let SlotTaken {
+        hub,
+        held,
+        blob_url,
+        blob_size,
+        manifest_url,
+    } = one_slot_taken(3_000).await?;
     let waiting = tokio::spawn({
         let (url, token) = (manifest_url.clone(), hub.admin_token.clone());
         async move { http().get(url).bearer_auth(token).send().await }
@@ -144,7 +174,7 @@ async fn a_download_over_the_bound_waits_in_the_queue_for_a_slot() -> anyhow::Re
     );
     // The holder finishes reading within the queued one's wait: it is served, not refused.
     let read = held.bytes().await?;
-    assert_eq!(read.len(), big.len());
+    assert_eq!(read.len(), blob_size);
     let served = waiting.await??;
     assert_eq!(
         served.status(),
@@ -254,23 +284,13 @@ async fn a_client_that_stops_reading_is_cut_off_and_frees_its_slot() -> anyhow::
 /// queue does not fill up with requests nobody waits for any more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_that_leaves_the_queue_gives_its_place_back() -> anyhow::Result<()> {
-    let hub = TestHub::start_with(|c| {
-        c.limits.max_concurrent_downloads = 1;
-        c.limits.download_queue_ms = 5_000;
-        c.limits.max_queued_downloads = 1;
-    })
-    .await?;
-    let big: Vec<u8> = (0..32u32 << 20).map(|i| (i % 251) as u8).collect();
-    let (status, body) = commit(&hub, &hub.admin_token, 1, &[("big.bin", &big)], &[]).await?;
-    ensure!(status.is_success(), "commit: {status} {body}");
-    let blob_url = hub.api(&format!("/blobs/{}", Sha256Hex::of(&big)));
-    let manifest_url = hub.api(&format!("/spaces/{DEFAULT_SPACE}/versions/2/manifest"));
-    let held = http()
-        .get(&blob_url)
-        .bearer_auth(&hub.admin_token)
-        .send()
-        .await?;
-    ensure!(held.status().is_success(), "holding: {}", held.status());
+    let SlotTaken {
+        hub,
+        held,
+        blob_size,
+        manifest_url,
+        ..
+    } = one_slot_taken(5_000).await?;
     // Three clients in turn take the one place in the queue and give up after 300 ms.
     for i in 0..3 {
         let gave_up = http()
@@ -292,7 +312,7 @@ async fn a_client_that_leaves_the_queue_gives_its_place_back() -> anyhow::Result
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let read = held.bytes().await?;
-    assert_eq!(read.len(), big.len());
+    assert_eq!(read.len(), blob_size);
     assert_eq!(
         waiting.await??.status(),
         200,
