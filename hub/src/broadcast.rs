@@ -46,8 +46,8 @@ pub struct Published {
 
 impl Published {
     fn new(head: Head, spread: Spread) -> Self {
-        let frame =
-            synchub_protocol::sync_required_frame(&head, spread).expect("a head always serializes");
+        let frame = synchub_protocol::sync_required_frame(&head, spread, None)
+            .expect("a head always serializes");
         let json = serde_json::to_vec(&head).expect("a head always serializes");
         let etag = HeaderValue::from_str(&format!(
             "\"{}-{}\"",

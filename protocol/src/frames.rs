@@ -176,9 +176,47 @@ impl Spread {
     }
 }
 
-/// Encodes the `sync_required` frame of `head` with `spread` beside it: the JSON of
-/// [`HubFrame::SyncRequired`] plus `spread_ms` when it is not 0.
-pub fn sync_required_frame(head: &Head, spread: Spread) -> serde_json::Result<String> {
+/// The manifest delta a `sync_required` frame may carry beside the head's fields: the changes
+/// from the version before the announced one (the version most agents hold), so those agents
+/// learn the new manifest without asking for it. It is encoded as the answer to
+/// `GET .../manifest?from=V` is (see [`crate::delta`]) and trusted no more than that answer:
+/// the agent applies it only to the version it names, and uses the result only when it hashes
+/// to the announced `data_hash`; otherwise it asks as before. The hub sends one only when its
+/// text is at most [`MAX_FRAME_DELTA_LEN`] bytes (the frame goes to every socket), and an agent
+/// ignores a longer one. Optional on the wire, like the spread hint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrameDelta {
+    /// The version the delta starts from.
+    pub from_version: u64,
+    /// The encoded delta.
+    pub text: String,
+}
+
+/// Longest delta text a `sync_required` frame carries, in bytes: about 150 changed files.
+pub const MAX_FRAME_DELTA_LEN: usize = 16 * 1024;
+
+impl FrameDelta {
+    /// The delta in a frame's text, when it has one within [`MAX_FRAME_DELTA_LEN`].
+    pub fn of_frame(text: &str) -> Option<FrameDelta> {
+        #[derive(Deserialize)]
+        struct Beside {
+            #[serde(default)]
+            delta: Option<FrameDelta>,
+        }
+        serde_json::from_str::<Beside>(text)
+            .ok()?
+            .delta
+            .filter(|d| d.text.len() <= MAX_FRAME_DELTA_LEN)
+    }
+}
+
+/// Encodes the `sync_required` frame of `head` with `spread` and `delta` beside it: the JSON of
+/// [`HubFrame::SyncRequired`] plus `spread_ms` when it is not 0 and `delta` when there is one.
+pub fn sync_required_frame(
+    head: &Head,
+    spread: Spread,
+    delta: Option<&FrameDelta>,
+) -> serde_json::Result<String> {
     #[derive(Serialize)]
     #[serde(tag = "type", rename = "sync_required")]
     struct Frame<'a> {
@@ -186,8 +224,14 @@ pub fn sync_required_frame(head: &Head, spread: Spread) -> serde_json::Result<St
         head: &'a Head,
         #[serde(flatten)]
         spread: Spread,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        delta: Option<&'a FrameDelta>,
     }
-    serde_json::to_string(&Frame { head, spread })
+    serde_json::to_string(&Frame {
+        head,
+        spread,
+        delta,
+    })
 }
 
 #[cfg(test)]
@@ -241,7 +285,7 @@ mod tests {
             epoch: 0,
             forced_version: 0,
         };
-        let text = sync_required_frame(&head, Spread { spread_ms: 1500 }).unwrap();
+        let text = sync_required_frame(&head, Spread { spread_ms: 1500 }, None).unwrap();
         let json: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(json["type"], "sync_required");
         assert_eq!(json["spread_ms"], 1500);
@@ -251,13 +295,48 @@ mod tests {
         );
         assert_eq!(Spread::of_frame(&text).spread_ms, 1500);
 
-        let plain = sync_required_frame(&head, Spread::default()).unwrap();
+        let plain = sync_required_frame(&head, Spread::default(), None).unwrap();
         assert_eq!(
             plain,
             serde_json::to_string(&HubFrame::SyncRequired(head)).unwrap(),
             "no hint: the frame is byte for byte what it was"
         );
         assert_eq!(Spread::of_frame(&plain), Spread::default());
+    }
+
+    #[test]
+    fn a_delta_rides_beside_the_head_and_a_long_one_is_ignored() {
+        let head = Head {
+            space: "s".into(),
+            version: 9,
+            data_hash: Sha256Hex::empty(),
+            forced: false,
+            reason: None,
+            by: None,
+            at: "2026-11-25T00:00:00Z".into(),
+            epoch: 0,
+            forced_version: 0,
+        };
+        let delta = FrameDelta {
+            from_version: 8,
+            text: "synchub-manifest-delta 1\nfrom a\nto b\n".into(),
+        };
+        let text = sync_required_frame(&head, Spread::default(), Some(&delta)).unwrap();
+        assert_eq!(
+            serde_json::from_str::<HubFrame>(&text).unwrap(),
+            HubFrame::SyncRequired(head.clone()),
+            "an agent that does not know the delta reads the frame as before"
+        );
+        assert_eq!(FrameDelta::of_frame(&text), Some(delta));
+        let plain = sync_required_frame(&head, Spread::default(), None).unwrap();
+        assert_eq!(FrameDelta::of_frame(&plain), None);
+
+        let long = FrameDelta {
+            from_version: 8,
+            text: "x".repeat(MAX_FRAME_DELTA_LEN + 1),
+        };
+        let text = sync_required_frame(&head, Spread::default(), Some(&long)).unwrap();
+        assert_eq!(FrameDelta::of_frame(&text), None);
     }
 
     #[test]
