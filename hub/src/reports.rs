@@ -18,8 +18,9 @@ use synchub_protocol::{SyncReport, codes};
 use tokio::sync::{mpsc, oneshot};
 
 /// Checks that `client_id` reports under `principal`'s token: a client id is bound to the
-/// token of its first report or held change, and another token is refused (403), so a token
-/// cannot write rows in another PC's name. Several PCs may share a token, each with its id.
+/// token of its first report, held change or socket `hello`, and another token is refused
+/// (403), so a token cannot write rows in another PC's name. Several PCs may share a token,
+/// each with its id.
 pub async fn require_own_client(
     domain: &Domain,
     principal: &Principal,

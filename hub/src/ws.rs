@@ -179,6 +179,7 @@ async fn run(state: AppState, principal: Principal, mut socket: WebSocket) {
         closed: state.shutdown.child_token(),
     });
     let id = state.clients.add(conn.clone());
+    bind_client_early(&state, &principal, &conn.client_id);
     // Registered first, then checked: a reload after this line closes the socket through
     // `clients`, one before it (while the agent had not said hello) is seen here.
     if !state.tokens.is_current(&principal) {
@@ -189,6 +190,21 @@ async fn run(state: AppState, principal: Principal, mut socket: WebSocket) {
     }
     serve(&state, &principal, &conn, spaces, socket).await;
     state.clients.remove(id);
+}
+
+/// Binds the hello's client id to the socket's token now, out of the rush after a bump, so the
+/// reports that follow need no query for it (see [`crate::reports::require_own_client`]). A
+/// refusal here changes nothing: the same check refuses the id's reports.
+fn bind_client_early(state: &AppState, principal: &Principal, client_id: &str) {
+    if state.client_owners.contains_key(client_id) {
+        return;
+    }
+    let (state, principal, client_id) = (state.clone(), principal.clone(), client_id.to_owned());
+    tokio::spawn(async move {
+        if let Err(e) = crate::reports::require_own_client(&state, &principal, &client_id).await {
+            tracing::debug!(client = client_id, error = %e, "client id not bound at hello");
+        }
+    });
 }
 
 /// The first frame, a text within the frame limit read within the hello deadline; otherwise

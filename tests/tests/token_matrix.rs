@@ -2,7 +2,8 @@
 //! (no token, a token of another space, a read-only token, a publishing token, an admin
 //! token), each answer's status checked; then what the statuses do not show: blob lists and
 //! packs see only the caller's spaces, a blob a token uploaded itself is readable by it, a
-//! client id reports under one token only, and every admin action is in the audit log.
+//! client id reports under one token only (the first to report it or to say `hello` with it),
+//! and every admin action is in the audit log.
 
 use anyhow::Context;
 use reqwest::{Method, RequestBuilder, StatusCode};
@@ -453,6 +454,54 @@ async fn a_client_id_reports_under_one_token(backend: Backend) -> anyhow::Result
     Ok(())
 }
 
+/// A `hello` binds its client id to the socket's token, as a first report does: another token
+/// cannot then report in that PC's name, even before the PC has reported anything.
+async fn a_hello_binds_its_client_id(backend: Backend) -> anyhow::Result<()> {
+    use futures::SinkExt;
+    use synchub_protocol::{AgentFrame, HeldSpace, PROTOCOL_VERSION};
+    use tokio_tungstenite::tungstenite::Message;
+    let (hub, callers) = start(backend).await?;
+    let mut socket = synchub_tests::hub::ws_connect(&hub.ws_url(), Some(&callers.read)).await?;
+    let hello = AgentFrame::Hello {
+        protocol: PROTOCOL_VERSION,
+        client_id: "pc-hello".into(),
+        spaces: vec![HeldSpace {
+            space: S.into(),
+            version: 0,
+            data_hash: None,
+        }],
+        agent_version: None,
+        hostname: None,
+    };
+    socket
+        .send(Message::Text(serde_json::to_string(&hello)?.into()))
+        .await?;
+    // The binding is made beside the welcome, not before it: wait for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !hub.state().client_owners.contains_key("pc-hello") {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the hello's client id was not bound within 10 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let r = http()
+        .post(hub.api("/sync-log"))
+        .bearer_auth(&callers.publish)
+        .json(&report_as(1, "pc-hello"))
+        .send()
+        .await?;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = http()
+        .post(hub.api("/sync-log"))
+        .bearer_auth(&callers.read)
+        .json(&report_as(2, "pc-hello"))
+        .send()
+        .await?;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    Ok(())
+}
+
 async fn admin_actions_are_audited(backend: Backend) -> anyhow::Result<()> {
     let (hub, callers) = start(backend).await?;
     let admin = &callers.admin;
@@ -530,5 +579,6 @@ backend_matrix!(
     every_route_for_every_caller,
     blobs_are_scoped_to_readable_spaces,
     a_client_id_reports_under_one_token,
+    a_hello_binds_its_client_id,
     admin_actions_are_audited,
 );

@@ -4,8 +4,8 @@
 //!   or refresh; the answer is the stored record with the decision.
 //! - `DELETE /spaces/{space}/held/{client_id}` (the same): the agent acted on it.
 //!
-//!   Both need `{client_id}` to be the calling token's (bound by its first report or held
-//!   change, see [`crate::reports::require_own_client`]): one PC cannot hold or withdraw
+//!   Both need `{client_id}` to be the calling token's (bound by its first report, held
+//!   change or `hello`, see [`crate::reports::require_own_client`]): one PC cannot hold or withdraw
 //!   another's change.
 //! - `GET /held` (admin): every held change.
 //! - `POST /spaces/{space}/held/{client_id}/approve|reject` (admin).
