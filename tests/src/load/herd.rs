@@ -1,11 +1,11 @@
 //! Herd: N simulated agents that hold the QR set, and one bump that sends all of them to the
 //! hub at once. Each agent does over the network what the real agent does: `hello` /
 //! `welcome`, then on `sync_required` a `downloading` status frame, the manifest as a delta
-//! from the version it holds (`?from=V`, rebuilt and checked against the announced
-//! `data_hash`; the full manifest, hash checked before parsing, when the hub sends that
-//! instead or the delta does not check out), one pack of the blobs it
-//! lacks (each blob's sha256 checked), a `ready` status frame and a `sync_log` report. Nothing
-//! is written to disk, and a forced sync's local re-hash (work on each PC, not on the hub) is
+//! from the version it holds (the one the frame carries when it starts from that version,
+//! else `?from=V`; rebuilt and checked against the announced `data_hash`; the full manifest,
+//! hash checked before parsing, when the hub sends that instead or the delta does not check
+//! out), one pack of the blobs it lacks (each blob's sha256 checked), a `ready` status frame
+//! and a `report` frame, counted once the hub acknowledges it. Nothing is written to disk, and a forced sync's local re-hash (work on each PC, not on the hub) is
 //! left out. Answers 429 and 503 are honoured by waiting `Retry-After`, as the agent does.
 //!
 //! The herd shares two cores with the hub, so the generator keeps its own CPU down without
@@ -36,9 +36,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use synchub_client::HubApi;
 use synchub_protocol::{
-    AgentFrame, AgentState, BlobList, CommitRequest, DEFAULT_SPACE, DELTA_CONTENT_TYPE, Head,
-    HeldSpace, HubFrame, Manifest, ManifestDelta, ManifestEntry, Sha256Hex, Spread, SyncReport,
-    SyncStatus, SyncType, pack,
+    AgentFrame, AgentState, BlobList, CommitRequest, DEFAULT_SPACE, DELTA_CONTENT_TYPE, FrameDelta,
+    Head, HeldSpace, HubFrame, Manifest, ManifestDelta, ManifestEntry, Sha256Hex, Spread,
+    SyncReport, SyncStatus, SyncType, pack,
 };
 use tokio::sync::{Semaphore, mpsc};
 use tokio_tungstenite::tungstenite::Message;
@@ -256,7 +256,7 @@ struct Shared {
 
 /// A sync from one data hash to another, as the first agent to make it worked it out.
 struct Plan {
-    /// The answer to `manifest?from=` it was worked out from.
+    /// The delta it was worked out from (the frame's, or the answer to `manifest?from=`).
     answer: bytes::Bytes,
     /// The full manifest too, when the answer was not a usable delta.
     full: Option<bytes::Bytes>,
@@ -452,14 +452,6 @@ impl Shared {
         }
         checked
     }
-
-    async fn report(&self, report: &SyncReport) -> Result<()> {
-        let url = format!("{}/sync-log", self.api);
-        self.request(|| self.http.post(&url).bearer_auth(&self.token).json(report))
-            .await?;
-        self.reports.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
 }
 
 /// Reads a pack body: for each expected blob in order, `<sha256> <size>\n` and the bytes,
@@ -511,22 +503,23 @@ async fn run_agent(
 ) {
     let client_id = format!("herd-{id}");
     let pong = serde_json::to_string(&AgentFrame::Pong).expect("frames serialize");
-    // A head announced while a sync was under way, to sync to next, and the last spread hint.
-    let mut pending: Option<Head> = None;
-    let mut spread = Spread::default();
+    // A head announced while a sync was under way, to sync to next, with the spread hint and
+    // the delta its frame carried.
+    let mut pending: Option<Announced> = None;
     loop {
-        let head = match pending.take() {
-            Some(head) if head.version > holds.0 => head,
+        let Announced {
+            head,
+            spread,
+            delta,
+        } = match pending.take() {
+            Some(next) if next.head.version > holds.0 => next,
             _ => {
                 let msg = tokio::select! {
                     m = socket.next() => m,
                     _ = stop.cancelled() => break,
                 };
-                match read_frame(msg, &mut socket, &pong).await {
-                    Frame::Head(head, hint) if head.version > holds.0 => {
-                        spread = hint;
-                        head
-                    }
+                match read_frame(msg, &mut socket, &pong, &shared).await {
+                    Frame::Head(next) if next.head.version > holds.0 => next,
                     Frame::Closed => break,
                     _ => continue,
                 }
@@ -566,16 +559,15 @@ async fn run_agent(
             };
             let syncing = async {
                 tokio::time::sleep(delay).await;
-                sync(&shared, &head, &holds).await
+                sync(&shared, &head, &holds, delta.as_ref()).await
             };
             tokio::pin!(syncing);
             loop {
                 tokio::select! {
                     r = &mut syncing => break Some(r),
-                    m = socket.next() => match read_frame(m, &mut socket, &pong).await {
-                        Frame::Head(newer, hint) if newer.version > head.version => {
+                    m = socket.next() => match read_frame(m, &mut socket, &pong, &shared).await {
+                        Frame::Head(newer) if newer.head.version > head.version => {
                             pending = Some(newer);
-                            spread = hint;
                         }
                         Frame::Closed => break None,
                         _ => {}
@@ -618,29 +610,48 @@ async fn run_agent(
             user: None,
             synced_at: None,
         };
-        let _ = shared.report(&report).await;
+        // As the agent: the report goes on the socket, and counts once the hub acknowledges it.
+        let report = serde_json::to_string(&AgentFrame::Report(report)).expect("frames serialize");
+        if socket.send(Message::Text(report.into())).await.is_err() {
+            break;
+        }
     }
     let _ = socket.close(None).await;
 }
 
+/// A head a `sync_required` frame announced, with what the frame carried beside it.
+struct Announced {
+    head: Head,
+    spread: Spread,
+    delta: Option<FrameDelta>,
+}
+
 /// What one message from the hub means to a simulated agent.
 enum Frame {
-    /// `sync_required`, with its spread hint.
-    Head(Head, Spread),
+    Head(Announced),
     Closed,
     Other,
 }
 
 /// Reads one message: a head announced, the socket gone, or anything else (a ping is answered
-/// here).
+/// and a report's acknowledgement counted here).
 async fn read_frame(
     msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
     socket: &mut super::Socket,
     pong: &str,
+    shared: &Shared,
 ) -> Frame {
     match msg {
         Some(Ok(Message::Text(t))) => match serde_json::from_str::<HubFrame>(&t) {
-            Ok(HubFrame::SyncRequired(head)) => Frame::Head(head, Spread::of_frame(&t)),
+            Ok(HubFrame::SyncRequired(head)) => Frame::Head(Announced {
+                head,
+                spread: Spread::of_frame(&t),
+                delta: FrameDelta::of_frame(&t),
+            }),
+            Ok(HubFrame::ReportAck { .. }) => {
+                shared.reports.fetch_add(1, Ordering::Relaxed);
+                Frame::Other
+            }
             Ok(HubFrame::Ping) => {
                 if socket.send(Message::Text(pong.into())).await.is_err() {
                     Frame::Closed
@@ -655,22 +666,29 @@ async fn read_frame(
     }
 }
 
-/// Syncs from `held` (version, data hash, manifest) to `head`: the delta (or the whole
-/// manifest) and the blobs `held` lacks, every answer checked. Returns the manifest, the
-/// bytes fetched and the number of paths that changed.
+/// Syncs from `held` (version, data hash, manifest) to `head`: the delta (the frame's when it
+/// starts from the held version, else asked for; or the whole manifest) and the blobs `held`
+/// lacks, every answer checked. Returns the manifest, the bytes fetched and the number of
+/// paths that changed.
 async fn sync(
     shared: &Shared,
     head: &Head,
     held: &(u64, Sha256Hex, Arc<Manifest>),
+    in_frame: Option<&FrameDelta>,
 ) -> Result<(Arc<Manifest>, u64, u64)> {
     let (held_version, held_hash, held_manifest) = held;
-    let url = format!(
-        "{}/spaces/{}/versions/{}/manifest?from={held_version}",
-        shared.api, head.space, head.version
-    );
-    let (delta, answer) = shared
-        .request_typed(|| shared.http.get(&url).bearer_auth(&shared.token))
-        .await?;
+    let (delta, answer) = match in_frame.filter(|d| d.from_version == *held_version) {
+        Some(d) => (true, bytes::Bytes::from(d.text.clone())),
+        None => {
+            let url = format!(
+                "{}/spaces/{}/versions/{}/manifest?from={held_version}",
+                shared.api, head.space, head.version
+            );
+            shared
+                .request_typed(|| shared.http.get(&url).bearer_auth(&shared.token))
+                .await?
+        }
+    };
     let key = (held_hash.clone(), head.data_hash.clone());
     let known = shared
         .plans
