@@ -1,7 +1,8 @@
 //! The push channel: one WebSocket to a hub. Says `hello` with what each space holds, takes
 //! the `welcome` heads and every `sync_required` (with the spread hint and manifest delta
-//! beside it), answers `ping`, and sends a `status` frame on every state change (download
-//! progress at most once a second). A socket that receives nothing for three ping intervals is
+//! beside it), answers `ping`, sends a `status` frame on every state change (download progress
+//! at most once a second) and the outbox's sync reports as `report` frames (their `report_ack`
+//! goes back to the outbox). A socket that receives nothing for three ping intervals is
 //! dropped, however much the agent itself sends; reconnects back off exponentially with jitter
 //! and rotate through the configured hubs. While the socket is up the head is still checked
 //! over HTTP now and then (a cheap ETag check), so a replica that missed a bump is noticed.
@@ -157,6 +158,8 @@ async fn session(agent: &Agent, url: &str) -> Result<SessionEnd> {
         return Ok(SessionEnd::BeforeWelcome);
     };
     agent.connected.send_replace(true);
+    // Reports go on this socket while it lives; dropping this hands them back to HTTP.
+    let mut reports = agent.reporter.outbox().attach_socket();
 
     // Every state change of every space becomes a status frame (the first item of each
     // stream is the current state).
@@ -207,7 +210,9 @@ async fn session(agent: &Agent, url: &str) -> Result<SessionEnd> {
                         offer(agent, vec![head], HeadSource::Push);
                     }
                     HubFrame::Ping => send(&mut ws, &AgentFrame::Pong).await?,
-                    HubFrame::ReportAck { .. } => {}
+                    HubFrame::ReportAck { report_id } => {
+                        agent.reporter.outbox().acked_on_socket(&report_id);
+                    }
                     HubFrame::Welcome { heads, .. } => offer(agent, heads, HeadSource::Welcome),
                     HubFrame::Error { code, message } => {
                         tracing::warn!(%code, %message, "hub error frame");
@@ -219,6 +224,10 @@ async fn session(agent: &Agent, url: &str) -> Result<SessionEnd> {
                     continue;
                 }
                 send(&mut ws, &status).await?
+            }
+            Some(report) = reports.next() => {
+                tracing::debug!(report_id = %report.report_id, "report sent on the socket");
+                send(&mut ws, &AgentFrame::Report(report)).await?
             }
         }
     }
