@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
-use synchub_protocol::{Head, Spread};
+use synchub_protocol::{FrameDelta, Head, Spread};
 use tokio::sync::{Notify, watch};
 
 /// One head, ready to send.
@@ -45,8 +45,8 @@ pub struct Published {
 }
 
 impl Published {
-    fn new(head: Head, spread: Spread) -> Self {
-        let frame = synchub_protocol::sync_required_frame(&head, spread, None)
+    fn new(head: Head, spread: Spread, delta: Option<&FrameDelta>) -> Self {
+        let frame = synchub_protocol::sync_required_frame(&head, spread, delta)
             .expect("a head always serializes");
         let json = serde_json::to_vec(&head).expect("a head always serializes");
         let etag = HeaderValue::from_str(&format!(
@@ -158,7 +158,12 @@ impl Heads {
     /// Older or equal versions are ignored, so replicas and watchers may report a head twice
     /// and a slow answer cannot undo a newer one.
     pub fn publish(&self, head: Head) -> bool {
-        self.put(head, None)
+        self.put(head, None, None)
+    }
+
+    /// Like [`Heads::publish`], with `delta` (to `head`'s manifest) in the frame.
+    pub fn publish_with(&self, head: Head, delta: Option<FrameDelta>) -> bool {
+        self.put(head, None, delta)
     }
 
     /// Makes `head` current whenever its version or data hash differs from what its space has:
@@ -168,10 +173,20 @@ impl Heads {
     /// the snapshot taken before the read: a head that moved meanwhile (a commit on this
     /// replica) is newer than the read, and only a forward move is taken then.
     pub fn replace(&self, head: Head, read_from: &Snapshot) -> bool {
-        self.put(head, Some(read_from))
+        self.put(head, Some(read_from), None)
     }
 
-    fn put(&self, head: Head, read_from: Option<&Snapshot>) -> bool {
+    /// Like [`Heads::replace`], with `delta` (to `head`'s manifest) in the frame.
+    pub fn replace_with(
+        &self,
+        head: Head,
+        read_from: &Snapshot,
+        delta: Option<FrameDelta>,
+    ) -> bool {
+        self.put(head, Some(read_from), delta)
+    }
+
+    fn put(&self, head: Head, read_from: Option<&Snapshot>, delta: Option<FrameDelta>) -> bool {
         let space = head.space.clone();
         let mut head = Some(head);
         let sent = self.tx.send_if_modified(|snapshot| {
@@ -191,7 +206,8 @@ impl Heads {
             };
             let spread = self.spread.hint(&next, self.registry.followers(&space));
             let mut heads = BTreeMap::clone(snapshot);
-            heads.insert(space.clone(), Arc::new(Published::new(next, spread)));
+            let published = Published::new(next, spread, delta.as_ref());
+            heads.insert(space.clone(), Arc::new(published));
             *snapshot = Arc::new(heads);
             true
         });

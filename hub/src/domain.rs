@@ -14,7 +14,7 @@ use crate::manifests::Manifests;
 use crate::store::{self, Store};
 use std::sync::Arc;
 use std::time::Duration;
-use synchub_protocol::{Head, Manifest, Sha256Hex};
+use synchub_protocol::{FrameDelta, Head, MAX_FRAME_DELTA_LEN, Manifest, Sha256Hex};
 
 pub struct Domain {
     pub config: Config,
@@ -33,6 +33,10 @@ pub struct Domain {
 
 /// Client ids whose token binding is kept in memory.
 const CLIENT_OWNERS_CACHED: u64 = 100_000;
+
+/// Longest a bump waits for the manifest delta its frame carries; a slower delta (manifests
+/// read from a slow store) is left out, and agents ask for it as before.
+const FRAME_DELTA_DEADLINE: Duration = Duration::from_secs(2);
 
 impl Domain {
     /// Starts the report writer: call inside a tokio runtime.
@@ -126,26 +130,65 @@ impl Domain {
         true
     }
 
+    /// The delta from the head announced now to `head`, for `head`'s `sync_required` frame:
+    /// the agents that hold the current version (most of them) then need no manifest request.
+    /// `None` when nothing moves, when either side has no stored manifest, when the delta is
+    /// longer than a frame carries or is not ready within [`FRAME_DELTA_DEADLINE`].
+    pub async fn frame_delta(&self, head: &Head) -> Option<FrameDelta> {
+        let current = self.heads.get(&head.space)?;
+        let from = &current.head;
+        let moves = head.version != from.version || head.data_hash != from.data_hash;
+        let empty = Sha256Hex::empty();
+        if !moves || from.data_hash == empty || head.data_hash == empty {
+            return None;
+        }
+        let delta = self
+            .manifests
+            .delta(&self.blobs, &from.data_hash, &head.data_hash);
+        match tokio::time::timeout(FRAME_DELTA_DEADLINE, delta).await {
+            Ok(Ok(bytes)) if bytes.len() <= MAX_FRAME_DELTA_LEN => Some(FrameDelta {
+                from_version: from.version,
+                text: String::from_utf8(bytes.to_vec()).ok()?,
+            }),
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => {
+                tracing::warn!(space = head.space, version = head.version, error = %e,
+                    "no manifest delta for the frame; agents ask for it");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(
+                    space = head.space,
+                    version = head.version,
+                    "manifest delta not ready in time for the frame; agents ask for it"
+                );
+                None
+            }
+        }
+    }
+
     /// Announces a head this hub made or was told of (it only moves forward; see
-    /// [`crate::broadcast::Heads::publish`]).
-    pub fn publish(&self, head: Head) {
+    /// [`crate::broadcast::Heads::publish`]), with the delta to it in the frame.
+    pub async fn publish(&self, head: Head) {
         if !self.announced(&head) {
             return;
         }
+        let delta = self.frame_delta(&head).await;
         let (space, version, forced) = (head.space.clone(), head.version, head.forced);
-        if self.heads.publish(head) {
+        if self.heads.publish_with(head, delta) {
             tracing::info!(space, version, forced, "head moved; broadcasting");
         }
     }
 
     /// Applies a head read from the store (see [`crate::broadcast::Heads::replace`]).
-    pub fn replace(&self, head: Head, read_from: &Snapshot) {
+    pub async fn replace(&self, head: Head, read_from: &Snapshot) {
         if !self.announced(&head) {
             return;
         }
+        let delta = self.frame_delta(&head).await;
         let (space, version) = (head.space.clone(), head.version);
         let before = self.heads.get(&space).map(|p| p.head.version);
-        if self.heads.replace(head, read_from) {
+        if self.heads.replace_with(head, read_from, delta) {
             let epoch = self.heads.get(&space).map_or(0, |p| p.head.epoch);
             match before {
                 Some(b) if b >= version => {

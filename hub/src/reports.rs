@@ -52,6 +52,24 @@ pub enum Stored {
     Duplicate,
 }
 
+/// How a report reached the hub, as `synchub_reports_total` counts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// A `report` frame on the agent's socket.
+    Socket,
+    /// `POST /api/v1/sync-log`.
+    Http,
+}
+
+impl Via {
+    fn as_str(self) -> &'static str {
+        match self {
+            Via::Socket => "socket",
+            Via::Http => "http",
+        }
+    }
+}
+
 /// Checks `report` (every field bounded; a long error message is cut, not refused), checks that
 /// `principal` may use its space and that its `client_id` is this token's (see
 /// [`require_own_client`]), and stores it.
@@ -59,6 +77,7 @@ pub async fn store(
     domain: &Domain,
     principal: &Principal,
     mut report: SyncReport,
+    via: Via,
 ) -> Result<(String, Stored), HubError> {
     let bad = |m: String| HubError::bad_request(codes::BAD_REQUEST, m);
     report.check_bounds().map_err(|e| bad(e.to_string()))?;
@@ -83,7 +102,8 @@ pub async fn store(
     if !domain.reports.write(report.clone()).await? {
         return Ok((report.report_id, Stored::Duplicate));
     }
-    metrics::counter!("synchub_reports_total", "status" => report.status.as_str()).increment(1);
+    let (status, via) = (report.status.as_str(), via.as_str());
+    metrics::counter!("synchub_reports_total", "status" => status, "via" => via).increment(1);
     Ok((report.report_id, Stored::New))
 }
 

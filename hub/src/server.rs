@@ -258,7 +258,7 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
 
     let initial_admin_token = first_admin_token(&state, store.as_ref()).await?;
     for head in store.heads().await? {
-        state.publish(head);
+        state.publish(head).await;
     }
     let watcher = spawn_background(&state, poll, &shutdown)?;
 
@@ -471,7 +471,7 @@ impl Reconciler {
         if self.dirty.all {
             let before = state.heads.snapshot();
             for head in state.store.heads().await? {
-                state.replace(head, &before);
+                state.replace(head, &before).await;
             }
             self.dirty.all = false;
             self.dirty.spaces.clear();
@@ -479,7 +479,7 @@ impl Reconciler {
         while let Some(space) = self.dirty.spaces.first().cloned() {
             let before = state.heads.snapshot();
             if let Some(head) = state.store.head(&space).await? {
-                state.replace(head, &before);
+                state.replace(head, &before).await;
             }
             self.dirty.spaces.remove(&space);
         }

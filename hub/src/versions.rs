@@ -71,7 +71,7 @@ pub async fn current_head(domain: &Domain, space: &str) -> Result<Head, HubError
     }
     match domain.store.head(space).await? {
         Some(head) => {
-            domain.publish(head.clone());
+            domain.publish(head.clone()).await;
             Ok(head)
         }
         None => Err(HubError::NotFound(format!("space {space:?}"))),
@@ -84,7 +84,7 @@ async fn reread_head(domain: &Domain, space: &str) -> Result<Head, HubError> {
     let before = domain.heads.snapshot();
     match domain.store.head(space).await? {
         Some(head) => {
-            domain.replace(head.clone(), &before);
+            domain.replace(head.clone(), &before).await;
             // Memory may be newer still (a commit here meanwhile); never older than the read.
             Ok(domain
                 .heads
@@ -99,8 +99,9 @@ async fn reread_head(domain: &Domain, space: &str) -> Result<Head, HubError> {
 
 /// Publishes a head this replica just wrote and returns it as agents see it (with the epoch
 /// and last forced version memory carries).
-fn published(domain: &Domain, head: Head) -> Head {
-    domain.heads.publish(head.clone());
+async fn published(domain: &Domain, head: Head) -> Head {
+    let delta = domain.frame_delta(&head).await;
+    domain.heads.publish_with(head.clone(), delta);
     domain
         .heads
         .get(&head.space)
@@ -135,7 +136,7 @@ where
                 if let Err(e) = index.await {
                     tracing::warn!(space, error = %e, "could not index the new version's blobs");
                 }
-                return Ok(Written::Created(published(domain, head)));
+                return Ok(Written::Created(published(domain, head).await));
             }
             Err(StoreError::HeadMoved { current, .. }) => {
                 tracing::debug!(space, current, "head moved during a write; retrying");

@@ -482,18 +482,19 @@ async fn store_report(
     report: synchub_protocol::SyncReport,
     socket: &mut impl Frames,
 ) -> bool {
-    let reply = match crate::reports::store(state, principal, report).await {
-        Ok((id, stored)) => {
-            if stored == crate::reports::Stored::New {
-                state.clients.touch();
+    let reply =
+        match crate::reports::store(state, principal, report, crate::reports::Via::Socket).await {
+            Ok((id, stored)) => {
+                if stored == crate::reports::Stored::New {
+                    state.clients.touch();
+                }
+                frame(&HubFrame::ReportAck { report_id: id })
             }
-            frame(&HubFrame::ReportAck { report_id: id })
-        }
-        Err(e) => {
-            let (code, message) = e.code_and_message();
-            error_frame(code, message)
-        }
-    };
+            Err(e) => {
+                let (code, message) = e.code_and_message();
+                error_frame(code, message)
+            }
+        };
     socket.send(reply).await.is_ok()
 }
 

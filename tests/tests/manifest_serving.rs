@@ -1,7 +1,8 @@
 //! Manifests under a herd: a burst of requests for a new version's manifest reads it from the
 //! blob store once and serves the same canonical bytes from memory; `?from=V` answers with
-//! only the changes since version V; an agent that holds a version syncs the next through a
-//! delta, and one fed a wrong delta by a lying hub still ends with the right tree.
+//! only the changes since version V; a bump's `sync_required` frame carries the delta from the
+//! version before; an agent that holds a version syncs the next through a delta, and one fed a
+//! wrong delta by a lying hub still ends with the right tree.
 
 use anyhow::ensure;
 use axum::Router;
@@ -13,10 +14,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use synchub_client::SyncClient;
 use synchub_protocol::{
-    DEFAULT_SPACE, DELTA_CONTENT_TYPE, Manifest, ManifestDelta, Role, Sha256Hex,
+    DEFAULT_SPACE, DELTA_CONTENT_TYPE, FrameDelta, HubFrame, MAX_FRAME_DELTA_LEN, Manifest,
+    ManifestDelta, Role, Sha256Hex,
 };
 use synchub_tests::fixtures::{agent_config, commit, http, metric, read_tree, wait_ready};
-use synchub_tests::hub::{TestHub, fs_blob_path};
+use synchub_tests::hub::{TestHub, WsAgent, fs_blob_path};
 
 fn manifest_url(hub_url: &str, version: u64) -> String {
     format!("{hub_url}/api/v1/spaces/{DEFAULT_SPACE}/versions/{version}/manifest")
@@ -162,6 +164,85 @@ async fn a_delta_has_only_the_changes_and_an_agent_syncs_through_it() -> anyhow:
     assert_eq!(tree["arhiva/007.json"], b"{\"n\":\"seven\"}");
     assert!(!tree.contains_key("arhiva/013.json"));
     agent.shutdown().await;
+    hub.stop().await;
+    Ok(())
+}
+
+/// The next `sync_required` frame on `socket`: its head and the delta beside it.
+async fn next_bump(
+    socket: &mut WsAgent,
+) -> anyhow::Result<(synchub_protocol::Head, Option<FrameDelta>)> {
+    let text = socket.next_text(Duration::from_secs(10)).await?;
+    match serde_json::from_str::<HubFrame>(&text)? {
+        HubFrame::SyncRequired(head) => Ok((head, FrameDelta::of_frame(&text))),
+        other => anyhow::bail!("expected sync_required, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bump_frame_carries_the_delta_from_the_version_before() -> anyhow::Result<()> {
+    let hub = TestHub::start().await?;
+    two_versions(&hub).await?;
+    let mut socket = WsAgent::connect(&hub, &hub.admin_token, &[DEFAULT_SPACE]).await?;
+    let client = http();
+    let (_, v3) = get_manifest(&client, &hub, 3, None).await?;
+    let held = Manifest::from_canonical(&v3, 100)?;
+
+    // One file changes: the frame says how, and the change rebuilds the new manifest exactly.
+    let (status, body) = commit(
+        &hub,
+        &hub.admin_token,
+        3,
+        &[("arhiva/002.json", b"{\"n\":\"two\"}")],
+        &[],
+    )
+    .await?;
+    ensure!(status.is_success(), "commit v4: {status} {body}");
+    let (head, delta) = next_bump(&mut socket).await?;
+    assert_eq!(head.version, 4);
+    let delta = delta.expect("a one-file bump carries its delta in the frame");
+    assert_eq!(delta.from_version, 3);
+    let parsed = ManifestDelta::parse(delta.text.as_bytes(), 100)?;
+    assert_eq!(parsed.puts.len(), 1);
+    let rebuilt = parsed.apply(&held)?;
+    assert_eq!(rebuilt.data_hash(), head.data_hash);
+    let (_, v4) = get_manifest(&client, &hub, 4, None).await?;
+    assert_eq!(rebuilt.canonical_bytes(), v4);
+
+    // A force-sync changes no file: its delta has no change, and its base is version 4.
+    let forced = client
+        .post(hub.api(&format!("/spaces/{DEFAULT_SPACE}/force-sync")))
+        .bearer_auth(&hub.admin_token)
+        .json(&serde_json::json!({"reason": "check"}))
+        .send()
+        .await?;
+    ensure!(
+        forced.status().is_success(),
+        "force-sync: {}",
+        forced.status()
+    );
+    let (head, delta) = next_bump(&mut socket).await?;
+    assert!(head.forced);
+    let delta = delta.expect("a force-sync carries its (empty) delta");
+    assert_eq!(delta.from_version, 4);
+    let parsed = ManifestDelta::parse(delta.text.as_bytes(), 100)?;
+    assert!(parsed.puts.is_empty() && parsed.deletes.is_empty());
+
+    // 300 new files make a delta longer than a frame carries: the frame goes without one.
+    let bodies: Vec<(String, Vec<u8>)> = (0..300)
+        .map(|i| (format!("big/{i:03}.json"), format!("[{i}]").into_bytes()))
+        .collect();
+    let files: Vec<(&str, &[u8])> = bodies
+        .iter()
+        .map(|(p, b)| (p.as_str(), b.as_slice()))
+        .collect();
+    let (status, body) = commit(&hub, &hub.admin_token, 5, &files, &[]).await?;
+    ensure!(status.is_success(), "commit v6: {status} {body}");
+    let (_, delta) = get_manifest(&client, &hub, 6, Some(5)).await?;
+    assert!(delta.len() > MAX_FRAME_DELTA_LEN, "{} bytes", delta.len());
+    let (head, delta) = next_bump(&mut socket).await?;
+    assert_eq!(head.version, 6);
+    assert_eq!(delta, None, "a delta over the frame's bound is left out");
     hub.stop().await;
     Ok(())
 }

@@ -95,6 +95,7 @@ pub async fn manifest(
     Path((_, version)): Path<(String, String)>,
     Query(q): Query<ManifestQuery>,
 ) -> ApiResult<Response> {
+    metrics::counter!("synchub_manifest_requests_total").increment(1);
     let version = parse_version(&version)?;
     let data_hash = state.version_hash(&space, version).await?;
     let immutable = HeaderValue::from_static("private, max-age=31536000, immutable");

@@ -18,7 +18,8 @@ pub async fn post(
     principal: Principal,
     Json(report): Json<SyncReport>,
 ) -> ApiResult<(StatusCode, axum::Json<serde_json::Value>)> {
-    let (report_id, stored) = reports::store(&state, &principal, report).await?;
+    let (report_id, stored) =
+        reports::store(&state, &principal, report, reports::Via::Http).await?;
     if stored == Stored::New {
         state.clients.touch();
     }

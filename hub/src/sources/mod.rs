@@ -290,7 +290,7 @@ async fn refresh(state: &AppState, pool: &PgPool, feed: &mut Feed) -> Result<(),
             .await
         {
             Ok(Some(h)) => {
-                announce(state, h);
+                announce(state, h).await;
                 return Ok(());
             }
             Ok(None) => {}
@@ -308,7 +308,7 @@ async fn refresh(state: &AppState, pool: &PgPool, feed: &mut Feed) -> Result<(),
             .await
         {
             Ok(h) => {
-                announce(state, h);
+                announce(state, h).await;
                 return Ok(());
             }
             Err(StoreError::HeadMoved { .. }) => continue,
@@ -331,14 +331,14 @@ async fn row_version(pool: &PgPool, space: &str) -> Result<u64, SourceError> {
     Ok(version.and_then(|v| u64::try_from(v).ok()).unwrap_or(0))
 }
 
-fn announce(state: &AppState, head: Head) {
+async fn announce(state: &AppState, head: Head) {
     tracing::info!(
         space = head.space,
         version = head.version,
         forced = head.forced,
         "new version from sources"
     );
-    state.publish(head);
+    state.publish(head).await;
 }
 
 /// The tables and queries of one source as blobs, by path.
