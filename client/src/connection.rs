@@ -1,24 +1,23 @@
 //! The push channel: one WebSocket to a hub. Says `hello` with what each space holds, takes
-//! the `welcome` heads and every `sync_required`, answers `ping`, and sends a `status` frame
-//! on every state change (download progress at most once a second). A socket that receives
-//! nothing for three ping intervals is dropped, however much the agent itself sends; reconnects
-//! back off exponentially with jitter and rotate through the configured hubs. While the socket
-//! is up the head is still checked over HTTP now and then (a cheap ETag check), so a replica
-//! that missed a bump is noticed. While no socket is up, `connected` is false and the fallback
-//! check runs.
+//! the `welcome` heads and every `sync_required` (with the spread hint and manifest delta
+//! beside it), answers `ping`, sends a `status` frame on every state change (download progress
+//! at most once a second) and the outbox's sync reports as `report` frames (their `report_ack`
+//! goes back to the outbox). A socket that receives nothing for three ping intervals is
+//! dropped, however much the agent itself sends; reconnects back off exponentially with jitter
+//! and rotate through the configured hubs. While the socket is up the head is still checked
+//! over HTTP now and then (a cheap ETag check), so a replica that missed a bump is noticed.
+//! While no socket is up, `connected` is false and the fallback check runs.
 
 use crate::agent::{Agent, Timestamp};
 use crate::backoff::Backoff;
 use crate::error::{ClientError, Result};
 use crate::hub_api::{HeadCheck, HubApi};
-use crate::space::{HeadSource, Space};
+use crate::space::{Beside, HeadSource, Space};
 use crate::state::is_progress_only;
 use futures::{SinkExt, StreamExt};
 use std::sync::Arc;
 use std::time::Duration;
-use synchub_protocol::{
-    AgentFrame, AgentState, Head, HeldSpace, HubFrame, PROTOCOL_VERSION, Spread,
-};
+use synchub_protocol::{AgentFrame, AgentState, Head, HeldSpace, HubFrame, PROTOCOL_VERSION};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_stream::wrappers::WatchStream;
@@ -159,6 +158,8 @@ async fn session(agent: &Agent, url: &str) -> Result<SessionEnd> {
         return Ok(SessionEnd::BeforeWelcome);
     };
     agent.connected.send_replace(true);
+    // Reports go on this socket while it lives; dropping this hands them back to HTTP.
+    let mut reports = agent.reporter.outbox().attach_socket();
 
     // Every state change of every space becomes a status frame (the first item of each
     // stream is the current state).
@@ -196,18 +197,22 @@ async fn session(agent: &Agent, url: &str) -> Result<SessionEnd> {
                     Ok(Ok(Some(f))) => f,
                 };
                 last_received = Instant::now();
-                let (frame, spread) = frame;
+                let (frame, beside) = frame;
                 match frame {
                     HubFrame::SyncRequired(head) => {
                         tracing::info!(space = %head.space, version = head.version, forced = head.forced,
-                            spread_ms = spread.spread_ms, "sync required");
+                            spread_ms = beside.spread.spread_ms,
+                            delta_from = beside.delta.as_ref().map(|d| d.from_version),
+                            "sync required");
                         if let Some(space) = agent.held_space(&head.space) {
-                            space.note_spread(head.version, spread);
+                            space.note_announcement(head.version, beside);
                         }
                         offer(agent, vec![head], HeadSource::Push);
                     }
                     HubFrame::Ping => send(&mut ws, &AgentFrame::Pong).await?,
-                    HubFrame::ReportAck { .. } => {}
+                    HubFrame::ReportAck { report_id } => {
+                        agent.reporter.outbox().acked_on_socket(&report_id);
+                    }
                     HubFrame::Welcome { heads, .. } => offer(agent, heads, HeadSource::Welcome),
                     HubFrame::Error { code, message } => {
                         tracing::warn!(%code, %message, "hub error frame");
@@ -219,6 +224,10 @@ async fn session(agent: &Agent, url: &str) -> Result<SessionEnd> {
                     continue;
                 }
                 send(&mut ws, &status).await?
+            }
+            Some(report) = reports.next() => {
+                tracing::debug!(report_id = %report.report_id, "report sent on the socket");
+                send(&mut ws, &AgentFrame::Report(report)).await?
             }
         }
     }
@@ -298,13 +307,14 @@ async fn send(ws: &mut Ws, frame: &AgentFrame) -> Result<()> {
         .map_err(|e| ClientError::Unreachable(format!("sending: {e}")))
 }
 
-/// The next hub frame; `None` when the socket closed. Control frames are handled here.
-async fn next_frame(ws: &mut Ws) -> Result<Option<(HubFrame, Spread)>> {
+/// The next hub frame, with what a `sync_required` carries beside its head; `None` when the
+/// socket closed. Control frames are handled here.
+async fn next_frame(ws: &mut Ws) -> Result<Option<(HubFrame, Beside)>> {
     loop {
         let msg = match ws.next().await {
             None => return Ok(None),
             Some(Ok(msg)) => msg,
-            Some(Err(e)) => return read_error(e).map(|f| f.map(|f| (f, Spread::default()))),
+            Some(Err(e)) => return read_error(e).map(|f| f.map(|f| (f, Beside::default()))),
         };
         let text = match msg {
             Message::Text(t) => t.to_string(),
@@ -314,9 +324,10 @@ async fn next_frame(ws: &mut Ws) -> Result<Option<(HubFrame, Spread)>> {
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
         };
         match serde_json::from_str::<HubFrame>(&text) {
-            // The spread hint rides beside the head in `sync_required` only.
-            Ok(f @ HubFrame::SyncRequired(_)) => return Ok(Some((f, Spread::of_frame(&text)))),
-            Ok(f) => return Ok(Some((f, Spread::default()))),
+            // The spread hint and the manifest delta ride beside the head in `sync_required`
+            // only.
+            Ok(f @ HubFrame::SyncRequired(_)) => return Ok(Some((f, Beside::of_frame(&text)))),
+            Ok(f) => return Ok(Some((f, Beside::default()))),
             Err(e) => tracing::warn!(error = %e, "ignoring a frame this agent does not know"),
         }
     }

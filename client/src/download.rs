@@ -15,7 +15,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
-use synchub_protocol::{BlobList, Head, Manifest, ManifestDelta, Sha256Hex, pack};
+use synchub_protocol::{BlobList, FrameDelta, Head, Manifest, ManifestDelta, Sha256Hex, pack};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio_util::io::StreamReader;
 
@@ -108,13 +108,16 @@ pub async fn fetch_manifest(api: &HubApi, head: &Head) -> Result<Manifest> {
     Ok(Manifest::from_canonical(&bytes, MAX_MANIFEST_ENTRIES)?)
 }
 
-/// Like [`fetch_manifest`], asking only for the changes since `base` (a version held whole,
-/// with its manifest): the full manifest is rebuilt from them and must hash to the head's
-/// `data_hash`. Any error or mismatch on that way falls back to the full manifest.
+/// Like [`fetch_manifest`], from the changes since `base` (a version held whole, with its
+/// manifest): the full manifest is rebuilt from them and must hash to the head's `data_hash`.
+/// The changes come from `pushed` (the delta the announcing frame carried) when it starts from
+/// `base`'s version, without a request; else, or when it does not check out, they are asked
+/// for (`?from=`). Any error or mismatch on that way falls back to the full manifest.
 pub(crate) async fn fetch_manifest_since(
     api: &HubApi,
     head: &Head,
     base: Option<(u64, &Manifest)>,
+    pushed: Option<FrameDelta>,
 ) -> Result<Manifest> {
     let Some((from, base)) = base.filter(|(v, _)| *v != head.version) else {
         return fetch_manifest(api, head).await;
@@ -122,14 +125,29 @@ pub(crate) async fn fetch_manifest_since(
     if head.data_hash == Sha256Hex::empty() {
         return Ok(Manifest::default());
     }
-    let rebuilt = match api.manifest_since(&head.space, head.version, from).await {
-        Ok((true, delta)) => {
-            let (base, head) = (base.clone(), head.clone());
-            tokio::task::spawn_blocking(move || rebuild(&delta, &base, &head))
-                .await
-                .map_err(|e| ClientError::Protocol(format!("manifest delta: {e}")))
-                .and_then(|r| r)
+    match pushed {
+        Some(pushed) if pushed.from_version == from => {
+            match rebuild_blocking(pushed.text.into(), base, head).await {
+                Ok(manifest) => return Ok(manifest),
+                Err(error) => {
+                    tracing::warn!(space = head.space, version = head.version, from, %error,
+                        "the frame's manifest delta is not usable; asking the hub");
+                }
+            }
         }
+        Some(pushed) => {
+            tracing::debug!(
+                space = head.space,
+                version = head.version,
+                from,
+                delta_from = pushed.from_version,
+                "the frame's manifest delta starts elsewhere"
+            );
+        }
+        None => {}
+    }
+    let rebuilt = match api.manifest_since(&head.space, head.version, from).await {
+        Ok((true, delta)) => rebuild_blocking(delta, base, head).await,
         Ok((false, bytes)) => {
             // The hub had no delta for this base and sent the whole manifest.
             BlobCheck::manifest(head).whole(&bytes)?;
@@ -145,6 +163,14 @@ pub(crate) async fn fetch_manifest_since(
             fetch_manifest(api, head).await
         }
     }
+}
+
+/// [`rebuild`] on the blocking pool (a large manifest takes a while to hash).
+async fn rebuild_blocking(delta: bytes::Bytes, base: &Manifest, head: &Head) -> Result<Manifest> {
+    let (base, head) = (base.clone(), head.clone());
+    tokio::task::spawn_blocking(move || rebuild(&delta, &base, &head))
+        .await
+        .map_err(|e| ClientError::Protocol(format!("manifest delta: {e}")))?
 }
 
 /// The manifest of `head` from `base` and an encoded delta, checked against `data_hash`.
@@ -516,6 +542,116 @@ mod tests {
             read_checked(&mut wrong, &blob, &p).await,
             Err(ClientError::HashMismatch { .. })
         ));
+    }
+
+    fn manifest_of(files: &[(&str, &[u8])]) -> Manifest {
+        Manifest::new(
+            files
+                .iter()
+                .map(|(path, body)| synchub_protocol::ManifestEntry {
+                    path: (*path).into(),
+                    size: body.len() as u64,
+                    sha256: Sha256Hex::of(body),
+                })
+                .collect(),
+        )
+        .unwrap()
+    }
+
+    fn head_of(version: u64, manifest: &Manifest) -> Head {
+        Head {
+            space: "s".into(),
+            version,
+            data_hash: manifest.data_hash(),
+            forced: false,
+            reason: None,
+            by: None,
+            at: "2026-11-27T00:00:00Z".into(),
+            epoch: 0,
+            forced_version: 0,
+        }
+    }
+
+    /// A hub that answers every manifest request (`?from=` too) with `manifest` whole, and
+    /// counts them.
+    async fn manifest_hub(manifest: &Manifest) -> (HubApi, Arc<AtomicU64>) {
+        use axum::{Router, routing::get};
+        let asked = Arc::new(AtomicU64::new(0));
+        let count = asked.clone();
+        let body = manifest.canonical_bytes();
+        let app = Router::new().route(
+            "/api/v1/spaces/{space}/versions/{version}/manifest",
+            get(move || {
+                count.fetch_add(1, Ordering::SeqCst);
+                let body = body.clone();
+                async move { body }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (HubApi::new(vec![url], "t").unwrap(), asked)
+    }
+
+    #[tokio::test]
+    async fn a_frame_delta_from_the_held_version_makes_the_manifest_without_a_request() {
+        let v1 = manifest_of(&[("a", b"1"), ("b", b"2")]);
+        let v2 = manifest_of(&[("a", b"1"), ("c", b"3")]);
+        let (api, asked) = manifest_hub(&v2).await;
+        let pushed = FrameDelta {
+            from_version: 1,
+            text: String::from_utf8(ManifestDelta::between(&v1, &v2).encode()).unwrap(),
+        };
+        let got = fetch_manifest_since(&api, &head_of(2, &v2), Some((1, &v1)), Some(pushed))
+            .await
+            .unwrap();
+        assert_eq!(got, v2);
+        assert_eq!(asked.load(Ordering::SeqCst), 0, "no manifest request");
+
+        // A forced head: the same data under a new version, a delta without changes.
+        let forced = FrameDelta {
+            from_version: 2,
+            text: String::from_utf8(ManifestDelta::between(&v2, &v2).encode()).unwrap(),
+        };
+        let mut head = head_of(3, &v2);
+        head.forced = true;
+        let got = fetch_manifest_since(&api, &head, Some((2, &v2)), Some(forced))
+            .await
+            .unwrap();
+        assert_eq!(got, v2);
+        assert_eq!(asked.load(Ordering::SeqCst), 0, "no manifest request");
+    }
+
+    #[tokio::test]
+    async fn a_frame_delta_that_does_not_check_out_falls_back_to_asking_the_hub() {
+        let v1 = manifest_of(&[("a", b"1"), ("b", b"2")]);
+        let v2 = manifest_of(&[("a", b"1"), ("c", b"3")]);
+        let other = manifest_of(&[("a", b"1"), ("d", b"4")]);
+        let text = |from: &Manifest, to: &Manifest| {
+            String::from_utf8(ManifestDelta::between(from, to).encode()).unwrap()
+        };
+        let cases = [
+            // Leads to another manifest than the announced one.
+            ("wrong result", 1, text(&v1, &other)),
+            // Starts from a manifest other than the one held.
+            ("wrong base", 1, text(&other, &v2)),
+            ("not a delta", 1, "nonsense\n".to_owned()),
+            // Right, but from a version this agent does not hold: not used.
+            ("another version", 7, text(&v1, &v2)),
+        ];
+        for (case, from_version, text) in cases {
+            let (api, asked) = manifest_hub(&v2).await;
+            let pushed = FrameDelta { from_version, text };
+            let got = fetch_manifest_since(&api, &head_of(2, &v2), Some((1, &v1)), Some(pushed))
+                .await
+                .unwrap_or_else(|e| panic!("{case}: {e}"));
+            assert_eq!(got, v2, "{case}");
+            assert_eq!(
+                asked.load(Ordering::SeqCst),
+                1,
+                "{case}: asked the hub once"
+            );
+        }
     }
 
     #[test]

@@ -9,6 +9,14 @@
 //! set aside as `*.poison` with a warning. Only the hub's own refusal of a report (its JSON
 //! error body, 400/403/422) sets it aside at once: a 404 or 413 from a proxy in front of the
 //! hub is retried like any other failure.
+//!
+//! While the agent's WebSocket is up (welcomed), its session attaches to the outbox
+//! ([`Outbox::attach_socket`]) and reports go as `report` frames on it instead of one HTTP
+//! request each; the session hands the hub's `report_ack` back ([`Outbox::acked_on_socket`]),
+//! which deletes the file. A report the socket does not ack within [`ACK_WAIT`] (the socket
+//! dropped, the hub answered an `error` frame, a hub that never acks) goes over HTTP from then
+//! on, where a refusal is told apart precisely; when the socket drops, at once. The file stays
+//! until one way or the other acks it.
 
 use crate::backoff::Backoff;
 use crate::error::{ClientError, IoContext, Result};
@@ -18,10 +26,18 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use synchub_protocol::SyncReport;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 
 /// Failed attempts after which a report is set aside.
 pub(crate) const POISON_AFTER: u32 = 8;
+
+/// How long a report sent on the socket waits for its `report_ack` before it goes over HTTP:
+/// as long as a report over HTTP may take.
+pub(crate) const ACK_WAIT: Duration = Duration::from_secs(10);
+
+/// Most reports waiting for their ack on the socket at once (the hub stores a socket's reports
+/// one after the other); the others wait for the next round.
+const MAX_ON_SOCKET: usize = 32;
 
 #[derive(Clone, Debug)]
 pub struct Outbox {
@@ -29,6 +45,51 @@ pub struct Outbox {
     wake: Arc<Notify>,
     /// Per report_id: failed attempts and when the next may be made.
     attempts: Arc<Mutex<HashMap<String, (Backoff, Instant)>>>,
+    socket: Arc<Mutex<SocketRoute>>,
+    ack_wait: Duration,
+}
+
+/// Where reports go while a socket is up.
+#[derive(Debug, Default)]
+struct SocketRoute {
+    /// The attached session's queue, with its attach number (a stale detach must not take a
+    /// newer session's queue away).
+    queue: Option<(u64, mpsc::Sender<SyncReport>)>,
+    attaches: u64,
+    /// Reports handed to a socket, by report_id, with when the wait for their ack ends. An id
+    /// stays here until the report is acked or set aside: once its wait is over it goes over
+    /// HTTP only.
+    sent: HashMap<String, Instant>,
+}
+
+/// How a due report goes this round.
+#[derive(Debug, PartialEq, Eq)]
+enum Route {
+    /// On the socket (now, or earlier and its ack is awaited; or on a later round).
+    Socket,
+    Http,
+}
+
+/// The reports an attached socket session sends as `report` frames; dropping it detaches the
+/// session, and the reports it left unacked go over HTTP on the next round.
+#[derive(Debug)]
+pub(crate) struct SocketReports {
+    outbox: Outbox,
+    attach: u64,
+    queue: mpsc::Receiver<SyncReport>,
+}
+
+impl SocketReports {
+    /// The next report to send; `None` once another session took over.
+    pub(crate) async fn next(&mut self) -> Option<SyncReport> {
+        self.queue.recv().await
+    }
+}
+
+impl Drop for SocketReports {
+    fn drop(&mut self) {
+        self.outbox.detach_socket(self.attach);
+    }
 }
 
 impl Outbox {
@@ -38,6 +99,8 @@ impl Outbox {
             dir,
             wake: Arc::new(Notify::new()),
             attempts: Arc::default(),
+            socket: Arc::default(),
+            ack_wait: ACK_WAIT,
         })
     }
 
@@ -101,15 +164,105 @@ impl Outbox {
         let path = self.path_of(report_id)?;
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(ClientError::io(format!("removing {}", path.display()), e))
+                return Err(ClientError::io(format!("removing {}", path.display()), e));
             }
-            _ => Ok(()),
+            _ => {}
+        }
+        self.attempts.lock().expect("outbox lock").remove(report_id);
+        self.socket
+            .lock()
+            .expect("outbox lock")
+            .sent
+            .remove(report_id);
+        Ok(())
+    }
+
+    /// From now on due reports go to the returned queue, for a welcomed socket to send, until
+    /// it is dropped. Wakes the sender, so reports waiting go at once.
+    pub(crate) fn attach_socket(&self) -> SocketReports {
+        let (tx, queue) = mpsc::channel(MAX_ON_SOCKET);
+        let attach = {
+            let mut route = self.socket.lock().expect("outbox lock");
+            route.attaches += 1;
+            route.queue = Some((route.attaches, tx));
+            route.attaches
+        };
+        self.wake.notify_one();
+        SocketReports {
+            outbox: self.clone(),
+            attach,
+            queue,
         }
     }
 
-    /// Sends every pending report that is due. A report that fails waits on its own backoff
-    /// and the others still go; when the hub cannot be reached at all the round stops (the
-    /// error is returned). Returns how many were delivered.
+    /// The socket of `attach` is gone: what it left unacked goes over HTTP at once.
+    fn detach_socket(&self, attach: u64) {
+        let mut route = self.socket.lock().expect("outbox lock");
+        if route.queue.as_ref().is_some_and(|(a, _)| *a == attach) {
+            route.queue = None;
+        }
+        let now = Instant::now();
+        for until in route.sent.values_mut() {
+            *until = (*until).min(now);
+        }
+        drop(route);
+        self.wake.notify_one();
+    }
+
+    /// The hub answered `report_ack` on the socket. An id this agent did not send on a socket
+    /// is ignored (only a report the hub was given can be acked).
+    pub(crate) fn acked_on_socket(&self, report_id: &str) {
+        if !self
+            .socket
+            .lock()
+            .expect("outbox lock")
+            .sent
+            .contains_key(report_id)
+        {
+            tracing::debug!(report_id, "report_ack for a report not sent on the socket");
+            return;
+        }
+        if let Err(e) = self.ack(report_id) {
+            tracing::warn!(report_id, error = %e, "could not forget an acked report");
+        }
+    }
+
+    /// Hands `report` to the attached socket when there is one and it has not had the report
+    /// before; a report whose ack wait is over goes over HTTP.
+    fn route(&self, report: &SyncReport) -> Route {
+        let now = Instant::now();
+        let mut route = self.socket.lock().expect("outbox lock");
+        if let Some(until) = route.sent.get(&report.report_id) {
+            return if now < *until {
+                Route::Socket
+            } else {
+                Route::Http
+            };
+        }
+        let Some((_, queue)) = &route.queue else {
+            return Route::Http;
+        };
+        if route.sent.values().filter(|until| now < **until).count() >= MAX_ON_SOCKET {
+            return Route::Socket;
+        }
+        match queue.try_send(report.clone()) {
+            Ok(()) => {
+                let until = now + self.ack_wait;
+                route.sent.insert(report.report_id.clone(), until);
+                Route::Socket
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => Route::Socket,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                route.queue = None;
+                Route::Http
+            }
+        }
+    }
+
+    /// Sends every pending report that is due: on the attached socket when there is one (see
+    /// the module's comment), else over HTTP. A report that fails over HTTP waits on its own
+    /// backoff and the others still go; when the hub cannot be reached at all the round stops
+    /// (the error is returned). Returns how many were delivered over HTTP.
     pub async fn flush(&self, api: &HubApi) -> Result<usize> {
         let mut sent = 0;
         for report in self.pending() {
@@ -120,13 +273,12 @@ impl Outbox {
                 .expect("outbox lock")
                 .get(&id)
                 .is_none_or(|(_, at)| *at <= Instant::now());
-            if !due {
+            if !due || self.route(&report) == Route::Socket {
                 continue;
             }
             match api.report(&report).await {
                 Ok(()) => {
                     self.ack(&id)?;
-                    self.attempts.lock().expect("outbox lock").remove(&id);
                     sent += 1;
                 }
                 // The hub itself refuses this report for good (malformed, forbidden).
@@ -170,6 +322,7 @@ impl Outbox {
 
     fn set_aside(&self, id: &str, extension: &str) -> Result<()> {
         self.attempts.lock().expect("outbox lock").remove(id);
+        self.socket.lock().expect("outbox lock").sent.remove(id);
         let path = self.path_of(id)?;
         std::fs::rename(&path, path.with_extension(extension))
             .ctx(|| format!("setting {} aside", path.display()))
@@ -271,6 +424,73 @@ mod tests {
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
         (url, stored)
+    }
+
+    #[tokio::test]
+    async fn a_report_the_socket_does_not_ack_goes_over_http() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut outbox = Outbox::open(dir.path().to_path_buf()).unwrap();
+        outbox.ack_wait = Duration::from_millis(300);
+        let (url, stored) = picky_hub(String::new()).await;
+        let api = HubApi::new(vec![url], "t").unwrap();
+        // A socket that takes reports and never acks (an old hub, an error frame).
+        let mut socket = outbox.attach_socket();
+        let id = uuid::Uuid::new_v4().to_string();
+        outbox.put(&report(&id)).unwrap();
+        assert_eq!(outbox.flush(&api).await.unwrap(), 0);
+        let sent = tokio::time::timeout(Duration::from_secs(1), socket.next())
+            .await
+            .expect("the report went to the socket")
+            .unwrap();
+        assert_eq!(sent.report_id, id);
+        // While its ack is awaited, neither way sends it again.
+        assert_eq!(outbox.flush(&api).await.unwrap(), 0);
+        assert!(socket.queue.try_recv().is_err(), "sent on the socket once");
+        assert_eq!(stored.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(outbox.pending().len(), 1, "kept until acked");
+
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            outbox.flush(&api).await.unwrap(),
+            1,
+            "over HTTP once the wait is over"
+        );
+        assert_eq!(stored.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(outbox.pending().is_empty());
+        assert!(socket.queue.try_recv().is_err(), "not on the socket again");
+    }
+
+    #[tokio::test]
+    async fn a_report_acked_on_the_socket_is_forgotten_and_a_dropped_socket_hands_back_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path().to_path_buf()).unwrap();
+        let (url, stored) = picky_hub(String::new()).await;
+        let api = HubApi::new(vec![url], "t").unwrap();
+        let mut socket = outbox.attach_socket();
+        let (a, b) = (
+            uuid::Uuid::new_v4().to_string(),
+            uuid::Uuid::new_v4().to_string(),
+        );
+        outbox.put(&report(&a)).unwrap();
+        // An ack for a report not (yet) sent on the socket is not taken.
+        outbox.acked_on_socket(&a);
+        assert_eq!(outbox.pending().len(), 1);
+        std::thread::sleep(Duration::from_millis(20));
+        outbox.put(&report(&b)).unwrap();
+        assert_eq!(outbox.flush(&api).await.unwrap(), 0);
+        assert_eq!(socket.next().await.unwrap().report_id, a);
+        assert_eq!(socket.next().await.unwrap().report_id, b);
+        outbox.acked_on_socket(&a);
+        let pending = outbox.pending();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].report_id, b);
+
+        // The socket drops before `b`'s ack: it goes over HTTP on the next round, without
+        // waiting out ACK_WAIT.
+        drop(socket);
+        assert_eq!(outbox.flush(&api).await.unwrap(), 1);
+        assert_eq!(stored.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(outbox.pending().is_empty());
     }
 
     #[tokio::test]

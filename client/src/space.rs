@@ -21,7 +21,7 @@ use crate::state::{Event, transition};
 use serde::Serialize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use synchub_protocol::{AgentState, Head, Sha256Hex, Spread, SyncType};
+use synchub_protocol::{AgentState, FrameDelta, Head, Sha256Hex, Spread, SyncType};
 use tokio::sync::{Notify, RwLock, watch};
 
 /// A space as every task of the agent sees it.
@@ -41,8 +41,27 @@ pub(crate) struct Space {
     pub(crate) progress: Arc<Progress>,
     /// Held while `state.json` is written: one writer at a time, each writing the newest state.
     state_file: Mutex<()>,
-    /// The spread hint of the last `sync_required` frame, and the version it announced.
-    spread: Mutex<(u64, Spread)>,
+    /// What the last `sync_required` frame carried beside its head, and the version it
+    /// announced.
+    announced: Mutex<(u64, Beside)>,
+}
+
+/// What a `sync_required` frame may carry beside the head: the spread hint and the manifest
+/// delta from the version before.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Beside {
+    pub spread: Spread,
+    pub delta: Option<FrameDelta>,
+}
+
+impl Beside {
+    /// What a frame's text carries beside its head (nothing when it is not a `sync_required`).
+    pub(crate) fn of_frame(text: &str) -> Beside {
+        Beside {
+            spread: Spread::of_frame(text),
+            delta: FrameDelta::of_frame(text),
+        }
+    }
 }
 
 /// The version and data hash of the applied tree. With selective sync, the data hash of the
@@ -75,7 +94,7 @@ impl Space {
             last_error: Mutex::new(None),
             progress: Arc::new(Progress::default()),
             state_file: Mutex::new(()),
-            spread: Mutex::new((0, Spread::default())),
+            announced: Mutex::new((0, Beside::default())),
         }
     }
 
@@ -94,19 +113,28 @@ impl Space {
         });
     }
 
-    /// Records the spread hint the hub sent with its announcement of `version`.
-    pub(crate) fn note_spread(&self, version: u64, spread: Spread) {
-        *self.spread.lock().expect("spread lock") = (version, spread);
+    /// Records what the hub sent beside its announcement of `version` (the spread hint, the
+    /// manifest delta).
+    pub(crate) fn note_announcement(&self, version: u64, beside: Beside) {
+        *self.announced.lock().expect("announcement lock") = (version, beside);
     }
 
     /// How long the hub asked agents to spread their downloads of `version` over (bounded:
     /// a hub cannot hold a PC back for long).
     fn spread_for(&self, version: u64) -> Duration {
-        let (announced, spread) = *self.spread.lock().expect("spread lock");
-        if announced != version {
+        let announced = self.announced.lock().expect("announcement lock");
+        if announced.0 != version {
             return Duration::ZERO;
         }
-        Duration::from_millis(spread.spread_ms).min(MAX_SPREAD)
+        Duration::from_millis(announced.1.spread.spread_ms).min(MAX_SPREAD)
+    }
+
+    /// The manifest delta the hub sent with its announcement of `version`, if it sent one.
+    fn frame_delta_for(&self, version: u64) -> Option<FrameDelta> {
+        let announced = self.announced.lock().expect("announcement lock");
+        (announced.0 == version)
+            .then(|| announced.1.delta.clone())
+            .flatten()
     }
 
     /// Resolves once a head other than `head` is known (see [`follows`]).
@@ -622,9 +650,12 @@ async fn sync_once(
     let delta_base = held
         .filter(|_| agent.selection.is_none())
         .map(|h| (h.version, &h.manifest));
+    // The delta the announcing frame carried spares asking the hub, when it starts from the
+    // version held.
+    let pushed = space.frame_delta_for(head.version);
     // The whole manifest's hash is checked against the head here, before any narrowing.
     let manifest = tokio::select! {
-        r = download::fetch_manifest_since(&agent.api, head, delta_base) => r?,
+        r = download::fetch_manifest_since(&agent.api, head, delta_base, pushed) => r?,
         _ = &mut superseded => return Err(ClientError::Superseded),
     };
     let manifest = match &agent.selection {
