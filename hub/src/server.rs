@@ -146,14 +146,27 @@ pub async fn open_existing_parts(
 }
 
 /// Binds the listening socket; returns it with the address it got (the port may have been 0).
+/// Connections the kernel may hold for the hub before it accepts them (capped by the kernel's
+/// `net.core.somaxconn`, 4,096 on current Linux). A fleet that connects or fetches at once
+/// fills tokio's default of 1,024 while the hub is busy, and every connection past it has its
+/// SYN dropped and waits a second for the retry.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind(listen: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
     let bind_error = |source| StartError::Bind {
         addr: listen,
         source,
     };
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(bind_error)?;
+    let socket = match listen {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .map_err(bind_error)?;
+    // As `TcpListener::bind` does: a restarted hub binds while old connections linger.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true).map_err(bind_error)?;
+    socket.bind(listen).map_err(bind_error)?;
+    let listener = socket.listen(LISTEN_BACKLOG).map_err(bind_error)?;
     let addr = listener.local_addr().map_err(bind_error)?;
     Ok((listener, addr))
 }

@@ -722,6 +722,25 @@ async fn sync(
     Ok((plan.manifest.clone(), plan.fetched, plan.changed))
 }
 
+/// Waits until the hub is idle (under 10% of a core over a quarter second; at most 30 s), so a
+/// case does not pay for work that came before it: the connections' set-up (each `hello`
+/// binds its client id) or the previous case's stragglers.
+async fn wait_idle(hub: &Hub) {
+    const SLICE: Duration = Duration::from_millis(250);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let Some(mut before) = hub.cpu_secs() else {
+        return;
+    };
+    while Instant::now() < deadline {
+        tokio::time::sleep(SLICE).await;
+        let Some(now) = hub.cpu_secs() else { return };
+        if now - before <= 0.1 * SLICE.as_secs_f64() {
+            return;
+        }
+        before = now;
+    }
+}
+
 /// Resets the hub's peak RSS (`VmHWM`) where the kernel allows it (`clear_refs` 5).
 fn reset_peak_rss(pid: Option<u32>) {
     if let Some(pid) = pid {
@@ -900,6 +919,7 @@ async fn run_cases(
     let n = opts.agents;
     let mut out = Vec::new();
     for (round, &case) in opts.cases.iter().enumerate() {
+        wait_idle(hub).await;
         let base = hub.head(DEFAULT_SPACE).await?.version;
         let target = base + 1;
         while done_rx.try_recv().is_ok() {}
