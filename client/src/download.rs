@@ -601,6 +601,7 @@ mod tests {
         let pushed = FrameDelta {
             from_version: 1,
             text: String::from_utf8(ManifestDelta::between(&v1, &v2).encode()).unwrap(),
+            blobs: Vec::new(),
         };
         let got = fetch_manifest_since(&api, &head_of(2, &v2), Some((1, &v1)), Some(pushed))
             .await
@@ -612,6 +613,7 @@ mod tests {
         let forced = FrameDelta {
             from_version: 2,
             text: String::from_utf8(ManifestDelta::between(&v2, &v2).encode()).unwrap(),
+            blobs: Vec::new(),
         };
         let mut head = head_of(3, &v2);
         head.forced = true;
@@ -641,7 +643,11 @@ mod tests {
         ];
         for (case, from_version, text) in cases {
             let (api, asked) = manifest_hub(&v2).await;
-            let pushed = FrameDelta { from_version, text };
+            let pushed = FrameDelta {
+                from_version,
+                text,
+                blobs: Vec::new(),
+            };
             let got = fetch_manifest_since(&api, &head_of(2, &v2), Some((1, &v1)), Some(pushed))
                 .await
                 .unwrap_or_else(|e| panic!("{case}: {e}"));

@@ -149,6 +149,7 @@ impl Domain {
             Ok(Ok(bytes)) if bytes.len() <= MAX_FRAME_DELTA_LEN => Some(FrameDelta {
                 from_version: from.version,
                 text: String::from_utf8(bytes.to_vec()).ok()?,
+                blobs: Vec::new(),
             }),
             Ok(Ok(_)) => None,
             Ok(Err(e)) => {

@@ -184,29 +184,80 @@ impl Spread {
 /// to the announced `data_hash`; otherwise it asks as before. The hub sends one only when its
 /// text is at most [`MAX_FRAME_DELTA_LEN`] bytes (the frame goes to every socket), and an agent
 /// ignores a longer one. Optional on the wire, like the spread hint.
+///
+/// A small change's new files may ride along in `blobs`, so that the agents need no request
+/// at all for it: each is a blob the delta adds (named by its sha256, its bytes in standard
+/// base64), at most [`MAX_FRAME_BLOBS_LEN`] bytes together. The agent checks each blob's
+/// hash as it checks a downloaded one, and fetches whatever the frame does not carry.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FrameDelta {
     /// The version the delta starts from.
     pub from_version: u64,
     /// The encoded delta.
     pub text: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blobs: Vec<FrameBlob>,
+}
+
+/// A blob carried in a `sync_required` frame (see [`FrameDelta`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrameBlob {
+    pub sha256: Sha256Hex,
+    /// The bytes, standard base64.
+    pub data: String,
+}
+
+impl FrameBlob {
+    pub fn new(sha256: Sha256Hex, bytes: &[u8]) -> Self {
+        use base64::Engine;
+        FrameBlob {
+            sha256,
+            data: base64::engine::general_purpose::STANDARD.encode(bytes),
+        }
+    }
+
+    /// How many bytes `data` decodes to (padded base64), without decoding it.
+    fn decoded_len(&self) -> usize {
+        let padding = self.data.bytes().rev().take_while(|&b| b == b'=').count();
+        (self.data.len() / 4 * 3).saturating_sub(padding)
+    }
+
+    /// The bytes, when they decode and hash to `sha256`.
+    pub fn checked_bytes(&self) -> Option<Vec<u8>> {
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(&self.data)
+            .ok()?;
+        (Sha256Hex::of(&bytes) == self.sha256).then_some(bytes)
+    }
 }
 
 /// Longest delta text a `sync_required` frame carries, in bytes: about 150 changed files.
 pub const MAX_FRAME_DELTA_LEN: usize = 16 * 1024;
 
+/// Most blob bytes a `sync_required` frame carries (before base64): a few small files, such as
+/// the one or two QR images an ordinary change makes. The frame goes to every socket at once,
+/// so this bounds what a bump queues in the kernel per socket.
+pub const MAX_FRAME_BLOBS_LEN: usize = 32 * 1024;
+
 impl FrameDelta {
-    /// The delta in a frame's text, when it has one within [`MAX_FRAME_DELTA_LEN`].
+    /// The delta in a frame's text, when it has one within [`MAX_FRAME_DELTA_LEN`] (its blobs
+    /// are dropped when they are over [`MAX_FRAME_BLOBS_LEN`]).
     pub fn of_frame(text: &str) -> Option<FrameDelta> {
         #[derive(Deserialize)]
         struct Beside {
             #[serde(default)]
             delta: Option<FrameDelta>,
         }
-        serde_json::from_str::<Beside>(text)
+        let mut delta = serde_json::from_str::<Beside>(text)
             .ok()?
             .delta
-            .filter(|d| d.text.len() <= MAX_FRAME_DELTA_LEN)
+            .filter(|d| d.text.len() <= MAX_FRAME_DELTA_LEN)?;
+        let bytes: usize = delta.blobs.iter().map(FrameBlob::decoded_len).sum();
+        if bytes > MAX_FRAME_BLOBS_LEN {
+            delta.blobs.clear();
+        }
+        Some(delta)
     }
 }
 
@@ -320,6 +371,7 @@ mod tests {
         let delta = FrameDelta {
             from_version: 8,
             text: "synchub-manifest-delta 1\nfrom a\nto b\n".into(),
+            blobs: vec![FrameBlob::new(Sha256Hex::of(b"qr"), b"qr")],
         };
         let text = sync_required_frame(&head, Spread::default(), Some(&delta)).unwrap();
         assert_eq!(
@@ -334,9 +386,51 @@ mod tests {
         let long = FrameDelta {
             from_version: 8,
             text: "x".repeat(MAX_FRAME_DELTA_LEN + 1),
+            blobs: Vec::new(),
         };
         let text = sync_required_frame(&head, Spread::default(), Some(&long)).unwrap();
         assert_eq!(FrameDelta::of_frame(&text), None);
+    }
+
+    #[test]
+    fn a_frame_blob_is_used_only_when_it_hashes_right_and_too_many_are_dropped() {
+        let blob = FrameBlob::new(Sha256Hex::of(b"png bytes"), b"png bytes");
+        assert_eq!(blob.checked_bytes().as_deref(), Some(&b"png bytes"[..]));
+        let lying = FrameBlob::new(Sha256Hex::of(b"png bytes"), b"other bytes");
+        assert_eq!(lying.checked_bytes(), None);
+        let garbage = FrameBlob {
+            sha256: Sha256Hex::of(b""),
+            data: "not base64!".into(),
+        };
+        assert_eq!(garbage.checked_bytes(), None);
+
+        let head = Head {
+            space: "s".into(),
+            version: 9,
+            data_hash: Sha256Hex::empty(),
+            forced: false,
+            reason: None,
+            by: None,
+            at: "2026-11-25T00:00:00Z".into(),
+            epoch: 0,
+            forced_version: 0,
+        };
+        let big = vec![7u8; MAX_FRAME_BLOBS_LEN + 1];
+        let over = FrameDelta {
+            from_version: 8,
+            text: "t".into(),
+            blobs: vec![FrameBlob::new(Sha256Hex::of(&big), &big)],
+        };
+        let text = sync_required_frame(&head, Spread::default(), Some(&over)).unwrap();
+        let read = FrameDelta::of_frame(&text).expect("the delta itself is kept");
+        assert!(read.blobs.is_empty(), "blobs over the bound are dropped");
+        let fits = vec![7u8; MAX_FRAME_BLOBS_LEN];
+        let within = FrameDelta {
+            blobs: vec![FrameBlob::new(Sha256Hex::of(&fits), &fits)],
+            ..over
+        };
+        let text = sync_required_frame(&head, Spread::default(), Some(&within)).unwrap();
+        assert_eq!(FrameDelta::of_frame(&text), Some(within));
     }
 
     #[test]
