@@ -14,7 +14,10 @@ use crate::manifests::Manifests;
 use crate::store::{self, Store};
 use std::sync::Arc;
 use std::time::Duration;
-use synchub_protocol::{FrameDelta, Head, MAX_FRAME_DELTA_LEN, Manifest, Sha256Hex};
+use synchub_protocol::{
+    FrameBlob, FrameDelta, Head, MAX_FRAME_BLOBS_LEN, MAX_FRAME_DELTA_LEN, Manifest, ManifestDelta,
+    Sha256Hex,
+};
 
 pub struct Domain {
     pub config: Config,
@@ -130,10 +133,12 @@ impl Domain {
         true
     }
 
-    /// The delta from the head announced now to `head`, for `head`'s `sync_required` frame:
-    /// the agents that hold the current version (most of them) then need no manifest request.
-    /// `None` when nothing moves, when either side has no stored manifest, when the delta is
-    /// longer than a frame carries or is not ready within [`FRAME_DELTA_DEADLINE`].
+    /// The delta from the head announced now to `head`, for `head`'s `sync_required` frame,
+    /// with the blobs it adds while they fit [`MAX_FRAME_BLOBS_LEN`]: the agents that hold the
+    /// current version (most of them) then need no manifest request, and after a small change
+    /// no request at all. `None` when nothing moves, when either side has no stored manifest,
+    /// when the delta is longer than a frame carries or is not ready within
+    /// [`FRAME_DELTA_DEADLINE`].
     pub async fn frame_delta(&self, head: &Head) -> Option<FrameDelta> {
         let current = self.heads.get(&head.space)?;
         let from = &current.head;
@@ -142,16 +147,24 @@ impl Domain {
         if !moves || from.data_hash == empty || head.data_hash == empty {
             return None;
         }
-        let delta = self
-            .manifests
-            .delta(&self.blobs, &from.data_hash, &head.data_hash);
+        let delta = async {
+            let bytes = self
+                .manifests
+                .delta(&self.blobs, &from.data_hash, &head.data_hash)
+                .await?;
+            if bytes.len() > MAX_FRAME_DELTA_LEN {
+                return Ok(None);
+            }
+            let blobs = self.frame_blobs(&from.data_hash, &bytes).await;
+            Ok::<_, HubError>(Some((bytes, blobs)))
+        };
         match tokio::time::timeout(FRAME_DELTA_DEADLINE, delta).await {
-            Ok(Ok(bytes)) if bytes.len() <= MAX_FRAME_DELTA_LEN => Some(FrameDelta {
+            Ok(Ok(Some((bytes, blobs)))) => Some(FrameDelta {
                 from_version: from.version,
                 text: String::from_utf8(bytes.to_vec()).ok()?,
-                blobs: Vec::new(),
+                blobs,
             }),
-            Ok(Ok(_)) => None,
+            Ok(Ok(None)) => None,
             Ok(Err(e)) => {
                 tracing::warn!(space = head.space, version = head.version, error = %e,
                     "no manifest delta for the frame; agents ask for it");
@@ -166,6 +179,41 @@ impl Domain {
                 None
             }
         }
+    }
+
+    /// The blobs the encoded `delta` adds that the manifest `from` does not have, in the
+    /// delta's order, while they fit [`MAX_FRAME_BLOBS_LEN`] together (read through the hot
+    /// blobs, so the packs of agents that still ask find them in memory). A blob that cannot
+    /// be read is left out: the agents fetch it.
+    async fn frame_blobs(&self, from: &Sha256Hex, delta: &[u8]) -> Vec<FrameBlob> {
+        let Ok(delta) = ManifestDelta::parse(delta, MAX_FRAME_DELTA_LEN) else {
+            return Vec::new();
+        };
+        let held = match self.manifests.blob_set(&self.blobs, from).await {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::warn!(error = %e, "no blobs in the frame: the held manifest is unreadable");
+                return Vec::new();
+            }
+        };
+        let mut room = MAX_FRAME_BLOBS_LEN as u64;
+        let mut blobs: Vec<FrameBlob> = Vec::new();
+        for put in delta.puts {
+            let carried = blobs.iter().any(|b| b.sha256 == put.sha256);
+            if put.size > room || carried || held.contains_key(&put.sha256) {
+                continue;
+            }
+            let read = blobs::get_bytes(&*self.blobs, &put.sha256, put.size);
+            match self.hot_blobs.load(&put.sha256, put.size, read).await {
+                Ok(bytes) => {
+                    room -= put.size;
+                    blobs.push(FrameBlob::new(put.sha256, &bytes));
+                }
+                Err(e) => tracing::warn!(blob = %put.sha256, error = %e,
+                    "blob left out of the frame; agents fetch it"),
+            }
+        }
+        blobs
     }
 
     /// Announces a head this hub made or was told of (it only moves forward; see

@@ -184,7 +184,8 @@ async fn next_bump(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bump_frame_carries_the_delta_from_the_version_before() -> anyhow::Result<()> {
+async fn a_bump_frame_carries_the_delta_from_the_version_before_and_its_small_new_blobs()
+-> anyhow::Result<()> {
     let hub = TestHub::start().await?;
     two_versions(&hub).await?;
     let mut socket = WsAgent::connect(&hub, &hub.admin_token, &[DEFAULT_SPACE]).await?;
@@ -212,6 +213,13 @@ async fn a_bump_frame_carries_the_delta_from_the_version_before() -> anyhow::Res
     assert_eq!(rebuilt.data_hash(), head.data_hash);
     let (_, v4) = get_manifest(&client, &hub, 4, None).await?;
     assert_eq!(rebuilt.canonical_bytes(), v4);
+    // The new file's bytes ride along: the agents need no request at all.
+    let carried: Vec<Vec<u8>> = delta
+        .blobs
+        .iter()
+        .filter_map(|b| b.checked_bytes())
+        .collect();
+    assert_eq!(carried, vec![b"{\"n\":\"two\"}".to_vec()]);
 
     // A force-sync changes no file: its delta has no change, and its base is version 4.
     let forced = client
@@ -231,6 +239,31 @@ async fn a_bump_frame_carries_the_delta_from_the_version_before() -> anyhow::Res
     assert_eq!(delta.from_version, 4);
     let parsed = ManifestDelta::parse(delta.text.as_bytes(), 100)?;
     assert!(parsed.puts.is_empty() && parsed.deletes.is_empty());
+    assert!(delta.blobs.is_empty());
+
+    // A file too large for the frame, and one whose bytes the agents already hold (another
+    // file's): the delta names both, the frame carries neither.
+    let large = vec![b'x'; synchub_protocol::MAX_FRAME_BLOBS_LEN + 1];
+    let (status, body) = commit(
+        &hub,
+        &hub.admin_token,
+        5,
+        &[
+            ("arhiva/large.bin", &large),
+            ("arhiva/copy.json", b"{\"n\":\"two\"}"),
+        ],
+        &[],
+    )
+    .await?;
+    ensure!(status.is_success(), "commit v6: {status} {body}");
+    let (head, delta) = next_bump(&mut socket).await?;
+    assert_eq!(head.version, 6);
+    let delta = delta.expect("a two-file bump carries its delta");
+    assert_eq!(
+        ManifestDelta::parse(delta.text.as_bytes(), 100)?.puts.len(),
+        2
+    );
+    assert!(delta.blobs.is_empty(), "{:?}", delta.blobs.len());
 
     // 300 new files make a delta longer than a frame carries: the frame goes without one.
     let bodies: Vec<(String, Vec<u8>)> = (0..300)
@@ -240,12 +273,12 @@ async fn a_bump_frame_carries_the_delta_from_the_version_before() -> anyhow::Res
         .iter()
         .map(|(p, b)| (p.as_str(), b.as_slice()))
         .collect();
-    let (status, body) = commit(&hub, &hub.admin_token, 5, &files, &[]).await?;
-    ensure!(status.is_success(), "commit v6: {status} {body}");
-    let (_, delta) = get_manifest(&client, &hub, 6, Some(5)).await?;
+    let (status, body) = commit(&hub, &hub.admin_token, 6, &files, &[]).await?;
+    ensure!(status.is_success(), "commit v7: {status} {body}");
+    let (_, delta) = get_manifest(&client, &hub, 7, Some(6)).await?;
     assert!(delta.len() > MAX_FRAME_DELTA_LEN, "{} bytes", delta.len());
     let (head, delta) = next_bump(&mut socket).await?;
-    assert_eq!(head.version, 6);
+    assert_eq!(head.version, 7);
     assert_eq!(delta, None, "a delta over the frame's bound is left out");
     hub.stop().await;
     Ok(())

@@ -4,8 +4,9 @@
 //! from the version it holds (the one the frame carries when it starts from that version,
 //! else `?from=V`; rebuilt and checked against the announced `data_hash`; the full manifest,
 //! hash checked before parsing, when the hub sends that instead or the delta does not check
-//! out), one pack of the blobs it lacks (each blob's sha256 checked), a `ready` status frame
-//! and a `report` frame, counted once the hub acknowledges it. Nothing is written to disk, and a forced sync's local re-hash (work on each PC, not on the hub) is
+//! out), the new blobs the frame carries (each checked against its sha256) and one pack of the
+//! others it lacks (each blob's sha256 checked), a `ready` status frame and a `report` frame,
+//! counted once the hub acknowledges it. Nothing is written to disk, and a forced sync's local re-hash (work on each PC, not on the hub) is
 //! left out. Answers 429 and 503 are honoured by waiting `Retry-After`, as the agent does.
 //!
 //! The herd shares two cores with the hub, so the generator keeps its own CPU down without
@@ -249,10 +250,13 @@ struct Shared {
     manifests: Mutex<HashMap<Sha256Hex, Arc<Manifest>>>,
     /// What agents that held one data hash do to reach another, worked out once from the
     /// first answer (see the module comment).
-    plans: Mutex<HashMap<(Sha256Hex, Sha256Hex), Arc<Plan>>>,
+    plans: Mutex<HashMap<PlanKey, Arc<Plan>>>,
     /// Whether agents honour the spread hint ([`HerdOptions::spread`]).
     spread: bool,
 }
+
+/// The data hash held, the one announced, and whether the frame's delta (and blobs) was used.
+type PlanKey = (Sha256Hex, Sha256Hex, bool);
 
 /// A sync from one data hash to another, as the first agent to make it worked it out.
 struct Plan {
@@ -261,6 +265,8 @@ struct Plan {
     /// The full manifest too, when the answer was not a usable delta.
     full: Option<bytes::Bytes>,
     manifest: Arc<Manifest>,
+    /// The blobs the frame carried (each checked against its hash), which are not fetched.
+    carried: Vec<synchub_protocol::FrameBlob>,
     /// The blobs to fetch, in packs of at most 1,000, and whether to ask for them compressed.
     packs: Vec<Vec<(Sha256Hex, u64)>>,
     compressible: bool,
@@ -376,6 +382,7 @@ impl Shared {
         held: &Manifest,
         answer: bytes::Bytes,
         delta: bool,
+        carried: &[synchub_protocol::FrameBlob],
     ) -> Result<Plan> {
         let rebuilt = if delta {
             ManifestDelta::parse(&answer, MAX_MANIFEST_ENTRIES)
@@ -394,7 +401,19 @@ impl Shared {
                 (Some(bytes), m)
             }
         };
-        let have: HashSet<&Sha256Hex> = held.entries().iter().map(|e| &e.sha256).collect();
+        // As the agent: a carried blob counts only when its bytes hash right.
+        let mut carried_bytes = 0;
+        let carried: Vec<_> = carried
+            .iter()
+            .filter(|b| {
+                let bytes = b.checked_bytes();
+                carried_bytes += bytes.as_ref().map_or(0, |b| b.len() as u64);
+                bytes.is_some()
+            })
+            .cloned()
+            .collect();
+        let mut have: HashSet<&Sha256Hex> = held.entries().iter().map(|e| &e.sha256).collect();
+        have.extend(carried.iter().map(|b| &b.sha256));
         let mut seen = HashSet::new();
         let wanted: Vec<&ManifestEntry> = manifest
             .entries()
@@ -411,8 +430,9 @@ impl Shared {
         Ok(Plan {
             answer,
             full,
+            carried,
             checked: packs.iter().map(|_| std::sync::OnceLock::new()).collect(),
-            fetched: need.iter().map(|(_, s)| s).sum(),
+            fetched: carried_bytes + need.iter().map(|(_, s)| s).sum::<u64>(),
             changed: manifest.changes_from(held),
             manifest,
             packs,
@@ -677,7 +697,9 @@ async fn sync(
     in_frame: Option<&FrameDelta>,
 ) -> Result<(Arc<Manifest>, u64, u64)> {
     let (held_version, held_hash, held_manifest) = held;
-    let (delta, answer) = match in_frame.filter(|d| d.from_version == *held_version) {
+    let in_frame = in_frame.filter(|d| d.from_version == *held_version);
+    let carried = in_frame.map_or(&[][..], |d| &d.blobs[..]);
+    let (delta, answer) = match in_frame {
         Some(d) => (true, bytes::Bytes::from(d.text.clone())),
         None => {
             let url = format!(
@@ -689,7 +711,11 @@ async fn sync(
                 .await?
         }
     };
-    let key = (held_hash.clone(), head.data_hash.clone());
+    let key = (
+        held_hash.clone(),
+        head.data_hash.clone(),
+        in_frame.is_some(),
+    );
     let known = shared
         .plans
         .lock()
@@ -697,7 +723,7 @@ async fn sync(
         .get(&key)
         .cloned();
     let plan = match known {
-        Some(plan) if plan.answer == answer => {
+        Some(plan) if plan.answer == answer && plan.carried[..] == *carried => {
             if let Some(full) = &plan.full {
                 // The answer was not usable: the agent fetches the whole manifest too.
                 let (bytes, _) = shared.manifest(head).await?;
@@ -706,7 +732,10 @@ async fn sync(
             plan
         }
         _ => {
-            let plan = Arc::new(shared.plan(head, held_manifest, answer, delta).await?);
+            let plan = shared
+                .plan(head, held_manifest, answer, delta, carried)
+                .await?;
+            let plan = Arc::new(plan);
             shared
                 .plans
                 .lock()
