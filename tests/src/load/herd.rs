@@ -539,7 +539,7 @@ async fn run_agent(
                     _ = stop.cancelled() => break,
                 };
                 match read_frame(msg, &mut socket, &pong, &shared).await {
-                    Frame::Head(next) if next.head.version > holds.0 => next,
+                    Frame::Head(next) if next.head.version > holds.0 => *next,
                     Frame::Closed => break,
                     _ => continue,
                 }
@@ -587,7 +587,7 @@ async fn run_agent(
                     r = &mut syncing => break Some(r),
                     m = socket.next() => match read_frame(m, &mut socket, &pong, &shared).await {
                         Frame::Head(newer) if newer.head.version > head.version => {
-                            pending = Some(newer);
+                            pending = Some(*newer);
                         }
                         Frame::Closed => break None,
                         _ => {}
@@ -648,7 +648,7 @@ struct Announced {
 
 /// What one message from the hub means to a simulated agent.
 enum Frame {
-    Head(Announced),
+    Head(Box<Announced>),
     Closed,
     Other,
 }
@@ -663,11 +663,11 @@ async fn read_frame(
 ) -> Frame {
     match msg {
         Some(Ok(Message::Text(t))) => match serde_json::from_str::<HubFrame>(&t) {
-            Ok(HubFrame::SyncRequired(head)) => Frame::Head(Announced {
+            Ok(HubFrame::SyncRequired(head)) => Frame::Head(Box::new(Announced {
                 head,
                 spread: Spread::of_frame(&t),
                 delta: FrameDelta::of_frame(&t),
-            }),
+            })),
             Ok(HubFrame::ReportAck { .. }) => {
                 shared.reports.fetch_add(1, Ordering::Relaxed);
                 Frame::Other
