@@ -2,8 +2,9 @@
 //! announced `data_hash` before it is even parsed; when a version is held, only the delta from
 //! it is fetched and the manifest rebuilt from it is checked the same way), then only the blobs
 //! the cache lacks, in parallel: small ones in packs (one request for hundreds of files), large
-//! ones one by one with a ranged resume of a partial file. Every byte passes a [`BlobCheck`]
-//! before it enters the cache, so a wrong or truncated body never reaches a tree.
+//! ones one by one with a ranged resume of a partial file; those the announcing frame carried
+//! are not fetched. Every byte passes a [`BlobCheck`] before it enters the cache, so a wrong or
+//! truncated body never reaches a tree.
 
 use crate::blob_check::BlobCheck;
 use crate::cache::{Cache, Cached};
