@@ -2,8 +2,9 @@
 //! announced `data_hash` before it is even parsed; when a version is held, only the delta from
 //! it is fetched and the manifest rebuilt from it is checked the same way), then only the blobs
 //! the cache lacks, in parallel: small ones in packs (one request for hundreds of files), large
-//! ones one by one with a ranged resume of a partial file. Every byte passes a [`BlobCheck`]
-//! before it enters the cache, so a wrong or truncated body never reaches a tree.
+//! ones one by one with a ranged resume of a partial file; those the announcing frame carried
+//! are not fetched. Every byte passes a [`BlobCheck`] before it enters the cache, so a wrong or
+//! truncated body never reaches a tree.
 
 use crate::blob_check::BlobCheck;
 use crate::cache::{Cache, Cached};
@@ -11,11 +12,13 @@ use crate::error::{ClientError, IoContext, Result};
 use crate::hub_api::HubApi;
 use crate::state::Event;
 use futures::{StreamExt, TryStreamExt};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
-use synchub_protocol::{BlobList, FrameDelta, Head, Manifest, ManifestDelta, Sha256Hex, pack};
+use synchub_protocol::{
+    BlobList, FrameBlob, FrameDelta, Head, Manifest, ManifestDelta, Sha256Hex, pack,
+};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio_util::io::StreamReader;
 
@@ -84,6 +87,8 @@ pub(crate) struct DownloadStats {
     pub bytes_fetched: u64,
     /// Cache entries found corrupted and fetched again (forced sync).
     pub repaired: u64,
+    /// Blobs taken from the `sync_required` frame instead of fetched (not in the two above).
+    pub carried: u64,
 }
 
 /// One blob a manifest names.
@@ -219,11 +224,13 @@ fn lacking(cache: &Cache, blobs: Vec<Blob>, rehash: bool) -> Result<(Vec<Blob>, 
     Ok((need, dropped))
 }
 
-/// Brings every blob of `manifest` into the cache.
+/// Brings every blob of `manifest` into the cache. The blobs a `sync_required` frame carried
+/// (`carried`) that it needs and that check out are stored as they are; the rest is fetched.
 pub(crate) async fn fetch_blobs(
     api: &HubApi,
     cache: &Cache,
     manifest: &Manifest,
+    carried: &[FrameBlob],
     opts: &DownloadOptions,
     progress: &Arc<Progress>,
 ) -> Result<DownloadStats> {
@@ -240,6 +247,8 @@ pub(crate) async fn fetch_blobs(
         ..DownloadStats::default()
     };
     progress.start(&needed);
+    let (needed, carried) = store_carried(cache, needed, carried, progress).await?;
+    stats.carried = carried;
     if needed.is_empty() {
         return Ok(stats);
     }
@@ -299,6 +308,51 @@ pub(crate) async fn fetch_blobs(
         stats.bytes_fetched += f.bytes;
     }
     Ok(stats)
+}
+
+/// Stores the blobs of `needed` that a frame carried, when their bytes are right (hash and
+/// size, as a pack's are checked), and counts them as done. Returns the blobs still to fetch
+/// and how many were stored. A carried blob the download does not need is not even decoded.
+async fn store_carried(
+    cache: &Cache,
+    needed: Vec<Blob>,
+    carried: &[FrameBlob],
+    progress: &Progress,
+) -> Result<(Vec<Blob>, u64)> {
+    if carried.is_empty() {
+        return Ok((needed, 0));
+    }
+    let carried: HashMap<&Sha256Hex, &FrameBlob> = carried.iter().map(|c| (&c.sha256, c)).collect();
+    let mut rest = Vec::with_capacity(needed.len());
+    let mut batch = Vec::new();
+    for blob in needed {
+        let Some(frame_blob) = carried.get(&blob.sha256) else {
+            rest.push(blob);
+            continue;
+        };
+        let checked = frame_blob.checked_bytes().and_then(|bytes| {
+            let right = BlobCheck::blob(&blob.sha256, blob.size).whole(&bytes);
+            right.is_ok().then_some(bytes)
+        });
+        match checked {
+            Some(bytes) => batch.push((blob.sha256, bytes)),
+            None => {
+                tracing::warn!(blob = %blob.sha256,
+                    "a blob the frame carried does not check out; fetching it");
+                rest.push(blob);
+            }
+        }
+    }
+    if batch.is_empty() {
+        return Ok((rest, 0));
+    }
+    let bytes: usize = batch.iter().map(|(_, b)| b.len()).sum();
+    let stored = tokio::task::spawn_blocking(write_batch(cache.clone(), batch))
+        .await
+        .map_err(|e| ClientError::Protocol(e.to_string()))??;
+    progress.bytes(bytes as u64);
+    progress.files(stored);
+    Ok((rest, stored))
 }
 
 /// What one job brought in.
@@ -656,6 +710,142 @@ mod tests {
                 asked.load(Ordering::SeqCst),
                 1,
                 "{case}: asked the hub once"
+            );
+        }
+    }
+
+    /// A hub that serves `bodies` as blobs, in packs and one by one, and counts the requests
+    /// for them.
+    async fn blob_hub(bodies: &[&[u8]]) -> (HubApi, Arc<AtomicU64>) {
+        use axum::extract::Path;
+        use axum::routing::{get, post};
+        use axum::{Json, Router};
+        let store: Arc<HashMap<Sha256Hex, Vec<u8>>> = Arc::new(
+            bodies
+                .iter()
+                .map(|b| (Sha256Hex::of(b), b.to_vec()))
+                .collect(),
+        );
+        let asked = Arc::new(AtomicU64::new(0));
+        let (pack_store, pack_count) = (store.clone(), asked.clone());
+        let (blob_store, blob_count) = (store, asked.clone());
+        let app = Router::new()
+            .route(
+                "/api/v1/blobs/pack",
+                post(move |Json(list): Json<BlobList>| async move {
+                    pack_count.fetch_add(1, Ordering::SeqCst);
+                    let mut body = Vec::new();
+                    for sha in &list.sha256 {
+                        let bytes = &pack_store[sha];
+                        body.extend(pack::encode_header(sha, bytes.len() as u64).into_bytes());
+                        body.extend_from_slice(bytes);
+                    }
+                    body
+                }),
+            )
+            .route(
+                "/api/v1/blobs/{sha}",
+                get(move |Path(sha): Path<Sha256Hex>| async move {
+                    blob_count.fetch_add(1, Ordering::SeqCst);
+                    blob_store[&sha].clone()
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (HubApi::new(vec![url], "t").unwrap(), asked)
+    }
+
+    fn options() -> DownloadOptions {
+        DownloadOptions {
+            parallel: 2,
+            pack_blob_max: 256 * 1024,
+            pack_batch_bytes: 4 << 20,
+            reverify: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn blobs_the_frame_carried_are_stored_without_a_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path().join("cache")).unwrap();
+        cache.insert_bytes(&Sha256Hex::of(b"old"), b"old").unwrap();
+        let manifest = manifest_of(&[
+            ("keep/held.txt", b"old"),
+            ("keep/new.png", b"new qr"),
+            ("other/new.png", b"not selected"),
+        ]);
+        // An agent that holds only `keep/`: the frame's blob of `other/` is none of its business.
+        let selection = crate::selection::Selection::new(&["keep/**".to_owned()])
+            .unwrap()
+            .unwrap();
+        let narrowed = selection.narrow(&manifest);
+        let carried = [
+            FrameBlob::new(Sha256Hex::of(b"new qr"), b"new qr"),
+            FrameBlob::new(Sha256Hex::of(b"not selected"), b"not selected"),
+        ];
+        let (api, asked) = blob_hub(&[b"old", b"new qr", b"not selected"]).await;
+        let progress = Arc::new(Progress::default());
+        let stats = fetch_blobs(&api, &cache, &narrowed, &carried, &options(), &progress)
+            .await
+            .unwrap();
+        assert_eq!(asked.load(Ordering::SeqCst), 0, "no pack or blob request");
+        assert_eq!(stats.carried, 1);
+        assert_eq!((stats.blobs_fetched, stats.bytes_fetched), (0, 0));
+        assert_eq!(
+            std::fs::read(cache.path(&Sha256Hex::of(b"new qr"))).unwrap(),
+            b"new qr"
+        );
+        assert!(cache.lacking(&narrowed).is_empty());
+        assert!(
+            !cache.path(&Sha256Hex::of(b"not selected")).exists(),
+            "a carried blob outside the selection is not stored"
+        );
+        let Event::Progress {
+            files_done,
+            files_total,
+            bytes_done,
+            bytes_total,
+            ..
+        } = progress.event(Instant::now())
+        else {
+            unreachable!()
+        };
+        assert_eq!((files_done, files_total), (1, 1));
+        assert_eq!((bytes_done, bytes_total), (6, 6));
+    }
+
+    #[tokio::test]
+    async fn a_carried_blob_that_does_not_check_out_is_fetched() {
+        let files: [(&str, &[u8]); 3] = [
+            ("a.txt", b"right"),
+            ("b.png", b"also right"),
+            ("c.txt", b"carried right"),
+        ];
+        let manifest = manifest_of(&files);
+        let carried = [
+            // Named by the right hash, other bytes.
+            FrameBlob::new(Sha256Hex::of(b"right"), b"wrong"),
+            FrameBlob {
+                sha256: Sha256Hex::of(b"also right"),
+                data: "not base64!".into(),
+            },
+            FrameBlob::new(Sha256Hex::of(b"carried right"), b"carried right"),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path().join("cache")).unwrap();
+        let (api, asked) = blob_hub(&files.map(|(_, body)| body)).await;
+        let progress = Arc::new(Progress::default());
+        let stats = fetch_blobs(&api, &cache, &manifest, &carried, &options(), &progress)
+            .await
+            .unwrap();
+        assert_eq!(stats.carried, 1, "only the right one is taken");
+        assert_eq!(stats.blobs_fetched, 2, "the two wrong ones are fetched");
+        assert_eq!(asked.load(Ordering::SeqCst), 2, "a pack of each kind");
+        for (_, body) in files {
+            assert_eq!(
+                std::fs::read(cache.path(&Sha256Hex::of(body))).unwrap(),
+                body
             );
         }
     }

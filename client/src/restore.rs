@@ -270,6 +270,7 @@ async fn from_hub(
         &api,
         cache,
         &manifest,
+        &[],
         &opts,
         &Arc::new(Progress::default()),
     )

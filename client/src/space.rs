@@ -570,7 +570,7 @@ impl Worker {
     fn applied(&mut self, head: &Head, applied: Applied, started: Instant) -> Outcome {
         let Applied { held, stats } = applied;
         tracing::info!(space = %self.space.name, version = held.version,
-            blobs = stats.blobs_fetched, bytes = stats.bytes_fetched,
+            blobs = stats.blobs_fetched, bytes = stats.bytes_fetched, carried = stats.carried,
             repaired = stats.repaired, ms = started.elapsed().as_millis() as u64,
             "applied");
         self.space.set_error(None);
@@ -652,7 +652,13 @@ async fn sync_once(
         .map(|h| (h.version, &h.manifest));
     // The delta the announcing frame carried spares asking the hub, when it starts from the
     // version held.
-    let pushed = space.frame_delta_for(head.version);
+    let mut pushed = space.frame_delta_for(head.version);
+    // So do the new blobs it carried (a small change's): those the download needs are stored
+    // once they check out, whether or not the delta itself was used.
+    let carried = pushed
+        .as_mut()
+        .map(|delta| std::mem::take(&mut delta.blobs))
+        .unwrap_or_default();
     // The whole manifest's hash is checked against the head here, before any narrowing.
     let manifest = tokio::select! {
         r = download::fetch_manifest_since(&agent.api, head, delta_base, pushed) => r?,
@@ -681,7 +687,7 @@ async fn sync_once(
         }))
     };
     let stats = tokio::select! {
-        r = download::fetch_blobs(&agent.api, cache, &manifest, &opts, &space.progress) => r,
+        r = download::fetch_blobs(&agent.api, cache, &manifest, &carried, &opts, &space.progress) => r,
         _ = &mut superseded => return Err(ClientError::Superseded),
     };
     drop(ticker);

@@ -1,7 +1,8 @@
 //! The agent on its socket alone: a bump reaches an agent holding the version before through
 //! the manifest delta in the `sync_required` frame (no manifest request over HTTP, a forced
-//! sync too), and its sync report goes back as a `report` frame (no `POST /sync-log`). The
-//! hub's `/metrics` counters prove both. The metrics recorder is process-wide, so this file
+//! sync too), the new small files through the blobs the frame carries (no pack or blob
+//! request), and its sync report goes back as a `report` frame (no `POST /sync-log`). The
+//! hub's `/metrics` counters prove all three. The metrics recorder is process-wide, so this file
 //! holds one test: another hub in the same process would add to the counters.
 
 use anyhow::ensure;
@@ -78,6 +79,10 @@ async fn reported(
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Counts {
     manifest_requests: f64,
+    /// Pack answers.
+    packs: f64,
+    /// Blob bytes sent in packs and single-blob answers.
+    blob_bytes: f64,
     reports_on_socket: f64,
     reports_over_http: f64,
 }
@@ -85,6 +90,13 @@ struct Counts {
 async fn counts(hub: &TestHub) -> anyhow::Result<Counts> {
     Ok(Counts {
         manifest_requests: counter(hub, "synchub_manifest_requests_total", None).await?,
+        packs: counter(
+            hub,
+            "synchub_download_encodings_total",
+            Some(r#"route="pack""#),
+        )
+        .await?,
+        blob_bytes: counter(hub, "synchub_blob_bytes_sent_total", None).await?,
         reports_on_socket: counter(hub, "synchub_reports_total", Some(r#"via="socket""#)).await?,
         reports_over_http: counter(hub, "synchub_reports_total", Some(r#"via="http""#)).await?,
     })
@@ -127,11 +139,13 @@ async fn a_bump_arrives_in_its_frame_and_the_report_returns_on_the_socket() -> a
     }
     let before = counts(&hub).await?;
     ensure!(
-        before.manifest_requests >= 1.0,
-        "the first sync asked for its manifest over HTTP, so the counter exists: {before:?}"
+        before.manifest_requests >= 1.0 && before.packs >= 1.0 && before.blob_bytes >= 1.0,
+        "the first sync asked for its manifest and blobs over HTTP, so the counters exist: \
+         {before:?}"
     );
 
-    // A commit on the version the agent holds: the frame's delta is all it needs.
+    // A commit on the version the agent holds, of two small files: the frame's delta and the
+    // blobs it carries are all the agent needs.
     let (status, body) = commit(
         &hub,
         &hub.admin_token,
@@ -162,6 +176,11 @@ async fn a_bump_arrives_in_its_frame_and_the_report_returns_on_the_socket() -> a
         "the agent asked for a manifest although the frame carried its delta"
     );
     assert_eq!(
+        (after.packs, after.blob_bytes),
+        (before.packs, before.blob_bytes),
+        "the agent fetched blobs although the frame carried them: {before:?} -> {after:?}"
+    );
+    assert_eq!(
         after.reports_on_socket,
         before.reports_on_socket + 1.0,
         "the report came on the socket: {before:?} -> {after:?}"
@@ -190,6 +209,11 @@ async fn a_bump_arrives_in_its_frame_and_the_report_returns_on_the_socket() -> a
     assert_eq!(
         last.manifest_requests, before.manifest_requests,
         "the forced head's manifest came from its frame too"
+    );
+    assert_eq!(
+        (last.packs, last.blob_bytes),
+        (before.packs, before.blob_bytes),
+        "the forced sync found every blob in its cache"
     );
     assert_eq!(last.reports_on_socket, before.reports_on_socket + 2.0);
     assert_eq!(last.reports_over_http, before.reports_over_http);

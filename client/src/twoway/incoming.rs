@@ -63,9 +63,16 @@ pub(crate) async fn merge(
             pack_batch_bytes: ctx.config.pack_batch_bytes,
             reverify: false,
         };
-        bytes = fetch_blobs(&ctx.api, &folder.cache, &wanted, &opts, &space.progress)
-            .await?
-            .bytes_fetched;
+        bytes = fetch_blobs(
+            &ctx.api,
+            &folder.cache,
+            &wanted,
+            &[],
+            &opts,
+            &space.progress,
+        )
+        .await?
+        .bytes_fetched;
     }
     let root = folder.root.clone();
     let cache = folder.cache.clone();

@@ -581,7 +581,15 @@ async fn restore(
         pack_batch_bytes: ctx.config.pack_batch_bytes,
         reverify: false,
     };
-    crate::download::fetch_blobs(&ctx.api, &folder.cache, &wanted, &opts, &space.progress).await?;
+    crate::download::fetch_blobs(
+        &ctx.api,
+        &folder.cache,
+        &wanted,
+        &[],
+        &opts,
+        &space.progress,
+    )
+    .await?;
     for e in &entries {
         let file = incoming::local_path(&folder.root, &e.path);
         incoming::place(&folder.cache, e, &file)?;
