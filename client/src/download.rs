@@ -87,8 +87,10 @@ pub(crate) struct DownloadStats {
     pub bytes_fetched: u64,
     /// Cache entries found corrupted and fetched again (forced sync).
     pub repaired: u64,
-    /// Blobs taken from the `sync_required` frame instead of fetched (not in the two above).
+    /// Blobs taken from the `sync_required` frame instead of fetched (not in the two above),
+    /// and their bytes.
     pub carried: u64,
+    pub carried_bytes: u64,
 }
 
 /// One blob a manifest names.
@@ -247,8 +249,9 @@ pub(crate) async fn fetch_blobs(
         ..DownloadStats::default()
     };
     progress.start(&needed);
-    let (needed, carried) = store_carried(cache, needed, carried, progress).await?;
+    let (needed, carried, carried_bytes) = store_carried(cache, needed, carried, progress).await?;
     stats.carried = carried;
+    stats.carried_bytes = carried_bytes;
     if needed.is_empty() {
         return Ok(stats);
     }
@@ -311,16 +314,17 @@ pub(crate) async fn fetch_blobs(
 }
 
 /// Stores the blobs of `needed` that a frame carried, when their bytes are right (hash and
-/// size, as a pack's are checked), and counts them as done. Returns the blobs still to fetch
-/// and how many were stored. A carried blob the download does not need is not even decoded.
+/// size, as a pack's are checked), and counts them as done. Returns the blobs still to fetch,
+/// how many were stored and their bytes. A carried blob the download does not need is not even
+/// decoded.
 async fn store_carried(
     cache: &Cache,
     needed: Vec<Blob>,
     carried: &[FrameBlob],
     progress: &Progress,
-) -> Result<(Vec<Blob>, u64)> {
+) -> Result<(Vec<Blob>, u64, u64)> {
     if carried.is_empty() {
-        return Ok((needed, 0));
+        return Ok((needed, 0, 0));
     }
     let carried: HashMap<&Sha256Hex, &FrameBlob> = carried.iter().map(|c| (&c.sha256, c)).collect();
     let mut rest = Vec::with_capacity(needed.len());
@@ -344,7 +348,7 @@ async fn store_carried(
         }
     }
     if batch.is_empty() {
-        return Ok((rest, 0));
+        return Ok((rest, 0, 0));
     }
     let bytes: usize = batch.iter().map(|(_, b)| b.len()).sum();
     let stored = tokio::task::spawn_blocking(write_batch(cache.clone(), batch))
@@ -352,7 +356,7 @@ async fn store_carried(
         .map_err(|e| ClientError::Protocol(e.to_string()))??;
     progress.bytes(bytes as u64);
     progress.files(stored);
-    Ok((rest, stored))
+    Ok((rest, stored, bytes as u64))
 }
 
 /// What one job brought in.
@@ -790,7 +794,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(asked.load(Ordering::SeqCst), 0, "no pack or blob request");
-        assert_eq!(stats.carried, 1);
+        assert_eq!((stats.carried, stats.carried_bytes), (1, 6));
         assert_eq!((stats.blobs_fetched, stats.bytes_fetched), (0, 0));
         assert_eq!(
             std::fs::read(cache.path(&Sha256Hex::of(b"new qr"))).unwrap(),

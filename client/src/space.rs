@@ -599,7 +599,8 @@ impl Worker {
             version,
             items_synced: changed,
             items_total: Some(total),
-            bytes: stats.bytes_fetched,
+            // What reached this PC for the sync: fetched, or carried in the frame.
+            bytes: stats.bytes_fetched + stats.carried_bytes,
         }
     }
 
