@@ -15,7 +15,8 @@ use crate::state::AppState;
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
 use axum::response::{IntoResponse, Response};
-use futures::stream::SplitStream;
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, SplitStream};
 use futures::{SinkExt, StreamExt};
 use std::future::Future;
 use std::sync::Arc;
@@ -387,9 +388,18 @@ async fn serve(
     pump(state, principal, conn, &followed, &mut socket).await;
 }
 
+/// Reports of one socket waiting for their batch to be stored at once. Past this the socket is
+/// not read until one is stored (an agent has at most 32 waiting for their acknowledgement).
+const REPORTS_IN_FLIGHT: usize = 32;
+
+/// A socket's reports being stored, each resolving to the frame that answers it. They are not
+/// awaited in the socket's loop: while the database is slow or down, the socket still gets its
+/// bumps and pings.
+type Storing<'a> = FuturesUnordered<BoxFuture<'a, Message>>;
+
 /// Serves a welcomed socket until it must close: the bumps the fan-out left to its task,
-/// frames from the agent, pings (and the close of a silent agent), and the close when its
-/// token is revoked or the hub stops.
+/// frames from the agent, the answers to its reports, pings (and the close of a silent agent),
+/// and the close when its token is revoked or the hub stops.
 async fn pump(
     state: &AppState,
     principal: &Principal,
@@ -405,6 +415,7 @@ async fn pump(
     // cancellation tokens after every broadcast showed in profiles.
     let closed = conn.closed.cancelled();
     tokio::pin!(closed);
+    let mut storing = Storing::new();
     loop {
         tokio::select! {
             () = socket.fan.woken() => {
@@ -412,8 +423,14 @@ async fn pump(
                     return;
                 }
             }
-            msg = socket.recv() => {
-                if !receive(state, principal, conn, followed, msg, &mut last_heard, socket).await {
+            msg = socket.recv(), if storing.len() < REPORTS_IN_FLIGHT => {
+                let heard = Heard { state, principal, conn, followed };
+                if !receive(&heard, msg, &mut last_heard, socket, &mut storing).await {
+                    return;
+                }
+            }
+            Some(reply) = storing.next(), if !storing.is_empty() => {
+                if socket.send(reply).await.is_err() {
                     return;
                 }
             }
@@ -434,16 +451,24 @@ async fn pump(
     }
 }
 
-/// Handles one message read from the socket; false when the socket must close.
-async fn receive(
-    state: &AppState,
-    principal: &Principal,
-    conn: &Connection,
-    sent: &[(String, u64)],
+/// Who a socket's frames come from: what handling them needs.
+struct Heard<'a> {
+    state: &'a AppState,
+    principal: &'a Principal,
+    conn: &'a Connection,
+    followed: &'a [(String, u64)],
+}
+
+/// Handles one message read from the socket (a report joins `storing`); false when the socket
+/// must close.
+async fn receive<'a>(
+    heard: &Heard<'a>,
     msg: Option<Result<Message, axum::Error>>,
     last_heard: &mut Instant,
     socket: &mut impl Frames,
+    storing: &mut Storing<'a>,
 ) -> bool {
+    let state = heard.state;
     match msg {
         Some(Ok(Message::Text(text))) if text.len() > state.config.limits.max_frame_bytes => {
             let msg = format!(
@@ -456,7 +481,7 @@ async fn receive(
         }
         Some(Ok(Message::Text(text))) => {
             *last_heard = Instant::now();
-            handle_frame(state, principal, conn, sent, &text, socket).await
+            handle_frame(heard, &text, socket, storing).await
         }
         Some(Ok(Message::Binary(_))) => {
             let msg = "binary frames are not part of the protocol".to_owned();
@@ -491,38 +516,41 @@ async fn close_ended(state: &AppState, socket: &mut impl Frames) {
     }
 }
 
-/// Stores a sync report and answers with its id or the error; false when the socket failed.
+/// Stores a sync report; the frame that answers it, with its id or the error.
 async fn store_report(
     state: &AppState,
     principal: &Principal,
     report: synchub_protocol::SyncReport,
-    socket: &mut impl Frames,
-) -> bool {
-    let reply =
-        match crate::reports::store(state, principal, report, crate::reports::Via::Socket).await {
-            Ok((id, stored)) => {
-                if stored == crate::reports::Stored::New {
-                    state.clients.touch();
-                }
-                frame(&HubFrame::ReportAck { report_id: id })
+) -> Message {
+    let via = crate::reports::Via::Socket;
+    match crate::reports::store(state, principal, report, via).await {
+        Ok((id, stored)) => {
+            if stored == crate::reports::Stored::New {
+                state.clients.touch();
             }
-            Err(e) => {
-                let (code, message) = e.code_and_message();
-                error_frame(code, message)
-            }
-        };
-    socket.send(reply).await.is_ok()
+            frame(&HubFrame::ReportAck { report_id: id })
+        }
+        Err(e) => {
+            let (code, message) = e.code_and_message();
+            error_frame(code, message)
+        }
+    }
 }
 
-/// Handles one frame from the agent; false when the socket must close.
-async fn handle_frame(
-    state: &AppState,
-    principal: &Principal,
-    conn: &Connection,
-    followed: &[(String, u64)],
+/// Handles one frame from the agent (a report joins `storing`); false when the socket must
+/// close.
+async fn handle_frame<'a>(
+    heard: &Heard<'a>,
     text: &str,
     socket: &mut impl Frames,
+    storing: &mut Storing<'a>,
 ) -> bool {
+    let Heard {
+        state,
+        principal,
+        conn,
+        followed,
+    } = *heard;
     let frame_in = match serde_json::from_str::<AgentFrame>(text) {
         Ok(mut f) => {
             if let Err(e) = f.check_bounds() {
@@ -551,7 +579,10 @@ async fn handle_frame(
             state.clients.touch();
             true
         }
-        AgentFrame::Report(report) => store_report(state, principal, report, socket).await,
+        AgentFrame::Report(report) => {
+            storing.push(Box::pin(store_report(state, principal, report)));
+            true
+        }
         AgentFrame::Hello { .. } => {
             let _ = socket
                 .send(error_frame(

@@ -627,6 +627,57 @@ async fn database_down_fails_fast_with_its_reason() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// While a report waits for the database its socket still gets its pings (and so its bumps):
+/// the report is stored beside the socket's loop, not in it. With PostgreSQL down, a report
+/// frame used to hold its socket silent until the store gave up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_keeps_its_pings_while_its_report_waits_for_the_database() -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let cluster = tokio::task::spawn_blocking(PgCluster::start).await??;
+    let url = cluster.create_database().await?;
+    let hub = TestHub::start_with(|c| {
+        c.database_url = Some(url);
+        c.ping_interval_ms = 200;
+    })
+    .await?;
+    let pc = hub.token("pc", Role::Agent, None).await?;
+    let mut agent = WsAgent::connect(&hub, &pc, &[DEFAULT_SPACE]).await?;
+    cluster.stop()?;
+    let report = json!({
+        "type": "report", "report_id": "r-down", "client_id": "pc-down",
+        "space": DEFAULT_SPACE, "sync_type": "download", "status": "success",
+    });
+    agent.send_text(report.to_string()).await?;
+    let sent = Instant::now();
+    let mut pings = 0;
+    let answered = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(30), agent.socket.next())
+            .await
+            .context("no answer to the report within 30 s")?
+            .context("socket closed")??;
+        let Message::Text(text) = msg else { continue };
+        match serde_json::from_str::<HubFrame>(&text)? {
+            HubFrame::Ping => {
+                pings += 1;
+                agent.send_text(json!({"type": "pong"}).to_string()).await?;
+            }
+            HubFrame::ReportAck { .. } | HubFrame::Error { .. } => break sent.elapsed(),
+            _ => {}
+        }
+    };
+    ensure!(
+        answered >= Duration::from_millis(800),
+        "the report was answered in {answered:?}: too soon to show a stalled socket"
+    );
+    assert!(
+        pings >= 3,
+        "{pings} pings in the {answered:?} the report waited for the database"
+    );
+    hub.stop().await;
+    Ok(())
+}
+
 /// A small tmpfs, unmounted on drop: a real full disk for the blob store.
 struct SmallDisk {
     path: std::path::PathBuf,
