@@ -249,16 +249,22 @@ pub async fn pack(
         )));
     }
     metrics::counter!("synchub_blob_bytes_sent_total").increment(total);
-    let body = state
-        .blobs
-        .clone()
-        .read_pack(items, state.hot_blobs.clone());
+    let body = match state.hot_blobs.whole_pack(&items) {
+        // The herd after a bump, from the second agent on: every blob is in memory.
+        Some(bytes) => Body::from(bytes),
+        None => Body::from_stream(
+            state
+                .blobs
+                .clone()
+                .read_pack(items, state.hot_blobs.clone()),
+        ),
+    };
     Ok((
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static(pack::PACK_CONTENT_TYPE),
         )],
-        Body::from_stream(body),
+        body,
     )
         .into_response())
 }

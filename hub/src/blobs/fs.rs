@@ -331,16 +331,7 @@ impl BlobStore for FsBlobStore {
     /// short channel: a few hundred small files cost one hand-off, not several `tokio::fs` trips
     /// each. The task ends when the pack is read or the client goes away.
     fn read_pack(self: Arc<Self>, items: Vec<(Sha256Hex, u64)>, hot: HotBlobs) -> ByteStream {
-        // A pack of blobs all in memory (the herd after a bump, from the second agent on)
-        // needs no thread at all.
-        let held: Option<Vec<Bytes>> = items.iter().map(|(h, s)| hot.get(h, *s)).collect();
-        if let Some(held) = held {
-            let chunks = items.iter().zip(held).flat_map(|((hash, size), bytes)| {
-                let header = Bytes::from(synchub_protocol::pack::encode_header(hash, *size));
-                [Ok(header), Ok(bytes)]
-            });
-            return Box::pin(futures::stream::iter(chunks.collect::<Vec<_>>()));
-        }
+        // (A pack of blobs all in memory never gets here: see `HotBlobs::whole_pack`.)
         let (tx, rx) = tokio::sync::mpsc::channel(PACK_CHUNKS_AHEAD);
         tokio::task::spawn_blocking(move || {
             for (hash, size) in items {

@@ -250,6 +250,24 @@ impl HotBlobs {
         size <= self.max_blob
     }
 
+    /// The whole body of a pack of `items` (format in `synchub_protocol::pack`) in one buffer,
+    /// when every blob is held: the herd after a bump asks for the same few new blobs, and one
+    /// buffer with a known length goes out in a few large writes instead of a chunked stream of
+    /// a header and a blob per item.
+    pub fn whole_pack(&self, items: &[(Sha256Hex, u64)]) -> Option<Bytes> {
+        let held: Vec<Bytes> = items
+            .iter()
+            .map(|(hash, size)| self.get(hash, *size))
+            .collect::<Option<_>>()?;
+        let len: usize = held.iter().map(|b| b.len() + 80).sum();
+        let mut body = bytes::BytesMut::with_capacity(len);
+        for ((hash, size), bytes) in items.iter().zip(held) {
+            body.extend_from_slice(pack::encode_header(hash, *size).as_bytes());
+            body.extend_from_slice(&bytes);
+        }
+        Some(body.freeze())
+    }
+
     /// The blob's bytes, when held and of the expected `size`.
     pub fn get(&self, hash: &Sha256Hex, size: u64) -> Option<Bytes> {
         if !self.takes(size) {
@@ -437,6 +455,30 @@ mod tests {
 
     fn hot() -> HotBlobs {
         HotBlobs::new(1 << 20, 64 << 10)
+    }
+
+    #[tokio::test]
+    async fn a_pack_of_held_blobs_is_one_buffer_and_one_missing_blob_means_none() {
+        let hot = hot();
+        let blobs = [&b"first image"[..], b"second", b"first image"];
+        let items: Vec<(Sha256Hex, u64)> = blobs
+            .iter()
+            .map(|b| (Sha256Hex::of(b), b.len() as u64))
+            .collect();
+        for (b, (hash, size)) in blobs.iter().zip(&items) {
+            let read = async { Ok(Bytes::copy_from_slice(b)) };
+            hot.load(hash, *size, read).await.unwrap();
+        }
+        let mut expected = Vec::new();
+        for (b, (hash, size)) in blobs.iter().zip(&items) {
+            expected.extend_from_slice(pack::encode_header(hash, *size).as_bytes());
+            expected.extend_from_slice(b);
+        }
+        assert_eq!(hot.whole_pack(&items).as_deref(), Some(&expected[..]));
+        let unknown = (Sha256Hex::of(b"not held"), 8);
+        assert_eq!(hot.whole_pack(&[items[0].clone(), unknown]), None);
+        let wrong_size = (items[1].0.clone(), 7);
+        assert_eq!(hot.whole_pack(&[wrong_size]), None);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
