@@ -141,11 +141,11 @@ impl Domain {
     }
 
     /// The delta from the head announced now to `head`, for `head`'s `sync_required` frame,
-    /// with the blobs it adds while they fit [`MAX_FRAME_BLOBS_LEN`]: the agents that hold the
-    /// current version (most of them) then need no manifest request, and after a small change
-    /// no request at all. `None` when nothing moves, when either side has no stored manifest,
-    /// when the delta is longer than a frame carries or is not ready within
-    /// [`FRAME_DELTA_DEADLINE`].
+    /// with the blobs it adds while they fit the frame (`FRAME_BUDGET`, 12 KiB with the delta):
+    /// the agents that hold the current version (most of them) then need no manifest request,
+    /// and after a small change no request at all. `None` when nothing moves, when either side
+    /// has no stored manifest, when the delta is longer than a frame carries or is not ready
+    /// within `FRAME_DELTA_DEADLINE` (2 s).
     pub async fn frame_delta(&self, head: &Head) -> Option<FrameDelta> {
         let current = self.heads.get(&head.space)?;
         let from = &current.head;
