@@ -14,7 +14,9 @@
 //!
 //! After a non-forced bump the frame carries a spread hint in proportion to the sockets that
 //! follow the space (see [`SpreadPolicy`]), computed once with the frame: agents start their
-//! downloads at random within it instead of all in the same millisecond.
+//! downloads at random within it instead of all in the same millisecond. A frame that carries
+//! the whole change (its delta and new blobs, see [`Carried`]) asks for no spread: the agents
+//! need nothing from the hub for it.
 
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
 use axum::http::HeaderValue;
@@ -100,6 +102,16 @@ fn successor(current: Option<&Head>, mut head: Head, authoritative: bool) -> Opt
     Some(head)
 }
 
+/// What a bump's frame carries of the change beside its head (see
+/// `crate::domain::Domain::frame_delta`).
+#[derive(Clone, Debug)]
+pub struct Carried {
+    pub delta: FrameDelta,
+    /// The frame holds the whole change (the delta and every blob it adds): the agents that
+    /// hold its base need no request, so the frame asks for no spread.
+    pub whole: bool,
+}
+
 /// How long agents are asked to spread their downloads over after a non-forced bump:
 /// `per_agent` for every socket following the space, at most `max`. A forced sync starts at
 /// once everywhere, and a hint under [`SpreadPolicy::FLOOR`] is not worth sending.
@@ -161,9 +173,9 @@ impl Heads {
         self.put(head, None, None)
     }
 
-    /// Like [`Heads::publish`], with `delta` (to `head`'s manifest) in the frame.
-    pub fn publish_with(&self, head: Head, delta: Option<FrameDelta>) -> bool {
-        self.put(head, None, delta)
+    /// Like [`Heads::publish`], with what the frame carries of the change.
+    pub fn publish_with(&self, head: Head, carried: Option<Carried>) -> bool {
+        self.put(head, None, carried)
     }
 
     /// Makes `head` current whenever its version or data hash differs from what its space has:
@@ -176,17 +188,12 @@ impl Heads {
         self.put(head, Some(read_from), None)
     }
 
-    /// Like [`Heads::replace`], with `delta` (to `head`'s manifest) in the frame.
-    pub fn replace_with(
-        &self,
-        head: Head,
-        read_from: &Snapshot,
-        delta: Option<FrameDelta>,
-    ) -> bool {
-        self.put(head, Some(read_from), delta)
+    /// Like [`Heads::replace`], with what the frame carries of the change.
+    pub fn replace_with(&self, head: Head, read_from: &Snapshot, carried: Option<Carried>) -> bool {
+        self.put(head, Some(read_from), carried)
     }
 
-    fn put(&self, head: Head, read_from: Option<&Snapshot>, delta: Option<FrameDelta>) -> bool {
+    fn put(&self, head: Head, read_from: Option<&Snapshot>, carried: Option<Carried>) -> bool {
         let space = head.space.clone();
         let mut head = Some(head);
         let sent = self.tx.send_if_modified(|snapshot| {
@@ -204,9 +211,12 @@ impl Heads {
             else {
                 return false;
             };
-            let spread = self.spread.hint(&next, self.registry.followers(&space));
+            let spread = match &carried {
+                Some(c) if c.whole => Spread::default(),
+                _ => self.spread.hint(&next, self.registry.followers(&space)),
+            };
             let mut heads = BTreeMap::clone(snapshot);
-            let published = Published::new(next, spread, delta.as_ref());
+            let published = Published::new(next, spread, carried.as_ref().map(|c| &c.delta));
             heads.insert(space.clone(), Arc::new(published));
             *snapshot = Arc::new(heads);
             true

@@ -7,7 +7,7 @@
 //! runs the same code.
 
 use crate::blobs::{self, BlobStore};
-use crate::broadcast::{Heads, Snapshot, SpreadPolicy};
+use crate::broadcast::{Carried, Heads, Snapshot, SpreadPolicy};
 use crate::config::Config;
 use crate::error::HubError;
 use crate::manifests::Manifests;
@@ -146,7 +146,7 @@ impl Domain {
     /// and after a small change no request at all. `None` when nothing moves, when either side
     /// has no stored manifest, when the delta is longer than a frame carries or is not ready
     /// within `FRAME_DELTA_DEADLINE` (2 s).
-    pub async fn frame_delta(&self, head: &Head) -> Option<FrameDelta> {
+    pub async fn frame_delta(&self, head: &Head) -> Option<Carried> {
         let current = self.heads.get(&head.space)?;
         let from = &current.head;
         let moves = head.version != from.version || head.data_hash != from.data_hash;
@@ -163,14 +163,17 @@ impl Domain {
                 return Ok(None);
             }
             let room = FRAME_BUDGET.saturating_sub(bytes.len());
-            let blobs = self.frame_blobs(&from.data_hash, &bytes, room).await;
-            Ok::<_, HubError>(Some((bytes, blobs)))
+            let (blobs, whole) = self.frame_blobs(&from.data_hash, &bytes, room).await;
+            Ok::<_, HubError>(Some((bytes, blobs, whole)))
         };
         match tokio::time::timeout(FRAME_DELTA_DEADLINE, delta).await {
-            Ok(Ok(Some((bytes, blobs)))) => Some(FrameDelta {
-                from_version: from.version,
-                text: String::from_utf8(bytes.to_vec()).ok()?,
-                blobs,
+            Ok(Ok(Some((bytes, blobs, whole)))) => Some(Carried {
+                delta: FrameDelta {
+                    from_version: from.version,
+                    text: String::from_utf8(bytes.to_vec()).ok()?,
+                    blobs,
+                },
+                whole,
             }),
             Ok(Ok(None)) => None,
             Ok(Err(e)) => {
@@ -192,24 +195,35 @@ impl Domain {
     /// The blobs the encoded `delta` adds that the manifest `from` does not have, in the
     /// delta's order, while their base64 fits `room` bytes and they fit [`MAX_FRAME_BLOBS_LEN`]
     /// together (read through the hot blobs, so the packs of agents that still ask find them in
-    /// memory). A blob that cannot be read is left out: the agents fetch it.
-    async fn frame_blobs(&self, from: &Sha256Hex, delta: &[u8], room: usize) -> Vec<FrameBlob> {
+    /// memory). A blob that cannot be read is left out: the agents fetch it. Also whether
+    /// they are every blob the delta adds (the frame then holds the whole change).
+    async fn frame_blobs(
+        &self,
+        from: &Sha256Hex,
+        delta: &[u8],
+        room: usize,
+    ) -> (Vec<FrameBlob>, bool) {
         let Ok(delta) = ManifestDelta::parse(delta, MAX_FRAME_DELTA_LEN) else {
-            return Vec::new();
+            return (Vec::new(), false);
         };
         let held = match self.manifests.blob_set(&self.blobs, from).await {
             Ok(held) => held,
             Err(e) => {
                 tracing::warn!(error = %e, "no blobs in the frame: the held manifest is unreadable");
-                return Vec::new();
+                return (Vec::new(), false);
             }
         };
+        let mut whole = true;
         let (mut raw_room, mut room) = (MAX_FRAME_BLOBS_LEN as u64, room as u64);
         let mut blobs: Vec<FrameBlob> = Vec::new();
         for put in delta.puts {
             let encoded = put.size.div_ceil(3) * 4;
             let carried = blobs.iter().any(|b| b.sha256 == put.sha256);
-            if put.size > raw_room || encoded > room || carried || held.contains_key(&put.sha256) {
+            if carried || held.contains_key(&put.sha256) {
+                continue;
+            }
+            if put.size > raw_room || encoded > room {
+                whole = false;
                 continue;
             }
             let read = blobs::get_bytes(&*self.blobs, &put.sha256, put.size);
@@ -219,11 +233,14 @@ impl Domain {
                     room -= encoded;
                     blobs.push(FrameBlob::new(put.sha256, &bytes));
                 }
-                Err(e) => tracing::warn!(blob = %put.sha256, error = %e,
-                    "blob left out of the frame; agents fetch it"),
+                Err(e) => {
+                    whole = false;
+                    tracing::warn!(blob = %put.sha256, error = %e,
+                        "blob left out of the frame; agents fetch it");
+                }
             }
         }
-        blobs
+        (blobs, whole)
     }
 
     /// Announces a head this hub made or was told of (it only moves forward; see
@@ -232,9 +249,9 @@ impl Domain {
         if !self.announced(&head) {
             return;
         }
-        let delta = self.frame_delta(&head).await;
+        let carried = self.frame_delta(&head).await;
         let (space, version, forced) = (head.space.clone(), head.version, head.forced);
-        if self.heads.publish_with(head, delta) {
+        if self.heads.publish_with(head, carried) {
             tracing::info!(space, version, forced, "head moved; broadcasting");
         }
     }
@@ -244,10 +261,10 @@ impl Domain {
         if !self.announced(&head) {
             return;
         }
-        let delta = self.frame_delta(&head).await;
+        let carried = self.frame_delta(&head).await;
         let (space, version) = (head.space.clone(), head.version);
         let before = self.heads.get(&space).map(|p| p.head.version);
-        if self.heads.replace_with(head, read_from, delta) {
+        if self.heads.replace_with(head, read_from, carried) {
             let epoch = self.heads.get(&space).map_or(0, |p| p.head.epoch);
             match before {
                 Some(b) if b >= version => {

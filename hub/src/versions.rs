@@ -100,8 +100,8 @@ async fn reread_head(domain: &Domain, space: &str) -> Result<Head, HubError> {
 /// Publishes a head this replica just wrote and returns it as agents see it (with the epoch
 /// and last forced version memory carries).
 async fn published(domain: &Domain, head: Head) -> Head {
-    let delta = domain.frame_delta(&head).await;
-    domain.heads.publish_with(head.clone(), delta);
+    let carried = domain.frame_delta(&head).await;
+    domain.heads.publish_with(head.clone(), carried);
     domain
         .heads
         .get(&head.space)

@@ -1,7 +1,11 @@
 //! The spread hint: after a non-forced bump the hub asks agents, in the `sync_required` frame,
 //! to spread their downloads over a time in proportion to the sockets following the space (none
-//! for a forced sync), and a real agent waits a random part of it, says so in its status,
-//! does not wait twice when another bump arrives meanwhile, and starts a forced sync at once.
+//! for a forced sync, nor when the frame carries the whole change), and a real agent waits a
+//! random part of it, says so in its status, does not wait twice when another bump arrives
+//! meanwhile, and starts a forced sync at once.
+//!
+//! The files committed here are larger than a frame carries (20 KB), so that the agents have
+//! something to fetch and the hub a reason to spread them.
 
 use anyhow::{Context, bail, ensure};
 use std::time::Duration;
@@ -10,6 +14,11 @@ use synchub_protocol::{AgentState, DEFAULT_SPACE, ForceSyncRequest, Head, Role};
 use synchub_tests::fixtures::{agent_config, commit, http, wait_ready};
 use synchub_tests::hub::{TestHub, WsAgent};
 use tokio::sync::watch;
+
+/// A file too large to ride in a bump's frame, different for each `tag`.
+fn large(tag: u8) -> Vec<u8> {
+    vec![tag; 20_000]
+}
 
 /// Force-syncs the default space; returns the new head.
 async fn force_sync(hub: &TestHub) -> anyhow::Result<Head> {
@@ -38,7 +47,8 @@ async fn the_frame_carries_a_spread_in_proportion_to_the_sockets_and_none_when_f
     for _ in 0..2 {
         sockets.push(WsAgent::connect(&hub, &hub.admin_token, &[DEFAULT_SPACE]).await?);
     }
-    let (status, body) = commit(&hub, &hub.admin_token, 1, &[("a.json", b"{}")], &[]).await?;
+    let (status, body) =
+        commit(&hub, &hub.admin_token, 1, &[("a.json", &large(b'a'))], &[]).await?;
     ensure!(status.is_success(), "commit: {status} {body}");
     for socket in &mut sockets {
         let frame: serde_json::Value =
@@ -50,7 +60,8 @@ async fn the_frame_carries_a_spread_in_proportion_to_the_sockets_and_none_when_f
 
     // A third socket: the cap (250 ms) bounds the hint.
     sockets.push(WsAgent::connect(&hub, &hub.admin_token, &[DEFAULT_SPACE]).await?);
-    let (status, body) = commit(&hub, &hub.admin_token, 2, &[("b.json", b"{}")], &[]).await?;
+    let (status, body) =
+        commit(&hub, &hub.admin_token, 2, &[("b.json", &large(b'b'))], &[]).await?;
     ensure!(status.is_success(), "commit: {status} {body}");
     for socket in &mut sockets {
         let frame: serde_json::Value =
@@ -78,7 +89,7 @@ async fn the_frame_carries_a_spread_in_proportion_to_the_sockets_and_none_when_f
         &hub,
         &hub.admin_token,
         forced.version,
-        &[("c.json", b"{}")],
+        &[("c.json", &large(b'c'))],
         &[],
     )
     .await?;
@@ -86,6 +97,30 @@ async fn the_frame_carries_a_spread_in_proportion_to_the_sockets_and_none_when_f
     let frame: serde_json::Value =
         serde_json::from_str(&sockets[0].next_text(Duration::from_secs(5)).await?)?;
     assert_eq!(frame["spread_ms"], 100, "one socket left: {frame}");
+
+    // A small change rides whole in the frame (its delta and its new file): the agents need
+    // nothing from the hub, so nothing is spread.
+    let version = frame["version"].as_u64().context("version")?;
+    let (status, body) = commit(
+        &hub,
+        &hub.admin_token,
+        version,
+        &[("d.json", b"{\"d\":4}")],
+        &[],
+    )
+    .await?;
+    ensure!(status.is_success(), "commit: {status} {body}");
+    let frame: serde_json::Value =
+        serde_json::from_str(&sockets[0].next_text(Duration::from_secs(5)).await?)?;
+    assert_eq!(
+        frame["delta"]["blobs"].as_array().map(Vec::len),
+        Some(1),
+        "{frame}"
+    );
+    assert!(
+        frame.get("spread_ms").is_none(),
+        "a change the frame carries whole is not spread: {frame}"
+    );
     hub.stop().await;
     Ok(())
 }
@@ -127,7 +162,7 @@ async fn an_agent_waits_within_the_spread_once_and_not_for_a_forced_sync() -> an
     })
     .await?;
     let (status, body) =
-        commit(&hub, &hub.admin_token, 1, &[("a.json", b"{\"a\":1}")], &[]).await?;
+        commit(&hub, &hub.admin_token, 1, &[("a.json", &large(b'a'))], &[]).await?;
     ensure!(status.is_success(), "commit: {status} {body}");
     let token = hub.token("pc", Role::Agent, None).await?;
     let dir = tempfile::tempdir()?;
@@ -137,7 +172,7 @@ async fn an_agent_waits_within_the_spread_once_and_not_for_a_forced_sync() -> an
 
     let bumped = chrono::Utc::now();
     let (status, body) =
-        commit(&hub, &hub.admin_token, 2, &[("b.json", b"{\"b\":2}")], &[]).await?;
+        commit(&hub, &hub.admin_token, 2, &[("b.json", &large(b'b'))], &[]).await?;
     ensure!(status.is_success(), "commit: {status} {body}");
     let waiting = wait_state(&mut states, Duration::from_secs(5), |s| {
         starts_at(s).is_some()
@@ -156,7 +191,7 @@ async fn an_agent_waits_within_the_spread_once_and_not_for_a_forced_sync() -> an
 
     // A second bump during the wait takes over the target but not the wait.
     let (status, body) =
-        commit(&hub, &hub.admin_token, 3, &[("c.json", b"{\"c\":3}")], &[]).await?;
+        commit(&hub, &hub.admin_token, 3, &[("c.json", &large(b'c'))], &[]).await?;
     ensure!(status.is_success(), "commit: {status} {body}");
     if chrono::Utc::now() + chrono::Duration::milliseconds(200) < start {
         let again = wait_state(&mut states, Duration::from_secs(5), |s| {
