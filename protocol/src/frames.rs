@@ -289,6 +289,20 @@ pub fn sync_required_frame(
 mod tests {
     use super::*;
 
+    fn head(version: u64, forced: bool) -> Head {
+        Head {
+            space: "s".into(),
+            version,
+            data_hash: Sha256Hex::empty(),
+            forced,
+            reason: None,
+            by: None,
+            at: "2026-11-25T00:00:00Z".into(),
+            epoch: 0,
+            forced_version: 0,
+        }
+    }
+
     #[test]
     fn frames_have_type_tags() {
         let json = serde_json::to_value(AgentFrame::Status {
@@ -325,17 +339,7 @@ mod tests {
 
     #[test]
     fn the_spread_hint_rides_beside_the_head_and_old_parsers_ignore_it() {
-        let head = Head {
-            space: "s".into(),
-            version: 8,
-            data_hash: Sha256Hex::empty(),
-            forced: false,
-            reason: None,
-            by: None,
-            at: "2026-11-25T00:00:00Z".into(),
-            epoch: 0,
-            forced_version: 0,
-        };
+        let head = head(8, false);
         let text = sync_required_frame(&head, Spread { spread_ms: 1500 }, None).unwrap();
         let json: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(json["type"], "sync_required");
@@ -357,17 +361,7 @@ mod tests {
 
     #[test]
     fn a_delta_rides_beside_the_head_and_a_long_one_is_ignored() {
-        let head = Head {
-            space: "s".into(),
-            version: 9,
-            data_hash: Sha256Hex::empty(),
-            forced: false,
-            reason: None,
-            by: None,
-            at: "2026-11-25T00:00:00Z".into(),
-            epoch: 0,
-            forced_version: 0,
-        };
+        let head = head(9, false);
         let delta = FrameDelta {
             from_version: 8,
             text: "synchub-manifest-delta 1\nfrom a\nto b\n".into(),
@@ -404,17 +398,7 @@ mod tests {
         };
         assert_eq!(garbage.checked_bytes(), None);
 
-        let head = Head {
-            space: "s".into(),
-            version: 9,
-            data_hash: Sha256Hex::empty(),
-            forced: false,
-            reason: None,
-            by: None,
-            at: "2026-11-25T00:00:00Z".into(),
-            epoch: 0,
-            forced_version: 0,
-        };
+        let head = head(9, false);
         let big = vec![7u8; MAX_FRAME_BLOBS_LEN + 1];
         let over = FrameDelta {
             from_version: 8,
