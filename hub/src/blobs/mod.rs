@@ -177,6 +177,8 @@ fn failed(e: BlobError) -> ByteStream {
 #[derive(Clone)]
 pub struct HotBlobs {
     cache: moka::sync::Cache<Sha256Hex, Bytes>,
+    /// Whole pack bodies by their list of blobs (see [`HotBlobs::whole_pack`]).
+    packs: moka::sync::Cache<Vec<(Sha256Hex, u64)>, Bytes>,
     max_blob: u64,
     /// Reads under way, so that a herd asking for a new blob at once reads it from the store
     /// once (see [`HotBlobs::load`]).
@@ -184,12 +186,18 @@ pub struct HotBlobs {
 }
 
 impl HotBlobs {
-    /// At most `bytes` in all, each blob at most `max_blob` bytes; `bytes == 0` keeps nothing.
+    /// At most `bytes` in all, each blob at most `max_blob` bytes, and a quarter as much again
+    /// of whole pack bodies; `bytes == 0` keeps nothing.
     pub fn new(bytes: u64, max_blob: u64) -> Self {
+        let weight = |b: &Bytes| u32::try_from(b.len()).unwrap_or(u32::MAX);
         HotBlobs {
             cache: moka::sync::Cache::builder()
                 .max_capacity(bytes)
-                .weigher(|_: &Sha256Hex, b: &Bytes| u32::try_from(b.len()).unwrap_or(u32::MAX))
+                .weigher(move |_: &Sha256Hex, b: &Bytes| weight(b))
+                .build(),
+            packs: moka::sync::Cache::builder()
+                .max_capacity(bytes / 4)
+                .weigher(move |_: &Vec<(Sha256Hex, u64)>, b: &Bytes| weight(b))
                 .build(),
             max_blob: if bytes == 0 { 0 } else { max_blob },
             loading: Arc::default(),
@@ -253,8 +261,15 @@ impl HotBlobs {
     /// The whole body of a pack of `items` (format in `synchub_protocol::pack`) in one buffer,
     /// when every blob is held: the herd after a bump asks for the same few new blobs, and one
     /// buffer with a known length goes out in a few large writes instead of a chunked stream of
-    /// a header and a blob per item.
+    /// a header and a blob per item. The body is kept too: the agents that held the same
+    /// version ask for the same list, and then share one buffer instead of each copying it.
     pub fn whole_pack(&self, items: &[(Sha256Hex, u64)]) -> Option<Bytes> {
+        if self.max_blob == 0 {
+            return None;
+        }
+        if let Some(body) = self.packs.get(items) {
+            return Some(body);
+        }
         let held: Vec<Bytes> = items
             .iter()
             .map(|(hash, size)| self.get(hash, *size))
@@ -265,7 +280,9 @@ impl HotBlobs {
             body.extend_from_slice(pack::encode_header(hash, *size).as_bytes());
             body.extend_from_slice(&bytes);
         }
-        Some(body.freeze())
+        let body = body.freeze();
+        self.packs.insert(items.to_vec(), body.clone());
+        Some(body)
     }
 
     /// The blob's bytes, when held and of the expected `size`.
@@ -474,7 +491,14 @@ mod tests {
             expected.extend_from_slice(pack::encode_header(hash, *size).as_bytes());
             expected.extend_from_slice(b);
         }
-        assert_eq!(hot.whole_pack(&items).as_deref(), Some(&expected[..]));
+        let first = hot.whole_pack(&items).unwrap();
+        assert_eq!(&first[..], &expected[..]);
+        let again = hot.whole_pack(&items).unwrap();
+        assert_eq!(
+            again.as_ptr(),
+            first.as_ptr(),
+            "the same list shares one buffer"
+        );
         let unknown = (Sha256Hex::of(b"not held"), 8);
         assert_eq!(hot.whole_pack(&[items[0].clone(), unknown]), None);
         let wrong_size = (items[1].0.clone(), 7);
