@@ -280,15 +280,13 @@ impl Shared {
     /// Sends `make()` until it is answered 2xx: 429/503 wait `Retry-After` (1 s when absent),
     /// other failures back off; the body, or an error once the attempts are spent.
     async fn request(&self, make: impl Fn() -> reqwest::RequestBuilder) -> Result<bytes::Bytes> {
-        Ok(self.request_typed(make, None).await?.1)
+        Ok(self.request_typed(make).await?.1)
     }
 
-    /// Like [`Shared::request`], with whether the answer is a manifest delta. A body that
-    /// turns out to be `known` byte for byte is returned as `known` itself (see [`read_body`]).
+    /// Like [`Shared::request`], with whether the answer is a manifest delta.
     async fn request_typed(
         &self,
         make: impl Fn() -> reqwest::RequestBuilder,
-        known: Option<&bytes::Bytes>,
     ) -> Result<(bool, bytes::Bytes)> {
         let mut last = String::new();
         // As the agent: a 429/503 is the hub pacing the herd, not a failed attempt; only the
@@ -304,7 +302,7 @@ impl Shared {
                             .headers()
                             .get(reqwest::header::CONTENT_TYPE)
                             .is_some_and(|v| v.as_bytes() == DELTA_CONTENT_TYPE.as_bytes());
-                        match read_body(r, known).await {
+                        match r.bytes().await {
                             Ok(b) => Ok((delta, b)),
                             Err(e) => Err((None, e.to_string())),
                         }
@@ -450,17 +448,17 @@ impl Shared {
             sha256: blobs.iter().map(|(h, _)| h.clone()).collect(),
         };
         let url = format!("{}/blobs/pack", self.api);
-        let known = plan.checked[k].get();
-        let make = || {
-            let request = self.http.post(&url).bearer_auth(&self.token).json(&list);
-            if plan.compressible {
-                request
-            } else {
-                request.header(reqwest::header::ACCEPT_ENCODING, "identity")
-            }
-        };
-        let (_, body) = self.request_typed(make, known).await?;
-        if known.is_some_and(|k| k.as_ptr() == body.as_ptr() && k.len() == body.len()) {
+        let body = self
+            .request(|| {
+                let request = self.http.post(&url).bearer_auth(&self.token).json(&list);
+                if plan.compressible {
+                    request
+                } else {
+                    request.header(reqwest::header::ACCEPT_ENCODING, "identity")
+                }
+            })
+            .await?;
+        if plan.checked[k].get() == Some(&body) {
             return Ok(());
         }
         let checked = check_pack(&body, blobs);
@@ -474,35 +472,6 @@ impl Shared {
         }
         checked
     }
-}
-
-/// The body of `r`. When it has the length of `known`, it is compared with `known` chunk by
-/// chunk as it arrives, and if it is the same bytes, `known` itself is returned: thousands of
-/// agents receive the same 250 KB pack, and gathering each into a new buffer cost the generator
-/// (whose CPU the hub shares) an allocation, page faults and a copy per agent. A body that
-/// differs is gathered whole, for a full check.
-async fn read_body(
-    mut r: reqwest::Response,
-    known: Option<&bytes::Bytes>,
-) -> reqwest::Result<bytes::Bytes> {
-    let Some(known) = known.filter(|k| r.content_length() == Some(k.len() as u64)) else {
-        return r.bytes().await;
-    };
-    let mut at = 0;
-    while let Some(chunk) = r.chunk().await? {
-        let end = at + chunk.len();
-        if known.get(at..end) != Some(&chunk[..]) {
-            let mut body = Vec::with_capacity(known.len());
-            body.extend_from_slice(&known[..at]);
-            body.extend_from_slice(&chunk);
-            while let Some(chunk) = r.chunk().await? {
-                body.extend_from_slice(&chunk);
-            }
-            return Ok(body.into());
-        }
-        at = end;
-    }
-    Ok(known.slice(..at))
 }
 
 /// Reads a pack body: for each expected blob in order, `<sha256> <size>\n` and the bytes,
@@ -738,7 +707,7 @@ async fn sync(
                 shared.api, head.space, head.version
             );
             shared
-                .request_typed(|| shared.http.get(&url).bearer_auth(&shared.token), None)
+                .request_typed(|| shared.http.get(&url).bearer_auth(&shared.token))
                 .await?
         }
     };
