@@ -123,21 +123,52 @@ pub async fn wait_ready(
         .with_context(|| format!("agent status: {:?}", client.status()))
 }
 
-/// A counter or gauge from the hub's `/metrics` (0 when absent). The recorder is process-wide:
-/// other hubs in the same test process add to the same counters.
-pub async fn metric(hub: &TestHub, name: &str) -> anyhow::Result<f64> {
-    let text = http()
+/// The hub's `/metrics` page.
+async fn metrics_text(hub: &TestHub) -> anyhow::Result<String> {
+    Ok(http()
         .get(format!("{}/metrics", hub.url))
         .bearer_auth(&hub.admin_token)
         .send()
         .await?
         .text()
-        .await?;
+        .await?)
+}
+
+/// A counter or gauge from the hub's `/metrics` (0 when absent). The recorder is process-wide:
+/// other hubs in the same test process add to the same counters.
+pub async fn metric(hub: &TestHub, name: &str) -> anyhow::Result<f64> {
+    let text = metrics_text(hub).await?;
     Ok(text
         .lines()
         .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .filter_map(|v| v.trim().parse::<f64>().ok())
         .sum())
+}
+
+/// The sum of a counter's samples, labelled or not, whose labels include `label` (such as
+/// `via="socket"`; every sample when `None`).
+pub async fn metric_where(hub: &TestHub, name: &str, label: Option<&str>) -> anyhow::Result<f64> {
+    let text = metrics_text(hub).await?;
+    let mut sum = 0.0;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (labels, value) = match rest.strip_prefix('{') {
+            Some(rest) => match rest.split_once("} ") {
+                Some(split) => split,
+                None => continue,
+            },
+            None => match rest.strip_prefix(' ') {
+                Some(value) => ("", value),
+                None => continue,
+            },
+        };
+        if label.is_none_or(|l| labels.split(',').any(|pair| pair == l)) {
+            sum += value.trim().parse::<f64>()?;
+        }
+    }
+    Ok(sum)
 }
 
 /// `synchub-agent.exe` as `scripts/build-windows-agent` leaves it (or `SYNCHUB_AGENT_EXE`).

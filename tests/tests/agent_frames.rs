@@ -10,40 +10,10 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use synchub_client::SyncClient;
 use synchub_protocol::{CommitResponse, DEFAULT_SPACE, ForceSyncRequest, Role, SyncLogEntry};
-use synchub_tests::fixtures::{agent_config, commit, head, http, read_tree, wait_ready};
+use synchub_tests::fixtures::{
+    agent_config, commit, head, http, metric_where, read_tree, wait_ready,
+};
 use synchub_tests::hub::TestHub;
-
-/// The sum of a counter's samples whose labels include `label` (every sample when `None`).
-async fn counter(hub: &TestHub, name: &str, label: Option<&str>) -> anyhow::Result<f64> {
-    let text = http()
-        .get(format!("{}/metrics", hub.url))
-        .bearer_auth(&hub.admin_token)
-        .send()
-        .await?
-        .error_for_status()?
-        .text()
-        .await?;
-    let mut sum = 0.0;
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        let (labels, value) = match rest.strip_prefix('{') {
-            Some(rest) => match rest.split_once("} ") {
-                Some(split) => split,
-                None => continue,
-            },
-            None => match rest.strip_prefix(' ') {
-                Some(value) => ("", value),
-                None => continue,
-            },
-        };
-        if label.is_none_or(|l| labels.split(',').any(|pair| pair == l)) {
-            sum += value.trim().parse::<f64>()?;
-        }
-    }
-    Ok(sum)
-}
 
 /// Waits until `client_id`'s successful report of `sync_type` at `version` is in `sync_log`.
 async fn reported(
@@ -89,16 +59,18 @@ struct Counts {
 
 async fn counts(hub: &TestHub) -> anyhow::Result<Counts> {
     Ok(Counts {
-        manifest_requests: counter(hub, "synchub_manifest_requests_total", None).await?,
-        packs: counter(
+        manifest_requests: metric_where(hub, "synchub_manifest_requests_total", None).await?,
+        packs: metric_where(
             hub,
             "synchub_download_encodings_total",
             Some(r#"route="pack""#),
         )
         .await?,
-        blob_bytes: counter(hub, "synchub_blob_bytes_sent_total", None).await?,
-        reports_on_socket: counter(hub, "synchub_reports_total", Some(r#"via="socket""#)).await?,
-        reports_over_http: counter(hub, "synchub_reports_total", Some(r#"via="http""#)).await?,
+        blob_bytes: metric_where(hub, "synchub_blob_bytes_sent_total", None).await?,
+        reports_on_socket: metric_where(hub, "synchub_reports_total", Some(r#"via="socket""#))
+            .await?,
+        reports_over_http: metric_where(hub, "synchub_reports_total", Some(r#"via="http""#))
+            .await?,
     })
 }
 
