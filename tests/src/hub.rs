@@ -188,10 +188,21 @@ impl WsAgent {
     }
 
     pub async fn connect_url(url: &str, token: &str, spaces: &[&str]) -> anyhow::Result<WsAgent> {
+        let client_id = format!("test-{}", uuid::Uuid::new_v4());
+        Self::connect_as(url, token, &client_id, spaces).await
+    }
+
+    /// Like [`WsAgent::connect_url`], saying hello as `client_id`.
+    pub async fn connect_as(
+        url: &str,
+        token: &str,
+        client_id: &str,
+        spaces: &[&str],
+    ) -> anyhow::Result<WsAgent> {
         let mut socket = ws_connect(url, Some(token)).await?;
         let hello = AgentFrame::Hello {
             protocol: PROTOCOL_VERSION,
-            client_id: format!("test-{}", uuid::Uuid::new_v4()),
+            client_id: client_id.to_owned(),
             spaces: spaces
                 .iter()
                 .map(|s| HeldSpace {

@@ -457,25 +457,8 @@ async fn a_client_id_reports_under_one_token(backend: Backend) -> anyhow::Result
 /// A `hello` binds its client id to the socket's token, as a first report does: another token
 /// cannot then report in that PC's name, even before the PC has reported anything.
 async fn a_hello_binds_its_client_id(backend: Backend) -> anyhow::Result<()> {
-    use futures::SinkExt;
-    use synchub_protocol::{AgentFrame, HeldSpace, PROTOCOL_VERSION};
-    use tokio_tungstenite::tungstenite::Message;
     let (hub, callers) = start(backend).await?;
-    let mut socket = synchub_tests::hub::ws_connect(&hub.ws_url(), Some(&callers.read)).await?;
-    let hello = AgentFrame::Hello {
-        protocol: PROTOCOL_VERSION,
-        client_id: "pc-hello".into(),
-        spaces: vec![HeldSpace {
-            space: S.into(),
-            version: 0,
-            data_hash: None,
-        }],
-        agent_version: None,
-        hostname: None,
-    };
-    socket
-        .send(Message::Text(serde_json::to_string(&hello)?.into()))
-        .await?;
+    let _socket = WsAgent::connect_as(&hub.ws_url(), &callers.read, "pc-hello", &[S]).await?;
     // The binding is made beside the welcome, not before it: wait for it.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !hub.state().client_owners.contains_key("pc-hello") {
