@@ -678,6 +678,54 @@ async fn a_socket_keeps_its_pings_while_its_report_waits_for_the_database() -> a
     Ok(())
 }
 
+/// An agent that sends many reports at once: the socket stores at most 32 at a time and reads
+/// the rest as room frees, and every report is answered, none lost or answered twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_report_frames_is_answered_report_by_report() -> anyhow::Result<()> {
+    const REPORTS: usize = 200;
+    let hub = TestHub::start().await?;
+    let mut agent = WsAgent::connect_as(
+        &hub.ws_url(),
+        &hub.admin_token,
+        "pc-burst",
+        &[DEFAULT_SPACE],
+    )
+    .await?;
+    for i in 0..REPORTS {
+        let report = json!({
+            "type": "report", "report_id": format!("burst-{i}"), "client_id": "pc-burst",
+            "space": DEFAULT_SPACE, "sync_type": "download", "status": "success",
+        });
+        agent.send_text(report.to_string()).await?;
+    }
+    let mut acked = std::collections::BTreeSet::new();
+    while acked.len() < REPORTS {
+        match agent.next_frame(Duration::from_secs(20)).await? {
+            HubFrame::ReportAck { report_id } => {
+                assert!(
+                    acked.insert(report_id.clone()),
+                    "{report_id} answered twice"
+                );
+            }
+            other => bail!("expected report_ack, got {other:?}"),
+        }
+    }
+    let expected: std::collections::BTreeSet<String> =
+        (0..REPORTS).map(|i| format!("burst-{i}")).collect();
+    assert_eq!(acked, expected);
+    let stored: Vec<SyncLogEntry> = http()
+        .get(hub.api("/sync-log?client_id=pc-burst&limit=1000"))
+        .bearer_auth(&hub.admin_token)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    assert_eq!(stored.len(), REPORTS);
+    hub.stop().await;
+    Ok(())
+}
+
 /// A small tmpfs, unmounted on drop: a real full disk for the blob store.
 struct SmallDisk {
     path: std::path::PathBuf,
