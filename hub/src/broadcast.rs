@@ -233,8 +233,12 @@ impl Heads {
         let snapshot = self.snapshot();
         let registry = self.registry.clone();
         match tokio::runtime::Handle::try_current() {
+            // Unconstrained: tokio's cooperative budget (128 I/O polls per turn of a task) would
+            // make every socket write past the 128th of a turn report "not ready", and those
+            // sockets would be handed to their own tasks. The fan-out yields every
+            // `FANOUT_BATCH` sockets itself.
             Ok(rt) => {
-                rt.spawn(fan_out(registry, snapshot));
+                rt.spawn(tokio::task::unconstrained(fan_out(registry, snapshot)));
             }
             // No runtime (a tool publishing outside one): each socket task sends for itself.
             Err(_) => {
