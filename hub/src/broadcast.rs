@@ -5,12 +5,13 @@
 //! broadcast to 10,000 sockets serializes nothing per socket and queues nothing per socket: a
 //! slow agent only ever sees the newest head.
 //!
-//! The fan-out: every socket task registers its socket and hands over its write half. After a
-//! bump one task walks the registered sockets and hands the frame to each write half without
-//! waiting (a WebSocket header and one `write` to the kernel per socket; TLS encrypts there
-//! too), so no socket task is woken for a bump. A socket whose write half is busy (its own
-//! task is writing) or whose kernel buffer is full is left to its task, which is woken to
-//! finish the write and send whatever is newest.
+//! The fan-out: every socket task registers its socket and hands over its write half and its
+//! connection's raw side (see [`crate::shared_io`]). After a bump one task walks the registered
+//! sockets and writes the frame, encoded as a WebSocket frame once per bump, to each
+//! connection: one `write` to the kernel per socket (TLS encrypts there too), so no socket task
+//! is woken for a bump. A socket whose write half is busy (its own task is writing) or whose
+//! kernel buffer is full is left to its task, which is woken to finish the write and send
+//! whatever is newest.
 //!
 //! After a non-forced bump the frame carries a spread hint in proportion to the sockets that
 //! follow the space (see [`SpreadPolicy`]), computed once with the frame: agents start their
@@ -18,6 +19,7 @@
 //! the whole change (its delta and new blobs, see [`Carried`]) asks for no spread: the agents
 //! need nothing from the hub for it.
 
+use crate::shared_io::{RawFrames, RawWrite};
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
 use axum::http::HeaderValue;
 use bytes::Bytes;
@@ -39,6 +41,8 @@ pub struct Published {
     pub head: Head,
     /// The `sync_required` frame.
     pub frame: Utf8Bytes,
+    /// The same as a whole WebSocket frame from a server (unmasked), for raw writes.
+    pub encoded: Bytes,
     /// `GET .../head` body and its ETag.
     pub json: Bytes,
     pub etag: HeaderValue,
@@ -57,9 +61,20 @@ impl Published {
             &head.data_hash.as_str()[..16]
         ))
         .expect("digits and hex make a valid header");
+        let mut encoded = Vec::with_capacity(frame.len() + 10);
+        tungstenite::protocol::frame::Frame::message(
+            frame.clone().into_bytes(),
+            tungstenite::protocol::frame::coding::OpCode::Data(
+                tungstenite::protocol::frame::coding::Data::Text,
+            ),
+            true,
+        )
+        .format(&mut encoded)
+        .expect("a frame formats into a vector");
         Published {
             head,
             frame: frame.into(),
+            encoded: encoded.into(),
             json: json.into(),
             etag,
             since: Instant::now(),
@@ -231,18 +246,26 @@ impl Heads {
     /// Writes the current heads to every registered socket, in a task of its own.
     fn fan_out(&self) {
         let snapshot = self.snapshot();
-        let registry = self.registry.clone();
+        let sockets: Vec<Arc<FanoutSocket>> = self.registry.sockets().values().cloned().collect();
         match tokio::runtime::Handle::try_current() {
-            // Unconstrained: tokio's cooperative budget (128 I/O polls per turn of a task) would
-            // make every socket write past the 128th of a turn report "not ready", and those
-            // sockets would be handed to their own tasks. The fan-out yields every
+            // One task per worker thread, each with its share of the sockets, so every core
+            // writes. Unconstrained: tokio's cooperative budget (128 I/O polls per turn of a
+            // task) would make every socket write past the 128th of a turn report "not ready",
+            // and those sockets would be handed to their own tasks. The fan-out yields every
             // `FANOUT_BATCH` sockets itself.
             Ok(rt) => {
-                rt.spawn(tokio::task::unconstrained(fan_out(registry, snapshot)));
+                let parts = rt.metrics().num_workers().max(1);
+                let share = sockets.len().div_ceil(parts).max(1);
+                let mut sockets = sockets;
+                while !sockets.is_empty() {
+                    let rest = sockets.split_off(share.min(sockets.len()));
+                    let part = std::mem::replace(&mut sockets, rest);
+                    rt.spawn(tokio::task::unconstrained(fan_out(part, snapshot.clone())));
+                }
             }
             // No runtime (a tool publishing outside one): each socket task sends for itself.
             Err(_) => {
-                for socket in registry.sockets().values() {
+                for socket in &sockets {
                     socket.wake.notify_one();
                 }
             }
@@ -301,6 +324,9 @@ impl Sent {
 #[derive(Default)]
 struct Outgoing {
     sink: Option<SocketSink>,
+    /// The connection's raw side, when it has one (the hub's own accept loop gives every
+    /// connection one): the fan-out writes there rather than through the sink.
+    raw: Option<Arc<dyn RawFrames>>,
     sent: Vec<Sent>,
     /// A frame was handed to the sink but the kernel took only part of it: the socket task
     /// must flush before anything else is written inline.
@@ -320,11 +346,20 @@ impl FanoutSocket {
         self.out.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Hands the write half to the fan-out, with the heads the welcome carried.
-    pub fn attach(&self, sink: SocketSink, sent: Vec<Sent>) {
+    /// Hands the write half and the connection's raw side to the fan-out, with the heads the
+    /// welcome carried.
+    pub fn attach(&self, sink: SocketSink, raw: Option<Arc<dyn RawFrames>>, sent: Vec<Sent>) {
         let mut out = self.lock();
         out.sink = Some(sink);
+        out.raw = raw;
         out.sent = sent;
+    }
+
+    /// Ends the fan-out's writes to this socket (it is closing, or closed).
+    fn detach(&self) {
+        let mut out = self.lock();
+        out.sink = None;
+        out.raw = None;
     }
 
     /// Resolves when the fan-out could not write a bump inline (the write half was busy or
@@ -369,6 +404,7 @@ impl FanoutSocket {
         let mut out = self.lock();
         let Outgoing {
             sink,
+            raw,
             sent,
             unflushed,
         } = &mut *out;
@@ -377,6 +413,9 @@ impl FanoutSocket {
         };
         if *unflushed {
             return false;
+        }
+        if let Some(raw) = raw {
+            return write_raw(raw.as_ref(), sent, unflushed, snapshot, cx, fanout);
         }
         let mut wrote = false;
         for s in sent.iter_mut() {
@@ -408,6 +447,36 @@ impl FanoutSocket {
             }
         }
     }
+}
+
+/// [`FanoutSocket::write_inline`] on a connection's raw side: each newer head's encoded frame
+/// in one write, until one does not go in whole.
+fn write_raw(
+    raw: &dyn RawFrames,
+    sent: &mut [Sent],
+    unflushed: &mut bool,
+    snapshot: &Snapshot,
+    cx: &mut Context<'_>,
+    fanout: &Histogram,
+) -> bool {
+    for s in sent.iter_mut() {
+        let Some(p) = s.newer(snapshot) else {
+            continue;
+        };
+        let wrote = raw.try_write(&p.encoded, cx);
+        if wrote == RawWrite::NotNow {
+            return false;
+        }
+        s.version = p.head.version;
+        s.epoch = p.head.epoch;
+        fanout.record(p.since.elapsed().as_secs_f64());
+        if wrote == RawWrite::Started {
+            // Committed; the socket task finishes it with a flush.
+            *unflushed = true;
+            return false;
+        }
+    }
+    true
 }
 
 /// Every socket that follows heads, for the fan-out.
@@ -445,7 +514,7 @@ pub struct Registration {
 impl Registration {
     /// Hands the write half to the fan-out (see [`FanoutSocket::attach`]) and counts the
     /// socket as following the spaces in `sent`.
-    pub fn attach(&mut self, sink: SocketSink, sent: Vec<Sent>) {
+    pub fn attach(&mut self, sink: SocketSink, raw: Option<Arc<dyn RawFrames>>, sent: Vec<Sent>) {
         let mut counts = self.registry.follower_counts();
         for s in &sent {
             if !self.followed.contains(&s.space) {
@@ -454,13 +523,15 @@ impl Registration {
             }
         }
         drop(counts);
-        self.socket.attach(sink, sent);
+        self.socket.attach(sink, raw, sent);
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
         self.registry.sockets().remove(&self.id);
+        // A fan-out under way may still hold the socket: it must not write to it any more.
+        self.socket.detach();
         let mut counts = self.registry.follower_counts();
         for space in &self.followed {
             if let Some(n) = counts.get_mut(space) {
@@ -476,10 +547,9 @@ impl Drop for Registration {
 /// Sockets written between two yields of the fan-out, so other tasks on its worker run too.
 const FANOUT_BATCH: usize = 512;
 
-/// Writes `snapshot`'s newer heads to every registered socket inline: per socket one write
-/// of bytes serialized once, and no task woken unless its write cannot complete at once.
-async fn fan_out(registry: Arc<Registry>, snapshot: Snapshot) {
-    let sockets: Vec<Arc<FanoutSocket>> = registry.sockets().values().cloned().collect();
+/// Writes `snapshot`'s newer heads to `sockets` inline: per socket one write of bytes
+/// serialized once, and no task woken unless its write cannot complete at once.
+async fn fan_out(sockets: Vec<Arc<FanoutSocket>>, snapshot: Snapshot) {
     let fanout = metrics::histogram!("synchub_fanout_seconds");
     let mut inline = 0u64;
     for batch in sockets.chunks(FANOUT_BATCH) {

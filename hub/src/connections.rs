@@ -21,6 +21,7 @@
 //! Each connection's task stops on shutdown after its request in flight (WebSockets are closed
 //! by their own tasks, which watch the same shutdown).
 
+use crate::shared_io::SharedIo;
 use axum::Router;
 use axum::extract::ConnectInfo;
 use axum::response::IntoResponse;
@@ -253,20 +254,24 @@ async fn serve_connection<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // Under TLS too: the deadline is on the socket's writes, whatever is written through it.
+    let mut stream = TimeoutStream::new(stream);
+    stream.set_write_timeout(Some(limits.send_idle_timeout));
+    // Shared with the fan-out once the connection is a WebSocket (see `crate::shared_io`).
+    let stream = SharedIo::new(Box::pin(stream));
+    let raw = stream.raw();
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(auth.clone());
         request.extensions_mut().insert(ConnectInfo(peer));
+        request.extensions_mut().insert(raw.clone());
         app.clone().oneshot(request)
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
-    // Under TLS too: the deadline is on the socket's writes, whatever is written through it.
-    let mut stream = TimeoutStream::new(stream);
-    stream.set_write_timeout(Some(limits.send_idle_timeout));
     let connection = builder
-        .serve_connection(TokioIo::new(Box::pin(stream)), service)
+        .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(connection);
     let ended = tokio::select! {

@@ -31,6 +31,7 @@ pub mod held;
 pub mod manifests;
 pub mod reports;
 pub mod server;
+pub mod shared_io;
 pub mod sources;
 pub mod state;
 pub mod store;

@@ -11,7 +11,9 @@
 use crate::auth::Principal;
 use crate::broadcast::{FanoutSocket, Heads, Sent};
 use crate::clients::Connection;
+use crate::shared_io::{RawConnection, RawFrames};
 use crate::state::AppState;
+use axum::Extension;
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
 use axum::response::{IntoResponse, Response};
@@ -57,6 +59,7 @@ struct Split<'a> {
 impl Split<'_> {
     /// Writes the heads the fan-out could not, then `msg` if any, and flushes.
     async fn write(&mut self, msg: Option<Message>) -> Result<(), axum::Error> {
+        let closing = matches!(msg, Some(Message::Close(_)));
         let snapshot = self.heads.snapshot();
         let (mut sink, frames) = self
             .fan
@@ -73,7 +76,10 @@ impl Split<'_> {
             sink.flush().await
         }
         .await;
-        self.fan.give_back(sink);
+        // After a close nothing more may go out: the fan-out does not get the half back.
+        if !closing {
+            self.fan.give_back(sink);
+        }
         written
     }
 }
@@ -91,6 +97,7 @@ impl Frames for Split<'_> {
 pub async fn upgrade(
     State(state): State<AppState>,
     principal: Principal,
+    raw: Option<Extension<RawConnection>>,
     ws: WebSocketUpgrade,
 ) -> Response {
     let limits = &state.config.limits;
@@ -117,7 +124,7 @@ pub async fn upgrade(
         .max_message_size(hard_limit)
         .max_frame_size(hard_limit)
         .on_upgrade(move |socket| async move {
-            run(state, principal, socket).await;
+            run(state, principal, socket, raw.map(|Extension(r)| r.0)).await;
             drop(slot);
         })
 }
@@ -162,7 +169,12 @@ async fn drain(socket: &mut impl Frames) {
 }
 
 #[tracing::instrument(name = "socket", skip_all, fields(token = %principal.name))]
-async fn run(state: AppState, principal: Principal, mut socket: WebSocket) {
+async fn run(
+    state: AppState,
+    principal: Principal,
+    mut socket: WebSocket,
+    raw: Option<Arc<dyn RawFrames>>,
+) {
     let Some((client_id, spaces, hostname, agent_version)) =
         receive_hello(&state, &principal, &mut socket).await
     else {
@@ -189,7 +201,7 @@ async fn run(state: AppState, principal: Principal, mut socket: WebSocket) {
         state.clients.remove(id);
         return;
     }
-    serve(&state, &principal, &conn, spaces, socket).await;
+    serve(&state, &principal, &conn, spaces, socket, raw).await;
     state.clients.remove(id);
 }
 
@@ -359,6 +371,7 @@ async fn serve(
     conn: &Connection,
     held: Vec<HeldSpace>,
     socket: WebSocket,
+    raw: Option<Arc<dyn RawFrames>>,
 ) {
     // Registered before the heads are read: a bump after the read reaches this socket, by the
     // fan-out or, while the write half is not attached yet, by waking this task.
@@ -373,7 +386,7 @@ async fn serve(
         ping_interval_ms: state.config.ping_interval_ms,
     };
     let (sink, stream) = socket.split();
-    registration.attach(sink, sent);
+    registration.attach(sink, raw, sent);
     // Registered once per socket, not looked up in the recorder on every send of a broadcast.
     let fanout_seconds = metrics::histogram!("synchub_fanout_seconds");
     let mut socket = Split {

@@ -1,0 +1,267 @@
+//! A connection's byte stream shared between its owner (hyper, then tungstenite once the
+//! connection is a WebSocket) and the fan-out in [`crate::broadcast`], which writes a bump's
+//! pre-encoded WebSocket frame straight to it: one `write` per socket, without going through
+//! the socket's WebSocket layer.
+//!
+//! The stream sits behind a mutex. A raw frame goes in only at a frame boundary: when the
+//! layer above has nothing half-written (its last write took all it offered; tungstenite
+//! always offers its whole buffer, so it then holds nothing) and no earlier raw frame is left.
+//! A raw frame the kernel takes only part of is kept here and written first by the next write
+//! or flush of the layer above, so frames never interleave. Under TLS the stream is the TLS
+//! stream: a raw frame is encrypted like any other write.
+
+use bytes::Bytes;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, ready};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// What a raw write did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RawWrite {
+    /// The whole frame is with the kernel.
+    Written,
+    /// The frame is committed (it will go out before anything else), but part of it, or its
+    /// TLS record, waits: the connection's own task must flush.
+    Started,
+    /// Nothing was written: the connection's own task must send the frame.
+    NotNow,
+}
+
+/// The fan-out's handle on a connection (see the module comment).
+pub trait RawFrames: Send + Sync {
+    /// Writes `frame`, one or more whole WebSocket frames, without waiting.
+    fn try_write(&self, frame: &Bytes, cx: &mut Context<'_>) -> RawWrite;
+}
+
+/// The handle as a request extension: how the WebSocket route finds its connection's.
+#[derive(Clone)]
+pub struct RawConnection(pub Arc<dyn RawFrames>);
+
+struct State<S> {
+    stream: S,
+    /// The rest of a raw frame the kernel did not take yet.
+    pending: Bytes,
+    /// The layer above offered bytes the stream did not take: it may be mid-frame.
+    above_unfinished: bool,
+    /// A raw frame was written but not flushed (TLS keeps records until then).
+    unflushed: bool,
+}
+
+impl<S: AsyncWrite + Unpin> State<S> {
+    /// Writes what is left of a raw frame; ready once nothing is.
+    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.pending.is_empty() {
+            let n = ready!(Pin::new(&mut self.stream).poll_write(cx, &self.pending))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            let _ = self.pending.split_to(n);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The stream as its owner uses it; [`SharedIo::raw`] is the fan-out's side.
+pub struct SharedIo<S> {
+    shared: Arc<Mutex<State<S>>>,
+}
+
+impl<S> SharedIo<S> {
+    pub fn new(stream: S) -> Self {
+        SharedIo {
+            shared: Arc::new(Mutex::new(State {
+                stream,
+                pending: Bytes::new(),
+                above_unfinished: false,
+                unflushed: false,
+            })),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<S>> {
+        lock(&self.shared)
+    }
+}
+
+impl<S: AsyncWrite + Unpin + Send + 'static> SharedIo<S> {
+    pub fn raw(&self) -> RawConnection {
+        RawConnection(Arc::new(Raw(self.shared.clone())))
+    }
+}
+
+fn lock<S>(m: &Mutex<State<S>>) -> MutexGuard<'_, State<S>> {
+    // Nothing panics under this lock but the stream itself; its state is still the stream's.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for SharedIo<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.lock().stream).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for SharedIo<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut st = self.lock();
+        // Offered and not taken, whatever happens below, until a write takes it all.
+        st.above_unfinished = true;
+        ready!(st.poll_pending(cx))?;
+        let n = ready!(Pin::new(&mut st.stream).poll_write(cx, buf))?;
+        st.above_unfinished = n < buf.len();
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let mut st = self.lock();
+        st.above_unfinished = true;
+        ready!(st.poll_pending(cx))?;
+        let n = ready!(Pin::new(&mut st.stream).poll_write_vectored(cx, bufs))?;
+        st.above_unfinished = n < bufs.iter().map(|b| b.len()).sum();
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.lock().stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut st = self.lock();
+        ready!(st.poll_pending(cx))?;
+        ready!(Pin::new(&mut st.stream).poll_flush(cx))?;
+        st.unflushed = false;
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut st = self.lock();
+        ready!(st.poll_pending(cx))?;
+        Pin::new(&mut st.stream).poll_shutdown(cx)
+    }
+}
+
+struct Raw<S>(Arc<Mutex<State<S>>>);
+
+impl<S: AsyncWrite + Unpin + Send> RawFrames for Raw<S> {
+    fn try_write(&self, frame: &Bytes, cx: &mut Context<'_>) -> RawWrite {
+        let mut st = lock(&self.0);
+        if st.above_unfinished || st.unflushed || !st.pending.is_empty() {
+            return RawWrite::NotNow;
+        }
+        match Pin::new(&mut st.stream).poll_write(cx, frame) {
+            Poll::Ready(Ok(n)) if n == frame.len() => {}
+            Poll::Ready(Ok(n)) if n > 0 => {
+                st.pending = frame.slice(n..);
+                return RawWrite::Started;
+            }
+            // Nothing taken (or an error the connection's task will meet itself).
+            _ => return RawWrite::NotNow,
+        }
+        match Pin::new(&mut st.stream).poll_flush(cx) {
+            Poll::Ready(Ok(())) => RawWrite::Written,
+            _ => {
+                st.unflushed = true;
+                RawWrite::Started
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::Waker;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn cx() -> Context<'static> {
+        Context::from_waker(Waker::noop())
+    }
+
+    #[tokio::test]
+    async fn a_raw_frame_goes_between_the_writes_of_the_layer_above() {
+        let (near, mut far) = tokio::io::duplex(64);
+        let mut io = SharedIo::new(near);
+        let raw = io.raw();
+        io.write_all(b"above-1|").await.unwrap();
+        assert_eq!(
+            raw.0.try_write(&Bytes::from_static(b"raw|"), &mut cx()),
+            RawWrite::Written
+        );
+        io.write_all(b"above-2|").await.unwrap();
+        let mut got = vec![0; 20];
+        far.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"above-1|raw|above-2|");
+    }
+
+    #[tokio::test]
+    async fn a_raw_frame_the_stream_takes_in_part_is_finished_before_anything_else() {
+        // Room for 8 bytes: the raw frame of 12 goes in part, and the rest must precede the
+        // next write of the layer above.
+        let (near, mut far) = tokio::io::duplex(8);
+        let mut io = SharedIo::new(near);
+        let raw = io.raw();
+        assert_eq!(
+            raw.0
+                .try_write(&Bytes::from_static(b"raw-12-bytes"), &mut cx()),
+            RawWrite::Started
+        );
+        assert_eq!(
+            raw.0.try_write(&Bytes::from_static(b"more"), &mut cx()),
+            RawWrite::NotNow,
+            "nothing goes in while a raw frame is unfinished"
+        );
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0; 19];
+            far.read_exact(&mut got).await.unwrap();
+            got
+        });
+        io.write_all(b"above|").await.unwrap();
+        io.flush().await.unwrap();
+        assert_eq!(
+            raw.0.try_write(&Bytes::from_static(b"x"), &mut cx()),
+            RawWrite::Written
+        );
+        assert_eq!(reader.await.unwrap(), b"raw-12-bytesabove|x");
+    }
+
+    #[tokio::test]
+    async fn no_raw_frame_goes_in_while_the_layer_above_is_mid_write() {
+        let (near, mut far) = tokio::io::duplex(4);
+        let mut io = SharedIo::new(near);
+        let raw = io.raw();
+        // The layer above offers 10 bytes and the stream takes 4.
+        let n = std::future::poll_fn(|cx| Pin::new(&mut io).poll_write(cx, b"0123456789"))
+            .await
+            .unwrap();
+        assert_eq!(n, 4);
+        assert_eq!(
+            raw.0.try_write(&Bytes::from_static(b"raw"), &mut cx()),
+            RawWrite::NotNow
+        );
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0; 10];
+            far.read_exact(&mut got).await.unwrap();
+            (got, far)
+        });
+        io.write_all(b"456789").await.unwrap();
+        let (got, _far) = reader.await.unwrap();
+        assert_eq!(&got, b"0123456789");
+        assert_eq!(
+            raw.0.try_write(&Bytes::from_static(b"raw"), &mut cx()),
+            RawWrite::Written
+        );
+    }
+}
