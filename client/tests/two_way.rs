@@ -202,6 +202,14 @@ impl Admin {
 
 /// Waits until every folder holds exactly the hub's head (same paths, same hashes) and the
 /// head stops moving; returns the head's tree by hash.
+/// The end of every PC's log, for a failure's message.
+fn logs(pcs: &[&Pc]) -> String {
+    pcs.iter()
+        .map(|pc| format!("--- {} ---\n{}", pc.name, pc.log_tail()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 async fn converged(
     admin: &Admin,
     pcs: &[&Pc],
@@ -252,14 +260,7 @@ async fn converged(
             return Ok(want);
         }
         if Instant::now() > deadline {
-            let logs: Vec<String> = pcs
-                .iter()
-                .map(|pc| format!("--- {} ---\n{}", pc.name, pc.log_tail()))
-                .collect();
-            bail!(
-                "not converged after {timeout:?}: {last}\n{}",
-                logs.join("\n")
-            );
+            bail!("not converged after {timeout:?}: {last}\n{}", logs(pcs));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -398,7 +399,8 @@ async fn three_pcs_keep_one_folder(backend: Backend, s3: bool) -> anyhow::Result
     let copies: Vec<&String> = tree.keys().filter(|p| p.contains(".conflict-")).collect();
     ensure!(
         copies.len() == 1,
-        "expected one conflict copy, found {copies:?}"
+        "expected one conflict copy, found {copies:?}\n{}",
+        logs(&all)
     );
     let kept: BTreeSet<&Sha256Hex> = [&tree[shared], &tree[copies[0]]].into_iter().collect();
     let both: BTreeSet<Sha256Hex> = [Sha256Hex::of(&edit_a), Sha256Hex::of(&edit_b)].into();
