@@ -407,8 +407,29 @@ const REPORTS_IN_FLIGHT: usize = 32;
 
 /// A socket's reports being stored, each resolving to the frame that answers it. They are not
 /// awaited in the socket's loop: while the database is slow or down, the socket still gets its
-/// bumps and pings.
-type Storing<'a> = FuturesUnordered<BoxFuture<'a, Message>>;
+/// bumps and pings. Made at the first report, so an idle socket carries none of it.
+#[derive(Default)]
+struct Storing<'a>(Option<FuturesUnordered<BoxFuture<'a, Message>>>);
+
+impl<'a> Storing<'a> {
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, FuturesUnordered::len)
+    }
+
+    fn push(&mut self, report: BoxFuture<'a, Message>) {
+        self.0
+            .get_or_insert_with(FuturesUnordered::new)
+            .push(report);
+    }
+
+    /// The next answer; pending for ever while none is being stored.
+    async fn next(&mut self) -> Option<Message> {
+        match &mut self.0 {
+            Some(storing) => storing.next().await,
+            None => std::future::pending().await,
+        }
+    }
+}
 
 /// Serves a welcomed socket until it must close: the bumps the fan-out left to its task,
 /// frames from the agent, the answers to its reports, pings (and the close of a silent agent),
@@ -428,7 +449,7 @@ async fn pump(
     // cancellation tokens after every broadcast showed in profiles.
     let closed = conn.closed.cancelled();
     tokio::pin!(closed);
-    let mut storing = Storing::new();
+    let mut storing = Storing::default();
     loop {
         tokio::select! {
             () = socket.fan.woken() => {
@@ -438,11 +459,13 @@ async fn pump(
             }
             msg = socket.recv(), if storing.len() < REPORTS_IN_FLIGHT => {
                 let heard = Heard { state, principal, conn, followed };
-                if !receive(&heard, msg, &mut last_heard, socket, &mut storing).await {
+                // Boxed: handling a frame is rare next to waiting, and its future is large.
+                let received = Box::pin(receive(&heard, msg, &mut last_heard, socket, &mut storing));
+                if !received.await {
                     return;
                 }
             }
-            Some(reply) = storing.next(), if !storing.is_empty() => {
+            Some(reply) = storing.next(), if storing.len() > 0 => {
                 if socket.send(reply).await.is_err() {
                     return;
                 }
