@@ -1,7 +1,8 @@
 //! The socket task: one per connected agent, at `GET /api/v1/ws`.
 //!
 //! After the agent's `hello` the hub registers the socket with the fan-out in
-//! [`crate::broadcast`], which gets its write half, answers `welcome` with the current heads,
+//! [`crate::broadcast`], which gets its write half and its connection's raw side (see
+//! [`crate::shared_io`]), answers `welcome` with the current heads,
 //! then waits on four things: a frame from the agent (`status`, `report`, `pong`), the ping
 //! timer, the end of the connection, and a wake-up from the fan-out. A bump is written to the
 //! socket by the fan-out itself, without waking this task; only when that write cannot finish
