@@ -99,13 +99,7 @@ async fn mirror_and_delete_remove_files_and_reports_say_who() -> anyhow::Result<
         "the damaged copy stayed"
     );
 
-    let log: Vec<SyncLogEntry> = http()
-        .get(hub.api("/sync-log?limit=100"))
-        .bearer_auth(&hub.admin_token)
-        .send()
-        .await?
-        .json()
-        .await?;
+    let log = hub.sync_log("limit=100").await?;
     let changes: Vec<&SyncLogEntry> = log
         .iter()
         .filter(|e| e.sync_type == "upload" && e.status == "success")

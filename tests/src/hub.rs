@@ -9,7 +9,9 @@ use std::time::Duration;
 use synchub_hub::config::Config;
 use synchub_hub::server::{self, RunningHub};
 use synchub_hub::state::AppState;
-use synchub_protocol::{AgentFrame, Head, HeldSpace, HubFrame, PROTOCOL_VERSION, Role};
+use synchub_protocol::{
+    AgentFrame, Head, HeldSpace, HubFrame, PROTOCOL_VERSION, Role, SyncLogEntry,
+};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -103,6 +105,18 @@ impl TestHub {
 
     pub fn api(&self, path: &str) -> String {
         format!("{}/api/v1{path}", self.url)
+    }
+
+    /// `GET /sync-log?{query}` as the admin: the stored sync reports, newest first.
+    pub async fn sync_log(&self, query: &str) -> anyhow::Result<Vec<SyncLogEntry>> {
+        Ok(reqwest::Client::new()
+            .get(self.api(&format!("/sync-log?{query}")))
+            .bearer_auth(&self.admin_token)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
     }
 
     /// Creates a token directly in the store and makes the running hub know it at once.

@@ -9,7 +9,7 @@ use anyhow::ensure;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use synchub_client::SyncClient;
-use synchub_protocol::{CommitResponse, DEFAULT_SPACE, ForceSyncRequest, Role, SyncLogEntry};
+use synchub_protocol::{CommitResponse, DEFAULT_SPACE, ForceSyncRequest, Role};
 use synchub_tests::fixtures::{
     agent_config, commit, head, http, metric_where, read_tree, wait_ready,
 };
@@ -24,13 +24,8 @@ async fn reported(
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let log: Vec<SyncLogEntry> = http()
-            .get(hub.api(&format!("/sync-log?client_id={client_id}&limit=100")))
-            .bearer_auth(&hub.admin_token)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
+        let log = hub
+            .sync_log(&format!("client_id={client_id}&limit=100"))
             .await?;
         if log.iter().any(|e| {
             e.sync_type == sync_type && e.status == "success" && e.version == Some(version as i64)

@@ -36,13 +36,8 @@ fn write_qr_set(root: &Path, seed: &str) -> anyhow::Result<()> {
 }
 
 async fn sync_log(hub: &TestHub, client_id: &str) -> anyhow::Result<Vec<SyncLogEntry>> {
-    let resp = reqwest::Client::new()
-        .get(hub.api(&format!("/sync-log?client_id={client_id}&limit=1000")))
-        .bearer_auth(&hub.admin_token)
-        .send()
-        .await?;
-    ensure!(resp.status().is_success(), "sync-log: {}", resp.status());
-    Ok(resp.json().await?)
+    hub.sync_log(&format!("client_id={client_id}&limit=1000"))
+        .await
 }
 
 fn init() {

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 use synchub_protocol::{
     ApiError, CommitRequest, DEFAULT_SPACE, HubFrame, MAX_BLOBS_PER_QUERY, MAX_MESSAGE_LEN,
-    ManifestEntry, Role, Sha256Hex, SyncLogEntry,
+    ManifestEntry, Role, Sha256Hex,
 };
 use synchub_tests::fixtures::{self, commit, http, put_blob};
 use synchub_tests::hub::{TestHub, WsAgent, fs_blob_path, ws_connect};
@@ -151,14 +151,7 @@ async fn report_fields_are_bounded_and_dated_by_the_hub() -> anyhow::Result<()> 
     let r = post(report("pc-now", None)).await?;
     assert_eq!(r.status(), StatusCode::CREATED);
 
-    let rows: Vec<SyncLogEntry> = http()
-        .get(hub.api("/sync-log?limit=10"))
-        .bearer_auth(&hub.admin_token)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
+    let rows = hub.sync_log("limit=10").await?;
     assert_eq!(rows.len(), 2);
     assert_eq!(
         rows[0].client_id.as_deref(),
@@ -713,14 +706,7 @@ async fn a_burst_of_report_frames_is_answered_report_by_report() -> anyhow::Resu
     let expected: std::collections::BTreeSet<String> =
         (0..REPORTS).map(|i| format!("burst-{i}")).collect();
     assert_eq!(acked, expected);
-    let stored: Vec<SyncLogEntry> = http()
-        .get(hub.api("/sync-log?client_id=pc-burst&limit=1000"))
-        .bearer_auth(&hub.admin_token)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
+    let stored = hub.sync_log("client_id=pc-burst&limit=1000").await?;
     assert_eq!(stored.len(), REPORTS);
     hub.stop().await;
     Ok(())

@@ -4,7 +4,7 @@
 
 use futures::{StreamExt, TryStreamExt};
 use std::collections::HashSet;
-use synchub_protocol::{DEFAULT_SPACE, SyncLogEntry, SyncReport, SyncStatus, SyncType};
+use synchub_protocol::{DEFAULT_SPACE, SyncReport, SyncStatus, SyncType};
 use synchub_tests::fixtures::{http, metric};
 use synchub_tests::hub::{Backend, TestHub};
 
@@ -78,14 +78,7 @@ async fn a_rush_of_reports_is_stored_in_few_transactions(backend: Backend) -> an
     );
 
     // Every acknowledged report is in sync_log, once.
-    let log: Vec<SyncLogEntry> = http()
-        .get(hub.api("/sync-log?limit=1000"))
-        .bearer_auth(&hub.admin_token)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
+    let log = hub.sync_log("limit=1000").await?;
     let ids: HashSet<String> = log.into_iter().filter_map(|e| e.report_id).collect();
     for r in &reports {
         assert!(
