@@ -23,14 +23,12 @@ use crate::shared_io::{RawFrames, RawWrite};
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
 use axum::http::HeaderValue;
 use bytes::Bytes;
-use futures::Sink;
 use futures::stream::SplitSink;
 use metrics::Histogram;
 use std::collections::{BTreeMap, HashMap};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 use synchub_protocol::{FrameDelta, Head, Spread};
 use tokio::sync::{Notify, watch};
@@ -254,13 +252,10 @@ impl Heads {
             // and those sockets would be handed to their own tasks. The fan-out yields every
             // `FANOUT_BATCH` sockets itself.
             Ok(rt) => {
-                let parts = rt.metrics().num_workers().max(1);
-                let share = sockets.len().div_ceil(parts).max(1);
-                let mut sockets = sockets;
-                while !sockets.is_empty() {
-                    let rest = sockets.split_off(share.min(sockets.len()));
-                    let part = std::mem::replace(&mut sockets, rest);
-                    rt.spawn(tokio::task::unconstrained(fan_out(part, snapshot.clone())));
+                let share = sockets.len().div_ceil(rt.metrics().num_workers()).max(1);
+                for part in sockets.chunks(share) {
+                    let part = fan_out(part.to_vec(), snapshot.clone());
+                    rt.spawn(tokio::task::unconstrained(part));
                 }
             }
             // No runtime (a tool publishing outside one): each socket task sends for itself.
@@ -324,12 +319,12 @@ impl Sent {
 #[derive(Default)]
 struct Outgoing {
     sink: Option<SocketSink>,
-    /// The connection's raw side, when it has one (the hub's own accept loop gives every
-    /// connection one): the fan-out writes there rather than through the sink.
+    /// The connection's raw side, where the fan-out writes. The hub's own accept loop gives
+    /// every connection one; a socket without one gets its bumps from its own task.
     raw: Option<Arc<dyn RawFrames>>,
     sent: Vec<Sent>,
-    /// A frame was handed to the sink but the kernel took only part of it: the socket task
-    /// must flush before anything else is written inline.
+    /// A raw frame went in only in part (or is not flushed): the socket task must flush
+    /// before anything else is written inline.
     unflushed: bool,
 }
 
@@ -397,9 +392,10 @@ impl FanoutSocket {
         self.lock().sent.iter().any(|s| s.space == space)
     }
 
-    /// Writes the newer heads of `snapshot` without waiting: true when they are all in the
-    /// kernel's buffer, false when the socket task must finish (write half busy, a write that
-    /// would block, an error it will see itself).
+    /// Writes the encoded frames of the newer heads of `snapshot` to the connection's raw side
+    /// without waiting: true when they are all in the kernel's buffer, false when the socket
+    /// task must send or finish them (it is writing, a frame went in only in part, a write
+    /// that would block, an error it will see itself, or a connection without a raw side).
     fn write_inline(&self, snapshot: &Snapshot, cx: &mut Context<'_>, fanout: &Histogram) -> bool {
         let mut out = self.lock();
         let Outgoing {
@@ -408,75 +404,28 @@ impl FanoutSocket {
             sent,
             unflushed,
         } = &mut *out;
-        let Some(sink) = sink.as_mut() else {
+        let (Some(_), Some(raw), false) = (sink, raw, *unflushed) else {
             return false;
         };
-        if *unflushed {
-            return false;
-        }
-        if let Some(raw) = raw {
-            return write_raw(raw.as_ref(), sent, unflushed, snapshot, cx, fanout);
-        }
-        let mut wrote = false;
         for s in sent.iter_mut() {
             let Some(p) = s.newer(snapshot) else {
                 continue;
             };
-            if !matches!(Pin::new(&mut *sink).poll_ready(cx), Poll::Ready(Ok(()))) {
-                return false;
-            }
-            if Pin::new(&mut *sink)
-                .start_send(Message::Text(p.frame.clone()))
-                .is_err()
-            {
+            let wrote = raw.try_write(&p.encoded, cx);
+            if wrote == RawWrite::NotNow {
                 return false;
             }
             s.version = p.head.version;
             s.epoch = p.head.epoch;
-            wrote = true;
             fanout.record(p.since.elapsed().as_secs_f64());
-        }
-        if !wrote {
-            return true;
-        }
-        match Pin::new(sink).poll_flush(cx) {
-            Poll::Ready(Ok(())) => true,
-            _ => {
+            if wrote == RawWrite::Started {
+                // Committed; the socket task finishes it with a flush.
                 *unflushed = true;
-                false
+                return false;
             }
         }
+        true
     }
-}
-
-/// [`FanoutSocket::write_inline`] on a connection's raw side: each newer head's encoded frame
-/// in one write, until one does not go in whole.
-fn write_raw(
-    raw: &dyn RawFrames,
-    sent: &mut [Sent],
-    unflushed: &mut bool,
-    snapshot: &Snapshot,
-    cx: &mut Context<'_>,
-    fanout: &Histogram,
-) -> bool {
-    for s in sent.iter_mut() {
-        let Some(p) = s.newer(snapshot) else {
-            continue;
-        };
-        let wrote = raw.try_write(&p.encoded, cx);
-        if wrote == RawWrite::NotNow {
-            return false;
-        }
-        s.version = p.head.version;
-        s.epoch = p.head.epoch;
-        fanout.record(p.since.elapsed().as_secs_f64());
-        if wrote == RawWrite::Started {
-            // Committed; the socket task finishes it with a flush.
-            *unflushed = true;
-            return false;
-        }
-    }
-    true
 }
 
 /// Every socket that follows heads, for the fan-out.
