@@ -319,7 +319,7 @@ pub async fn fanout(hub: &Hub, opts: &FanoutOptions) -> Result<FanoutReport> {
                 let mut last = None;
                 // A busy listen queue can refuse a handshake now and then: retry a few times.
                 for attempt in 0..5u64 {
-                    match open_agent(url, token, holding_nothing(space), i).await {
+                    match open_agent(url, token, holding_nothing(space), i, None).await {
                         Ok(s) => return Ok((i, s)),
                         Err(e) => last = Some(e),
                     }

@@ -23,7 +23,7 @@
 //! hub: every PC reads the whole dataset from PostgreSQL after a version change.
 
 use super::{DataSet, generate_set};
-use super::{Figures, Hub, open_agent, percentile, publish_set};
+use super::{Figures, Hub, SOURCE_ADDRESSES, open_agent, percentile, publish_set};
 use crate::postgres::PgCluster;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use futures::{SinkExt, StreamExt};
@@ -32,7 +32,7 @@ use sha2::Digest;
 use sqlx::{Connection, Row};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use synchub_client::HubApi;
@@ -235,10 +235,12 @@ impl std::fmt::Display for HerdReport {
     }
 }
 
-/// What every simulated agent shares: one HTTP client (its pool bounded by `permits`), the
-/// counters, and the manifests already parsed (one copy per data hash, not one per agent).
+/// What every simulated agent shares: the HTTP clients (one per source address, see
+/// [`Hub::source_address`]; their pools bounded together by `permits`), the counters, and the
+/// manifests already parsed (one copy per data hash, not one per agent).
 struct Shared {
-    http: reqwest::Client,
+    clients: Vec<reqwest::Client>,
+    next_client: AtomicUsize,
     api: String,
     token: String,
     space: String,
@@ -277,17 +279,25 @@ struct Plan {
 }
 
 impl Shared {
+    /// The HTTP client for the next request, in turn.
+    fn http(&self) -> &reqwest::Client {
+        let i = self.next_client.fetch_add(1, Ordering::Relaxed);
+        &self.clients[i % self.clients.len()]
+    }
+
     /// Sends `make()` until it is answered 2xx: 429/503 wait `Retry-After` (1 s when absent),
     /// other failures back off; the body, or an error once the attempts are spent.
     async fn request(&self, make: impl Fn() -> reqwest::RequestBuilder) -> Result<bytes::Bytes> {
-        Ok(self.request_typed(make).await?.1)
+        Ok(self.request_typed(make, None).await?.1.into_bytes())
     }
 
-    /// Like [`Shared::request`], with whether the answer is a manifest delta.
+    /// Like [`Shared::request`], with whether the answer is a manifest delta, and the body
+    /// read against `like` when given (see [`read_body`]).
     async fn request_typed(
         &self,
         make: impl Fn() -> reqwest::RequestBuilder,
-    ) -> Result<(bool, bytes::Bytes)> {
+        like: Option<&bytes::Bytes>,
+    ) -> Result<(bool, Body)> {
         let mut last = String::new();
         // As the agent: a 429/503 is the hub pacing the herd, not a failed attempt; only the
         // case's time limit bounds those waits (and MAX_THROTTLED, against a hub that never
@@ -302,8 +312,8 @@ impl Shared {
                             .headers()
                             .get(reqwest::header::CONTENT_TYPE)
                             .is_some_and(|v| v.as_bytes() == DELTA_CONTENT_TYPE.as_bytes());
-                        match r.bytes().await {
-                            Ok(b) => Ok((delta, b)),
+                        match read_body(r, like).await {
+                            Ok((n, b)) => Ok((delta, n, b)),
                             Err(e) => Err((None, e.to_string())),
                         }
                     }
@@ -319,8 +329,8 @@ impl Shared {
                 }
             };
             match sent {
-                Ok((delta, b)) => {
-                    self.bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+                Ok((delta, n, b)) => {
+                    self.bytes.fetch_add(n, Ordering::Relaxed);
                     return Ok((delta, b));
                 }
                 Err((Some((429 | 503, wait)), why)) => {
@@ -354,7 +364,7 @@ impl Shared {
             self.api, head.space, head.version
         );
         let bytes = self
-            .request(|| self.http.get(&url).bearer_auth(&self.token))
+            .request(|| self.http().get(&url).bearer_auth(&self.token))
             .await?;
         if Sha256Hex::of(&bytes) != head.data_hash {
             self.failed.fetch_add(1, Ordering::Relaxed);
@@ -448,19 +458,18 @@ impl Shared {
             sha256: blobs.iter().map(|(h, _)| h.clone()).collect(),
         };
         let url = format!("{}/blobs/pack", self.api);
-        let body = self
-            .request(|| {
-                let request = self.http.post(&url).bearer_auth(&self.token).json(&list);
-                if plan.compressible {
-                    request
-                } else {
-                    request.header(reqwest::header::ACCEPT_ENCODING, "identity")
-                }
-            })
-            .await?;
-        if plan.checked[k].get() == Some(&body) {
-            return Ok(());
-        }
+        let make = || {
+            let request = self.http().post(&url).bearer_auth(&self.token).json(&list);
+            if plan.compressible {
+                request
+            } else {
+                request.header(reqwest::header::ACCEPT_ENCODING, "identity")
+            }
+        };
+        let body = match self.request_typed(make, plan.checked[k].get()).await?.1 {
+            Body::Same(_) => return Ok(()),
+            Body::Other(body) => body,
+        };
         let checked = check_pack(&body, blobs);
         match checked {
             Ok(()) => {
@@ -472,6 +481,56 @@ impl Shared {
         }
         checked
     }
+}
+
+/// A response body, as [`read_body`] read it.
+enum Body {
+    /// The same bytes as the body it was read against (that body).
+    Same(bytes::Bytes),
+    /// Other bytes (or no body to read against): to be checked in full.
+    Other(bytes::Bytes),
+}
+
+impl Body {
+    fn into_bytes(self) -> bytes::Bytes {
+        match self {
+            Body::Same(b) | Body::Other(b) => b,
+        }
+    }
+}
+
+/// Reads a response body (its length and the body). Against `like`, chunk by chunk as it
+/// arrives, keeping nothing while the bytes match: most agents of the herd receive what
+/// another already checked in full, and collecting 250 KB per agent only to compare it cost
+/// the generator a fifth of its CPU (allocations, copies and page faults) on the cores it
+/// shares with the hub. A body that differs is kept whole and checked on its own.
+async fn read_body(
+    mut r: reqwest::Response,
+    like: Option<&bytes::Bytes>,
+) -> reqwest::Result<(u64, Body)> {
+    let Some(like) = like else {
+        let body = r.bytes().await?;
+        return Ok((body.len() as u64, Body::Other(body)));
+    };
+    let mut at = 0;
+    while let Some(chunk) = r.chunk().await? {
+        if like.get(at..at + chunk.len()) == Some(&chunk[..]) {
+            at += chunk.len();
+            continue;
+        }
+        let mut all = bytes::BytesMut::from(&like[..at]);
+        all.extend_from_slice(&chunk);
+        while let Some(chunk) = r.chunk().await? {
+            all.extend_from_slice(&chunk);
+        }
+        return Ok((all.len() as u64, Body::Other(all.freeze())));
+    }
+    let body = if at == like.len() {
+        Body::Same(like.clone())
+    } else {
+        Body::Other(like.slice(..at))
+    };
+    Ok((at as u64, body))
 }
 
 /// Reads a pack body: for each expected blob in order, `<sha256> <size>\n` and the bytes,
@@ -521,7 +580,8 @@ async fn run_agent(
     done: mpsc::UnboundedSender<Held>,
     stop: CancellationToken,
 ) {
-    let client_id = format!("herd-{id}");
+    // The id its socket said `hello` with, as the agent's reports carry its one id.
+    let client_id = super::client_id(id);
     let pong = serde_json::to_string(&AgentFrame::Pong).expect("frames serialize");
     // A head announced while a sync was under way, to sync to next, with the spread hint and
     // the delta its frame carried.
@@ -707,8 +767,9 @@ async fn sync(
                 shared.api, head.space, head.version
             );
             shared
-                .request_typed(|| shared.http.get(&url).bearer_auth(&shared.token))
-                .await?
+                .request_typed(|| shared.http().get(&url).bearer_auth(&shared.token), None)
+                .await
+                .map(|(delta, body)| (delta, body.into_bytes()))?
         }
     };
     let key = (
@@ -847,13 +908,23 @@ pub async fn herd(hub: &Hub, opts: &HerdOptions, work: &Path) -> Result<HerdRepo
         "the head moved while publishing"
     );
 
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .pool_max_idle_per_host(opts.http_connections)
-        .tcp_nodelay(true)
-        .build()?;
+    let addresses: Vec<_> = (0..SOURCE_ADDRESSES)
+        .map(|i| hub.source_address(i))
+        .collect();
+    let clients = addresses
+        .iter()
+        .map(|from| {
+            reqwest::Client::builder()
+                .no_proxy()
+                .local_address(*from)
+                .pool_max_idle_per_host(opts.http_connections.div_ceil(addresses.len()))
+                .tcp_nodelay(true)
+                .build()
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let shared = Arc::new(Shared {
-        http,
+        clients,
+        next_client: AtomicUsize::new(0),
         api: hub.api(""),
         token: hub.agent_token.clone(),
         space: DEFAULT_SPACE.to_owned(),
@@ -883,7 +954,7 @@ pub async fn herd(hub: &Hub, opts: &HerdOptions, work: &Path) -> Result<HerdRepo
             async move {
                 let mut last = None;
                 for attempt in 0..5u64 {
-                    match open_agent(url, token, held.clone(), i).await {
+                    match open_agent(url, token, held.clone(), i, hub.source_address(i)).await {
                         Ok(s) => return Ok((i, s)),
                         Err(e) => last = Some(e),
                     }

@@ -84,7 +84,7 @@ pub async fn idle_pg(
     let sockets: Vec<_> = futures::stream::iter(0..agents)
         .map(|i| {
             let (ws, token) = (&ws, &hub.agent_token);
-            async move { open_agent(ws, token, holding_nothing(DEFAULT_SPACE), i).await }
+            async move { open_agent(ws, token, holding_nothing(DEFAULT_SPACE), i, None).await }
         })
         .buffer_unordered(200)
         .collect()

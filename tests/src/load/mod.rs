@@ -33,6 +33,7 @@ use anyhow::{Context, Result, bail, ensure};
 use futures::{SinkExt, StreamExt};
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use synchub_protocol::{AgentFrame, Head, HeldSpace, HubFrame, PROTOCOL_VERSION};
@@ -332,6 +333,15 @@ impl Hub {
         format!("{}/api/v1{path}", self.url)
     }
 
+    /// The loopback address the herd's connection `i` comes from when the hub listens on
+    /// 127.0.0.1 (see [`SOURCE_ADDRESSES`]); `None` (the system's choice) for any other hub.
+    pub fn source_address(&self, i: usize) -> Option<IpAddr> {
+        let last = 2 + (i % SOURCE_ADDRESSES) as u8;
+        self.url
+            .starts_with("http://127.0.0.1:")
+            .then_some(IpAddr::from([127, 0, 0, last]))
+    }
+
     /// The hub's resident memory, KiB (`VmRSS`), when its pid is known.
     pub fn rss_kib(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid?)).ok()?;
@@ -386,19 +396,55 @@ fn small_ws_config() -> WebSocketConfig {
         .max_frame_size(Some(1 << 20))
 }
 
-/// One agent socket: bearer token, `hello` saying it holds `held`, then `welcome`.
-async fn open_agent(url: &str, token: &str, held: HeldSpace, id: usize) -> Result<Socket> {
+/// The loopback addresses the herd spreads its connections over (127.0.0.2 and up). From one
+/// address, Linux gives `connect` about 14,000 ports toward one server port (the odd half of
+/// its ephemeral range); 10,000 agent sockets and thousands of HTTP connections fill them, and
+/// each new connection then scans far for a free port: a quarter of the generator's CPU in the
+/// 50-file herd, and more with every run's sockets left in `TIME_WAIT`. A real fleet's PCs each
+/// have an address of their own.
+pub const SOURCE_ADDRESSES: usize = 8;
+
+/// The client id simulated agent `id` says `hello` and reports with: one id per PC, as the
+/// agent keeps it.
+fn client_id(id: usize) -> String {
+    format!("load-{id}")
+}
+
+/// One agent socket, from `from` when given: bearer token, `hello` saying it holds `held`,
+/// then `welcome`.
+async fn open_agent(
+    url: &str,
+    token: &str,
+    held: HeldSpace,
+    id: usize,
+    from: Option<IpAddr>,
+) -> Result<Socket> {
     let mut request = url.into_client_request()?;
     request.headers_mut().insert(
         "authorization",
         HeaderValue::from_str(&format!("Bearer {token}"))?,
     );
-    let (mut socket, _) =
-        tokio_tungstenite::connect_async_with_config(request, Some(small_ws_config()), true)
-            .await?;
+    let config = Some(small_ws_config());
+    let (mut socket, _) = match from {
+        None => tokio_tungstenite::connect_async_with_config(request, config, true).await?,
+        Some(from) => {
+            let to: SocketAddr = request
+                .uri()
+                .authority()
+                .context("a hub URL without host and port")?
+                .as_str()
+                .parse()?;
+            let tcp = tokio::net::TcpSocket::new_v4()?;
+            tcp.bind(SocketAddr::new(from, 0))?;
+            let tcp = tcp.connect(to).await?;
+            tcp.set_nodelay(true)?;
+            let tcp = MaybeTlsStream::Plain(tcp);
+            tokio_tungstenite::client_async_with_config(request, tcp, config).await?
+        }
+    };
     let hello = AgentFrame::Hello {
         protocol: PROTOCOL_VERSION,
-        client_id: format!("load-{id}"),
+        client_id: client_id(id),
         spaces: vec![held],
         agent_version: Some("synchub-load".into()),
         hostname: None,
