@@ -183,7 +183,7 @@ pub struct Limits {
     pub max_unauthenticated_per_address: usize,
     /// Memory for canonical manifests served from memory (deltas get a quarter more).
     pub manifest_cache_bytes: u64,
-    /// Memory for small blobs kept to serve packs from (0: none).
+    /// Memory for small blobs kept to serve packs from, once read or as uploaded (0: none).
     pub hot_blob_cache_bytes: u64,
     /// Largest blob kept there.
     pub hot_blob_max_bytes: u64,

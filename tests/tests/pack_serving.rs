@@ -1,6 +1,6 @@
 //! Packs under a herd: a pack of small and large blobs comes back whole and in order, and the
-//! small blobs, once read and checked, are served from memory (a herd asking for the same
-//! changed files does not read them from disk again).
+//! small blobs, once read and checked (or uploaded through the hub), are served from memory (a
+//! herd asking for the same changed files does not read them from disk or the bucket again).
 
 use anyhow::ensure;
 use synchub_protocol::{BlobList, Sha256Hex, pack};
@@ -105,6 +105,11 @@ async fn a_herd_asking_for_a_new_blob_reads_it_from_the_bucket_once() -> anyhow:
     .await?;
     ensure!(status.is_success(), "commit: {status} {answer}");
     let hash = Sha256Hex::of(&body);
+    // The hub that took the upload keeps the blob in memory (see the test below); a restarted
+    // hub, like a replica that did not take it, must read it from the bucket.
+    let mut hub = hub;
+    hub.stop_keep().await;
+    hub.restart().await?;
 
     // Every ask reaches the hub while the bucket answers nothing, then the bucket answers: the
     // asks overlap as a herd's do.
@@ -132,6 +137,45 @@ async fn a_herd_asking_for_a_new_blob_reads_it_from_the_bucket_once() -> anyhow:
         from_bucket < 3 * body.len() as u64,
         "{ASKS} asks for one {}-byte blob read {from_bucket} bytes from the bucket",
         body.len()
+    );
+    hub.stop().await;
+    Ok(())
+}
+
+/// A publish uploads the new files through the hub, which announces the version right after,
+/// and the fleet then asks for exactly those blobs. The hub keeps a small blob it just stored,
+/// so the herd does not wait for the bucket: here the bucket is cut off after the commit and
+/// the pack still comes whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_blob_uploaded_through_the_hub_is_served_without_the_bucket() -> anyhow::Result<()>
+{
+    use synchub_hub::config::BlobStoreConfig;
+    use synchub_tests::proxy::{Fault, FaultProxy};
+    let mut s3 = synchub_tests::s3::test_bucket().await?;
+    let endpoint = s3.endpoint.clone().expect("moto has an endpoint");
+    let proxy = FaultProxy::start(endpoint.trim_start_matches("http://").parse()?).await?;
+    s3.endpoint = Some(proxy.url());
+    let hub = TestHub::start_with(move |c| c.blob_store = BlobStoreConfig::S3(s3)).await?;
+    let body: Vec<u8> = (0..20_000u32).map(|i| (i % 241) as u8).collect();
+    let base = synchub_tests::fixtures::head(&hub, &hub.admin_token)
+        .await?
+        .version;
+    let (status, answer) = synchub_tests::fixtures::commit(
+        &hub,
+        &hub.admin_token,
+        base,
+        &[("qr/just-published.png", &body)],
+        &[],
+    )
+    .await?;
+    ensure!(status.is_success(), "commit: {status} {answer}");
+
+    proxy.set(Fault::Cut);
+    let hash = Sha256Hex::of(&body);
+    let pack = get_pack(&hub, std::slice::from_ref(&hash)).await?;
+    ensure!(
+        pack.len() == 1 && pack[0].0 == hash && pack[0].1 == body,
+        "the pack of the blob just published came back wrong"
     );
     hub.stop().await;
     Ok(())

@@ -13,8 +13,10 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::BytesMut;
 use futures::{StreamExt, TryStreamExt};
 use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
 use synchub_protocol::{BlobList, MAX_BLOBS_PER_QUERY, Sha256Hex, codes, pack};
 
 fn parse_hash(s: &str) -> ApiResult<Sha256Hex> {
@@ -110,6 +112,11 @@ pub async fn get_blob(
     Ok(response)
 }
 
+fn lock(kept: &Mutex<BytesMut>) -> MutexGuard<'_, BytesMut> {
+    // Only extending a buffer happens under this lock.
+    kept.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A 307 to a presigned URL of the blob store, where the client downloads the bytes itself.
 pub(super) fn presigned_redirect(url: &str) -> ApiResult<Response> {
     let location = HeaderValue::from_str(url)
@@ -147,11 +154,28 @@ pub async fn put_blob(
     let quotas = &state.upload_quota;
     quotas.check(&principal, declared.unwrap_or(0), quota)?;
     let existed = state.blobs.size(&hash).await?.is_some();
-    let stream = body
-        .into_data_stream()
-        .map_err(std::io::Error::other)
-        .boxed();
+    // A blob small enough for the hot cache is kept as it goes to the store: the version it
+    // is part of is announced next and the fleet asks for it within a second, and the first
+    // ask would otherwise read it back from the store (on S3, a round trip to the bucket
+    // while the herd waits). Its declared length bounds it (the body cannot be longer).
+    let kept = declared
+        .filter(|n| state.hot_blobs.takes(*n))
+        .map(|n| Arc::new(Mutex::new(BytesMut::with_capacity(n as usize))));
+    let stream = body.into_data_stream().map_err(std::io::Error::other);
+    let stream = match kept.clone() {
+        Some(kept) => stream
+            .inspect_ok(move |chunk| lock(&kept).extend_from_slice(chunk))
+            .boxed(),
+        None => stream.boxed(),
+    };
     let size = state.blobs.put(&hash, stream, limit).await?;
+    if let Some(kept) = kept {
+        // The store read the whole body and checked its hash.
+        let bytes = std::mem::take(&mut *lock(&kept)).freeze();
+        if bytes.len() as u64 == size {
+            state.hot_blobs.keep_stored(&hash, bytes);
+        }
+    }
     quotas.add(&principal, size);
     state.store.note_upload(&hash, principal.token_id).await?;
     metrics::counter!("synchub_blob_bytes_received_total").increment(size);

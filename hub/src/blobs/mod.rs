@@ -293,6 +293,14 @@ impl HotBlobs {
         self.cache.get(hash).filter(|b| b.len() as u64 == size)
     }
 
+    /// Keeps the bytes of a blob just stored through this hub (the store checked them against
+    /// `hash`), when it is small enough to be kept.
+    pub fn keep_stored(&self, hash: &Sha256Hex, bytes: Bytes) {
+        if self.takes(bytes.len() as u64) {
+            self.put(hash, bytes);
+        }
+    }
+
     /// Keeps bytes already checked against `hash`; returns them.
     fn put(&self, hash: &Sha256Hex, bytes: Bytes) -> Bytes {
         self.cache.insert(hash.clone(), bytes.clone());
