@@ -142,7 +142,10 @@ pub struct CaseStats {
     pub agents: usize,
     /// Agents that held the new version within the case's time limit.
     pub converged: usize,
-    /// From just before the bump to an agent holding the new version (hashes checked).
+    /// The publisher's uploads of the changed files before its commit (not counted below).
+    pub upload_ms: f64,
+    /// From just before the bump (the commit, or the force-sync) to an agent holding the new
+    /// version (hashes checked).
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub last_ms: f64,
@@ -177,6 +180,7 @@ impl HerdReport {
         let mut f = Figures::new();
         for c in &self.cases {
             let k = c.case.name();
+            f.insert(format!("{k}.upload_ms"), c.upload_ms);
             f.insert(format!("{k}.p50_ms"), c.p50_ms);
             f.insert(format!("{k}.p99_ms"), c.p99_ms);
             f.insert(format!("{k}.last_ms"), c.last_ms);
@@ -218,7 +222,8 @@ impl std::fmt::Display for HerdReport {
             write!(
                 f,
                 "\n  {:<11} held {}/{}  p50 {:.0} ms  p99 {:.0} ms  last {:.0} ms  hub CPU {cpu} s  \
-                 load CPU {load} s  {:.1} MB  peak RSS {rss} MiB  429/503 {}  failed {}  reports {}",
+                 load CPU {load} s  {:.1} MB  peak RSS {rss} MiB  429/503 {}  failed {}  reports {}  \
+                 (uploads before the commit {:.0} ms)",
                 c.case.name(),
                 c.converged,
                 c.agents,
@@ -228,7 +233,8 @@ impl std::fmt::Display for HerdReport {
                 c.bytes as f64 / 1e6,
                 c.throttled,
                 c.failed,
-                c.reports
+                c.reports,
+                c.upload_ms
             )?;
         }
         Ok(())
@@ -846,7 +852,9 @@ fn peak_rss_kib(pid: Option<u32>) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// Moves the head for `case`: a commit that gives `changed` files new bytes, or a force-sync.
+/// Moves the head for `case`: a commit that gives `changed` files new bytes (uploaded first,
+/// as a publisher does), or a force-sync. Returns when the bump itself was sent: the herd is
+/// timed from there, since no agent can act on the uploads before the commit.
 async fn bump(
     hub: &Hub,
     api: &HubApi,
@@ -854,8 +862,9 @@ async fn bump(
     current: &Manifest,
     base: u64,
     round: u64,
-) -> Result<()> {
+) -> Result<Instant> {
     if case == HerdCase::Force {
+        let at = Instant::now();
         reqwest::Client::new()
             .post(hub.api(&format!("/spaces/{DEFAULT_SPACE}/force-sync")))
             .bearer_auth(&hub.admin_token)
@@ -864,7 +873,7 @@ async fn bump(
             .send()
             .await?
             .error_for_status()?;
-        return Ok(());
+        return Ok(at);
     }
     let mut puts = Vec::new();
     // Files spread over the set, different ones each round.
@@ -889,8 +898,9 @@ async fn bump(
         deletes: Vec::new(),
         message: Some(format!("synchub-load herd {}", case.name())),
     };
+    let at = Instant::now();
     api.commit(DEFAULT_SPACE, &req).await?;
-    Ok(())
+    Ok(at)
 }
 
 /// Publishes the QR set, connects `agents` simulated agents holding it, and runs each case.
@@ -1032,8 +1042,8 @@ async fn run_cases(
         reset_peak_rss(hub.pid);
         let cpu0 = hub.cpu_secs();
         let load0 = super::proc_cpu_secs(std::process::id());
-        let t0 = Instant::now();
-        bump(hub, &api, case, manifest, base, round as u64)
+        let started = Instant::now();
+        let t0 = bump(hub, &api, case, manifest, base, round as u64)
             .await
             .with_context(|| format!("bumping for {}", case.name()))?;
         let deadline = tokio::time::Instant::now() + opts.case_timeout;
@@ -1066,6 +1076,7 @@ async fn run_cases(
             case,
             agents: n,
             converged: times.len(),
+            upload_ms: t0.duration_since(started).as_secs_f64() * 1000.0,
             p50_ms: percentile(&times, 50.0),
             p99_ms: percentile(&times, 99.0),
             last_ms: times.last().copied().unwrap_or(0.0),
