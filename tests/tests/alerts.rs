@@ -47,6 +47,9 @@ async fn a_failing_pc_is_reported_on_every_sink_and_again_when_it_recovers() -> 
             pc_after_secs: 1,
             ..AlertsConfig::default()
         };
+        // No blobs kept in memory: the hub would otherwise serve the file it was just sent
+        // from there, whatever happens to its disk below.
+        c.limits.hot_blob_cache_bytes = 0;
     })
     .await?;
     let pc = hub.token("pc-cluj-01", Role::Agent, None).await?;
