@@ -3,9 +3,11 @@
 //! herd asking for the same changed files does not read them from disk or the bucket again).
 
 use anyhow::ensure;
+use synchub_hub::config::BlobStoreConfig;
 use synchub_protocol::{BlobList, Sha256Hex, pack};
 use synchub_tests::fixtures::{http, put_blob};
 use synchub_tests::hub::{TestHub, fs_blob_path};
+use synchub_tests::proxy::{Fault, FaultProxy};
 
 /// `POST /blobs/pack`, parsed: each blob's hash and bytes, in the order sent.
 async fn get_pack(
@@ -36,6 +38,27 @@ async fn get_pack(
         rest = &rest[end + 1 + size..];
     }
     Ok(out)
+}
+
+/// A hub whose blobs are in a moto bucket reached through a fault proxy.
+async fn hub_on_s3_behind_a_proxy() -> anyhow::Result<(TestHub, FaultProxy)> {
+    let mut s3 = synchub_tests::s3::test_bucket().await?;
+    let endpoint = s3.endpoint.clone().expect("moto has an endpoint");
+    let proxy = FaultProxy::start(endpoint.trim_start_matches("http://").parse()?).await?;
+    s3.endpoint = Some(proxy.url());
+    let hub = TestHub::start_with(move |c| c.blob_store = BlobStoreConfig::S3(s3)).await?;
+    Ok((hub, proxy))
+}
+
+/// Commits one file as the admin (its blob uploaded through the hub first); its hash.
+async fn commit_one(hub: &TestHub, path: &str, body: &[u8]) -> anyhow::Result<Sha256Hex> {
+    let base = synchub_tests::fixtures::head(hub, &hub.admin_token)
+        .await?
+        .version;
+    let (status, answer) =
+        synchub_tests::fixtures::commit(hub, &hub.admin_token, base, &[(path, body)], &[]).await?;
+    ensure!(status.is_success(), "commit: {status} {answer}");
+    Ok(Sha256Hex::of(body))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,35 +102,15 @@ async fn a_pack_comes_whole_and_small_blobs_are_served_from_memory() -> anyhow::
 /// through a proxy: about one blob's worth, not one per ask.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_herd_asking_for_a_new_blob_reads_it_from_the_bucket_once() -> anyhow::Result<()> {
-    use synchub_hub::config::BlobStoreConfig;
-    use synchub_tests::proxy::{Fault, FaultProxy};
     const ASKS: usize = 40;
-    let mut s3 = synchub_tests::s3::test_bucket().await?;
-    let endpoint = s3.endpoint.clone().expect("moto has an endpoint");
-    let target = endpoint.trim_start_matches("http://").parse()?;
-    let proxy = FaultProxy::start(target).await?;
-    s3.endpoint = Some(proxy.url());
-    let hub = TestHub::start_with(move |c| c.blob_store = BlobStoreConfig::S3(s3)).await?;
     // 60 KB: under the 64 KiB of a hot blob, large beside the requests' own bytes.
     let body: Vec<u8> = (0..60_000u32)
         .map(|i| (i.wrapping_mul(7919) % 251) as u8)
         .collect();
-    let base = synchub_tests::fixtures::head(&hub, &hub.admin_token)
-        .await?
-        .version;
-    let (status, answer) = synchub_tests::fixtures::commit(
-        &hub,
-        &hub.admin_token,
-        base,
-        &[("qr/new.png", &body)],
-        &[],
-    )
-    .await?;
-    ensure!(status.is_success(), "commit: {status} {answer}");
-    let hash = Sha256Hex::of(&body);
+    let (mut hub, proxy) = hub_on_s3_behind_a_proxy().await?;
+    let hash = commit_one(&hub, "qr/new.png", &body).await?;
     // The hub that took the upload keeps the blob in memory (see the test below); a restarted
     // hub, like a replica that did not take it, must read it from the bucket.
-    let mut hub = hub;
     hub.stop_keep().await;
     hub.restart().await?;
 
@@ -149,29 +152,11 @@ async fn a_herd_asking_for_a_new_blob_reads_it_from_the_bucket_once() -> anyhow:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_blob_uploaded_through_the_hub_is_served_without_the_bucket() -> anyhow::Result<()>
 {
-    use synchub_hub::config::BlobStoreConfig;
-    use synchub_tests::proxy::{Fault, FaultProxy};
-    let mut s3 = synchub_tests::s3::test_bucket().await?;
-    let endpoint = s3.endpoint.clone().expect("moto has an endpoint");
-    let proxy = FaultProxy::start(endpoint.trim_start_matches("http://").parse()?).await?;
-    s3.endpoint = Some(proxy.url());
-    let hub = TestHub::start_with(move |c| c.blob_store = BlobStoreConfig::S3(s3)).await?;
     let body: Vec<u8> = (0..20_000u32).map(|i| (i % 241) as u8).collect();
-    let base = synchub_tests::fixtures::head(&hub, &hub.admin_token)
-        .await?
-        .version;
-    let (status, answer) = synchub_tests::fixtures::commit(
-        &hub,
-        &hub.admin_token,
-        base,
-        &[("qr/just-published.png", &body)],
-        &[],
-    )
-    .await?;
-    ensure!(status.is_success(), "commit: {status} {answer}");
+    let (hub, proxy) = hub_on_s3_behind_a_proxy().await?;
+    let hash = commit_one(&hub, "qr/just-published.png", &body).await?;
 
     proxy.set(Fault::Cut);
-    let hash = Sha256Hex::of(&body);
     let pack = get_pack(&hub, std::slice::from_ref(&hash)).await?;
     ensure!(
         pack.len() == 1 && pack[0].0 == hash && pack[0].1 == body,
