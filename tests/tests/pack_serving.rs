@@ -95,6 +95,39 @@ async fn a_pack_comes_whole_and_small_blobs_are_served_from_memory() -> anyhow::
     Ok(())
 }
 
+/// A pack answer says how long it is (`Content-Length`), as a download of known size should: the
+/// download slot it holds used to hide the size, and every pack went out chunked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pack_says_its_length() -> anyhow::Result<()> {
+    let hub = TestHub::start().await?;
+    let mut hashes = Vec::new();
+    for body in [&b"{\"a\":1}"[..], b"{\"b\":2}"] {
+        hashes.push(put_blob(&hub, &hub.admin_token, body).await?);
+    }
+    let resp = http()
+        .post(hub.api("/blobs/pack"))
+        .bearer_auth(&hub.admin_token)
+        .header("accept-encoding", "identity")
+        .json(&BlobList { sha256: hashes })
+        .send()
+        .await?;
+    ensure!(resp.status().is_success(), "pack: {}", resp.status());
+    let declared = resp
+        .headers()
+        .get("content-length")
+        .map(|v| v.to_str().unwrap_or_default().to_owned());
+    let chunked = resp.headers().contains_key("transfer-encoding");
+    let body = resp.bytes().await?;
+    assert_eq!(
+        declared,
+        Some(body.len().to_string()),
+        "a pack of {} bytes without its length (chunked: {chunked})",
+        body.len()
+    );
+    hub.stop().await;
+    Ok(())
+}
+
 /// A herd after a bump asks for the same new blob many times at once. With the blobs in an
 /// object store, each of those asks used to be its own read from the store (a thousand agents:
 /// a thousand GETs of one blob, and moto or a real bucket's rate limit falling over); now the
