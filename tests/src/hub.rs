@@ -107,16 +107,21 @@ impl TestHub {
         format!("{}/api/v1{path}", self.url)
     }
 
-    /// `GET /sync-log?{query}` as the admin: the stored sync reports, newest first.
-    pub async fn sync_log(&self, query: &str) -> anyhow::Result<Vec<SyncLogEntry>> {
+    /// `GET /api/v1{path}` as the admin, its JSON answer (an error status is an error).
+    pub async fn admin_get<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         Ok(reqwest::Client::new()
-            .get(self.api(&format!("/sync-log?{query}")))
+            .get(self.api(path))
             .bearer_auth(&self.admin_token)
             .send()
             .await?
             .error_for_status()?
             .json()
             .await?)
+    }
+
+    /// `GET /sync-log?{query}` as the admin: the stored sync reports, newest first.
+    pub async fn sync_log(&self, query: &str) -> anyhow::Result<Vec<SyncLogEntry>> {
+        self.admin_get(&format!("/sync-log?{query}")).await
     }
 
     /// Creates a token directly in the store and makes the running hub know it at once.

@@ -190,13 +190,8 @@ async fn a_held_mass_change_is_rejected_then_approved_from_the_page() -> anyhow:
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let versions: Vec<VersionInfo> = http()
-        .get(hub.api(&format!("/spaces/{DEFAULT_SPACE}/versions?limit=1")))
-        .bearer_auth(&hub.admin_token)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
+    let versions: Vec<VersionInfo> = hub
+        .admin_get(&format!("/spaces/{DEFAULT_SPACE}/versions?limit=1"))
         .await?;
     let newest = versions.first().context("no versions")?;
     ensure!(

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use synchub_protocol::{AgentFrame, AgentState, DEFAULT_SPACE, FleetView, Role};
 use synchub_tests::backend_matrix;
 use synchub_tests::browser::Browser;
-use synchub_tests::fixtures::{self, commit, http};
+use synchub_tests::fixtures::{self, commit};
 use synchub_tests::hub::{Backend, TestHub, WsAgent};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -58,14 +58,8 @@ async fn status(a: &mut WsAgent, state: AgentState) -> anyhow::Result<()> {
 }
 
 async fn fleet(hub: &TestHub) -> anyhow::Result<FleetView> {
-    Ok(http()
-        .get(hub.api(&format!("/fleet?space={DEFAULT_SPACE}")))
-        .bearer_auth(&hub.admin_token)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?)
+    hub.admin_get(&format!("/fleet?space={DEFAULT_SPACE}"))
+        .await
 }
 
 /// Waits until `done` holds for the fleet view; the last view otherwise.
