@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use synchub_protocol::{DEFAULT_SPACE, HeldRecord, Role, VersionInfo};
 use synchub_tests::browser::Browser;
-use synchub_tests::fixtures::{self, agent_config, commit, http};
+use synchub_tests::fixtures::{self, agent_config, commit};
 use synchub_tests::hub::TestHub;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -41,14 +41,7 @@ async fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> anyhow::Resul
 }
 
 async fn held(hub: &TestHub) -> anyhow::Result<Vec<HeldRecord>> {
-    Ok(http()
-        .get(hub.api("/held"))
-        .bearer_auth(&hub.admin_token)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?)
+    hub.admin_get("/held").await
 }
 
 /// Deletes the first [`DELETED`] files and waits until the hub lists the held change.
