@@ -95,6 +95,36 @@ async fn a_pack_comes_whole_and_small_blobs_are_served_from_memory() -> anyhow::
     Ok(())
 }
 
+/// Bytes uploaded under a hash they do not have are refused, and the hub keeps nothing of them:
+/// the herd after the next bump still gets the blob's real bytes, not the upload's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_uploaded_under_another_hash_are_not_served() -> anyhow::Result<()> {
+    let mut hub = TestHub::start().await?;
+    let (real, fake) = (&b"{\"elevi\": 28}"[..], &b"{\"elevi\": 99}"[..]);
+    let hash = commit_one(&hub, "elevi.json", real).await?;
+    // A restarted hub has nothing in memory: only the upload below could put something there.
+    hub.stop_keep().await;
+    hub.restart().await?;
+    let resp = http()
+        .put(hub.api(&format!("/blobs/{hash}")))
+        .bearer_auth(&hub.admin_token)
+        .body(fake)
+        .send()
+        .await?;
+    assert!(
+        resp.status().is_client_error(),
+        "an upload under another hash answered {}",
+        resp.status()
+    );
+    let pack = get_pack(&hub, std::slice::from_ref(&hash)).await?;
+    assert!(
+        pack.len() == 1 && pack[0].1 == real,
+        "the pack served other bytes"
+    );
+    hub.stop().await;
+    Ok(())
+}
+
 /// A pack answer says how long it is (`Content-Length`), as a download of known size should: the
 /// download slot it holds used to hide the size, and every pack went out chunked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
