@@ -183,8 +183,18 @@ async fn herd_smoke(
     };
     let report = load::herd(&hub, &opts, work.path()).await;
     let tail = hub.log_tail();
+    let logged = sync_log_client_ids(&hub).await;
     hub.stop().await;
     let report = report.map_err(|e| e.context(format!("hub log: {tail}")))?;
+    // Each agent reports under the id its socket said `hello` with, as the agent does (a
+    // report under an id the hub has not bound costs it a database lookup in the rush).
+    let hello: std::collections::BTreeSet<String> = (0..agents).map(load::client_id).collect();
+    let logged = logged?;
+    assert!(
+        !logged.is_empty() && logged.is_subset(&hello),
+        "reports under ids no socket said hello with: {:?}",
+        logged.difference(&hello).take(3).collect::<Vec<_>>()
+    );
     println!("{report}");
     assert_eq!(report.set_files, 508, "the QR set");
     assert_eq!(report.cases.len(), 3);
@@ -216,6 +226,22 @@ async fn herd_smoke(
         "50 changed files: {fifty:?}"
     );
     Ok(())
+}
+
+/// The client ids of the hub's `sync_log` rows.
+async fn sync_log_client_ids(hub: &Hub) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    let rows: Vec<synchub_protocol::SyncLogEntry> = reqwest::Client::new()
+        .get(hub.api("/sync-log?limit=1000"))
+        .bearer_auth(&hub.admin_token)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| r.client_id.unwrap_or_default())
+        .collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

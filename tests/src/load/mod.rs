@@ -406,7 +406,7 @@ pub const SOURCE_ADDRESSES: usize = 8;
 
 /// The client id simulated agent `id` says `hello` and reports with: one id per PC, as the
 /// agent keeps it.
-fn client_id(id: usize) -> String {
+pub fn client_id(id: usize) -> String {
     format!("load-{id}")
 }
 
