@@ -24,7 +24,6 @@ use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
 use axum::http::HeaderValue;
 use bytes::Bytes;
 use futures::stream::SplitSink;
-use metrics::Histogram;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -46,10 +45,12 @@ pub struct Published {
     pub etag: HeaderValue,
     /// When the hub learned of it, for the fan-out latency metric.
     pub since: Instant,
+    /// The space's number, the same for every head of the space (see [`Heads::key`]).
+    pub key: u32,
 }
 
 impl Published {
-    fn new(head: Head, spread: Spread, delta: Option<&FrameDelta>) -> Self {
+    fn new(head: Head, key: u32, spread: Spread, delta: Option<&FrameDelta>) -> Self {
         let frame = synchub_protocol::sync_required_frame(&head, spread, delta)
             .expect("a head always serializes");
         let json = serde_json::to_vec(&head).expect("a head always serializes");
@@ -76,6 +77,7 @@ impl Published {
             json: json.into(),
             etag,
             since: Instant::now(),
+            key,
         }
     }
 }
@@ -161,6 +163,9 @@ pub struct Heads {
     tx: watch::Sender<Snapshot>,
     registry: Arc<Registry>,
     spread: SpreadPolicy,
+    /// A number per space name, given once and kept: the fan-out compares a socket's spaces
+    /// with the bump's by number, without reading each socket's copy of the name.
+    keys: Mutex<HashMap<String, u32>>,
 }
 
 impl Default for Heads {
@@ -176,7 +181,19 @@ impl Heads {
             tx: watch::Sender::new(Arc::new(BTreeMap::new())),
             registry: Arc::default(),
             spread,
+            keys: Mutex::default(),
         }
+    }
+
+    /// The number of `space` (see [`Published::key`]): one per name a head was published for.
+    fn key(&self, space: &str) -> u32 {
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&key) = keys.get(space) {
+            return key;
+        }
+        let key = keys.len() as u32;
+        keys.insert(space.to_owned(), key);
+        key
     }
 
     /// Makes `head` current if it is newer than what its space has; returns whether it was.
@@ -208,6 +225,7 @@ impl Heads {
 
     fn put(&self, head: Head, read_from: Option<&Snapshot>, carried: Option<Carried>) -> bool {
         let space = head.space.clone();
+        let key = self.key(&space);
         let mut head = Some(head);
         let sent = self.tx.send_if_modified(|snapshot| {
             // Decided under the channel's lock: two publishers may race.
@@ -229,7 +247,8 @@ impl Heads {
                 _ => self.spread.hint(&next, self.registry.followers(&space)),
             };
             let mut heads = BTreeMap::clone(snapshot);
-            let published = Published::new(next, spread, carried.as_ref().map(|c| &c.delta));
+            let delta = carried.as_ref().map(|c| &c.delta);
+            let published = Published::new(next, key, spread, delta);
             heads.insert(space.clone(), Arc::new(published));
             *snapshot = Arc::new(heads);
             true
@@ -300,6 +319,8 @@ pub type SocketSink = SplitSink<WebSocket, Message>;
 #[derive(Clone, Debug)]
 pub struct Sent {
     pub space: String,
+    /// The space's [`Published::key`].
+    pub key: u32,
     pub version: u64,
     /// A head of a new epoch goes out even when its version is lower (a restored database).
     pub epoch: u64,
@@ -308,9 +329,12 @@ pub struct Sent {
 impl Sent {
     /// The frame to send when `snapshot` holds a head of this space the socket has not had.
     fn newer<'a>(&self, snapshot: &'a Snapshot) -> Option<&'a Arc<Published>> {
-        snapshot
-            .get(&self.space)
-            .filter(|p| p.head.version > self.version || p.head.epoch != self.epoch)
+        snapshot.get(&self.space).filter(|p| self.behind(p))
+    }
+
+    /// Whether `p` is a head of this space the socket has not had.
+    fn behind(&self, p: &Published) -> bool {
+        p.head.version > self.version || p.head.epoch != self.epoch
     }
 }
 
@@ -392,11 +416,17 @@ impl FanoutSocket {
         self.lock().sent.iter().any(|s| s.space == space)
     }
 
-    /// Writes the encoded frames of the newer heads of `snapshot` to the connection's raw side
-    /// without waiting: true when they are all in the kernel's buffer, false when the socket
-    /// task must send or finish them (it is writing, a frame went in only in part, a write
-    /// that would block, an error it will see itself, or a connection without a raw side).
-    fn write_inline(&self, snapshot: &Snapshot, cx: &mut Context<'_>, fanout: &Histogram) -> bool {
+    /// Writes the encoded frames of the newer of `heads` (a snapshot's) to the connection's raw
+    /// side without waiting, counting each written in `written` (by its place in `heads`):
+    /// true when they are all in the kernel's buffer, false when the socket task must send or
+    /// finish them (it is writing, a frame went in only in part, a write that would block, an
+    /// error it will see itself, or a connection without a raw side).
+    fn write_inline(
+        &self,
+        heads: &[Arc<Published>],
+        cx: &mut Context<'_>,
+        written: &mut [usize],
+    ) -> bool {
         let mut out = self.lock();
         let Outgoing {
             sink,
@@ -408,16 +438,20 @@ impl FanoutSocket {
             return false;
         };
         for s in sent.iter_mut() {
-            let Some(p) = s.newer(snapshot) else {
+            // By number: the name is a heap read per socket, the number is in hand.
+            let Some((i, p)) = heads.iter().enumerate().find(|(_, p)| p.key == s.key) else {
                 continue;
             };
+            if !s.behind(p) {
+                continue;
+            }
             let wrote = raw.try_write(&p.encoded, cx);
             if wrote == RawWrite::NotNow {
                 return false;
             }
             s.version = p.head.version;
             s.epoch = p.head.epoch;
-            fanout.record(p.since.elapsed().as_secs_f64());
+            written[i] += 1;
             if wrote == RawWrite::Started {
                 // Committed; the socket task finishes it with a flush.
                 *unflushed = true;
@@ -500,16 +534,26 @@ const FANOUT_BATCH: usize = 512;
 /// serialized once, and no task woken unless its write cannot complete at once.
 async fn fan_out(sockets: Vec<Arc<FanoutSocket>>, snapshot: Snapshot) {
     let fanout = metrics::histogram!("synchub_fanout_seconds");
+    let heads: Vec<Arc<Published>> = snapshot.values().cloned().collect();
+    // Frames written per head in the current batch: the latency is recorded once per batch
+    // (as of its end), not per socket, which would share one counter between the cores.
+    let mut written = vec![0usize; heads.len()];
     let mut inline = 0u64;
     for batch in sockets.chunks(FANOUT_BATCH) {
         {
             let mut cx = Context::from_waker(Waker::noop());
             for socket in batch {
-                if socket.write_inline(&snapshot, &mut cx, &fanout) {
+                if socket.write_inline(&heads, &mut cx, &mut written) {
                     inline += 1;
                 } else {
                     socket.wake.notify_one();
                 }
+            }
+        }
+        for (p, n) in heads.iter().zip(&mut written) {
+            if *n > 0 {
+                fanout.record_many(p.since.elapsed().as_secs_f64(), *n);
+                *n = 0;
             }
         }
         tokio::task::yield_now().await;

@@ -21,7 +21,7 @@
 //! Each connection's task stops on shutdown after its request in flight (WebSockets are closed
 //! by their own tasks, which watch the same shutdown).
 
-use crate::shared_io::SharedIo;
+use crate::shared_io::{PlainTcp, SharedIo};
 use axum::Router;
 use axum::extract::ConnectInfo;
 use axum::response::IntoResponse;
@@ -252,7 +252,7 @@ async fn serve_connection<S>(
     limits: ConnectionLimits,
     shutdown: CancellationToken,
 ) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + PlainTcp + Unpin + Send + 'static,
 {
     // Under TLS too: the deadline is on the socket's writes, whatever is written through it.
     let mut stream = TimeoutStream::new(stream);

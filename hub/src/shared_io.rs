@@ -8,7 +8,10 @@
 //! always offers its whole buffer, so it then holds nothing) and no earlier raw frame is left.
 //! A raw frame the kernel takes only part of is kept here and written first by the next write
 //! or flush of the layer above, so frames never interleave. Under TLS the stream is the TLS
-//! stream: a raw frame is encrypted like any other write.
+//! stream: a raw frame is encrypted like any other write. On a plain TCP connection the raw
+//! frame goes to the socket with one `send`, past the layers in between (the write deadline,
+//! tokio's readiness): a full kernel buffer answers "would block" and the frame is left to
+//! the connection's task, whose own write then waits for room as usual.
 
 use bytes::Bytes;
 use std::io;
@@ -27,6 +30,42 @@ pub enum RawWrite {
     Started,
     /// Nothing was written: the connection's own task must send the frame.
     NotNow,
+}
+
+/// A stream that may be a plain TCP socket underneath, for the raw side's direct `send`.
+pub trait PlainTcp {
+    /// The TCP socket the stream's bytes go to as they are, if they do (not under TLS).
+    fn plain_tcp(&self) -> Option<&tokio::net::TcpStream>;
+}
+
+impl PlainTcp for tokio::net::TcpStream {
+    fn plain_tcp(&self) -> Option<&tokio::net::TcpStream> {
+        Some(self)
+    }
+}
+
+impl<S> PlainTcp for tokio_rustls::server::TlsStream<S> {
+    fn plain_tcp(&self) -> Option<&tokio::net::TcpStream> {
+        None
+    }
+}
+
+impl PlainTcp for tokio::io::DuplexStream {
+    fn plain_tcp(&self) -> Option<&tokio::net::TcpStream> {
+        None
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + PlainTcp> PlainTcp for tokio_io_timeout::TimeoutStream<S> {
+    fn plain_tcp(&self) -> Option<&tokio::net::TcpStream> {
+        self.get_ref().plain_tcp()
+    }
+}
+
+impl<S: PlainTcp + ?Sized> PlainTcp for Pin<Box<S>> {
+    fn plain_tcp(&self) -> Option<&tokio::net::TcpStream> {
+        self.as_ref().get_ref().plain_tcp()
+    }
 }
 
 /// The fan-out's handle on a connection (see the module comment).
@@ -85,7 +124,7 @@ impl<S> SharedIo<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin + Send + 'static> SharedIo<S> {
+impl<S: AsyncWrite + PlainTcp + Unpin + Send + 'static> SharedIo<S> {
     pub fn raw(&self) -> RawConnection {
         RawConnection(Arc::new(Raw(self.shared.clone())))
     }
@@ -155,11 +194,23 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SharedIo<S> {
 
 struct Raw<S>(Arc<Mutex<State<S>>>);
 
-impl<S: AsyncWrite + Unpin + Send> RawFrames for Raw<S> {
+impl<S: AsyncWrite + PlainTcp + Unpin + Send> RawFrames for Raw<S> {
     fn try_write(&self, frame: &Bytes, cx: &mut Context<'_>) -> RawWrite {
         let mut st = lock(&self.0);
         if st.above_unfinished || st.unflushed || !st.pending.is_empty() {
             return RawWrite::NotNow;
+        }
+        if let Some(tcp) = st.stream.plain_tcp() {
+            // Nothing to flush after a plain socket's write.
+            return match socket2::SockRef::from(tcp).send(frame) {
+                Ok(n) if n == frame.len() => RawWrite::Written,
+                Ok(n) if n > 0 => {
+                    st.pending = frame.slice(n..);
+                    RawWrite::Started
+                }
+                // Would block (or an error the connection's task will meet itself).
+                _ => RawWrite::NotNow,
+            };
         }
         match Pin::new(&mut st.stream).poll_write(cx, frame) {
             Poll::Ready(Ok(n)) if n == frame.len() => {}
@@ -235,6 +286,63 @@ mod tests {
             RawWrite::Written
         );
         assert_eq!(reader.await.unwrap(), b"raw-12-bytesabove|x");
+    }
+
+    /// A plain TCP connection as the hub's accept loop wraps it.
+    async fn tcp_pair() -> (
+        SharedIo<Pin<Box<tokio_io_timeout::TimeoutStream<tokio::net::TcpStream>>>>,
+        tokio::net::TcpStream,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let far = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (far, near) = tokio::join!(far, listener.accept());
+        let near = tokio_io_timeout::TimeoutStream::new(near.unwrap().0);
+        (SharedIo::new(Box::pin(near)), far.unwrap())
+    }
+
+    #[tokio::test]
+    async fn on_a_plain_tcp_connection_raw_frames_go_straight_to_the_socket_in_their_place() {
+        let (mut io, mut far) = tcp_pair().await;
+        assert!(
+            io.lock().stream.plain_tcp().is_some(),
+            "the socket is found under the write deadline's layer"
+        );
+        let raw = io.raw();
+        io.write_all(b"above-1|").await.unwrap();
+        assert_eq!(
+            raw.0.try_write(&Bytes::from_static(b"raw|"), &mut cx()),
+            RawWrite::Written
+        );
+        io.write_all(b"above-2|").await.unwrap();
+        let mut got = vec![0; 20];
+        far.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"above-1|raw|above-2|");
+
+        // Raw frames until the kernel's buffers are full (nobody reads): the last one goes in
+        // part or not at all, and what the layer above writes next comes after all of it.
+        let frame = Bytes::from(vec![b'r'; 64 * 1024]);
+        let mut whole = 0usize;
+        let last = loop {
+            match raw.0.try_write(&frame, &mut cx()) {
+                RawWrite::Written => whole += 1,
+                other => break other,
+            }
+            assert!(whole < 10_000, "the socket never filled");
+        };
+        let started = usize::from(last == RawWrite::Started);
+        assert!(whole > 0);
+        let reader = tokio::spawn(async move {
+            let mut all = Vec::new();
+            far.read_to_end(&mut all).await.unwrap();
+            all
+        });
+        io.write_all(b"|after").await.unwrap();
+        io.shutdown().await.unwrap();
+        let all = reader.await.unwrap();
+        let raw_len = (whole + started) * frame.len();
+        assert_eq!(all.len(), raw_len + 6, "every byte once");
+        assert!(all[..raw_len].iter().all(|b| *b == b'r'));
+        assert_eq!(&all[raw_len..], b"|after");
     }
 
     #[tokio::test]

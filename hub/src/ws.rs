@@ -357,6 +357,7 @@ fn first_heads(
         if !sent.iter().any(|s| s.space == p.head.space) {
             sent.push(Sent {
                 space: p.head.space.clone(),
+                key: p.key,
                 version: p.head.version,
                 epoch: p.head.epoch,
             });
