@@ -329,6 +329,46 @@ async fn write_loop_floor() {
     assert!(r.frame_bytes > 100, "{r:?}");
 }
 
+/// The interleaved comparison at a small size: the three servers one after the other in the
+/// order of the run's turn, every socket of each getting every frame, and the ratios of the
+/// hub's times to the others'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_interleaved() {
+    let opts = load::PeersOptions {
+        fanout: load::FanoutOptions {
+            connections: 50,
+            rounds: 2,
+            connect_concurrency: 20,
+            kinds: vec![BumpKind::Force],
+            ..Default::default()
+        },
+        nchan_workers: 1,
+        me: env!("CARGO_BIN_EXE_synchub-load").into(),
+        turn: 2,
+    };
+    let r = load::peers(&spawn_options(false), &opts).await.unwrap();
+    println!("{r}");
+    assert_eq!(
+        r.order,
+        ["floor", "hub", "nchan"],
+        "the third run starts with the floor"
+    );
+    assert_eq!(r.hub.bumps.len(), 1, "force-syncs only");
+    assert_eq!(r.hub.bumps[0].delivered, 100, "{r}");
+    assert_eq!(r.nchan.missing, 0, "{r}");
+    assert_eq!(r.floor.connections, 50, "{r}");
+    let f = r.figures();
+    let hub_last = f["hub.force.last_ms"];
+    for peer in ["nchan", "floor"] {
+        let ratio = f[&format!("ratio.hub_last_over_{peer}")];
+        let expected = hub_last / f[&format!("{peer}.last_ms")];
+        assert!(
+            (ratio - expected).abs() < 1e-9,
+            "{peer}: {ratio} against {expected}"
+        );
+    }
+}
+
 /// The old way at a small size: every client reads every file of the QR set from PostgreSQL,
 /// each file's hash checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

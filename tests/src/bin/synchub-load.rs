@@ -73,6 +73,10 @@ enum Scenario {
     /// The fan-out's peer: nginx with the nchan module (started here, on loopback), N
     /// WebSocket subscribers on one channel, one HTTP publish per round.
     Nchan(NchanArgs),
+    /// The hub's fan-out, nginx+nchan and the write-loop floor, interleaved: each run measures
+    /// the three one after the other (the order turning with each run) and reports the hub's
+    /// CPU per frame and time to the last socket over theirs.
+    Peers(PeersArgs),
     /// The floor's server side, started by `floor`.
     #[command(hide = true)]
     WriteLoopServer {
@@ -205,6 +209,19 @@ struct NchanArgs {
     #[arg(long, short = 'n', value_delimiter = ',', default_value = "1000")]
     connections: Vec<usize>,
     /// Publishes per run.
+    #[arg(long, short = 'r', default_value_t = 3)]
+    rounds: usize,
+    /// nginx worker processes.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+}
+
+#[derive(Args, Debug)]
+struct PeersArgs {
+    /// Sockets for each of the three (repeat or comma-separate for several sizes).
+    #[arg(long, short = 'n', value_delimiter = ',', default_value = "1000")]
+    connections: Vec<usize>,
+    /// Force-syncs, publishes and write loops per server and run.
     #[arg(long, short = 'r', default_value_t = 3)]
     rounds: usize,
     /// nginx worker processes.
@@ -656,6 +673,38 @@ async fn run(cli: Cli) -> Result<()> {
                     ),
                     |_| load::nchan_fanout(&opts),
                     load::NchanReport::figures,
+                )
+                .await?;
+            }
+        }
+        Scenario::Peers(a) => {
+            let me = std::env::current_exe()?;
+            let spawn = spawn_options(&common)?;
+            for &n in &a.connections {
+                let fanout = load::FanoutOptions {
+                    connections: n,
+                    rounds: a.rounds,
+                    kinds: vec![BumpKind::Force],
+                    ..Default::default()
+                };
+                repeat(
+                    &common,
+                    format!(
+                        "fan-out peers {n} sockets x {} rounds: hub, nginx+nchan ({} worker(s)), \
+                         write-loop floor, interleaved",
+                        a.rounds, a.workers
+                    ),
+                    |turn| {
+                        let opts = load::PeersOptions {
+                            fanout: fanout.clone(),
+                            nchan_workers: a.workers,
+                            me: me.clone(),
+                            turn,
+                        };
+                        let spawn = spawn.clone();
+                        async move { load::peers(&spawn, &opts).await }
+                    },
+                    load::PeersReport::figures,
                 )
                 .await?;
             }

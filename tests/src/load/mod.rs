@@ -19,6 +19,7 @@ mod floor;
 mod herd;
 mod idle_pg;
 mod nchan;
+mod peers;
 
 pub use download::*;
 pub use fallback::*;
@@ -27,6 +28,7 @@ pub use floor::*;
 pub use herd::*;
 pub use idle_pg::*;
 pub use nchan::*;
+pub use peers::*;
 
 use crate::postgres::PgCluster;
 use anyhow::{Context, Result, bail, ensure};
