@@ -599,6 +599,19 @@ mod tests {
     }
 
     #[test]
+    fn every_space_keeps_its_own_number_across_its_heads() {
+        let heads = Heads::default();
+        assert!(heads.publish(head("a", 1)));
+        assert!(heads.publish(head("b", 1)));
+        let (a, b) = (heads.get("a").unwrap().key, heads.get("b").unwrap().key);
+        assert_ne!(a, b, "the fan-out tells spaces apart by number");
+        assert!(heads.publish(head("a", 2)));
+        assert!(heads.publish(head("b", 5)));
+        assert_eq!(heads.get("a").unwrap().key, a);
+        assert_eq!(heads.get("b").unwrap().key, b);
+    }
+
+    #[test]
     fn an_authoritative_read_replaces_a_newer_head_in_a_new_epoch() {
         let heads = Heads::default();
         assert!(heads.publish(head("a", 12)));
