@@ -45,7 +45,8 @@ pub struct Published {
     pub etag: HeaderValue,
     /// When the hub learned of it, for the fan-out latency metric.
     pub since: Instant,
-    /// The space's number, the same for every head of the space (see [`Heads::key`]).
+    /// The space's number, the same for every head of the space: the fan-out compares it,
+    /// not the name.
     pub key: u32,
 }
 
