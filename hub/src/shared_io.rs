@@ -241,10 +241,12 @@ mod tests {
         Context::from_waker(Waker::noop())
     }
 
-    #[tokio::test]
-    async fn a_raw_frame_goes_between_the_writes_of_the_layer_above() {
-        let (near, mut far) = tokio::io::duplex(64);
-        let mut io = SharedIo::new(near);
+    /// Writes of the layer above with a raw frame between them arrive in that order.
+    async fn assert_raw_frame_between_writes<S, R>(io: &mut SharedIo<S>, far: &mut R)
+    where
+        S: AsyncWrite + PlainTcp + Unpin + Send + 'static,
+        R: AsyncReadExt + Unpin,
+    {
         let raw = io.raw();
         io.write_all(b"above-1|").await.unwrap();
         assert_eq!(
@@ -255,6 +257,12 @@ mod tests {
         let mut got = vec![0; 20];
         far.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"above-1|raw|above-2|");
+    }
+
+    #[tokio::test]
+    async fn a_raw_frame_goes_between_the_writes_of_the_layer_above() {
+        let (near, mut far) = tokio::io::duplex(64);
+        assert_raw_frame_between_writes(&mut SharedIo::new(near), &mut far).await;
     }
 
     #[tokio::test]
@@ -307,19 +315,11 @@ mod tests {
             io.lock().stream.plain_tcp().is_some(),
             "the socket is found under the write deadline's layer"
         );
-        let raw = io.raw();
-        io.write_all(b"above-1|").await.unwrap();
-        assert_eq!(
-            raw.0.try_write(&Bytes::from_static(b"raw|"), &mut cx()),
-            RawWrite::Written
-        );
-        io.write_all(b"above-2|").await.unwrap();
-        let mut got = vec![0; 20];
-        far.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"above-1|raw|above-2|");
+        assert_raw_frame_between_writes(&mut io, &mut far).await;
 
         // Raw frames until the kernel's buffers are full (nobody reads): the last one goes in
         // part or not at all, and what the layer above writes next comes after all of it.
+        let raw = io.raw();
         let frame = Bytes::from(vec![b'r'; 64 * 1024]);
         let mut whole = 0usize;
         let last = loop {
