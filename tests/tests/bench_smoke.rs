@@ -230,14 +230,7 @@ async fn herd_smoke(
 
 /// The client ids of the hub's `sync_log` rows.
 async fn sync_log_client_ids(hub: &Hub) -> anyhow::Result<std::collections::BTreeSet<String>> {
-    let rows: Vec<synchub_protocol::SyncLogEntry> = reqwest::Client::new()
-        .get(hub.api("/sync-log?limit=1000"))
-        .bearer_auth(&hub.admin_token)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
+    let rows: Vec<synchub_protocol::SyncLogEntry> = hub.admin_get("/sync-log?limit=1000").await?;
     Ok(rows
         .into_iter()
         .map(|r| r.client_id.unwrap_or_default())

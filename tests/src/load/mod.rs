@@ -360,8 +360,13 @@ impl Hub {
 
     /// The head of `space`, read over HTTP.
     pub async fn head(&self, space: &str) -> Result<Head> {
+        self.admin_get(&format!("/spaces/{space}/head")).await
+    }
+
+    /// An admin's `GET` of `path` (under the API prefix), its JSON answer decoded.
+    pub async fn admin_get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
         let r = reqwest::Client::new()
-            .get(self.api(&format!("/spaces/{space}/head")))
+            .get(self.api(path))
             .bearer_auth(&self.admin_token)
             .send()
             .await?
