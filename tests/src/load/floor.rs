@@ -54,7 +54,7 @@ pub fn sync_required_frame() -> Vec<u8> {
 /// `connections` connections, then for every line `go` on stdin writes the frame to each
 /// connection in turn and prints `done <connections that took it whole>`; ends at EOF.
 pub fn write_loop_server(connections: usize) -> Result<()> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let listener = listen_loopback()?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "PORT {}", listener.local_addr()?.port())?;
     out.flush()?;
@@ -82,6 +82,20 @@ pub fn write_loop_server(connections: usize) -> Result<()> {
         out.flush()?;
     }
     Ok(())
+}
+
+/// Pending connections a listener holds: nginx's in the nchan peer, as the hub's default.
+/// std's `TcpListener::bind` holds 128; 10,000 connections at 200 at a time overflowed it
+/// (`ListenOverflows` in `nstat`), and with SYN cookies a handshake the client took as done
+/// was never accepted, so the server waited for it and the run failed.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// A listener on a free loopback port with [`LISTEN_BACKLOG`].
+fn listen_loopback() -> Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
 }
 
 #[derive(Clone, Debug, Serialize)]
