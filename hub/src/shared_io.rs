@@ -125,8 +125,10 @@ impl<S> SharedIo<S> {
 }
 
 impl<S: AsyncWrite + PlainTcp + Unpin + Send + 'static> SharedIo<S> {
+    /// The fan-out's side: the same shared state, so that a raw write reaches the stream
+    /// through one pointer (a cold cache line less per socket in a fan-out to thousands).
     pub fn raw(&self) -> RawConnection {
-        RawConnection(Arc::new(Raw(self.shared.clone())))
+        RawConnection(self.shared.clone())
     }
 }
 
@@ -192,11 +194,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SharedIo<S> {
     }
 }
 
-struct Raw<S>(Arc<Mutex<State<S>>>);
-
-impl<S: AsyncWrite + PlainTcp + Unpin + Send> RawFrames for Raw<S> {
+impl<S: AsyncWrite + PlainTcp + Unpin + Send> RawFrames for Mutex<State<S>> {
     fn try_write(&self, frame: &Bytes, cx: &mut Context<'_>) -> RawWrite {
-        let mut st = lock(&self.0);
+        let mut st = lock(self);
         if st.above_unfinished || st.unflushed || !st.pending.is_empty() {
             return RawWrite::NotNow;
         }
