@@ -365,7 +365,7 @@ struct Outgoing {
 }
 
 /// One registered socket: the fan-out writes to it inline, or wakes its task to do so. The
-/// lock first, in C order (see [`Outgoing`]).
+/// lock first, in C order (see `Outgoing`).
 #[derive(Default)]
 #[repr(C)]
 pub struct FanoutSocket {
