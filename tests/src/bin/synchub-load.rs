@@ -18,9 +18,11 @@ use synchub_tests::postgres::PgCluster;
 /// The generator's allocator. It shares two cores with the hub it measures, so its own CPU
 /// is kept down: with glibc's, a herd of 250 KB packs (a read buffer taken per read while the
 /// last chunk is still being compared, on 4,096 connections) made the per-thread arenas map
-/// and unmap whole heaps, and the page faults and TLB shootdowns cost the generator ~1.5 s of
-/// CPU per 10,000 agents. The hub it measures runs as its own program (`SYNCHUB_BIN`) with
-/// the system's allocator; only `synchub-load hub` (the smoke tests' hub) runs on this one.
+/// and unmap whole heaps, and the page faults and system time around them cost the generator
+/// ~1.5 s of CPU per 10,000 agents. Built without transparent huge pages (`no_thp`): with
+/// them, clearing 2 MB pages took 42% of the generator's samples. The hub it measures runs as
+/// its own program (`SYNCHUB_BIN`) with the system's allocator; only `synchub-load hub` (the
+/// smoke tests' hub) runs on this one.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
