@@ -289,13 +289,17 @@ struct Plan {
 impl Shared {
     /// The HTTP client for the next request, in turn.
     fn http(&self) -> &reqwest::Client {
-        &self.clients[self.next_client.fetch_add(1, Ordering::Relaxed) % self.clients.len()]
+        self.in_turn(&self.clients)
     }
 
     /// The client for the next uncompressed pack, in turn.
     fn pack_http(&self) -> &PackClient {
-        let i = self.next_client.fetch_add(1, Ordering::Relaxed);
-        &self.pack_clients[i % self.pack_clients.len()]
+        self.in_turn(&self.pack_clients)
+    }
+
+    /// The next of `clients` (one per source address), in turn.
+    fn in_turn<'a, C>(&self, clients: &'a [C]) -> &'a C {
+        &clients[self.next_client.fetch_add(1, Ordering::Relaxed) % clients.len()]
     }
 
     /// Sends `make()` until it is answered 2xx: 429/503 wait `Retry-After` (1 s when absent),
@@ -327,7 +331,7 @@ impl Shared {
         while attempt < ATTEMPTS && throttled < MAX_THROTTLED {
             let sent = {
                 let _permit = self.permits.acquire().await?;
-                let attempt = async {
+                let one_try = async {
                     match send().await {
                         Ok(r) if r.status().is_success() => {
                             let delta = r
@@ -350,7 +354,7 @@ impl Shared {
                         Err(e) => Err((None, e)),
                     }
                 };
-                tokio::time::timeout(REQUEST_DEADLINE, attempt)
+                tokio::time::timeout(REQUEST_DEADLINE, one_try)
                     .await
                     .unwrap_or_else(|_| Err((None, "no answer within the deadline".into())))
             };
@@ -648,7 +652,8 @@ async fn read_body(
     };
     let mut at = 0;
     let mut next = Some(first);
-    if let Some(like) = like.and_then(std::sync::OnceLock::get) {
+    let like = like.and_then(std::sync::OnceLock::get);
+    if let Some(like) = like {
         while let Some(chunk) = next.take() {
             if like.get(at..at + chunk.len()) != Some(&chunk[..]) {
                 next = Some(chunk);
@@ -669,10 +674,7 @@ async fn read_body(
     // Kept whole: no body to compare with, or one that differs from it at `at`.
     let expected = r.content_length().unwrap_or(0).min(MAX_PREALLOCATED);
     let mut all = bytes::BytesMut::with_capacity(usize::try_from(expected).unwrap_or(0));
-    all.extend_from_slice(
-        like.and_then(std::sync::OnceLock::get)
-            .map_or(&[][..], |l| &l[..at]),
-    );
+    all.extend_from_slice(like.map_or(&[][..], |l| &l[..at]));
     while let Some(chunk) = next.take() {
         all.extend_from_slice(&chunk);
         next = r.chunk().await?;
