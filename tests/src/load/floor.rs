@@ -84,17 +84,15 @@ pub fn write_loop_server(connections: usize) -> Result<()> {
     Ok(())
 }
 
-/// Pending connections a listener holds: nginx's in the nchan peer, as the hub's default.
-/// std's `TcpListener::bind` holds 128; 10,000 connections at 200 at a time overflowed it
+/// A listener on a free loopback port that holds as many pending connections as the hub's
+/// ([`synchub_hub::server::LISTEN_BACKLOG`]; nginx's in the nchan peer too). std's
+/// `TcpListener::bind` holds 128: 10,000 connections at 200 at a time overflowed it
 /// (`ListenOverflows` in `nstat`), and with SYN cookies a handshake the client took as done
 /// was never accepted, so the server waited for it and the run failed.
-const LISTEN_BACKLOG: i32 = 4096;
-
-/// A listener on a free loopback port with [`LISTEN_BACKLOG`].
 fn listen_loopback() -> Result<std::net::TcpListener> {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     socket.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
-    socket.listen(LISTEN_BACKLOG)?;
+    socket.listen(i32::try_from(synchub_hub::server::LISTEN_BACKLOG)?)?;
     Ok(socket.into())
 }
 
