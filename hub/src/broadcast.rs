@@ -349,8 +349,9 @@ impl Sent {
 /// and the heads it was sent.
 ///
 /// A fan-out reads this for thousands of sockets in a row, each from memory not in cache, so
-/// what it reads sits together: in C order right after the lock (see [`FanoutSocket`]), the
-/// raw side, the flag, and the head sent (inline: a socket follows one space, as a rule).
+/// what it reads sits together: in C order, first the raw side, the flag, and the head sent
+/// (inline: a socket follows one space, as a rule), then the write half. The lock is in the
+/// same allocation (see [`FanoutSocket`]).
 #[derive(Default)]
 #[repr(C)]
 struct Outgoing {
@@ -364,8 +365,8 @@ struct Outgoing {
     sink: Option<SocketSink>,
 }
 
-/// One registered socket: the fan-out writes to it inline, or wakes its task to do so. The
-/// lock first, in C order (see `Outgoing`).
+/// One registered socket: the fan-out writes to it inline, or wakes its task to do so. In C
+/// order, the locked part first (see `Outgoing`).
 #[derive(Default)]
 #[repr(C)]
 pub struct FanoutSocket {
