@@ -5,13 +5,13 @@
 //! broadcast to 10,000 sockets serializes nothing per socket and queues nothing per socket: a
 //! slow agent only ever sees the newest head.
 //!
-//! The fan-out: every socket task registers its socket and hands over its write half and its
-//! connection's raw side (see [`crate::shared_io`]). After a bump one task walks the registered
-//! sockets and writes the frame, encoded as a WebSocket frame once per bump, to each
-//! connection: one `write` to the kernel per socket (TLS encrypts there too), so no socket task
-//! is woken for a bump. A socket whose write half is busy (its own task is writing) or whose
-//! kernel buffer is full is left to its task, which is woken to finish the write and send
-//! whatever is newest.
+//! The fan-out: every socket task registers its socket with its connection's raw side (see
+//! [`crate::shared_io`]), and parks its write half whenever it is not writing. After a bump a
+//! task per worker walks its share of the registered sockets and writes the frame, encoded as a
+//! WebSocket frame once per bump, to each connection: one `write` to the kernel per socket (TLS
+//! encrypts there too), so no socket task is woken for a bump. A socket whose write half is
+//! busy (its own task is writing) or whose kernel buffer is full is left to its task, which is
+//! woken to finish the write and send whatever is newest.
 //!
 //! After a non-forced bump the frame carries a spread hint in proportion to the sockets that
 //! follow the space (see [`SpreadPolicy`]), computed once with the frame: agents start their
@@ -19,15 +19,16 @@
 //! the whole change (its delta and new blobs, see [`Carried`]) asks for no spread: the agents
 //! need nothing from the hub for it.
 
-use crate::shared_io::{RawFrames, RawWrite};
+use crate::shared_io::{RawConnection, RawWrite, State};
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
 use axum::http::HeaderValue;
 use bytes::Bytes;
 use futures::stream::SplitSink;
 use smallvec::SmallVec;
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 use synchub_protocol::{FrameDelta, Head, Spread};
@@ -49,10 +50,13 @@ pub struct Published {
     /// The space's number, the same for every head of the space: the fan-out compares it,
     /// not the name.
     pub key: u32,
+    /// Its place in the order heads were published (of every space): a socket was sent a
+    /// head before this one exactly when its record holds a lower number for the space.
+    pub seq: u64,
 }
 
 impl Published {
-    fn new(head: Head, key: u32, spread: Spread, delta: Option<&FrameDelta>) -> Self {
+    fn new(head: Head, key: u32, seq: u64, spread: Spread, delta: Option<&FrameDelta>) -> Self {
         let frame = synchub_protocol::sync_required_frame(&head, spread, delta)
             .expect("a head always serializes");
         let json = serde_json::to_vec(&head).expect("a head always serializes");
@@ -80,6 +84,7 @@ impl Published {
             etag,
             since: Instant::now(),
             key,
+            seq,
         }
     }
 }
@@ -168,6 +173,8 @@ pub struct Heads {
     /// A number per space name, given once and kept: the fan-out compares a socket's spaces
     /// with the bump's by number, without reading each socket's copy of the name.
     keys: Mutex<HashMap<String, u32>>,
+    /// The last [`Published::seq`] given.
+    seq: AtomicU64,
 }
 
 impl Default for Heads {
@@ -184,6 +191,7 @@ impl Heads {
             registry: Arc::default(),
             spread,
             keys: Mutex::default(),
+            seq: AtomicU64::new(0),
         }
     }
 
@@ -250,7 +258,9 @@ impl Heads {
             };
             let mut heads = BTreeMap::clone(snapshot);
             let delta = carried.as_ref().map(|c| &c.delta);
-            let published = Published::new(next, key, spread, delta);
+            // Under the channel's lock: numbers rise with the snapshots.
+            let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+            let published = Published::new(next, key, seq, spread, delta);
             heads.insert(space.clone(), Arc::new(published));
             *snapshot = Arc::new(heads);
             true
@@ -262,30 +272,28 @@ impl Heads {
         sent
     }
 
-    /// Writes the current heads to every registered socket, in a task of its own.
+    /// Writes the current heads to every registered socket, in tasks of their own.
     fn fan_out(&self) {
         let snapshot = self.snapshot();
-        let mut sockets: Vec<Arc<FanoutSocket>> =
-            self.registry.sockets().values().cloned().collect();
+        let sockets = self.registry.list();
         match tokio::runtime::Handle::try_current() {
             // One task per worker thread, each with its share of the sockets, so every core
             // writes. Unconstrained: tokio's cooperative budget (128 I/O polls per turn of a
             // task) would make every socket write past the 128th of a turn report "not ready",
             // and those sockets would be handed to their own tasks. The fan-out yields every
-            // `FANOUT_BATCH` sockets itself. The shares are moved out of the list, not cloned:
-            // each clone and drop of a socket's `Arc` is a write to memory not in cache.
+            // `FANOUT_BATCH` sockets itself.
             Ok(rt) => {
                 let share = sockets.len().div_ceil(rt.metrics().num_workers()).max(1);
-                while !sockets.is_empty() {
-                    let part = sockets.split_off(sockets.len().saturating_sub(share));
-                    let part = fan_out(part, snapshot.clone());
+                for start in (0..sockets.len()).step_by(share) {
+                    let range = start..(start + share).min(sockets.len());
+                    let part = fan_out(sockets.clone(), range, snapshot.clone());
                     rt.spawn(tokio::task::unconstrained(part));
                 }
             }
             // No runtime (a tool publishing outside one): each socket task sends for itself.
             Err(_) => {
-                for socket in &sockets {
-                    socket.wake.notify_one();
+                for entry in sockets.iter() {
+                    entry.socket.wake.notify_one();
                 }
             }
         }
@@ -295,7 +303,13 @@ impl Heads {
     pub fn register(&self) -> Registration {
         let id = self.registry.next.fetch_add(1, Ordering::Relaxed);
         let socket = Arc::new(FanoutSocket::default());
-        self.registry.sockets().insert(id, socket.clone());
+        let entry = Entry {
+            raw: None,
+            socket: socket.clone(),
+        };
+        self.registry.change(|sockets| {
+            sockets.insert(id, entry);
+        });
         Registration {
             id,
             registry: self.registry.clone(),
@@ -317,83 +331,132 @@ impl Heads {
     }
 }
 
-/// A socket's write half, shared between its socket task and the fan-out.
+/// A socket's write half: its task writes through it, and parks it between writes (see
+/// [`FanoutSocket::park`]) so that the fan-out may write to the connection.
 pub type SocketSink = SplitSink<WebSocket, Message>;
 
-/// The head of one followed space last sent to a socket. In C order, the fields a fan-out
-/// reads first: the name is not read there.
-#[derive(Clone, Debug)]
-#[repr(C)]
+/// The head of one followed space last sent to a socket.
+#[derive(Clone, Copy, Debug)]
 pub struct Sent {
     /// The space's [`Published::key`].
     pub key: u32,
-    pub version: u64,
-    /// A head of a new epoch goes out even when its version is lower (a restored database).
-    pub epoch: u64,
-    pub space: String,
+    /// The head's [`Published::seq`].
+    pub seq: u64,
 }
 
 impl Sent {
+    pub fn of(p: &Published) -> Sent {
+        Sent {
+            key: p.key,
+            seq: p.seq,
+        }
+    }
+
     /// The frame to send when `snapshot` holds a head of this space the socket has not had.
     fn newer<'a>(&self, snapshot: &'a Snapshot) -> Option<&'a Arc<Published>> {
-        snapshot.get(&self.space).filter(|p| self.behind(p))
-    }
-
-    /// Whether `p` is a head of this space the socket has not had.
-    fn behind(&self, p: &Published) -> bool {
-        p.head.version > self.version || p.head.epoch != self.epoch
+        snapshot
+            .values()
+            .find(|p| p.key == self.key)
+            .filter(|p| p.seq > self.seq)
     }
 }
 
-/// What a socket holds for the fan-out: its write half (absent while its own task is writing)
-/// and the heads it was sent.
-///
-/// A fan-out reads this for thousands of sockets in a row, each from memory not in cache, so
-/// what it reads sits together: in C order, first the raw side, the flag, and the head sent
-/// (inline: a socket follows one space, as a rule), then the write half. The lock is in the
-/// same allocation (see [`FanoutSocket`]).
+/// The fan-out's record of one socket: the heads it was sent, and whether the fan-out may
+/// write to it. It lives under the connection's lock (see [`crate::shared_io::State`]), so a
+/// fan-out takes one lock per socket and reads one cache line.
 #[derive(Default)]
 #[repr(C)]
-struct Outgoing {
-    /// The connection's raw side, where the fan-out writes. The hub's own accept loop gives
-    /// every connection one; a socket without one gets its bumps from its own task.
-    raw: Option<Arc<dyn RawFrames>>,
-    /// A raw frame went in only in part (or is not flushed): the socket task must flush
-    /// before anything else is written inline.
-    unflushed: bool,
+pub struct Fan {
+    /// Inline: a socket follows one space, as a rule.
     sent: SmallVec<[Sent; 1]>,
-    sink: Option<SocketSink>,
+    /// The socket task's write half is parked: it is between writes, and a raw frame goes in
+    /// at a frame boundary.
+    parked: bool,
 }
 
-/// One registered socket: the fan-out writes to it inline, or wakes its task to do so. In C
-/// order, the locked part first (see `Outgoing`).
+impl Fan {
+    /// The frames of every head of `snapshot` newer than what was sent, marked as sent.
+    fn take_newer(&mut self, snapshot: &Snapshot) -> Vec<Arc<Published>> {
+        let mut frames = Vec::new();
+        for sent in &mut self.sent {
+            if let Some(p) = sent.newer(snapshot) {
+                sent.seq = p.seq;
+                frames.push(p.clone());
+            }
+        }
+        frames
+    }
+}
+
+/// Writes the encoded frames of the newer of `heads` (a snapshot's) to the connection without
+/// waiting, counting each written in `written` (by its place in `heads`): true when they are
+/// all in the kernel's buffer, false when the socket task must send or finish them (its write
+/// half is not parked, a frame went in only in part, a write that would block, or an error it
+/// will see itself).
+fn write_inline(
+    st: &mut State,
+    heads: &[Arc<Published>],
+    cx: &mut Context<'_>,
+    written: &mut [usize],
+) -> bool {
+    if !st.fan.parked {
+        return false;
+    }
+    for i in 0..st.fan.sent.len() {
+        let sent = st.fan.sent[i];
+        // By number: the name is a heap read per socket, the number is in hand.
+        let Some((at, p)) = heads.iter().enumerate().find(|(_, p)| p.key == sent.key) else {
+            continue;
+        };
+        if p.seq <= sent.seq {
+            continue;
+        }
+        let wrote = st.try_write(&p.encoded, cx);
+        if wrote == RawWrite::NotNow {
+            return false;
+        }
+        st.fan.sent[i].seq = p.seq;
+        written[at] += 1;
+        if wrote == RawWrite::Started {
+            // Committed; the socket task finishes it with a flush.
+            return false;
+        }
+    }
+    true
+}
+
+/// One registered socket: where its fan-out record is, and how its task is woken for a bump
+/// the fan-out could not write.
 #[derive(Default)]
-#[repr(C)]
 pub struct FanoutSocket {
-    out: Mutex<Outgoing>,
+    /// The connection's raw side, which holds the record. The hub's own accept loop gives
+    /// every connection one; a socket without one gets its bumps from its own task.
+    raw: OnceLock<RawConnection>,
+    /// The record of a socket without a raw side.
+    own: Mutex<Fan>,
     wake: Notify,
 }
 
 impl FanoutSocket {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Outgoing> {
-        // Nothing panics under this lock; a poisoned one still holds consistent data.
-        self.out.lock().unwrap_or_else(|e| e.into_inner())
+    fn with_fan<R>(&self, f: impl FnOnce(&mut Fan) -> R) -> R {
+        match self.raw.get() {
+            Some(raw) => f(&mut raw.lock().fan),
+            None => f(&mut lock(&self.own)),
+        }
     }
 
-    /// Hands the write half and the connection's raw side to the fan-out, with the heads the
-    /// welcome carried.
-    pub fn attach(&self, sink: SocketSink, raw: Option<Arc<dyn RawFrames>>, sent: Vec<Sent>) {
-        let mut out = self.lock();
-        out.sink = Some(sink);
-        out.raw = raw;
-        out.sent = sent.into_iter().collect();
+    /// Takes the connection's raw side and the heads the welcome carries. The write half is
+    /// not parked yet: the welcome goes first.
+    fn attach(&self, raw: Option<RawConnection>, sent: Vec<Sent>) {
+        if let Some(raw) = raw {
+            let _ = self.raw.set(raw);
+        }
+        self.with_fan(|fan| fan.sent = sent.into_iter().collect());
     }
 
     /// Ends the fan-out's writes to this socket (it is closing, or closed).
     fn detach(&self) {
-        let mut out = self.lock();
-        out.sink = None;
-        out.raw = None;
+        self.with_fan(|fan| fan.parked = false);
     }
 
     /// Resolves when the fan-out could not write a bump inline (the write half was busy or
@@ -403,104 +466,79 @@ impl FanoutSocket {
         self.wake.notified().await;
     }
 
-    /// Takes the write half for a write of the socket's own (a welcome, a ping, an answer),
-    /// with the frames of every head newer than what was sent, marked as sent: the caller
-    /// writes those first, then its own frame, then gives the half back with
-    /// [`FanoutSocket::give_back`].
-    pub fn take(&self, snapshot: &Snapshot) -> Option<(SocketSink, Vec<Arc<Published>>)> {
-        let mut out = self.lock();
-        let sink = out.sink.take()?;
-        out.unflushed = false;
-        let mut frames = Vec::new();
-        for sent in &mut out.sent {
-            if let Some(p) = sent.newer(snapshot) {
-                sent.version = p.head.version;
-                sent.epoch = p.head.epoch;
-                frames.push(p.clone());
-            }
-        }
-        Some((sink, frames))
+    /// Unparks the write half for a write of the socket's own (a welcome, a ping, an answer):
+    /// returns the frames of every head newer than what was sent, marked as sent. The caller
+    /// writes those first, then its own frame, then parks the half again with
+    /// [`FanoutSocket::park`].
+    pub fn take(&self, snapshot: &Snapshot) -> Vec<Arc<Published>> {
+        self.with_fan(|fan| {
+            fan.parked = false;
+            fan.take_newer(snapshot)
+        })
     }
 
-    pub fn give_back(&self, sink: SocketSink) {
-        self.lock().sink = Some(sink);
+    /// Parks the write half after a write of the socket's own: the fan-out may write again.
+    pub fn park(&self) {
+        self.with_fan(|fan| fan.parked = true);
     }
+}
 
-    /// The spaces this socket follows (for checking an agent's `status` frames).
-    pub fn follows(&self, space: &str) -> bool {
-        self.lock().sent.iter().any(|s| s.space == space)
-    }
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics under these locks; a poisoned one still holds consistent data.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
-    /// Writes the encoded frames of the newer of `heads` (a snapshot's) to the connection's raw
-    /// side without waiting, counting each written in `written` (by its place in `heads`):
-    /// true when they are all in the kernel's buffer, false when the socket task must send or
-    /// finish them (it is writing, a frame went in only in part, a write that would block, an
-    /// error it will see itself, or a connection without a raw side).
-    fn write_inline(
-        &self,
-        heads: &[Arc<Published>],
-        cx: &mut Context<'_>,
-        written: &mut [usize],
-    ) -> bool {
-        let mut out = self.lock();
-        let Outgoing {
-            sink,
-            raw,
-            sent,
-            unflushed,
-        } = &mut *out;
-        let (Some(_), Some(raw), false) = (sink, raw, *unflushed) else {
-            return false;
-        };
-        for s in sent.iter_mut() {
-            // By number: the name is a heap read per socket, the number is in hand.
-            let Some((i, p)) = heads.iter().enumerate().find(|(_, p)| p.key == s.key) else {
-                continue;
-            };
-            if !s.behind(p) {
-                continue;
-            }
-            let wrote = raw.try_write(&p.encoded, cx);
-            if wrote == RawWrite::NotNow {
-                return false;
-            }
-            s.version = p.head.version;
-            s.epoch = p.head.epoch;
-            written[i] += 1;
-            if wrote == RawWrite::Started {
-                // Committed; the socket task finishes it with a flush.
-                *unflushed = true;
-                return false;
-            }
-        }
-        true
-    }
+/// A registered socket as the fan-out walks it.
+#[derive(Clone)]
+struct Entry {
+    raw: Option<RawConnection>,
+    socket: Arc<FanoutSocket>,
+}
+
+/// Every registered socket, by registration, and the list a fan-out walks.
+#[derive(Default)]
+struct Sockets {
+    /// By registration, so a fan-out writes to them in the order they connected: the kernel's
+    /// state of each (its file, its socket) was allocated in that order, and going through it
+    /// in order instead of a hash's found more of it in cache (the kernel's file lookup took
+    /// 7% of the fan-out's samples in hash order, 3% in order).
+    by_id: BTreeMap<u64, Entry>,
+    /// The same in one slice, made by the first fan-out after a change and dropped at the next
+    /// change: a fan-out to a fleet that did not change clones no socket's `Arc`.
+    list: Option<Arc<[Entry]>>,
 }
 
 /// Every socket that follows heads, for the fan-out.
 #[derive(Default)]
 struct Registry {
     next: AtomicU64,
-    /// By registration, so a fan-out writes to them in the order they connected: the kernel's
-    /// state of each (its file, its socket) was allocated in that order, and going through it
-    /// in order instead of a hash's found more of it in cache (the kernel's file lookup took
-    /// 7% of the fan-out's samples in hash order, 3% in order).
-    sockets: Mutex<BTreeMap<u64, Arc<FanoutSocket>>>,
+    sockets: Mutex<Sockets>,
     /// Sockets following each space, for the spread hint.
     followers: Mutex<HashMap<String, usize>>,
 }
 
 impl Registry {
-    fn sockets(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<FanoutSocket>>> {
-        self.sockets.lock().unwrap_or_else(|e| e.into_inner())
+    /// Changes the registered sockets, and drops the list made from them (outside the lock:
+    /// the last fan-out's list of 10,000 sockets takes a while to drop).
+    fn change(&self, f: impl FnOnce(&mut BTreeMap<u64, Entry>)) {
+        let old = {
+            let mut sockets = lock(&self.sockets);
+            f(&mut sockets.by_id);
+            sockets.list.take()
+        };
+        drop(old);
     }
 
-    fn follower_counts(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
-        self.followers.lock().unwrap_or_else(|e| e.into_inner())
+    /// The registered sockets in order of registration.
+    fn list(&self) -> Arc<[Entry]> {
+        let mut sockets = lock(&self.sockets);
+        let Sockets { by_id, list } = &mut *sockets;
+        list.get_or_insert_with(|| by_id.values().cloned().collect())
+            .clone()
     }
 
     fn followers(&self, space: &str) -> usize {
-        self.follower_counts().get(space).copied().unwrap_or(0)
+        lock(&self.followers).get(space).copied().unwrap_or(0)
     }
 }
 
@@ -514,27 +552,41 @@ pub struct Registration {
 }
 
 impl Registration {
-    /// Hands the write half to the fan-out (see [`FanoutSocket::attach`]) and counts the
-    /// socket as following the spaces in `sent`.
-    pub fn attach(&mut self, sink: SocketSink, raw: Option<Arc<dyn RawFrames>>, sent: Vec<Sent>) {
-        let mut counts = self.registry.follower_counts();
-        for s in &sent {
-            if !self.followed.contains(&s.space) {
-                *counts.entry(s.space.clone()).or_default() += 1;
-                self.followed.push(s.space.clone());
+    /// Gives the fan-out the connection's raw side and the heads the welcome carries (see
+    /// [`FanoutSocket::attach`]), and counts the socket as following `spaces`.
+    pub fn attach<'a>(
+        &mut self,
+        raw: Option<RawConnection>,
+        sent: Vec<Sent>,
+        spaces: impl IntoIterator<Item = &'a str>,
+    ) {
+        let mut counts = lock(&self.registry.followers);
+        for space in spaces {
+            if !self.followed.iter().any(|s| s == space) {
+                *counts.entry(space.to_owned()).or_default() += 1;
+                self.followed.push(space.to_owned());
             }
         }
         drop(counts);
-        self.socket.attach(sink, raw, sent);
+        self.socket.attach(raw.clone(), sent);
+        if raw.is_some() {
+            self.registry.change(|sockets| {
+                if let Some(entry) = sockets.get_mut(&self.id) {
+                    entry.raw = raw;
+                }
+            });
+        }
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.registry.sockets().remove(&self.id);
+        self.registry.change(|sockets| {
+            sockets.remove(&self.id);
+        });
         // A fan-out under way may still hold the socket: it must not write to it any more.
         self.socket.detach();
-        let mut counts = self.registry.follower_counts();
+        let mut counts = lock(&self.registry.followers);
         for space in &self.followed {
             if let Some(n) = counts.get_mut(space) {
                 *n -= 1;
@@ -549,26 +601,31 @@ impl Drop for Registration {
 /// Sockets written between two yields of the fan-out, so other tasks on its worker run too.
 const FANOUT_BATCH: usize = 512;
 
-/// Writes `snapshot`'s newer heads to `sockets` inline: per socket one write of bytes
-/// serialized once, and no task woken unless its write cannot complete at once.
-async fn fan_out(sockets: Vec<Arc<FanoutSocket>>, snapshot: Snapshot) {
+/// Writes `snapshot`'s newer heads to the sockets of `sockets` in `range` inline: per socket
+/// one write of bytes serialized once, and no task woken unless its write cannot complete at
+/// once.
+async fn fan_out(sockets: Arc<[Entry]>, range: Range<usize>, snapshot: Snapshot) {
     let fanout = metrics::histogram!("synchub_fanout_seconds");
     let heads: Vec<Arc<Published>> = snapshot.values().cloned().collect();
     // Frames written per head in the current batch: the latency is recorded once per batch
     // (as of its end), not per socket, which would share one counter between the cores.
     let mut written = vec![0usize; heads.len()];
     let mut inline = 0u64;
-    let total = sockets.len() as u64;
-    // Each socket is let go right after its write, while its memory is still in cache.
-    let mut sockets = sockets.into_iter();
-    while sockets.len() > 0 {
+    let total = range.len() as u64;
+    for batch in sockets[range].chunks(FANOUT_BATCH) {
         {
             let mut cx = Context::from_waker(Waker::noop());
-            for socket in sockets.by_ref().take(FANOUT_BATCH) {
-                if socket.write_inline(&heads, &mut cx, &mut written) {
+            for entry in batch {
+                // A connection its task holds (reading, writing) is left to the task.
+                let wrote = entry
+                    .raw
+                    .as_ref()
+                    .and_then(RawConnection::try_lock)
+                    .is_some_and(|mut st| write_inline(&mut st, &heads, &mut cx, &mut written));
+                if wrote {
                     inline += 1;
                 } else {
-                    socket.wake.notify_one();
+                    entry.socket.wake.notify_one();
                 }
             }
         }
@@ -689,5 +746,70 @@ mod tests {
         let now = heads.get("a").unwrap().head.clone();
         assert!(!now.forced);
         assert_eq!(now.forced_version, 2);
+    }
+
+    #[test]
+    fn a_socket_is_sent_each_newer_head_once_and_never_an_older_one() {
+        let heads = Heads::default();
+        heads.publish(head("a", 1));
+        let old = heads.snapshot();
+        heads.publish(head("a", 2));
+        let mut fan = Fan::default();
+        fan.sent.push(Sent::of(&old["a"]));
+        let versions = |frames: Vec<Arc<Published>>| -> Vec<u64> {
+            frames.iter().map(|p| p.head.version).collect()
+        };
+        assert_eq!(versions(fan.take_newer(&heads.snapshot())), [2]);
+        assert_eq!(versions(fan.take_newer(&heads.snapshot())), [0u64; 0]);
+        assert_eq!(
+            versions(fan.take_newer(&old)),
+            [0u64; 0],
+            "a fan-out late with an older snapshot"
+        );
+        // A restored database: a lower version in a new epoch goes out.
+        let mut restored = head("a", 1);
+        restored.data_hash = Sha256Hex::of(b"restored");
+        assert!(heads.replace(restored, &heads.snapshot()));
+        assert_eq!(versions(fan.take_newer(&heads.snapshot())), [1]);
+    }
+
+    #[test]
+    fn the_fan_out_writes_only_to_a_parked_socket_and_only_what_it_lacks() {
+        use tokio::io::AsyncReadExt;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let heads = Heads::default();
+            heads.publish(head("a", 1));
+            heads.publish(head("b", 1));
+            let (near, mut far) = tokio::io::duplex(4096);
+            let io = crate::shared_io::SharedIo::new(Box::pin(near));
+            let raw = io.raw();
+            raw.lock().fan.sent.push(Sent::of(&heads.get("a").unwrap()));
+            heads.publish(head("a", 2));
+            heads.publish(head("b", 2));
+            let now: Vec<Arc<Published>> = heads.snapshot().values().cloned().collect();
+            let mut cx = Context::from_waker(Waker::noop());
+            let mut written = vec![0; now.len()];
+            assert!(
+                !write_inline(&mut raw.lock(), &now, &mut cx, &mut written),
+                "not parked: its task is writing"
+            );
+            raw.lock().fan.parked = true;
+            assert!(write_inline(&mut raw.lock(), &now, &mut cx, &mut written));
+            assert_eq!(
+                written,
+                [1, 0],
+                "space a's head, not b's, which it does not follow"
+            );
+            assert!(write_inline(&mut raw.lock(), &now, &mut cx, &mut written));
+            assert_eq!(written, [1, 0], "nothing twice");
+            let a = heads.get("a").unwrap();
+            let mut got = vec![0; a.encoded.len()];
+            far.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, a.encoded);
+        });
     }
 }

@@ -3,20 +3,23 @@
 //! pre-encoded WebSocket frame straight to it: one `write` per socket, without going through
 //! the socket's WebSocket layer.
 //!
-//! The stream sits behind a mutex. A raw frame goes in only at a frame boundary: when the
-//! layer above has nothing half-written (its last write took all it offered; tungstenite
-//! always offers its whole buffer, so it then holds nothing) and no earlier raw frame is left.
-//! A raw frame the kernel takes only part of is kept here and written first by the next write
-//! or flush of the layer above, so frames never interleave. Under TLS the stream is the TLS
-//! stream: a raw frame is encrypted like any other write. On a plain TCP connection the raw
-//! frame goes to the socket with one `send`, past the layers in between (the write deadline,
-//! tokio's readiness): a full kernel buffer answers "would block" and the frame is left to
-//! the connection's task, whose own write then waits for room as usual.
+//! The stream sits behind a mutex, beside the fan-out's record of the socket (see
+//! [`crate::broadcast::Fan`]): a fan-out takes one lock per socket and reads one cache line
+//! of it. A raw frame goes in only at a frame boundary: when the layer above has nothing
+//! half-written (its last write took all it offered; tungstenite always offers its whole
+//! buffer, so it then holds nothing) and no earlier raw frame is left. A raw frame the kernel
+//! takes only part of is kept here and written first by the next write or flush of the layer
+//! above, so frames never interleave. Under TLS the stream is the TLS stream: a raw frame is
+//! encrypted like any other write. On a plain TCP connection the raw frame goes to the socket
+//! with one `send`, past the layers in between (the write deadline, tokio's readiness): a full
+//! kernel buffer answers "would block" and the frame is left to the connection's task, whose
+//! own write then waits for room as usual.
 
+use crate::broadcast::Fan;
 use bytes::Bytes;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -68,86 +71,154 @@ impl<S: PlainTcp + ?Sized> PlainTcp for Pin<Box<S>> {
     }
 }
 
-/// The fan-out's handle on a connection (see the module comment).
-pub trait RawFrames: Send + Sync {
-    /// Writes `frame`, one or more whole WebSocket frames, without waiting.
-    fn try_write(&self, frame: &Bytes, cx: &mut Context<'_>) -> RawWrite;
-}
+/// What a connection's stream must be to be shared.
+pub trait Stream: AsyncRead + AsyncWrite + PlainTcp + Send {}
 
-/// The handle as a request extension: how the WebSocket route finds its connection's.
-#[derive(Clone)]
-pub struct RawConnection(pub Arc<dyn RawFrames>);
+impl<S: AsyncRead + AsyncWrite + PlainTcp + Send> Stream for S {}
 
-struct State<S> {
-    stream: S,
-    /// The rest of a raw frame the kernel did not take yet.
-    pending: Bytes,
+/// A connection's shared state. In C order, what a fan-out reads: the flags, the stream's
+/// pointer and the fan-out's record, which with the lock before them fill one cache line (see
+/// [`Shared`]); a raw frame's rest comes after.
+#[repr(C)]
+pub struct State {
     /// The layer above offered bytes the stream did not take: it may be mid-frame.
     above_unfinished: bool,
     /// A raw frame was written but not flushed (TLS keeps records until then).
     unflushed: bool,
+    /// The rest of a raw frame is in `pending`.
+    pending_left: bool,
+    stream: Pin<Box<dyn Stream>>,
+    /// The fan-out's record of the socket.
+    pub fan: Fan,
+    /// The rest of a raw frame the kernel did not take yet.
+    pending: Bytes,
 }
 
-impl<S: AsyncWrite + Unpin> State<S> {
+impl State {
     /// Writes what is left of a raw frame; ready once nothing is.
     fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while !self.pending.is_empty() {
-            let n = ready!(Pin::new(&mut self.stream).poll_write(cx, &self.pending))?;
+        while self.pending_left {
+            let n = ready!(self.stream.as_mut().poll_write(cx, &self.pending))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             let _ = self.pending.split_to(n);
+            self.pending_left = !self.pending.is_empty();
         }
         Poll::Ready(Ok(()))
+    }
+
+    fn keep_rest(&mut self, frame: &Bytes, from: usize) {
+        self.pending = frame.slice(from..);
+        self.pending_left = true;
+    }
+
+    /// Writes `frame`, one or more whole WebSocket frames, without waiting.
+    pub fn try_write(&mut self, frame: &Bytes, cx: &mut Context<'_>) -> RawWrite {
+        if self.above_unfinished || self.unflushed || self.pending_left {
+            return RawWrite::NotNow;
+        }
+        if let Some(tcp) = self.stream.plain_tcp() {
+            // Nothing to flush after a plain socket's write.
+            return match socket2::SockRef::from(tcp).send(frame) {
+                Ok(n) if n == frame.len() => RawWrite::Written,
+                Ok(n) if n > 0 => {
+                    self.keep_rest(frame, n);
+                    RawWrite::Started
+                }
+                // Would block (or an error the connection's task will meet itself).
+                _ => RawWrite::NotNow,
+            };
+        }
+        match self.stream.as_mut().poll_write(cx, frame) {
+            Poll::Ready(Ok(n)) if n == frame.len() => {}
+            Poll::Ready(Ok(n)) if n > 0 => {
+                self.keep_rest(frame, n);
+                return RawWrite::Started;
+            }
+            // Nothing taken (or an error the connection's task will meet itself).
+            _ => return RawWrite::NotNow,
+        }
+        match self.stream.as_mut().poll_flush(cx) {
+            Poll::Ready(Ok(())) => RawWrite::Written,
+            _ => {
+                self.unflushed = true;
+                RawWrite::Started
+            }
+        }
+    }
+}
+
+/// The state and its lock, aligned to a cache line: the lock and what a fan-out reads after
+/// it are in the same one, wherever the allocator put the connection.
+#[repr(C, align(64))]
+struct Shared(Mutex<State>);
+
+/// The fan-out's side of a connection: as a request extension, how the WebSocket route finds
+/// its connection's.
+#[derive(Clone)]
+pub struct RawConnection(Arc<Shared>);
+
+impl RawConnection {
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.0)
+    }
+
+    /// The state if nobody holds it (the connection's own task is reading or writing).
+    pub fn try_lock(&self) -> Option<MutexGuard<'_, State>> {
+        match self.0.0.try_lock() {
+            Ok(st) => Some(st),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
     }
 }
 
 /// The stream as its owner uses it; [`SharedIo::raw`] is the fan-out's side.
-pub struct SharedIo<S> {
-    shared: Arc<Mutex<State<S>>>,
+pub struct SharedIo {
+    shared: Arc<Shared>,
 }
 
-impl<S> SharedIo<S> {
-    pub fn new(stream: S) -> Self {
+impl SharedIo {
+    pub fn new<S: Stream + 'static>(stream: Pin<Box<S>>) -> Self {
         SharedIo {
-            shared: Arc::new(Mutex::new(State {
-                stream,
-                pending: Bytes::new(),
+            shared: Arc::new(Shared(Mutex::new(State {
                 above_unfinished: false,
                 unflushed: false,
-            })),
+                pending_left: false,
+                stream,
+                fan: Fan::default(),
+                pending: Bytes::new(),
+            }))),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State<S>> {
+    /// The fan-out's side: the same shared state.
+    pub fn raw(&self) -> RawConnection {
+        RawConnection(self.shared.clone())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
         lock(&self.shared)
     }
 }
 
-impl<S: AsyncWrite + PlainTcp + Unpin + Send + 'static> SharedIo<S> {
-    /// The fan-out's side: the same shared state, so that a raw write reaches the stream
-    /// through one pointer (a cold cache line less per socket in a fan-out to thousands).
-    pub fn raw(&self) -> RawConnection {
-        RawConnection(self.shared.clone())
-    }
-}
-
-fn lock<S>(m: &Mutex<State<S>>) -> MutexGuard<'_, State<S>> {
+fn lock(m: &Shared) -> MutexGuard<'_, State> {
     // Nothing panics under this lock but the stream itself; its state is still the stream's.
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    m.0.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for SharedIo<S> {
+impl AsyncRead for SharedIo {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.lock().stream).poll_read(cx, buf)
+        self.lock().stream.as_mut().poll_read(cx, buf)
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for SharedIo<S> {
+impl AsyncWrite for SharedIo {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -157,7 +228,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SharedIo<S> {
         // Offered and not taken, whatever happens below, until a write takes it all.
         st.above_unfinished = true;
         ready!(st.poll_pending(cx))?;
-        let n = ready!(Pin::new(&mut st.stream).poll_write(cx, buf))?;
+        let n = ready!(st.stream.as_mut().poll_write(cx, buf))?;
         st.above_unfinished = n < buf.len();
         Poll::Ready(Ok(n))
     }
@@ -170,7 +241,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SharedIo<S> {
         let mut st = self.lock();
         st.above_unfinished = true;
         ready!(st.poll_pending(cx))?;
-        let n = ready!(Pin::new(&mut st.stream).poll_write_vectored(cx, bufs))?;
+        let n = ready!(st.stream.as_mut().poll_write_vectored(cx, bufs))?;
         st.above_unfinished = n < bufs.iter().map(|b| b.len()).sum();
         Poll::Ready(Ok(n))
     }
@@ -182,7 +253,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SharedIo<S> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut st = self.lock();
         ready!(st.poll_pending(cx))?;
-        ready!(Pin::new(&mut st.stream).poll_flush(cx))?;
+        ready!(st.stream.as_mut().poll_flush(cx))?;
         st.unflushed = false;
         Poll::Ready(Ok(()))
     }
@@ -190,44 +261,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SharedIo<S> {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut st = self.lock();
         ready!(st.poll_pending(cx))?;
-        Pin::new(&mut st.stream).poll_shutdown(cx)
-    }
-}
-
-impl<S: AsyncWrite + PlainTcp + Unpin + Send> RawFrames for Mutex<State<S>> {
-    fn try_write(&self, frame: &Bytes, cx: &mut Context<'_>) -> RawWrite {
-        let mut st = lock(self);
-        if st.above_unfinished || st.unflushed || !st.pending.is_empty() {
-            return RawWrite::NotNow;
-        }
-        if let Some(tcp) = st.stream.plain_tcp() {
-            // Nothing to flush after a plain socket's write.
-            return match socket2::SockRef::from(tcp).send(frame) {
-                Ok(n) if n == frame.len() => RawWrite::Written,
-                Ok(n) if n > 0 => {
-                    st.pending = frame.slice(n..);
-                    RawWrite::Started
-                }
-                // Would block (or an error the connection's task will meet itself).
-                _ => RawWrite::NotNow,
-            };
-        }
-        match Pin::new(&mut st.stream).poll_write(cx, frame) {
-            Poll::Ready(Ok(n)) if n == frame.len() => {}
-            Poll::Ready(Ok(n)) if n > 0 => {
-                st.pending = frame.slice(n..);
-                return RawWrite::Started;
-            }
-            // Nothing taken (or an error the connection's task will meet itself).
-            _ => return RawWrite::NotNow,
-        }
-        match Pin::new(&mut st.stream).poll_flush(cx) {
-            Poll::Ready(Ok(())) => RawWrite::Written,
-            _ => {
-                st.unflushed = true;
-                RawWrite::Started
-            }
-        }
+        st.stream.as_mut().poll_shutdown(cx)
     }
 }
 
@@ -242,15 +276,15 @@ mod tests {
     }
 
     /// Writes of the layer above with a raw frame between them arrive in that order.
-    async fn assert_raw_frame_between_writes<S, R>(io: &mut SharedIo<S>, far: &mut R)
+    async fn assert_raw_frame_between_writes<R>(io: &mut SharedIo, far: &mut R)
     where
-        S: AsyncWrite + PlainTcp + Unpin + Send + 'static,
         R: AsyncReadExt + Unpin,
     {
         let raw = io.raw();
         io.write_all(b"above-1|").await.unwrap();
         assert_eq!(
-            raw.0.try_write(&Bytes::from_static(b"raw|"), &mut cx()),
+            raw.lock()
+                .try_write(&Bytes::from_static(b"raw|"), &mut cx()),
             RawWrite::Written
         );
         io.write_all(b"above-2|").await.unwrap();
@@ -262,7 +296,7 @@ mod tests {
     #[tokio::test]
     async fn a_raw_frame_goes_between_the_writes_of_the_layer_above() {
         let (near, mut far) = tokio::io::duplex(64);
-        assert_raw_frame_between_writes(&mut SharedIo::new(near), &mut far).await;
+        assert_raw_frame_between_writes(&mut SharedIo::new(Box::pin(near)), &mut far).await;
     }
 
     #[tokio::test]
@@ -270,15 +304,16 @@ mod tests {
         // Room for 8 bytes: the raw frame of 12 goes in part, and the rest must precede the
         // next write of the layer above.
         let (near, mut far) = tokio::io::duplex(8);
-        let mut io = SharedIo::new(near);
+        let mut io = SharedIo::new(Box::pin(near));
         let raw = io.raw();
         assert_eq!(
-            raw.0
+            raw.lock()
                 .try_write(&Bytes::from_static(b"raw-12-bytes"), &mut cx()),
             RawWrite::Started
         );
         assert_eq!(
-            raw.0.try_write(&Bytes::from_static(b"more"), &mut cx()),
+            raw.lock()
+                .try_write(&Bytes::from_static(b"more"), &mut cx()),
             RawWrite::NotNow,
             "nothing goes in while a raw frame is unfinished"
         );
@@ -290,17 +325,14 @@ mod tests {
         io.write_all(b"above|").await.unwrap();
         io.flush().await.unwrap();
         assert_eq!(
-            raw.0.try_write(&Bytes::from_static(b"x"), &mut cx()),
+            raw.lock().try_write(&Bytes::from_static(b"x"), &mut cx()),
             RawWrite::Written
         );
         assert_eq!(reader.await.unwrap(), b"raw-12-bytesabove|x");
     }
 
     /// A plain TCP connection as the hub's accept loop wraps it.
-    async fn tcp_pair() -> (
-        SharedIo<Pin<Box<tokio_io_timeout::TimeoutStream<tokio::net::TcpStream>>>>,
-        tokio::net::TcpStream,
-    ) {
+    async fn tcp_pair() -> (SharedIo, tokio::net::TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let far = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
         let (far, near) = tokio::join!(far, listener.accept());
@@ -323,7 +355,7 @@ mod tests {
         let frame = Bytes::from(vec![b'r'; 64 * 1024]);
         let mut whole = 0usize;
         let last = loop {
-            match raw.0.try_write(&frame, &mut cx()) {
+            match raw.lock().try_write(&frame, &mut cx()) {
                 RawWrite::Written => whole += 1,
                 other => break other,
             }
@@ -348,7 +380,7 @@ mod tests {
     #[tokio::test]
     async fn no_raw_frame_goes_in_while_the_layer_above_is_mid_write() {
         let (near, mut far) = tokio::io::duplex(4);
-        let mut io = SharedIo::new(near);
+        let mut io = SharedIo::new(Box::pin(near));
         let raw = io.raw();
         // The layer above offers 10 bytes and the stream takes 4.
         let n = std::future::poll_fn(|cx| Pin::new(&mut io).poll_write(cx, b"0123456789"))
@@ -356,7 +388,7 @@ mod tests {
             .unwrap();
         assert_eq!(n, 4);
         assert_eq!(
-            raw.0.try_write(&Bytes::from_static(b"raw"), &mut cx()),
+            raw.lock().try_write(&Bytes::from_static(b"raw"), &mut cx()),
             RawWrite::NotNow
         );
         let reader = tokio::spawn(async move {
@@ -368,8 +400,31 @@ mod tests {
         let (got, _far) = reader.await.unwrap();
         assert_eq!(&got, b"0123456789");
         assert_eq!(
-            raw.0.try_write(&Bytes::from_static(b"raw"), &mut cx()),
+            raw.lock().try_write(&Bytes::from_static(b"raw"), &mut cx()),
             RawWrite::Written
+        );
+    }
+
+    #[test]
+    fn the_lock_and_what_a_fan_out_reads_share_one_cache_line() {
+        let (near, _far) = tokio::io::duplex(8);
+        let io = SharedIo::new(Box::pin(near));
+        let start = Arc::as_ptr(&io.shared) as usize;
+        assert_eq!(start % 64, 0, "the state starts a cache line");
+        let st = io.lock();
+        let state = &*st as *const State as usize;
+        // std's mutex keeps its lock word before the data it guards.
+        assert!(
+            state - start >= 4 && state - start <= 16,
+            "{}",
+            state - start
+        );
+        let stream_end = &st.stream as *const _ as usize + std::mem::size_of_val(&st.stream);
+        let fan_end = &st.fan as *const Fan as usize + std::mem::size_of::<Fan>();
+        let end = stream_end.max(fan_end) - start;
+        assert!(
+            end <= 64,
+            "the stream's pointer and the fan-out's record end at {end}"
         );
     }
 }

@@ -10,9 +10,9 @@
 //! to send it. Buffers are set small and explicitly so that an idle socket costs a few KiB.
 
 use crate::auth::Principal;
-use crate::broadcast::{FanoutSocket, Heads, Sent};
+use crate::broadcast::{FanoutSocket, Heads, Sent, SocketSink};
 use crate::clients::Connection;
-use crate::shared_io::{RawConnection, RawFrames};
+use crate::shared_io::RawConnection;
 use crate::state::AppState;
 use axum::Extension;
 use axum::extract::State;
@@ -48,10 +48,11 @@ impl Frames for WebSocket {
     }
 }
 
-/// A socket after `hello`: the read half here, the write half with the fan-out, taken back
-/// for each write of this task's own.
+/// A socket after `hello`: both halves here, the write half parked with the fan-out between
+/// this task's own writes.
 struct Split<'a> {
     stream: SplitStream<WebSocket>,
+    sink: SocketSink,
     fan: &'a FanoutSocket,
     heads: &'a Heads,
     fanout_seconds: &'a metrics::Histogram,
@@ -62,10 +63,8 @@ impl Split<'_> {
     async fn write(&mut self, msg: Option<Message>) -> Result<(), axum::Error> {
         let closing = matches!(msg, Some(Message::Close(_)));
         let snapshot = self.heads.snapshot();
-        let (mut sink, frames) = self
-            .fan
-            .take(&snapshot)
-            .ok_or_else(|| axum::Error::new("the socket's write half is missing"))?;
+        let frames = self.fan.take(&snapshot);
+        let sink = &mut self.sink;
         let written = async {
             for p in &frames {
                 sink.feed(Message::Text(p.frame.clone())).await?;
@@ -77,9 +76,9 @@ impl Split<'_> {
             sink.flush().await
         }
         .await;
-        // After a close nothing more may go out: the fan-out does not get the half back.
-        if !closing {
-            self.fan.give_back(sink);
+        // After a close nothing more may go out, nor after a failed write.
+        if !closing && written.is_ok() {
+            self.fan.park();
         }
         written
     }
@@ -125,7 +124,7 @@ pub async fn upgrade(
         .max_message_size(hard_limit)
         .max_frame_size(hard_limit)
         .on_upgrade(move |socket| async move {
-            run(state, principal, socket, raw.map(|Extension(r)| r.0)).await;
+            run(state, principal, socket, raw.map(|Extension(r)| r)).await;
             drop(slot);
         })
 }
@@ -174,7 +173,7 @@ async fn run(
     state: AppState,
     principal: Principal,
     mut socket: WebSocket,
-    raw: Option<Arc<dyn RawFrames>>,
+    raw: Option<RawConnection>,
 ) {
     let Some((client_id, spaces, hostname, agent_version)) =
         receive_hello(&state, &principal, &mut socket).await
@@ -354,13 +353,8 @@ fn first_heads(
     let mut sent: Vec<Sent> = Vec::with_capacity(held.len());
     let mut heads = Vec::with_capacity(held.len());
     for p in held.iter().filter_map(|h| snapshot.get(&h.space)) {
-        if !sent.iter().any(|s| s.space == p.head.space) {
-            sent.push(Sent {
-                space: p.head.space.clone(),
-                key: p.key,
-                version: p.head.version,
-                epoch: p.head.epoch,
-            });
+        if !sent.iter().any(|s| s.key == p.key) {
+            sent.push(Sent::of(p));
             heads.push(p.head.clone());
         }
     }
@@ -373,14 +367,15 @@ async fn serve(
     conn: &Connection,
     held: Vec<HeldSpace>,
     socket: WebSocket,
-    raw: Option<Arc<dyn RawFrames>>,
+    raw: Option<RawConnection>,
 ) {
     // Registered before the heads are read: a bump after the read reaches this socket, by the
-    // fan-out or, while the write half is not attached yet, by waking this task.
+    // fan-out or, while the write half is not parked yet (until the welcome is out), by waking
+    // this task.
     let mut registration = state.heads.register();
     let snapshot = state.heads.snapshot();
     let (sent, heads) = first_heads(&held, &snapshot);
-    let followed: Vec<(String, u64)> = sent.iter().map(|s| (s.space.clone(), s.version)).collect();
+    let followed: Vec<(String, u64)> = heads.iter().map(|h| (h.space.clone(), h.version)).collect();
     let welcome = HubFrame::Welcome {
         protocol: PROTOCOL_VERSION,
         hub_id: state.hub_id.clone(),
@@ -388,11 +383,12 @@ async fn serve(
         ping_interval_ms: state.config.ping_interval_ms,
     };
     let (sink, stream) = socket.split();
-    registration.attach(sink, raw, sent);
+    registration.attach(raw, sent, followed.iter().map(|(space, _)| space.as_str()));
     // Registered once per socket, not looked up in the recorder on every send of a broadcast.
     let fanout_seconds = metrics::histogram!("synchub_fanout_seconds");
     let mut socket = Split {
         stream,
+        sink,
         fan: &registration.socket,
         heads: &state.heads,
         fanout_seconds: &fanout_seconds,
