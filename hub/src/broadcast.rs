@@ -785,7 +785,7 @@ mod tests {
             heads.publish(head("a", 1));
             heads.publish(head("b", 1));
             let (near, mut far) = tokio::io::duplex(4096);
-            let io = crate::shared_io::SharedIo::new(Box::pin(near));
+            let io = crate::shared_io::SharedIo::new(near);
             let raw = io.raw();
             raw.lock().fan.sent.push(Sent::of(&heads.get("a").unwrap()));
             heads.publish(head("a", 2));

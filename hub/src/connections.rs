@@ -21,7 +21,7 @@
 //! Each connection's task stops on shutdown after its request in flight (WebSockets are closed
 //! by their own tasks, which watch the same shutdown).
 
-use crate::shared_io::{PlainTcp, SharedIo};
+use crate::shared_io::{SharedIo, Stream};
 use axum::Router;
 use axum::extract::ConnectInfo;
 use axum::response::IntoResponse;
@@ -252,14 +252,16 @@ async fn serve_connection<S>(
     limits: ConnectionLimits,
     shutdown: CancellationToken,
 ) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + PlainTcp + Unpin + Send + 'static,
+    S: Into<Stream>,
 {
-    // Under TLS too: the deadline is on the socket's writes, whatever is written through it.
+    // Shared with the fan-out once the connection is a WebSocket (see `crate::shared_io`).
+    let stream = SharedIo::new(stream);
+    let raw = stream.raw();
+    // Under TLS too: the deadline is on the connection's own writes, whatever is written
+    // through it. The fan-out's raw writes never wait, and need none.
     let mut stream = TimeoutStream::new(stream);
     stream.set_write_timeout(Some(limits.send_idle_timeout));
-    // Shared with the fan-out once the connection is a WebSocket (see `crate::shared_io`).
-    let stream = SharedIo::new(Box::pin(stream));
-    let raw = stream.raw();
+    let stream = Box::pin(stream);
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(auth.clone());
         request.extensions_mut().insert(ConnectInfo(peer));

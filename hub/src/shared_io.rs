@@ -10,10 +10,11 @@
 //! buffer, so it then holds nothing) and no earlier raw frame is left. A raw frame the kernel
 //! takes only part of is kept here and written first by the next write or flush of the layer
 //! above, so frames never interleave. Under TLS the stream is the TLS stream: a raw frame is
-//! encrypted like any other write. On a plain TCP connection the raw frame goes to the socket
-//! with one `send`, past the layers in between (the write deadline, tokio's readiness): a full
-//! kernel buffer answers "would block" and the frame is left to the connection's task, whose
-//! own write then waits for room as usual.
+//! encrypted like any other write. On a plain TCP connection, held inline here, the raw frame
+//! goes to the socket with one `send`, past tokio's readiness: a full kernel buffer answers
+//! "would block" and the frame is left to the connection's task, whose own write then waits for
+//! room as usual. The connection's write deadline is a layer above this one: it times the
+//! connection's own writes, and the raw writes never wait.
 
 use crate::broadcast::Fan;
 use bytes::Bytes;
@@ -35,59 +36,59 @@ pub enum RawWrite {
     NotNow,
 }
 
-/// A stream that may be a plain TCP socket underneath, for the raw side's direct `send`.
-pub trait PlainTcp {
-    /// The TCP socket the stream's bytes go to as they are, if they do (not under TLS).
-    fn plain_tcp(&self) -> Option<&tokio::net::TcpStream>;
+/// A connection's stream: a plain TCP socket inline, where a fan-out finds its descriptor in
+/// the cache line it reads anyway, or another stream (TLS) behind a box.
+pub enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Other(Pin<Box<dyn ReadWrite>>),
 }
 
-impl PlainTcp for tokio::net::TcpStream {
-    fn plain_tcp(&self) -> Option<&tokio::net::TcpStream> {
-        Some(self)
+/// What [`Stream::Other`] holds.
+pub trait ReadWrite: AsyncRead + AsyncWrite + Send {}
+
+impl<S: AsyncRead + AsyncWrite + Send> ReadWrite for S {}
+
+impl From<tokio::net::TcpStream> for Stream {
+    fn from(tcp: tokio::net::TcpStream) -> Self {
+        Stream::Tcp(tcp)
     }
 }
 
-impl<S> PlainTcp for tokio_rustls::server::TlsStream<S> {
-    fn plain_tcp(&self) -> Option<&tokio::net::TcpStream> {
-        None
+impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> From<tokio_rustls::server::TlsStream<S>>
+    for Stream
+{
+    fn from(tls: tokio_rustls::server::TlsStream<S>) -> Self {
+        Stream::Other(Box::pin(tls))
     }
 }
 
-impl PlainTcp for tokio::io::DuplexStream {
-    fn plain_tcp(&self) -> Option<&tokio::net::TcpStream> {
-        None
+impl From<tokio::io::DuplexStream> for Stream {
+    fn from(s: tokio::io::DuplexStream) -> Self {
+        Stream::Other(Box::pin(s))
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + PlainTcp> PlainTcp for tokio_io_timeout::TimeoutStream<S> {
-    fn plain_tcp(&self) -> Option<&tokio::net::TcpStream> {
-        self.get_ref().plain_tcp()
+impl Stream {
+    fn io(&mut self) -> Pin<&mut dyn ReadWrite> {
+        match self {
+            Stream::Tcp(tcp) => Pin::<&mut tokio::net::TcpStream>::new(tcp),
+            Stream::Other(other) => other.as_mut(),
+        }
     }
 }
 
-impl<S: PlainTcp + ?Sized> PlainTcp for Pin<Box<S>> {
-    fn plain_tcp(&self) -> Option<&tokio::net::TcpStream> {
-        self.as_ref().get_ref().plain_tcp()
-    }
-}
-
-/// What a connection's stream must be to be shared.
-pub trait Stream: AsyncRead + AsyncWrite + PlainTcp + Send {}
-
-impl<S: AsyncRead + AsyncWrite + PlainTcp + Send> Stream for S {}
-
-/// A connection's shared state. In C order, what a fan-out reads: the flags, the stream's
-/// pointer and the fan-out's record, which with the lock before them fill one cache line (see
-/// [`Shared`]); a raw frame's rest comes after.
+/// A connection's shared state. In C order, what a fan-out reads: the stream (a plain
+/// socket's descriptor), the flags and the fan-out's record, which with the lock before them
+/// fill the first two cache lines of [`Shared`]; a raw frame's rest comes after.
 #[repr(C)]
 pub struct State {
+    stream: Stream,
     /// The layer above offered bytes the stream did not take: it may be mid-frame.
     above_unfinished: bool,
     /// A raw frame was written but not flushed (TLS keeps records until then).
     unflushed: bool,
     /// The rest of a raw frame is in `pending`.
     pending_left: bool,
-    stream: Pin<Box<dyn Stream>>,
     /// The fan-out's record of the socket.
     pub fan: Fan,
     /// The rest of a raw frame the kernel did not take yet.
@@ -98,7 +99,7 @@ impl State {
     /// Writes what is left of a raw frame; ready once nothing is.
     fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.pending_left {
-            let n = ready!(self.stream.as_mut().poll_write(cx, &self.pending))?;
+            let n = ready!(self.stream.io().poll_write(cx, &self.pending))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -118,7 +119,7 @@ impl State {
         if self.above_unfinished || self.unflushed || self.pending_left {
             return RawWrite::NotNow;
         }
-        if let Some(tcp) = self.stream.plain_tcp() {
+        if let Stream::Tcp(tcp) = &self.stream {
             // Nothing to flush after a plain socket's write.
             return match socket2::SockRef::from(tcp).send(frame) {
                 Ok(n) if n == frame.len() => RawWrite::Written,
@@ -130,7 +131,7 @@ impl State {
                 _ => RawWrite::NotNow,
             };
         }
-        match self.stream.as_mut().poll_write(cx, frame) {
+        match self.stream.io().poll_write(cx, frame) {
             Poll::Ready(Ok(n)) if n == frame.len() => {}
             Poll::Ready(Ok(n)) if n > 0 => {
                 self.keep_rest(frame, n);
@@ -139,7 +140,7 @@ impl State {
             // Nothing taken (or an error the connection's task will meet itself).
             _ => return RawWrite::NotNow,
         }
-        match self.stream.as_mut().poll_flush(cx) {
+        match self.stream.io().poll_flush(cx) {
             Poll::Ready(Ok(())) => RawWrite::Written,
             _ => {
                 self.unflushed = true;
@@ -149,9 +150,10 @@ impl State {
     }
 }
 
-/// The state and its lock, aligned to a cache line: the lock and what a fan-out reads after
-/// it are in the same one, wherever the allocator put the connection.
-#[repr(C, align(64))]
+/// The state and its lock, aligned to a pair of cache lines: the lock and what a fan-out reads
+/// after it are in the same pair, wherever the allocator put the connection. The processor
+/// fetches a line's partner in its 128-byte pair with it.
+#[repr(C, align(128))]
 struct Shared(Mutex<State>);
 
 /// The fan-out's side of a connection: as a request extension, how the WebSocket route finds
@@ -180,13 +182,13 @@ pub struct SharedIo {
 }
 
 impl SharedIo {
-    pub fn new<S: Stream + 'static>(stream: Pin<Box<S>>) -> Self {
+    pub fn new(stream: impl Into<Stream>) -> Self {
         SharedIo {
             shared: Arc::new(Shared(Mutex::new(State {
+                stream: stream.into(),
                 above_unfinished: false,
                 unflushed: false,
                 pending_left: false,
-                stream,
                 fan: Fan::default(),
                 pending: Bytes::new(),
             }))),
@@ -214,7 +216,7 @@ impl AsyncRead for SharedIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.lock().stream.as_mut().poll_read(cx, buf)
+        self.lock().stream.io().poll_read(cx, buf)
     }
 }
 
@@ -228,7 +230,7 @@ impl AsyncWrite for SharedIo {
         // Offered and not taken, whatever happens below, until a write takes it all.
         st.above_unfinished = true;
         ready!(st.poll_pending(cx))?;
-        let n = ready!(st.stream.as_mut().poll_write(cx, buf))?;
+        let n = ready!(st.stream.io().poll_write(cx, buf))?;
         st.above_unfinished = n < buf.len();
         Poll::Ready(Ok(n))
     }
@@ -241,19 +243,19 @@ impl AsyncWrite for SharedIo {
         let mut st = self.lock();
         st.above_unfinished = true;
         ready!(st.poll_pending(cx))?;
-        let n = ready!(st.stream.as_mut().poll_write_vectored(cx, bufs))?;
+        let n = ready!(st.stream.io().poll_write_vectored(cx, bufs))?;
         st.above_unfinished = n < bufs.iter().map(|b| b.len()).sum();
         Poll::Ready(Ok(n))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.lock().stream.is_write_vectored()
+        self.lock().stream.io().is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut st = self.lock();
         ready!(st.poll_pending(cx))?;
-        ready!(st.stream.as_mut().poll_flush(cx))?;
+        ready!(st.stream.io().poll_flush(cx))?;
         st.unflushed = false;
         Poll::Ready(Ok(()))
     }
@@ -261,7 +263,7 @@ impl AsyncWrite for SharedIo {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut st = self.lock();
         ready!(st.poll_pending(cx))?;
-        st.stream.as_mut().poll_shutdown(cx)
+        st.stream.io().poll_shutdown(cx)
     }
 }
 
@@ -296,7 +298,7 @@ mod tests {
     #[tokio::test]
     async fn a_raw_frame_goes_between_the_writes_of_the_layer_above() {
         let (near, mut far) = tokio::io::duplex(64);
-        assert_raw_frame_between_writes(&mut SharedIo::new(Box::pin(near)), &mut far).await;
+        assert_raw_frame_between_writes(&mut SharedIo::new(near), &mut far).await;
     }
 
     #[tokio::test]
@@ -304,7 +306,7 @@ mod tests {
         // Room for 8 bytes: the raw frame of 12 goes in part, and the rest must precede the
         // next write of the layer above.
         let (near, mut far) = tokio::io::duplex(8);
-        let mut io = SharedIo::new(Box::pin(near));
+        let mut io = SharedIo::new(near);
         let raw = io.raw();
         assert_eq!(
             raw.lock()
@@ -336,16 +338,15 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let far = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
         let (far, near) = tokio::join!(far, listener.accept());
-        let near = tokio_io_timeout::TimeoutStream::new(near.unwrap().0);
-        (SharedIo::new(Box::pin(near)), far.unwrap())
+        (SharedIo::new(near.unwrap().0), far.unwrap())
     }
 
     #[tokio::test]
     async fn on_a_plain_tcp_connection_raw_frames_go_straight_to_the_socket_in_their_place() {
         let (mut io, mut far) = tcp_pair().await;
         assert!(
-            io.lock().stream.plain_tcp().is_some(),
-            "the socket is found under the write deadline's layer"
+            matches!(io.lock().stream, Stream::Tcp(_)),
+            "the socket is held inline"
         );
         assert_raw_frame_between_writes(&mut io, &mut far).await;
 
@@ -380,7 +381,7 @@ mod tests {
     #[tokio::test]
     async fn no_raw_frame_goes_in_while_the_layer_above_is_mid_write() {
         let (near, mut far) = tokio::io::duplex(4);
-        let mut io = SharedIo::new(Box::pin(near));
+        let mut io = SharedIo::new(near);
         let raw = io.raw();
         // The layer above offers 10 bytes and the stream takes 4.
         let n = std::future::poll_fn(|cx| Pin::new(&mut io).poll_write(cx, b"0123456789"))
@@ -405,26 +406,22 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_lock_and_what_a_fan_out_reads_share_one_cache_line() {
-        let (near, _far) = tokio::io::duplex(8);
-        let io = SharedIo::new(Box::pin(near));
+    #[tokio::test]
+    async fn the_lock_and_what_a_fan_out_reads_share_one_pair_of_cache_lines() {
+        let (io, _far) = tcp_pair().await;
         let start = Arc::as_ptr(&io.shared) as usize;
-        assert_eq!(start % 64, 0, "the state starts a cache line");
+        assert_eq!(start % 128, 0, "the state starts a pair of cache lines");
         let st = io.lock();
-        let state = &*st as *const State as usize;
+        let at = |p: usize| p - start;
+        let state = at(&*st as *const State as usize);
         // std's mutex keeps its lock word before the data it guards.
+        assert!((4..=16).contains(&state), "the state at {state}");
+        let stream_end = at(&st.stream as *const Stream as usize) + std::mem::size_of::<Stream>();
+        let fan_end = at(&st.fan as *const Fan as usize) + std::mem::size_of::<Fan>();
+        eprintln!("state at {state}, stream ends at {stream_end}, record at {fan_end}");
         assert!(
-            state - start >= 4 && state - start <= 16,
-            "{}",
-            state - start
-        );
-        let stream_end = &st.stream as *const _ as usize + std::mem::size_of_val(&st.stream);
-        let fan_end = &st.fan as *const Fan as usize + std::mem::size_of::<Fan>();
-        let end = stream_end.max(fan_end) - start;
-        assert!(
-            end <= 64,
-            "the stream's pointer and the fan-out's record end at {end}"
+            stream_end <= 128 && fan_end <= 128,
+            "they end at {stream_end} and {fan_end}"
         );
     }
 }
