@@ -553,7 +553,7 @@ pub struct Registration {
 
 impl Registration {
     /// Gives the fan-out the connection's raw side and the heads the welcome carries (see
-    /// [`FanoutSocket::attach`]), and counts the socket as following `spaces`.
+    /// `FanoutSocket::attach`), and counts the socket as following `spaces`.
     pub fn attach<'a>(
         &mut self,
         raw: Option<RawConnection>,

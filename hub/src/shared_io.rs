@@ -79,7 +79,7 @@ impl Stream {
 
 /// A connection's shared state. In C order, what a fan-out reads: the stream (a plain
 /// socket's descriptor), the flags and the fan-out's record, which with the lock before them
-/// fill the first two cache lines of [`Shared`]; a raw frame's rest comes after.
+/// fill the first two cache lines of `Shared`; a raw frame's rest comes after.
 #[repr(C)]
 pub struct State {
     stream: Stream,
