@@ -363,7 +363,7 @@ impl Sent {
 
 /// The fan-out's record of one socket: the heads it was sent, and whether the fan-out may
 /// write to it. It lives under the connection's lock (see [`crate::shared_io::State`]), so a
-/// fan-out takes one lock per socket and reads one cache line.
+/// fan-out takes one lock per socket and reads one pair of cache lines.
 #[derive(Default)]
 #[repr(C)]
 pub struct Fan {

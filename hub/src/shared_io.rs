@@ -4,8 +4,8 @@
 //! the socket's WebSocket layer.
 //!
 //! The stream sits behind a mutex, beside the fan-out's record of the socket (see
-//! [`crate::broadcast::Fan`]): a fan-out takes one lock per socket and reads one cache line
-//! of it. A raw frame goes in only at a frame boundary: when the layer above has nothing
+//! [`crate::broadcast::Fan`]): a fan-out takes one lock per socket and reads one pair of
+//! cache lines of it. A raw frame goes in only at a frame boundary: when the layer above has nothing
 //! half-written (its last write took all it offered; tungstenite always offers its whole
 //! buffer, so it then holds nothing) and no earlier raw frame is left. A raw frame the kernel
 //! takes only part of is kept here and written first by the next write or flush of the layer
@@ -151,8 +151,8 @@ impl State {
 }
 
 /// The state and its lock, aligned to a pair of cache lines: the lock and what a fan-out reads
-/// after it are in the same pair, wherever the allocator put the connection. The processor
-/// fetches a line's partner in its 128-byte pair with it.
+/// after it are in the same pair, wherever the allocator put the connection. x86 processors
+/// commonly fetch a line's partner in its 128-byte pair with it (Intel's spatial prefetcher).
 #[repr(C, align(128))]
 struct Shared(Mutex<State>);
 
