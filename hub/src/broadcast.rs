@@ -28,7 +28,7 @@ use smallvec::SmallVec;
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 use synchub_protocol::{FrameDelta, Head, Spread};
@@ -299,12 +299,16 @@ impl Heads {
         }
     }
 
-    /// Registers a socket for the fan-out; it stays registered until the result is dropped.
-    pub fn register(&self) -> Registration {
+    /// Registers a socket, whose connection's raw side is `raw`, for the fan-out; it stays
+    /// registered until the result is dropped.
+    pub fn register(&self, raw: RawConnection) -> Registration {
         let id = self.registry.next.fetch_add(1, Ordering::Relaxed);
-        let socket = Arc::new(FanoutSocket::default());
+        let socket = Arc::new(FanoutSocket {
+            raw: raw.clone(),
+            wake: Notify::new(),
+        });
         let entry = Entry {
-            raw: None,
+            raw,
             socket: socket.clone(),
         };
         self.registry.change(|sockets| {
@@ -425,32 +429,21 @@ fn write_inline(
     true
 }
 
-/// One registered socket: where its fan-out record is, and how its task is woken for a bump
-/// the fan-out could not write.
-#[derive(Default)]
+/// One registered socket: its connection's raw side, which holds its fan-out record, and how
+/// its task is woken for a bump the fan-out could not write.
 pub struct FanoutSocket {
-    /// The connection's raw side, which holds the record. The hub's own accept loop gives
-    /// every connection one; a socket without one gets its bumps from its own task.
-    raw: OnceLock<RawConnection>,
-    /// The record of a socket without a raw side.
-    own: Mutex<Fan>,
+    raw: RawConnection,
     wake: Notify,
 }
 
 impl FanoutSocket {
     fn with_fan<R>(&self, f: impl FnOnce(&mut Fan) -> R) -> R {
-        match self.raw.get() {
-            Some(raw) => f(&mut raw.lock().fan),
-            None => f(&mut lock(&self.own)),
-        }
+        f(&mut self.raw.lock().fan)
     }
 
-    /// Takes the connection's raw side and the heads the welcome carries. The write half is
-    /// not parked yet: the welcome goes first.
-    fn attach(&self, raw: Option<RawConnection>, sent: Vec<Sent>) {
-        if let Some(raw) = raw {
-            let _ = self.raw.set(raw);
-        }
+    /// Takes the heads the welcome carries. The write half is not parked yet: the welcome
+    /// goes first.
+    fn attach(&self, sent: Vec<Sent>) {
         self.with_fan(|fan| fan.sent = sent.into_iter().collect());
     }
 
@@ -491,7 +484,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A registered socket as the fan-out walks it.
 #[derive(Clone)]
 struct Entry {
-    raw: Option<RawConnection>,
+    /// The same as `socket`'s, here so that a fan-out reads nothing of `socket` unless it
+    /// must wake its task.
+    raw: RawConnection,
     socket: Arc<FanoutSocket>,
 }
 
@@ -552,14 +547,9 @@ pub struct Registration {
 }
 
 impl Registration {
-    /// Gives the fan-out the connection's raw side and the heads the welcome carries (see
-    /// `FanoutSocket::attach`), and counts the socket as following `spaces`.
-    pub fn attach<'a>(
-        &mut self,
-        raw: Option<RawConnection>,
-        sent: Vec<Sent>,
-        spaces: impl IntoIterator<Item = &'a str>,
-    ) {
+    /// Gives the fan-out the heads the welcome carries (see `FanoutSocket::attach`), and
+    /// counts the socket as following `spaces`.
+    pub fn attach<'a>(&mut self, sent: Vec<Sent>, spaces: impl IntoIterator<Item = &'a str>) {
         let mut counts = lock(&self.registry.followers);
         for space in spaces {
             if !self.followed.iter().any(|s| s == space) {
@@ -568,14 +558,7 @@ impl Registration {
             }
         }
         drop(counts);
-        self.socket.attach(raw.clone(), sent);
-        if raw.is_some() {
-            self.registry.change(|sockets| {
-                if let Some(entry) = sockets.get_mut(&self.id) {
-                    entry.raw = raw;
-                }
-            });
-        }
+        self.socket.attach(sent);
     }
 }
 
@@ -619,8 +602,7 @@ async fn fan_out(sockets: Arc<[Entry]>, range: Range<usize>, snapshot: Snapshot)
                 // A connection its task holds (reading, writing) is left to the task.
                 let wrote = entry
                     .raw
-                    .as_ref()
-                    .and_then(RawConnection::try_lock)
+                    .try_lock()
                     .is_some_and(|mut st| write_inline(&mut st, &heads, &mut cx, &mut written));
                 if wrote {
                     inline += 1;

@@ -1,10 +1,10 @@
 //! The socket task: one per connected agent, at `GET /api/v1/ws`.
 //!
 //! After the agent's `hello` the hub registers the socket with the fan-out in
-//! [`crate::broadcast`], which gets its write half and its connection's raw side (see
-//! [`crate::shared_io`]), answers `welcome` with the current heads,
-//! then waits on four things: a frame from the agent (`status`, `report`, `pong`), the ping
-//! timer, the end of the connection, and a wake-up from the fan-out. A bump is written to the
+//! [`crate::broadcast`] with its connection's raw side (see [`crate::shared_io`]), answers
+//! `welcome` with the current heads, then waits on four things: a frame from the agent
+//! (`status`, `report`, `pong`), the ping timer, the end of the connection, and a wake-up from
+//! the fan-out. A bump is written to the
 //! socket by the fan-out itself, without waking this task; only when that write cannot finish
 //! at once (the kernel buffer is full, or this task is writing) does the fan-out wake the task
 //! to send it. Buffers are set small and explicitly so that an idle socket costs a few KiB.
@@ -97,7 +97,7 @@ impl Frames for Split<'_> {
 pub async fn upgrade(
     State(state): State<AppState>,
     principal: Principal,
-    raw: Option<Extension<RawConnection>>,
+    Extension(raw): Extension<RawConnection>,
     ws: WebSocketUpgrade,
 ) -> Response {
     let limits = &state.config.limits;
@@ -124,7 +124,7 @@ pub async fn upgrade(
         .max_message_size(hard_limit)
         .max_frame_size(hard_limit)
         .on_upgrade(move |socket| async move {
-            run(state, principal, socket, raw.map(|Extension(r)| r)).await;
+            run(state, principal, socket, raw).await;
             drop(slot);
         })
 }
@@ -169,12 +169,7 @@ async fn drain(socket: &mut impl Frames) {
 }
 
 #[tracing::instrument(name = "socket", skip_all, fields(token = %principal.name))]
-async fn run(
-    state: AppState,
-    principal: Principal,
-    mut socket: WebSocket,
-    raw: Option<RawConnection>,
-) {
+async fn run(state: AppState, principal: Principal, mut socket: WebSocket, raw: RawConnection) {
     let Some((client_id, spaces, hostname, agent_version)) =
         receive_hello(&state, &principal, &mut socket).await
     else {
@@ -367,12 +362,12 @@ async fn serve(
     conn: &Connection,
     held: Vec<HeldSpace>,
     socket: WebSocket,
-    raw: Option<RawConnection>,
+    raw: RawConnection,
 ) {
     // Registered before the heads are read: a bump after the read reaches this socket, by the
     // fan-out or, while the write half is not parked yet (until the welcome is out), by waking
     // this task.
-    let mut registration = state.heads.register();
+    let mut registration = state.heads.register(raw);
     let snapshot = state.heads.snapshot();
     let (sent, heads) = first_heads(&held, &snapshot);
     let followed: Vec<(String, u64)> = heads.iter().map(|h| (h.space.clone(), h.version)).collect();
@@ -383,7 +378,7 @@ async fn serve(
         ping_interval_ms: state.config.ping_interval_ms,
     };
     let (sink, stream) = socket.split();
-    registration.attach(raw, sent, followed.iter().map(|(space, _)| space.as_str()));
+    registration.attach(sent, followed.iter().map(|(space, _)| space.as_str()));
     // Registered once per socket, not looked up in the recorder on every send of a broadcast.
     let fanout_seconds = metrics::histogram!("synchub_fanout_seconds");
     let mut socket = Split {
