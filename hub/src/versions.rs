@@ -130,11 +130,15 @@ where
         match domain.store.create_version(space, on.version, new).await {
             Ok(head) => {
                 // Its blobs become readable to the space's tokens; a failure here is repaired
-                // by the first read that misses the index (see `blob_access`).
-                let previous = Some(&on.data_hash);
-                let index = blob_access::index_version(domain, space, &head.data_hash, previous);
-                if let Err(e) = index.await {
-                    tracing::warn!(space, error = %e, "could not index the new version's blobs");
+                // by the first read that misses the index (see `blob_access`). Data a version
+                // shares with the one before (a force-sync) was indexed with that one.
+                if head.data_hash != on.data_hash {
+                    let previous = Some(&on.data_hash);
+                    let index =
+                        blob_access::index_version(domain, space, &head.data_hash, previous);
+                    if let Err(e) = index.await {
+                        tracing::warn!(space, error = %e, "could not index the new version's blobs");
+                    }
                 }
                 return Ok(Written::Created(published(domain, head).await));
             }
