@@ -19,7 +19,7 @@ const INSTALL_HINT: &str =
 pub struct MotoServer {
     pub port: u16,
     pub pid: u32,
-    /// moto's output, for diagnosing a failed start.
+    /// moto's output while the test process runs (removed after it).
     pub log: std::path::PathBuf,
 }
 
@@ -81,13 +81,17 @@ fn start_moto() -> anyhow::Result<MotoServer> {
         Err(e) => return Err(e).context("starting moto_server"),
     };
     let pid = child.id();
-    // The watchdog: polls this process and stops moto when it is gone.
+    // The watchdog: polls this process and stops moto when it is gone, then removes its log
+    // (a failed start puts the log in its error).
     Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "while kill -0 {parent} 2>/dev/null; do sleep 1; done; kill {pid} 2>/dev/null",
+            "while kill -0 {parent} 2>/dev/null; do sleep 1; done; kill {pid} 2>/dev/null; \
+             sleep 1; rm -f \"$1\"",
             parent = std::process::id()
         ))
+        .arg("sh")
+        .arg(&log)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -107,10 +111,8 @@ fn start_moto() -> anyhow::Result<MotoServer> {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            bail!(
-                "moto_server did not listen on port {port} within 30 s (log: {})",
-                log.display()
-            );
+            let output = std::fs::read_to_string(&log).unwrap_or_default();
+            bail!("moto_server did not listen on port {port} within 30 s:\n{output}");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
