@@ -19,8 +19,6 @@ const INSTALL_HINT: &str =
 pub struct MotoServer {
     pub port: u16,
     pub pid: u32,
-    /// moto's output while the test process runs (removed after it).
-    pub log: std::path::PathBuf,
 }
 
 impl MotoServer {
@@ -118,7 +116,7 @@ fn start_moto() -> anyhow::Result<MotoServer> {
     }
     // Reap moto in the background so it never lingers as a zombie.
     std::thread::spawn(move || child.wait());
-    Ok(MotoServer { port, pid, log })
+    Ok(MotoServer { port, pid })
 }
 
 /// A fresh, empty bucket on the process's moto server, as the hub's S3 config (dummy keys,
